@@ -1,0 +1,154 @@
+"""Shared pieces of the tasks layer: dataset references, manifests and backbone fingerprints.
+
+Tasks resolve artifact keys, skip work whose artifact is complete, call the core and record lineage.
+Everything passed between tasks is plain data (dicts, strings) so that tasks can run on Dask workers.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from usseg_core.datasets import get_dataset
+from usseg_core.datasets.manifest import Manifest, build_manifest
+from usseg_core.store import ArtifactStore, artifact_key, atomic_write_json, canonical_json
+
+MANIFEST_VERSION = 1
+
+
+def logger():
+    """The Prefect run logger inside a run, a plain logger outside one (tests, notebooks)."""
+    try:
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - MissingContextError outside a run
+        import logging
+
+        return logging.getLogger("usseg")
+
+
+@dataclass(frozen=True)
+class DataRef:
+    """Which data: a registry name, a root folder, a split and dataset options."""
+
+    name: str
+    root: str
+    split: str
+    options: dict = field(default_factory=dict)
+    on_error: str = "raise"
+
+    def dataset(self):
+        return _dataset(self.name, self.root, self.split, canonical_json(self.options))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@functools.lru_cache(maxsize=32)
+def _dataset(name: str, root: str, split: str, options_json: str):
+    return get_dataset(name, root, split, **json.loads(options_json))
+
+
+def _listing_signature(ds) -> str:
+    """Cheap identity of a split's files (paths, sizes, mtimes): decides whether a manifest is reused."""
+    h = hashlib.sha256()
+    for id_ in ds.ids():
+        for rel in (ds.image_relpath(id_), ds.label_relpath(id_)):
+            if rel is None:
+                continue
+            st = os.stat(Path(ds.root) / rel)
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+@task(name="manifest", cache_policy=NO_CACHE)
+def ensure_manifest(data: DataRef, storage: str) -> dict:
+    """The split's manifest (id, path, size, sha256 per file); rebuilt only when the files changed."""
+    store = ArtifactStore(storage)
+    ds = data.dataset()
+    params = {"dataset": data.name, "root": str(Path(data.root).resolve()), "split": data.split,
+              "options": data.options, "on_error": data.on_error, "listing": _listing_signature(ds)}
+    key = artifact_key("manifest", MANIFEST_VERSION, params)
+    art = store.get("manifest", key)
+    if art is None:
+        art = store.begin("manifest", key, version=MANIFEST_VERSION, params=params,
+                          dataset=data.name, split=data.split)
+        manifest = build_manifest(ds, on_error=data.on_error, validate=True, progress=True)
+        manifest.to_json(art.file("manifest.json"))
+        store.finish(art, n_items=len(manifest), skipped=manifest.skipped, manifest_hash=manifest.hash)
+        logger().info("manifest %s: %d files, %d skipped", key, len(manifest), len(manifest.skipped))
+    return {"key": key, "hash": art.meta["manifest_hash"], "path": str(art.file("manifest.json")),
+            "n": art.meta["n_items"], "skipped": art.meta.get("skipped", [])}
+
+
+def load_manifest(info: dict) -> Manifest:
+    return Manifest.from_json(info["path"])
+
+
+# --- backbones -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BackboneRef:
+    """Which backbone: registry name, optional weights file, random-init flag and seed."""
+
+    name: str
+    weights: str | None = None
+    random_weights: bool = False
+    seed: int = 0
+    device: str = "auto"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def identity(self) -> str:
+        """What decides the weights (not the device): the fingerprint-cache key."""
+        if self.random_weights:
+            return f"{self.name}|random|{self.seed}"
+        if self.weights:
+            st = os.stat(self.weights)
+            return f"{self.name}|{Path(self.weights).resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        return f"{self.name}|default"
+
+
+_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=4)
+def load_backbone(ref: BackboneRef):
+    """The backbone, built once per process (tasks on one worker share it)."""
+    from usseg_core.backbones import get_backbone
+
+    with _lock:
+        return get_backbone(ref.name, weights=ref.weights, random_weights=ref.random_weights,
+                            device=ref.device, seed=ref.seed)
+
+
+def backbone_fingerprint(ref: BackboneRef, storage: str) -> str:
+    """sha256 of the backbone's weights, memoised in ``<storage>/_fingerprints.json`` by file identity.
+
+    A cache hit therefore costs a stat() and no backbone work; a replaced weights file (new size or
+    mtime) is hashed again.
+    """
+    path = Path(storage) / "_fingerprints.json"
+    identity = ref.identity()
+    with _lock:
+        known = json.loads(path.read_text()) if path.exists() else {}
+    if identity in known:
+        return known[identity]
+    fp = load_backbone(ref).fingerprint
+    with _lock:
+        known = json.loads(path.read_text()) if path.exists() else {}
+        known[identity] = fp
+        atomic_write_json(path, known)
+    return fp
+
+
+def describe(meta: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in meta.items())

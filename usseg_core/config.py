@@ -1,0 +1,44 @@
+"""Settings shared by every entry point, resolved in one order: flag, environment, default.
+
+(The Prefect-variable step between environment and default lives in the flows layer, because the core
+never imports Prefect; see ``flows/settings.py``.)
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+STORAGE_ENV = "USSEG_STORAGE"
+DATA_ROOT_ENV = "USSEG_DATA_ROOT"
+DEFAULT_STORAGE = "./storage"
+
+
+def first_set(*values: str | os.PathLike | None) -> str | None:
+    """The first value that is neither None nor empty."""
+    for v in values:
+        if v is not None and str(v) != "":
+            return str(v)
+    return None
+
+
+def storage_root(flag: str | os.PathLike | None = None) -> Path:
+    """Storage root: ``--storage``, then ``$USSEG_STORAGE``, then ``./storage``."""
+    return Path(first_set(flag, os.environ.get(STORAGE_ENV), DEFAULT_STORAGE)).expanduser().resolve()
+
+
+def parse_set_options(items: list[str] | None) -> dict[str, object]:
+    """``key=value`` pairs from ``--set`` into a dict; values parsed as JSON when they parse."""
+    import json
+
+    out: dict[str, object] = {}
+    for item in items or []:
+        if "=" not in item:
+            from usseg_core.errors import ConfigError
+
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out

@@ -1,0 +1,34 @@
+"""Errors raised at usseg's boundaries.
+
+Every error that comes from a user's input names the file (or argument) and the problem, so that a
+message alone tells the user what to fix (STYLE.md: validate early, say what is wrong).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class UssegError(Exception):
+    """Base class of every error usseg raises on purpose."""
+
+
+class InputError(UssegError):
+    """A user-supplied file is unreadable or invalid.
+
+    Attributes:
+        path: the offending file.
+        problem: one sentence saying what is wrong with it.
+    """
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class WeightsError(UssegError):
+    """Weights are missing, unreadable, or do not fit the model they are loaded into."""
+
+
+class ConfigError(UssegError):
+    """A parameter, registry name or setting is invalid."""

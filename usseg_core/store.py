@@ -1,0 +1,220 @@
+"""Content-addressed artifact store: keys, atomic writes, completion markers, catalog.
+
+An artifact is a folder ``<root>/<stage>/<key>/`` holding a ``meta.json`` and the stage's files. Its key
+is ``sha256(stage, stage version, params, upstream keys)`` shortened to 16 hex digits, so any change of
+input (a parameter, a dataset manifest, a backbone fingerprint) gives a new folder and nothing is ever
+overwritten in place. The completion marker ``_COMPLETE`` is written last, by atomic rename: a folder
+without it is *incomplete* and is resumed or discarded, never read as a result.
+
+This module decides nothing about *which* artifacts exist; the tasks layer does. It never imports Prefect.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from usseg_core.errors import ConfigError, InputError
+
+KEY_LENGTH = 16
+MARKER = "_COMPLETE"
+META = "meta.json"
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace: the form that is hashed."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return obj.as_posix()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def artifact_key(stage: str, version: int | str, params: Mapping[str, Any],
+                 upstream: Mapping[str, str] | None = None) -> str:
+    """The artifact key of a stage run: sha256 over stage, version, params and upstream keys."""
+    payload = canonical_json({"stage": stage, "version": str(version), "params": dict(params),
+                              "upstream": dict(upstream or {})})
+    return hashlib.sha256(payload.encode()).hexdigest()[:KEY_LENGTH]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(Path(path), json.dumps(obj, indent=2, sort_keys=True,
+                                              default=_json_default).encode())
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def code_version() -> str:
+    """usseg's version plus the git commit of the source tree when it is a checkout."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("usseg")
+    except metadata.PackageNotFoundError:
+        version = "0+unknown"
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{version}+g{sha}" if sha else version
+
+
+def folder_size(path: Path) -> int:
+    """Bytes of every file below ``path``."""
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+@dataclass
+class Artifact:
+    """One artifact folder and its metadata."""
+
+    stage: str
+    key: str
+    path: Path
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return (self.path / MARKER).exists()
+
+    def file(self, name: str) -> Path:
+        """Path of a file inside the artifact; ``name`` may not escape the folder."""
+        target = (self.path / name).resolve()
+        if not target.is_relative_to(self.path.resolve()):
+            raise InputError(self.path / name, "path escapes the artifact folder")
+        return target
+
+    def update_meta(self, **fields: Any) -> None:
+        self.meta.update(fields)
+        atomic_write_json(self.path / META, self.meta)
+
+
+class ArtifactStore:
+    """The artifact root (``./storage`` by default): one folder per stage, one per key below it."""
+
+    def __init__(self, root: str | Path) -> None:
+        root_str = str(root)
+        if "://" in root_str and not root_str.startswith("file://"):
+            raise ConfigError(
+                f"storage root {root_str!r}: only local paths (or a shared mount) are supported by "
+                "this store; mount the shared storage and pass its path")
+        self.root = Path(root_str.removeprefix("file://")).expanduser().resolve()
+
+    def __repr__(self) -> str:
+        return f"ArtifactStore({self.root})"
+
+    def path(self, stage: str, key: str) -> Path:
+        if not stage.replace("-", "").replace("_", "").isalnum() or not key.isalnum():
+            raise ConfigError(f"invalid artifact stage/key: {stage!r}/{key!r}")
+        return self.root / stage / key
+
+    def get(self, stage: str, key: str) -> Artifact | None:
+        """The complete artifact, or None when it does not exist or is incomplete."""
+        path = self.path(stage, key)
+        if not (path / MARKER).exists():
+            return None
+        return Artifact(stage, key, path, _read_meta(path))
+
+    def open(self, stage: str, key: str) -> Artifact:
+        """The artifact whether complete or not (None-safe counterpart of get)."""
+        path = self.path(stage, key)
+        return Artifact(stage, key, path, _read_meta(path) if (path / META).exists() else {})
+
+    def begin(self, stage: str, key: str, *, version: int | str, params: Mapping[str, Any],
+              upstream: Mapping[str, str] | None = None, **info: Any) -> Artifact:
+        """Create (or reopen, to resume) the folder of an artifact being computed.
+
+        An incomplete folder left by a crashed run is kept: the stage decides what of it to reuse.
+        """
+        path = self.path(stage, key)
+        path.mkdir(parents=True, exist_ok=True)
+        art = Artifact(stage, key, path, _read_meta(path) if (path / META).exists() else {})
+        if not art.meta:
+            art.meta = {"stage": stage, "key": key, "version": str(version), "params": dict(params),
+                        "upstream": dict(upstream or {}), "code_version": code_version(),
+                        "created": now_iso(), **info}
+            atomic_write_json(path / META, art.meta)
+        return art
+
+    def finish(self, art: Artifact, **fields: Any) -> Artifact:
+        """Record final metadata, then write the completion marker last (atomic rename)."""
+        art.meta.update(fields)
+        art.meta["completed"] = now_iso()
+        art.meta["size_bytes"] = folder_size(art.path)
+        atomic_write_json(art.path / META, art.meta)
+        atomic_write_bytes(art.path / MARKER, art.meta["completed"].encode())
+        return art
+
+    def discard(self, stage: str, key: str) -> None:
+        shutil.rmtree(self.path(stage, key), ignore_errors=True)
+
+    def iter_artifacts(self, stage: str | None = None) -> Iterator[Artifact]:
+        """Every artifact folder (complete or not), stage by stage, oldest first within a stage."""
+        if not self.root.exists():
+            return
+        stages = [stage] if stage else sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        for st in stages:
+            stage_dir = self.root / st
+            if not stage_dir.is_dir():
+                continue
+            for folder in sorted(stage_dir.iterdir()):
+                if folder.is_dir() and (folder / META).exists():
+                    yield Artifact(st, folder.name, folder, _read_meta(folder))
+
+    def find(self, key: str) -> Artifact:
+        """The artifact whose key starts with ``key`` (any stage); ConfigError if none or ambiguous."""
+        hits = [a for a in self.iter_artifacts() if a.key.startswith(key)]
+        if not hits:
+            raise ConfigError(f"no artifact with key {key!r} under {self.root}")
+        if len(hits) > 1:
+            raise ConfigError(f"key {key!r} is ambiguous: " + ", ".join(f"{a.stage}/{a.key}" for a in hits))
+        return hits[0]
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        return json.loads((path / META).read_text())
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError as exc:
+        raise InputError(path / META, f"corrupt artifact metadata ({exc})") from exc

@@ -1,0 +1,165 @@
+"""Views: how a dataset image becomes the backbone's input (resolution and crop policy).
+
+A *view* turns one image into one or more *items* (five-crop gives five), each a fixed-size RGB tensor.
+Every item of a view has the same size, so features stack into one ``(N, C, h, w)`` array.
+
+Policies (METHODS.md §5 S2, S4, S8):
+
+- ``center_crop``: resize the short side to ``resolution`` (bilinear, antialiased), centre-crop a square.
+  The eval protocol of cocostuff27 / cityscapes27 / potsdam3 (320) and STEGO's training res (224).
+  STEGO resizes *images* with nearest neighbour (REFERENCES.md §1.1, "resize quirk"); we use bilinear
+  with antialiasing for images and nearest only for labels, and say so here because it moves numbers.
+- ``five_crop``: the 4 corner crops and the centre crop with side ``crop_ratio`` of each image side
+  (torchvision FiveCrop order), each resized to ``resolution`` x ``resolution`` (STEGO's crop set).
+- ``full``: the whole frame resized to a fixed ``size`` (H, W), a multiple of the backbone's input
+  multiple. Labels are not resized: codes are upsampled to the label's own size (camvid11 protocol).
+
+``flip`` mirrors every item horizontally (flip test-time augmentation features).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from usseg_core.crops import five_crop_boxes
+from usseg_core.errors import ConfigError
+
+POLICIES = ("center_crop", "five_crop", "full")
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """Resolution and crop policy of a feature extraction."""
+
+    policy: str = "center_crop"
+    resolution: int | None = 224          # output side for center_crop / five_crop (STEGO train res 224)
+    size: tuple[int, int] | None = None   # full: output (H, W); None until resolved from the data
+    crop_ratio: float = 0.5               # five_crop: crop side / image side ([code:STEGO] crop_ratio)
+    flip: bool = False                    # mirror horizontally (flip-TTA features)
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ConfigError(f"view policy {self.policy!r} unknown; choose one of {', '.join(POLICIES)}")
+        if self.policy != "full" and (self.resolution is None or self.resolution <= 0):
+            raise ConfigError(f"view policy {self.policy!r} needs a positive resolution")
+        if self.size is not None:
+            object.__setattr__(self, "size", (int(self.size[0]), int(self.size[1])))
+
+    @property
+    def per_image(self) -> int:
+        """Items per image: 5 for five_crop, else 1."""
+        return 5 if self.policy == "five_crop" else 1
+
+    def params(self) -> dict:
+        """JSON-able description (part of every feature artifact key)."""
+        d = asdict(self)
+        d["size"] = list(self.size) if self.size else None
+        return d
+
+    def flipped(self) -> "ViewSpec":
+        return replace(self, flip=not self.flip)
+
+    def output_size(self) -> tuple[int, int]:
+        if self.policy == "full":
+            if self.size is None:
+                raise ConfigError("full-frame view has no size yet: resolve it with resolve_full_size")
+            return self.size
+        return (int(self.resolution), int(self.resolution))
+
+    def check_multiple(self, multiple: int) -> None:
+        """The backbone needs input sides divisible by ``multiple`` (its patch size or 32)."""
+        h, w = self.output_size()
+        if h % multiple or w % multiple:
+            raise ConfigError(f"view size {h}x{w} is not a multiple of the backbone's input multiple "
+                              f"{multiple}; choose a resolution divisible by {multiple}")
+
+
+def resolve_full_size(view: ViewSpec, image_hw: tuple[int, int], multiple: int) -> ViewSpec:
+    """Fix a full-frame view's size from an image size, rounded to the nearest multiple."""
+    if view.policy != "full" or view.size is not None:
+        return view
+    if view.resolution:  # long side given: keep aspect ratio
+        h, w = image_hw
+        scale = view.resolution / max(h, w)
+        image_hw = (h * scale, w * scale)
+    size = tuple(max(multiple, int(round(s / multiple)) * multiple) for s in image_hw)
+    return replace(view, size=size)
+
+
+def short_side_size(h: int, w: int, short: int) -> tuple[int, int]:
+    """torchvision Resize(int) semantics: the short side becomes ``short``, aspect kept (floor)."""
+    if h <= w:
+        return short, int(short * w / h)
+    return int(short * h / w), short
+
+
+def center_box(h: int, w: int, size: int) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a centred ``size`` square (torchvision CenterCrop rounding)."""
+    top = int(round((h - size) / 2.0))
+    left = int(round((w - size) / 2.0))
+    return top, left, size, size
+
+
+def _resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    # (3, H, W) float -> (3, h, w); antialias so downsampling does not alias textures
+    if tuple(img.shape[-2:]) == tuple(size):
+        return img
+    return F.interpolate(img[None], size=size, mode="bilinear", align_corners=False,
+                         antialias=True)[0]
+
+
+def prepare_item(image: np.ndarray, view: ViewSpec, item: int = 0) -> torch.Tensor:
+    """One backbone input: ``image`` (H, W, 3) uint8 -> (3, h, w) float32 in [0, 1].
+
+    ``item`` selects the crop for five_crop (0..4: TL, TR, BL, BR, centre).
+    """
+    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)  # (3,H,W)
+    h, w = t.shape[-2:]
+    if view.policy == "center_crop":
+        t = _resize(t, short_side_size(h, w, view.resolution))
+        top, left, ch, cw = center_box(*t.shape[-2:], view.resolution)
+        t = t[:, top:top + ch, left:left + cw]
+    elif view.policy == "five_crop":
+        top, left, ch, cw = five_crop_boxes(h, w, view.crop_ratio)[item]
+        t = _resize(t[:, top:top + ch, left:left + cw], (view.resolution, view.resolution))
+    else:
+        t = _resize(t, view.output_size())
+    if view.flip:
+        t = t.flip(-1)
+    return t.clamp_(0.0, 1.0).contiguous()
+
+
+def prepare_label(label: np.ndarray, view: ViewSpec, item: int = 0) -> np.ndarray:
+    """The label counterpart of :func:`prepare_item` (nearest neighbour; -1 = ignore is kept).
+
+    For ``full`` views the label keeps its own size: predictions are upsampled to it instead.
+    """
+    if view.policy == "full":
+        out = label
+    elif view.policy == "center_crop":
+        h, w = label.shape
+        nh, nw = short_side_size(h, w, view.resolution)
+        t = torch.from_numpy(label.astype(np.float32))[None, None]
+        t = F.interpolate(t, size=(nh, nw), mode="nearest")[0, 0]
+        top, left, ch, cw = center_box(nh, nw, view.resolution)
+        out = t[top:top + ch, left:left + cw].numpy().astype(label.dtype)
+    else:
+        top, left, ch, cw = five_crop_boxes(*label.shape, view.crop_ratio)[item]
+        t = torch.from_numpy(label[top:top + ch, left:left + cw].astype(np.float32))[None, None]
+        out = F.interpolate(t, size=(view.resolution,) * 2, mode="nearest")[0, 0].numpy()
+        out = out.astype(label.dtype)
+    if view.flip:
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out)
+
+
+def prepare_image_for_label(image: np.ndarray, view: ViewSpec) -> np.ndarray:
+    """The RGB image on the label's grid (for CRF and overlays): uint8 (h, w, 3)."""
+    if view.policy == "full":
+        return image
+    t = prepare_item(image, replace(view, flip=False))
+    out = (t.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+    return out[:, ::-1] if view.flip else out
