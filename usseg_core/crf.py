@@ -1,0 +1,71 @@
+"""Fully connected dense CRF refinement (Krähenbühl & Koltun), METHODS.md S7.
+
+STEGO refines both the cluster-probe and the linear-probe outputs with the pydensecrf mean-field
+solver, with parameters borrowed from MaskContrast ([code:STEGO] ``crf.py``). This module runs it on
+one image; mapping it over images/workers is the orchestration's job (fork pools deadlock inside
+pydensecrf, STEGO #16 -- so no multiprocessing here).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class CRFParams:
+    """Dense CRF parameters; defaults are [code:STEGO] ``crf.py`` (copied by HP, SmooSeg, DepthG, EAGLE, CAUSE)."""
+
+    iterations: int = 10  # [code:STEGO] MAX_ITER = 10 mean-field steps
+    gaussian_sxy: float = 1  # [code:STEGO] POS_XY_STD: smoothness kernel width, pixels
+    gaussian_compat: float = 3  # [code:STEGO] POS_W
+    bilateral_sxy: float = 67  # [code:STEGO] Bi_XY_STD: appearance kernel width, pixels
+    bilateral_srgb: float = 3  # [code:STEGO] Bi_RGB_STD: colour width, 0-255 units
+    bilateral_compat: float = 4  # [code:STEGO] Bi_W
+    prob_floor: float = 1e-5  # [code:STEGO] via pydensecrf.utils.unary_from_softmax(clip=1e-5): caps the unary at ~11.5
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Stable log-softmax over axis 0 (float64 to keep tiny probabilities exact)."""
+    z = logits.astype(np.float64) - logits.max(axis=0, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=0, keepdims=True))
+
+
+def dense_crf(image: np.ndarray, logits: np.ndarray, params: CRFParams = CRFParams()) -> np.ndarray:
+    """Refine per-pixel class scores with a dense CRF.
+
+    Args:
+        image: (H, W, 3) uint8 RGB image (the un-normalised pixels the kernels compare).
+        logits: (K, H, W) float unnormalised scores, already at image size (e.g. 2 * cosine for the
+            cluster probe, STEGO's convention).
+        params: CRF parameters.
+
+    Returns:
+        (K, H, W) float32 marginals; each pixel sums to 1. Take ``argmax(0)`` for the labelling.
+    """
+    import pydensecrf.densecrf as dcrf  # imported here: the CRF is optional for everything else
+
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+    n_labels, height, width = logits.shape
+    if (height, width) != image.shape[:2]:
+        raise ValueError(f"logits spatial size {(height, width)} != image size {image.shape[:2]}")
+
+    # -log p with p floored exactly like pydensecrf's unary_from_softmax (what [code:STEGO] calls):
+    # without the floor a confident probe gives unaries of hundreds that the pairwise terms never move.
+    log_p = np.maximum(_log_softmax(logits), np.log(params.prob_floor))  # (K, H, W)
+    unary = np.ascontiguousarray((-log_p).reshape(n_labels, -1), dtype=np.float32)  # (K, H*W)
+
+    crf = dcrf.DenseCRF2D(width, height, n_labels)
+    crf.setUnaryEnergy(unary)
+    crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
+    # [code:STEGO] passes BGR; the bilateral kernel uses one srgb for all channels, so channel order is
+    # irrelevant and we pass RGB as given.
+    crf.addPairwiseBilateral(
+        sxy=params.bilateral_sxy,
+        srgb=params.bilateral_srgb,
+        rgbim=np.ascontiguousarray(image),
+        compat=params.bilateral_compat,
+    )
+    q = crf.inference(params.iterations)  # pydensecrf matrix, (K, H*W)
+    return np.asarray(q, dtype=np.float32).reshape(n_labels, height, width)  # (K, H, W)
