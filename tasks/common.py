@@ -150,5 +150,12 @@ def backbone_fingerprint(ref: BackboneRef, storage: str) -> str:
     return fp
 
 
+def input_multiple(name: str) -> int:
+    """Input-size multiple of a backbone, known from its registry name without building it."""
+    from usseg_core.backbones import get_backbone_info
+
+    return get_backbone_info(name).input_multiple
+
+
 def describe(meta: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in meta.items())

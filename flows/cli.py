@@ -1,0 +1,138 @@
+"""The ``usseg`` command line: every command starts a flow or inspects ``storage/``."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from usseg_core.config import storage_root  # noqa: E402
+from usseg_core.errors import UssegError  # noqa: E402
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="usseg: unsupervised semantic segmentation on cached frozen features.")
+storage_app = typer.Typer(no_args_is_help=True, help="Inspect the artifact store.")
+app.add_typer(storage_app, name="storage")
+console = Console()
+
+StorageOpt = typer.Option(None, "--storage", help="Artifact root (default $USSEG_STORAGE or ./storage).")
+
+
+@app.command()
+def extract(
+    dataset: str = typer.Option(..., help="Dataset registry name, e.g. camvid11, cocostuff27, directory."),
+    data_root: Path = typer.Option(..., "--data-root", help="Root folder of the dataset."),
+    split: str = typer.Option("train", help="Split name."),
+    backbone: str = typer.Option("tf_efficientnet_lite0", help="Backbone registry name."),
+    weights: Optional[Path] = typer.Option(None, help="Local weights file (.pth/.safetensors)."),
+    random_weights: bool = typer.Option(False, "--random-weights", help="Random init (tests)."),
+    resolution: Optional[int] = typer.Option(224, help="Input side (center_crop/five_crop) or long side (full)."),
+    policy: str = typer.Option("center_crop", help="center_crop | five_crop | full"),
+    flip: bool = typer.Option(False, help="Mirror images (flip-TTA features)."),
+    batch_size: int = typer.Option(8),
+    on_error: str = typer.Option("raise", help="raise | skip: what to do with invalid files."),
+    runner: str = typer.Option("threads", help="threads[:N] | dask[:N] | tcp://host:port"),
+    storage: Optional[Path] = StorageOpt,
+) -> None:
+    """Extract dense features of a dataset split into the Zarr feature store (cached)."""
+    from flows.extract import extract_features
+    from flows.runner import make_task_runner
+
+    result = extract_features.with_options(task_runner=make_task_runner(runner))(
+        dataset=dataset, data_root=str(data_root), split=split, backbone=backbone,
+        weights=str(weights) if weights else None, random_weights=random_weights,
+        policy=policy, resolution=resolution, flip=flip, storage=str(storage_root(storage)),
+        batch_size=batch_size, on_error=on_error)
+    if result["cache_hit"]:
+        console.print(f"[green]cache hit[/]: features/{result['key']} ({result['n']} items) - "
+                      "no backbone work done")
+    else:
+        console.print(f"[green]extracted[/]: features/{result['key']} ({result['n']} items)")
+    console.print(f"store: {result['path']}")
+
+
+@storage_app.command("ls")
+def storage_ls(
+    stage: Optional[str] = typer.Option(None, help="Only this stage."),
+    dataset: Optional[str] = typer.Option(None, help="Only artifacts of this dataset."),
+    backbone: Optional[str] = typer.Option(None, help="Only artifacts of this backbone."),
+    storage: Optional[Path] = StorageOpt,
+) -> None:
+    """List artifacts: stage, key, dataset, backbone, size, created, complete or not."""
+    from usseg_core.store import ArtifactStore, folder_size
+
+    store = ArtifactStore(storage_root(storage))
+    table = Table(title=f"artifacts in {store.root}")
+    for col in ("stage", "key", "dataset", "backbone", "size", "created", "complete"):
+        table.add_column(col)
+    for art in store.iter_artifacts(stage):
+        meta = art.meta
+        if dataset and meta.get("dataset") != dataset:
+            continue
+        if backbone and meta.get("backbone") != backbone:
+            continue
+        size = meta.get("size_bytes") if art.complete else folder_size(art.path)
+        table.add_row(art.stage, art.key, str(meta.get("dataset", "")), str(meta.get("backbone", "")),
+                      _human(size or 0), str(meta.get("created", "")),
+                      "[green]yes[/]" if art.complete else "[yellow]no[/]")
+    console.print(table)
+
+
+@storage_app.command("show")
+def storage_show(key: str = typer.Argument(..., help="Artifact key (a unique prefix is enough)."),
+                 storage: Optional[Path] = StorageOpt) -> None:
+    """Print an artifact's metadata (params, upstream keys, code version, created, files)."""
+    from usseg_core.store import ArtifactStore
+
+    art = ArtifactStore(storage_root(storage)).find(key)
+    meta = dict(art.meta)
+    meta["complete"] = art.complete
+    meta["path"] = str(art.path)
+    meta["files"] = sorted(p.name for p in art.path.iterdir() if not p.name.startswith("."))
+    console.print_json(json.dumps(meta, default=str))
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _register_optional() -> None:
+    """Commands of other areas register themselves here (one app, one help)."""
+    import importlib
+
+    for module in ("flows.cli_edges", "flows.cli_run"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        mod.register(app)
+
+
+_register_optional()
+
+
+def main() -> None:
+    """Console entry point: usseg errors print one clear line instead of a traceback."""
+    try:
+        app()
+    except UssegError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Feature extraction tasks: resolve the feature artifact, map shards over workers, finish it."""
+from __future__ import annotations
+
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.common import (BackboneRef, DataRef, backbone_fingerprint, ensure_manifest, input_multiple,
+                          load_backbone, load_manifest, logger)
+from usseg_core.features import FeatureStore, extract_into
+from usseg_core.store import ArtifactStore, artifact_key
+from usseg_core.views import ViewSpec, prepare_item, resolve_full_size
+
+FEATURES_VERSION = 1
+
+
+def feature_params(data: DataRef, view: ViewSpec, precision: str, device: str) -> dict:
+    """Parameters that decide the feature values (part of the key)."""
+    if precision == "auto":
+        precision = "bf16" if (device == "cuda" or (device == "auto" and torch.cuda.is_available())) else "fp32"
+    return {"dataset": data.name, "split": data.split, "options": data.options, "view": view.params(),
+            "precision": precision}
+
+
+@task(name="extract-shard", cache_policy=NO_CACHE, retries=1)
+def extract_shard(storage: str, key: str, data: DataRef, manifest_path: str, view: dict,
+                  backbone: BackboneRef, start: int, stop: int, batch_size: int, precision: str) -> dict:
+    """Embed the missing items of one shard ``[start, stop)`` and write them (one writer per shard)."""
+    import os
+    import socket
+
+    art = ArtifactStore(storage).open("features", key)
+    fstore = FeatureStore(art.file("features.zarr"), mode="r+")
+    todo = fstore.missing(start, stop)
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    if not todo:
+        return {"start": start, "written": 0, "worker": worker}
+    from usseg_core.datasets.manifest import Manifest
+
+    manifest = Manifest.from_json(manifest_path)
+    ds = data.dataset()
+    vs = ViewSpec(**{**view, "size": tuple(view["size"]) if view.get("size") else None})
+    ids = manifest.ids
+
+    def load_item(i: int) -> torch.Tensor:
+        return prepare_item(ds.load_image(ids[i // vs.per_image]), vs, i % vs.per_image)
+
+    model = load_backbone(backbone)
+    written = extract_into(fstore, model, load_item, todo, batch_size=batch_size, precision=precision)
+    return {"start": start, "written": written, "worker": worker}
+
+
+def resolve_view(view: ViewSpec, data: DataRef, manifest: dict, backbone: BackboneRef) -> ViewSpec:
+    """Fix a full-frame view's size from the first image (rounded to the backbone's input multiple)."""
+    if view.policy != "full" or view.size is not None:
+        return view
+    first = load_manifest(manifest).ids[0]
+    img = data.dataset().load_image(first)
+    return resolve_full_size(view, img.shape[:2], input_multiple(backbone.name))
+
+
+def ensure_features(storage: str, data: DataRef, backbone: BackboneRef, view: ViewSpec, *,
+                    batch_size: int = 8, precision: str = "auto", shard_size: int = 64,
+                    manifest: dict | None = None) -> dict:
+    """The feature artifact of (data, backbone, view): a cache hit costs key look-ups only.
+
+    Returns ``{"key", "path", "n", "cache_hit", "workers"}``. Runs inside a flow: shards are mapped as
+    Prefect tasks onto the flow's task runner and write disjoint chunks.
+    """
+    log = logger()
+    store = ArtifactStore(storage)
+    manifest = manifest or ensure_manifest(data, storage)
+    view = resolve_view(view, data, manifest, backbone)
+    fingerprint = backbone_fingerprint(backbone, storage)
+    params = feature_params(data, view, precision, backbone.device)
+    params["backbone"] = backbone.name
+    key = artifact_key("features", FEATURES_VERSION, params,
+                       {"manifest": manifest["hash"], "backbone": fingerprint})
+    art = store.get("features", key)
+    if art is not None:
+        log.info("cache hit: features/%s (%d items) - no backbone work", key, art.meta["n_items"])
+        return {"key": key, "path": str(art.file("features.zarr")), "n": art.meta["n_items"],
+                "cache_hit": True, "workers": [], "view": view.params(), "manifest": manifest}
+
+    model = load_backbone(backbone)
+    view.check_multiple(model.input_multiple)
+    n = manifest["n"] * view.per_image
+    h, w = view.output_size()
+    art = store.begin("features", key, version=FEATURES_VERSION, params=params,
+                      upstream={"manifest": manifest["key"], "backbone": fingerprint},
+                      dataset=data.name, split=data.split, backbone=backbone.name,
+                      backbone_fingerprint=fingerprint, weights=backbone.weights or (
+                          "random-init" if backbone.random_weights else "default"),
+                      skipped=manifest["skipped"])
+    fstore = FeatureStore.create(art.file("features.zarr"), n, model.dim, h // model.stride,
+                                 w // model.stride, shard_size=shard_size)
+    todo = [(a, b) for a, b in fstore.shards() if fstore.missing(a, b)]
+    log.info("extracting features/%s: %d items in %d shards (%d already done)", key, n, len(todo),
+             n - sum(len(fstore.missing(a, b)) for a, b in todo))
+    futures = [extract_shard.submit(storage, key, data, manifest["path"], view.params(), backbone,
+                                    a, b, batch_size, precision) for a, b in todo]
+    results = [f.result() for f in futures]
+    if not fstore.is_complete():
+        raise RuntimeError(f"features/{key}: some items were not written; re-run to resume")
+    store.finish(art, n_items=n, shape=list(fstore.shape), stride=model.stride, dim=model.dim,
+                 view=view.params(), workers=sorted({r["worker"] for r in results}))
+    return {"key": key, "path": str(art.file("features.zarr")), "n": n, "cache_hit": False,
+            "workers": sorted({r["worker"] for r in results if r["written"]}),
+            "view": view.params(), "manifest": manifest}
