@@ -196,3 +196,33 @@ def _contiguous_runs(indices: Sequence[int], shard_size: int, batch_size: int) -
         run.append(i)
     if run:
         yield run
+
+
+class ConcatFeatures:
+    """Several feature stores seen as one indexable training set (e.g. train + val splits)."""
+
+    def __init__(self, stores: Sequence[FeatureStore]) -> None:
+        if not stores:
+            raise ConfigError("ConcatFeatures needs at least one feature store")
+        shapes = {s.shape[1:] for s in stores}
+        if len(shapes) != 1:
+            raise ConfigError(f"feature stores differ in (C, h, w): {sorted(shapes)}")
+        self.stores = list(stores)
+        self.offsets = np.cumsum([0] + [len(s) for s in stores])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self), *self.stores[0].shape[1:])  # type: ignore[return-value]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        s = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        return self.stores[s][int(i - self.offsets[s])]
+
+    def pooled_all(self) -> np.ndarray:
+        return np.concatenate([s.pooled_all() for s in self.stores])
+
+    def load_all(self, max_bytes: int = 8 << 30) -> bool:
+        return all(s.load_all(max_bytes // len(self.stores)) for s in self.stores)

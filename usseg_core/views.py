@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from usseg_core.crops import five_crop_boxes
+from usseg_core.crops import center_crop_box, five_crop_boxes, short_side_resize_size
 from usseg_core.errors import ConfigError
 
 POLICIES = ("center_crop", "five_crop", "full")
@@ -89,20 +89,6 @@ def resolve_full_size(view: ViewSpec, image_hw: tuple[int, int], multiple: int) 
     return replace(view, size=size)
 
 
-def short_side_size(h: int, w: int, short: int) -> tuple[int, int]:
-    """torchvision Resize(int) semantics: the short side becomes ``short``, aspect kept (floor)."""
-    if h <= w:
-        return short, int(short * w / h)
-    return int(short * h / w), short
-
-
-def center_box(h: int, w: int, size: int) -> tuple[int, int, int, int]:
-    """(top, left, height, width) of a centred ``size`` square (torchvision CenterCrop rounding)."""
-    top = int(round((h - size) / 2.0))
-    left = int(round((w - size) / 2.0))
-    return top, left, size, size
-
-
 def _resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     # (3, H, W) float -> (3, h, w); antialias so downsampling does not alias textures
     if tuple(img.shape[-2:]) == tuple(size):
@@ -119,8 +105,8 @@ def prepare_item(image: np.ndarray, view: ViewSpec, item: int = 0) -> torch.Tens
     t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)  # (3,H,W)
     h, w = t.shape[-2:]
     if view.policy == "center_crop":
-        t = _resize(t, short_side_size(h, w, view.resolution))
-        top, left, ch, cw = center_box(*t.shape[-2:], view.resolution)
+        t = _resize(t, short_side_resize_size(h, w, view.resolution))
+        top, left, ch, cw = center_crop_box(*t.shape[-2:], view.resolution)
         t = t[:, top:top + ch, left:left + cw]
     elif view.policy == "five_crop":
         top, left, ch, cw = five_crop_boxes(h, w, view.crop_ratio)[item]
@@ -141,10 +127,10 @@ def prepare_label(label: np.ndarray, view: ViewSpec, item: int = 0) -> np.ndarra
         out = label
     elif view.policy == "center_crop":
         h, w = label.shape
-        nh, nw = short_side_size(h, w, view.resolution)
+        nh, nw = short_side_resize_size(h, w, view.resolution)
         t = torch.from_numpy(label.astype(np.float32))[None, None]
         t = F.interpolate(t, size=(nh, nw), mode="nearest")[0, 0]
-        top, left, ch, cw = center_box(nh, nw, view.resolution)
+        top, left, ch, cw = center_crop_box(nh, nw, view.resolution)
         out = t[top:top + ch, left:left + cw].numpy().astype(label.dtype)
     else:
         top, left, ch, cw = five_crop_boxes(*label.shape, view.crop_ratio)[item]

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from usseg_core.errors import ConfigError
-from usseg_core.views import (ViewSpec, center_box, prepare_image_for_label, prepare_item, prepare_label,
-                              resolve_full_size, short_side_size)
+from usseg_core.crops import center_crop_box, short_side_resize_size
+from usseg_core.views import ViewSpec, prepare_image_for_label, prepare_item, prepare_label, resolve_full_size
 
 
 def _img(h=60, w=90):
@@ -24,9 +24,9 @@ def test_center_crop_geometry_matches_label():
 
 
 def test_short_side_and_center_box_follow_torchvision():
-    assert short_side_size(360, 480, 320) == (320, 426)
-    assert short_side_size(480, 360, 320) == (426, 320)
-    assert center_box(320, 426, 320) == (0, 53, 320, 320)
+    assert short_side_resize_size(360, 480, 320) == (320, 426)
+    assert short_side_resize_size(480, 360, 320) == (426, 320)
+    assert center_crop_box(320, 426, 320) == (0, 53, 320, 320)
 
 
 def test_five_crop_items_and_flip():

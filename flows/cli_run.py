@@ -1,0 +1,121 @@
+"""``usseg run``, ``usseg demo`` and ``usseg segment``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from usseg_core.config import parse_set_options, storage_root
+
+console = Console()
+METHODS = ("stego", "omh")
+
+
+def print_results(rows: list[dict], title: str) -> None:
+    table = Table(title=title)
+    for col in ("method", "clusterer", "crf", "accuracy", "miou"):
+        table.add_column(col, justify="right" if col in ("accuracy", "miou") else "left")
+    for r in rows:
+        table.add_row(r["method"], r["clusterer"], "yes" if r["crf"] else "no", f"{r['accuracy']:.2f}",
+                      f"{r['miou']:.2f}")
+    console.print(table)
+
+
+def write_results_csv(rows: list[dict], path: Path) -> None:
+    import pandas as pd
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(path, index=False)
+
+
+def run_pipeline(method: str, dataset: str, data_root: str, train_split: str, eval_split: str, backbone: str,
+                 weights: str | None, random_weights: bool, storage: Path, sets: dict, runner: str,
+                 resolution: int = 224, eval_resolution: int | None = None, crf: bool = True) -> dict:
+    from flows.runner import make_task_runner
+    from flows.train import pipeline
+
+    dataset_options = sets.pop("dataset_options", None)
+    n_clusters = sets.pop("n_clusters", None)
+    return pipeline.with_options(task_runner=make_task_runner(runner))(
+        dataset=dataset, data_root=data_root, train_split=train_split, eval_split=eval_split,
+        method=method, backbone=backbone, weights=weights, random_weights=random_weights,
+        storage=str(storage), overrides=sets, resolution=resolution, eval_resolution=eval_resolution,
+        run_crf=crf, dataset_options=dataset_options, n_clusters=n_clusters)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def run(
+        method: str = typer.Argument(..., help="Head: stego | omh"),
+        dataset: str = typer.Option(..., help="Dataset registry name."),
+        data_root: Path = typer.Option(..., "--data-root", help="Dataset root folder."),
+        train_split: str = typer.Option("train", help="Training split(s), comma-separated (labels unused)."),
+        eval_split: str = typer.Option("val", help="Labelled split to evaluate on."),
+        backbone: str = typer.Option("tf_efficientnet_lite0"),
+        weights: Optional[Path] = typer.Option(None, help="Local backbone weights file."),
+        random_weights: bool = typer.Option(False, "--random-weights"),
+        resolution: int = typer.Option(224, help="Training (five-crop) resolution."),
+        eval_resolution: Optional[int] = typer.Option(None, help="Override the eval protocol's resolution."),
+        crf: bool = typer.Option(True, "--crf/--no-crf", help="Dense CRF refinement rows."),
+        results: Optional[Path] = typer.Option(None, help="Write the results table as CSV here."),
+        set_: Optional[List[str]] = typer.Option(None, "--set", help="Config override key=value (repeatable)."),
+        runner: str = typer.Option("threads", help="threads[:N] | dask[:N] | tcp://host:port"),
+        storage: Optional[Path] = typer.Option(None, "--storage"),
+    ) -> None:
+        """Run the whole pipeline (train + evaluate) for one head and print the results table."""
+        if method not in METHODS:
+            raise typer.BadParameter(f"method must be one of {', '.join(METHODS)}")
+        out = run_pipeline(method, dataset, str(data_root), train_split, eval_split, backbone,
+                           str(weights) if weights else None, random_weights, storage_root(storage),
+                           parse_set_options(set_), runner, resolution, eval_resolution, crf)
+        ev = out["evaluation"]
+        print_results(ev["rows"], f"{method} on {dataset}/{eval_split}")
+        console.print(f"evaluation artifact: {ev['path']}")
+        console.print(f"head artifact: {out['trained']['head']['key']}  (use with `usseg segment --model`)")
+        if results:
+            write_results_csv(ev["rows"], results)
+            console.print(f"results written to {results}")
+
+    @app.command()
+    def demo(
+        storage: Optional[Path] = typer.Option(None, "--storage"),
+        steps: int = typer.Option(600, help="STEGO training steps."),
+        n_train: int = typer.Option(40, help="Synthetic training images."),
+        n_val: int = typer.Option(12, help="Synthetic validation images."),
+        results: Optional[Path] = typer.Option(None, help="Write the results table as CSV here."),
+    ) -> None:
+        """The main job on the embedded default: synthetic scenes -> STEGO pipeline vs raw k-means."""
+        from usseg_core.datasets.synthetic import ensure_synthetic
+
+        root = storage_root(storage)
+        data_root = ensure_synthetic(root / "data" / f"synthetic-{n_train}-{n_val}", n_train=n_train,
+                                     n_val=n_val)
+        console.print(f"synthetic dataset: {data_root}")
+        out = run_pipeline("stego", "synthetic", str(data_root), "train", "val", "tf_efficientnet_lite0",
+                           None, False, root, {"steps": steps}, "threads", resolution=128)
+        ev = out["evaluation"]
+        print_results(ev["rows"], "usseg demo: STEGO vs raw-feature k-means on synthetic/val")
+        console.print(f"artifacts under {root} (try `usseg storage ls --storage {root}`)")
+        console.print(f"results table, confusion matrix and overlays: {ev['path']}")
+        if results:
+            write_results_csv(ev["rows"], results)
+
+    @app.command()
+    def segment(
+        images: List[Path] = typer.Argument(..., help="Images to segment."),
+        model: str = typer.Option(..., "--model", help="Head artifact key (see `usseg storage ls --stage head`)."),
+        out: Path = typer.Option(..., "--out", help="Output folder."),
+        clusterer: str = typer.Option("cluster-probe", help="cluster-probe | kmeans"),
+        crf: bool = typer.Option(True, "--crf/--no-crf"),
+        long_side: int = typer.Option(480, help="Images are resized to this long side for the backbone."),
+        storage: Optional[Path] = typer.Option(None, "--storage"),
+    ) -> None:
+        """Label PNGs and colour overlays for new images with a trained head (+ clusterer, + CRF)."""
+        from tasks.segment import segment_images
+
+        written = segment_images(images, model, out, clusterer=clusterer, crf=crf, long_side=long_side,
+                                 storage=str(storage_root(storage)))
+        console.print(f"wrote {len(written)} label maps and overlays to {out}")

@@ -1,0 +1,105 @@
+"""Clustering stages: cosine mini-batch k-means over codes, and the linear probe (labels, eval only)."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.common import DataRef, load_manifest, logger
+from tasks.heads import load_head, open_features
+from usseg_core.store import ArtifactStore, artifact_key
+from usseg_core.views import ViewSpec, prepare_label
+
+KMEANS_VERSION = 1
+PROBE_VERSION = 1
+
+
+@torch.no_grad()
+def code_batches(head_path: str | None, feats, batch: int = 16) -> Iterator[torch.Tensor]:
+    """Codes ``(B, D, h, w)`` of every item of ``feats``, streamed in batches."""
+    head, _ = load_head(head_path)
+    for a in range(0, len(feats), batch):
+        x = torch.from_numpy(np.stack([feats[i] for i in range(a, min(a + batch, len(feats)))]).astype(np.float32))
+        yield head.codes(x)
+
+
+def _pixels(codes: torch.Tensor) -> np.ndarray:
+    return codes.permute(0, 2, 3, 1).reshape(-1, codes.shape[1]).numpy()  # (B*h*w, D)
+
+
+@task(name="kmeans", cache_policy=NO_CACHE)
+def ensure_kmeans(storage: str, head: dict | None, feature_infos: list[dict], k: int,
+                  seed: int = 0, n_epochs: int = 2) -> dict:
+    """Cosine mini-batch k-means over the codes of the training set, streamed from the store.
+
+    ``head`` None clusters the raw backbone features (the baseline). K may exceed the number of classes
+    (over-clustering); evaluation then keeps every pixel (see metrics.hungarian_scores).
+    """
+    from usseg_core.cluster import spherical_kmeans
+
+    store = ArtifactStore(storage)
+    upstream = {f"features{i}": f["key"] for i, f in enumerate(feature_infos)}
+    upstream["head"] = head["key"] if head else "raw"
+    params = {"k": k, "seed": seed, "n_epochs": n_epochs, "metric": "cosine"}
+    key = artifact_key("kmeans", KMEANS_VERSION, params, upstream)
+    art = store.get("kmeans", key)
+    if art is None:
+        meta0 = store.find(feature_infos[0]["key"]).meta
+        art = store.begin("kmeans", key, version=KMEANS_VERSION, params=params, upstream=upstream,
+                          dataset=meta0.get("dataset"), backbone=meta0.get("backbone"),
+                          backbone_fingerprint=meta0.get("backbone_fingerprint"))
+        feats = open_features(feature_infos)
+        head_path = head["path"] if head else None
+        centroids = spherical_kmeans(lambda: (_pixels(c) for c in code_batches(head_path, feats)), k,
+                                     n_epochs=n_epochs, seed=seed)
+        np.save(art.file("centroids.npy"), centroids.astype(np.float32))
+        store.finish(art, k=k)
+        logger().info("k-means/%s: K=%d over %d items", key, k, len(feats))
+    return {"key": key, "path": str(art.file("centroids.npy"))}
+
+
+def labelled_code_batches(head_path: str | None, feature_info: dict, data: DataRef, view: ViewSpec,
+                          batch: int = 4) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(codes upsampled to the label grid (B, D, H, W), labels (B, H, W)) of a labelled split."""
+    feats = open_features([feature_info])
+    ids = load_manifest(feature_info["manifest"]).ids
+    ds = data.dataset()
+    head, _ = load_head(head_path)
+    for a in range(0, len(ids), batch):
+        idx = range(a, min(a + batch, len(ids)))
+        labels = [prepare_label(ds.load_label(ids[i]), view) for i in idx]
+        with torch.no_grad():
+            codes = head.codes(torch.from_numpy(np.stack([feats[i] for i in idx]).astype(np.float32)))
+            codes = F.interpolate(codes, size=labels[0].shape, mode="bilinear", align_corners=False)
+        yield codes, torch.from_numpy(np.stack(labels))
+
+
+@task(name="linear-probe", cache_policy=NO_CACHE)
+def ensure_linear_probe(storage: str, head: dict | None, feature_info: dict, data: DataRef,
+                        view: dict, n_classes: int, epochs: int = 3, seed: int = 0) -> dict:
+    """A 1x1 conv on detached codes trained with cross-entropy on ground-truth labels.
+
+    Labels are used here and only here, to report the linear-probe metric (STEGO's protocol); the head
+    never sees them.
+    """
+    from usseg_core.heads.probes import train_linear_probe
+
+    store = ArtifactStore(storage)
+    params = {"epochs": epochs, "seed": seed, "n_classes": n_classes, "lr": 5e-3}
+    upstream = {"features": feature_info["key"], "head": head["key"] if head else "raw"}
+    key = artifact_key("linear-probe", PROBE_VERSION, params, upstream)
+    art = store.get("linear-probe", key)
+    if art is None:
+        art = store.begin("linear-probe", key, version=PROBE_VERSION, params=params, upstream=upstream,
+                          dataset=data.name, split=data.split)
+        vs = ViewSpec(**{**view, "size": tuple(view["size"]) if view.get("size") else None})
+        probe = train_linear_probe(
+            lambda: labelled_code_batches(head["path"] if head else None, feature_info, data, vs),
+            n_classes, epochs=epochs, seed=seed)
+        torch.save(probe.state_dict(), art.file("probe.pt"))
+        store.finish(art)
+    return {"key": key, "path": str(art.file("probe.pt"))}

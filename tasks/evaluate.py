@@ -1,0 +1,195 @@
+"""Evaluation: flip-TTA codes, cluster / k-means / linear predictions, dense CRF, one confusion matrix
+per predictor over the whole split, Hungarian matching, tables and pictures.
+
+Image-level work (codes, CRF) is sharded and mapped over the flow's task runner; each shard returns
+small confusion matrices that are summed, so memory stays bounded and no multiprocessing pool is used
+(STEGO's CRF pool hangs: STEGO #16).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.common import DataRef, load_manifest, logger
+from tasks.heads import load_head
+from usseg_core.crf import CRFParams, dense_crf
+from usseg_core.features import FeatureStore
+from usseg_core.metrics import ConfusionMatrix, hungarian_scores, identity_scores
+from usseg_core.store import ArtifactStore, artifact_key
+from usseg_core.views import ViewSpec, prepare_image_for_label, prepare_label
+
+EVAL_VERSION = 1
+N_EXAMPLES = 6
+
+
+@functools.lru_cache(maxsize=16)
+def _centroids(path: str) -> torch.Tensor:
+    return torch.from_numpy(np.load(path))
+
+
+@functools.lru_cache(maxsize=8)
+def _linear(path: str, dim: int, n_classes: int):
+    from usseg_core.heads.probes import LinearProbe
+
+    probe = LinearProbe(dim, n_classes)
+    probe.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return probe.eval()
+
+
+def predictor_logits(predictor: dict, codes: torch.Tensor) -> torch.Tensor:
+    """(1, K, H, W) logits of one predictor on upsampled codes (1, D, H, W)."""
+    from usseg_core.cluster import cluster_logits
+
+    kind = predictor["kind"]
+    if kind == "cluster-probe":
+        return load_head(predictor["head"])[1]["cluster_probe"].logits(codes)
+    if kind == "kmeans":
+        return cluster_logits(codes, _centroids(predictor["centroids"]), alpha=2.0)
+    if kind == "linear":
+        return _linear(predictor["probe"], codes.shape[1], predictor["n_classes"])(codes)
+    raise ValueError(f"unknown predictor kind {kind!r}")
+
+
+@torch.no_grad()
+def image_codes(head_path: str | None, feats: FeatureStore, flips: FeatureStore | None, i: int,
+                size: tuple[int, int]) -> torch.Tensor:
+    """Flip-averaged codes of item i, bilinearly upsampled to ``size`` -> (1, D, H, W)."""
+    head, _ = load_head(head_path)
+    codes = head.codes(torch.from_numpy(feats[i].astype(np.float32))[None])
+    if flips is not None:  # flip-TTA: average with the mirrored-back codes of the mirrored image
+        codes = (codes + head.codes(torch.from_numpy(flips[i].astype(np.float32))[None]).flip(-1)) / 2
+    return F.interpolate(codes, size=size, mode="bilinear", align_corners=False)
+
+
+@task(name="evaluate-shard", cache_policy=NO_CACHE)
+def evaluate_shard(data: DataRef, manifest_path: str, view: dict, feats_path: str, flips_path: str | None,
+                   groups: list[dict], n_classes: int, start: int, stop: int, run_crf: bool,
+                   crf: dict, examples: list[int]) -> dict:
+    """Confusion matrices of every predictor (with and without CRF) on items [start, stop)."""
+    from usseg_core.datasets.manifest import Manifest
+
+    ids = Manifest.from_json(manifest_path).ids
+    ds = data.dataset()
+    vs = ViewSpec(**{**view, "size": tuple(view["size"]) if view.get("size") else None})
+    feats, flips = FeatureStore(feats_path), FeatureStore(flips_path) if flips_path else None
+    params = CRFParams(**crf)
+    cms: dict[str, np.ndarray] = {}
+    kept: dict[int, dict] = {}
+    for i in range(start, stop):
+        image = ds.load_image(ids[i])
+        label = prepare_label(ds.load_label(ids[i]), vs)
+        rgb = prepare_image_for_label(image, vs)
+        if i in examples:
+            kept[i] = {"image": rgb, "label": label, "pred": {}}
+        for group in groups:
+            codes = image_codes(group["head"], feats, flips, i, label.shape)
+            for pred in group["predictors"]:
+                logits = predictor_logits(pred, codes)[0]  # (K, H, W)
+                outs = {"no": logits.argmax(0).numpy()}
+                if run_crf:
+                    outs["yes"] = dense_crf(rgb, logits.numpy(), params).argmax(0)
+                for crf_flag, p in outs.items():
+                    name = f"{pred['name']}|{crf_flag}"
+                    cm = ConfusionMatrix(pred["n_pred"], n_classes)
+                    cm.update(p, label)
+                    cms[name] = cms.get(name, 0) + cm.matrix
+                    if i in kept:
+                        kept[i]["pred"][name] = p.astype(np.int16)
+    return {"cms": cms, "examples": kept}
+
+
+def eval_key(params: dict, upstream: dict) -> str:
+    return artifact_key("evaluation", EVAL_VERSION, params, upstream)
+
+
+def run_evaluation(storage: str, data: DataRef, manifest: dict, view: ViewSpec, feats: dict,
+                   flips: dict | None, groups: list[dict], class_names: list[str], *,
+                   run_crf: bool = True, crf: CRFParams = CRFParams(), shard_size: int = 16,
+                   title: str = "") -> dict:
+    """The evaluation artifact: results table (parquet, CSV, markdown), confusion PNG, overlays PNG."""
+    store = ArtifactStore(storage)
+    params = {"run_crf": run_crf, "crf": asdict(crf), "view": view.params(),
+              "groups": [{k: v for k, v in g.items() if k != "predictors"} | {
+                  "predictors": [{k: v for k, v in p.items() if k not in ("centroids", "probe", "head")}
+                                 for p in g["predictors"]]} for g in groups]}
+    upstream = {"features": feats["key"], "flips": flips["key"] if flips else "none",
+                **{f"{g['method']}.{p['name']}": p.get("key", "") for g in groups for p in g["predictors"]}}
+    key = eval_key(params, upstream)
+    art = store.get("evaluation", key)
+    if art is not None:
+        logger().info("cache hit: evaluation/%s", key)
+        return {"key": key, "path": str(art.path), "rows": art.meta["rows"], "cache_hit": True}
+    art = store.begin("evaluation", key, version=EVAL_VERSION, params=params, upstream=upstream,
+                      dataset=data.name, split=data.split)
+    n = manifest["n"]
+    n_classes = len(class_names)
+    examples = list(np.linspace(0, n - 1, min(N_EXAMPLES, n)).astype(int))
+    futures = [evaluate_shard.submit(data, manifest["path"], view.params(), feats["path"],
+                                     flips["path"] if flips else None, groups, n_classes, a,
+                                     min(a + shard_size, n), run_crf, asdict(crf), examples)
+               for a in range(0, n, shard_size)]
+    cms: dict[str, np.ndarray] = {}
+    kept: dict[int, dict] = {}
+    for f in futures:
+        res = f.result()
+        for name, m in res["cms"].items():
+            cms[name] = cms.get(name, 0) + m
+        kept.update(res["examples"])
+    rows = _score_rows(cms, groups, class_names)
+    _write_outputs(art, rows, cms, groups, class_names, kept, title or f"{data.name}/{data.split}")
+    store.finish(art, rows=rows, n_images=n)
+    return {"key": key, "path": str(art.path), "rows": rows, "cache_hit": False}
+
+
+def _score_rows(cms: dict, groups: list[dict], class_names: list[str]) -> list[dict]:
+    rows = []
+    for g in groups:
+        for p in g["predictors"]:
+            for crf_flag in ("no", "yes"):
+                name = f"{p['name']}|{crf_flag}"
+                if name not in cms:
+                    continue
+                sc = identity_scores(cms[name]) if p["kind"] == "linear" else hungarian_scores(cms[name])
+                row = {"method": g["method"], "clusterer": p["kind"], "crf": crf_flag == "yes",
+                       "accuracy": round(100 * sc.accuracy, 2), "miou": round(100 * sc.miou, 2)}
+                row.update({f"iou_{c}": round(100 * float(v), 2) if np.isfinite(v) else None
+                            for c, v in zip(class_names, sc.iou)})
+                rows.append(row)
+    return rows
+
+
+def _write_outputs(art, rows, cms, groups, class_names, kept, title) -> None:
+    import pandas as pd
+
+    from usseg_core.viz import confusion_plot, overlay_grid
+
+    df = pd.DataFrame(rows)
+    df.to_parquet(art.file("results.parquet"))
+    df.to_csv(art.file("results.csv"), index=False)
+    art.file("results.md").write_text(results_markdown(rows))
+    main = groups[-1]["predictors"][0]
+    crf_flag = "yes" if f"{main['name']}|yes" in cms else "no"
+    sc = hungarian_scores(cms[f"{main['name']}|{crf_flag}"])
+    confusion_plot(art.file("confusion.png"), sc.matrix, class_names,
+                   f"{title}: {groups[-1]['method']} {main['kind']} (CRF {crf_flag})")
+    grid = []
+    for i in sorted(kept):
+        ex = kept[i]
+        pred = ex["pred"][f"{main['name']}|{crf_flag}"]
+        mapped = np.where(pred >= 0, sc.assignment[np.clip(pred, 0, None)], -1)
+        grid.append({"image": ex["image"], "label": ex["label"], "prediction": mapped})
+    if grid:
+        overlay_grid(art.file("overlays.png"), grid, len(class_names))
+    np.savez_compressed(art.file("confusion.npz"), **{k.replace("|", "__crf_"): v for k, v in cms.items()})
+
+
+def results_markdown(rows: list[dict]) -> str:
+    head = "| method | clusterer | CRF | accuracy | mIoU |\n|---|---|---|---|---|\n"
+    return head + "".join(f"| {r['method']} | {r['clusterer']} | {'yes' if r['crf'] else 'no'} | "
+                          f"{r['accuracy']:.2f} | {r['miou']:.2f} |\n" for r in rows)

@@ -1,0 +1,71 @@
+"""Segment new images with a trained head: backbone -> codes -> clusterer (-> CRF) -> PNGs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tasks.common import BackboneRef, load_backbone
+from tasks.evaluate import predictor_logits
+from tasks.heads import load_head
+from usseg_core.crf import CRFParams, dense_crf
+from usseg_core.errors import ConfigError
+from usseg_core.features import embed
+from usseg_core.imageio import read_rgb
+from usseg_core.store import ArtifactStore
+from usseg_core.views import ViewSpec, prepare_item, resolve_full_size
+from usseg_core.viz import colorize, overlay, save_png
+
+
+def _backbone_of(store: ArtifactStore, head_meta: dict) -> BackboneRef:
+    feats = store.find(head_meta["upstream"]["features0"]).meta
+    w = feats.get("weights")
+    return BackboneRef(feats["backbone"], None if w in (None, "default", "random-init") else w,
+                       random_weights=w == "random-init")
+
+
+def _kmeans_of(store: ArtifactStore, head_key: str) -> str:
+    for art in store.iter_artifacts("kmeans"):
+        if art.complete and art.meta.get("upstream", {}).get("head") == head_key:
+            return str(art.file("centroids.npy"))
+    raise ConfigError(f"no k-means artifact for head {head_key}; run the train flow first")
+
+
+def segment_images(images: list[Path], model: str, out: Path, *, clusterer: str = "cluster-probe",
+                   crf: bool = True, long_side: int = 480, storage: str) -> list[Path]:
+    store = ArtifactStore(storage)
+    head_art = store.find(model)
+    if head_art.stage != "head" or not head_art.complete:
+        raise ConfigError(f"{model}: not a complete head artifact (stage {head_art.stage})")
+    ref = _backbone_of(store, head_art.meta)
+    if ref.random_weights:
+        ref = BackboneRef(ref.name, None, True, seed=0)
+    backbone = load_backbone(ref)
+    head_path = str(head_art.file("head.pt"))
+    head, ckpt = load_head(head_path)
+    if clusterer == "cluster-probe":
+        pred = {"kind": "cluster-probe", "head": head_path}
+    elif clusterer == "kmeans":
+        pred = {"kind": "kmeans", "centroids": _kmeans_of(store, head_art.key)}
+    else:
+        raise ConfigError(f"clusterer {clusterer!r}: use cluster-probe or kmeans")
+    out.mkdir(parents=True, exist_ok=True)
+    n = ckpt["n_classes"]
+    written = []
+    for path in images:
+        image = read_rgb(path)
+        view = resolve_full_size(ViewSpec("full", long_side), image.shape[:2], backbone.input_multiple)
+        dense, _ = embed(backbone, prepare_item(image, view)[None])
+        with torch.no_grad():
+            codes = F.interpolate(head.codes(torch.from_numpy(dense)), size=image.shape[:2], mode="bilinear",
+                                  align_corners=False)
+            logits = predictor_logits(pred, codes)[0]
+        labels = (dense_crf(image, logits.numpy(), CRFParams()) if crf else logits.numpy()).argmax(0)
+        stem = Path(path).stem
+        save_png(out / f"{stem}_labels.png", labels.astype(np.uint8))
+        save_png(out / f"{stem}_color.png", colorize(labels, n))
+        save_png(out / f"{stem}_overlay.png", overlay(image, labels, n))
+        written.append(out / f"{stem}_labels.png")
+    return written

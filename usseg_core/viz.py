@@ -1,0 +1,91 @@
+"""Pictures people look at: colour palettes, segmentation overlays, confusion-matrix plots."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def palette(n: int) -> np.ndarray:
+    """``(n, 3)`` uint8 distinct colours (golden-ratio hues, fixed lightness); deterministic."""
+    import colorsys
+
+    cols = [colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.65 + 0.35 * (i % 2), 0.95 - 0.3 * (i % 3 == 2))
+            for i in range(n)]
+    return (np.array(cols) * 255).astype(np.uint8).reshape(n, 3)
+
+
+def colorize(labels: np.ndarray, n: int) -> np.ndarray:
+    """(H, W) int labels (−1 = ignore, drawn black) -> (H, W, 3) uint8."""
+    pal = np.concatenate([palette(max(n, 1)), np.zeros((1, 3), np.uint8)])
+    idx = np.where((labels >= 0) & (labels < n), labels, n)
+    return pal[idx]
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, n: int, alpha: float = 0.55) -> np.ndarray:
+    """Colour labels blended over the image (both (H, W[, 3]))."""
+    col = colorize(labels, n).astype(np.float32)
+    return (alpha * col + (1 - alpha) * image.astype(np.float32)).clip(0, 255).astype(np.uint8)
+
+
+def save_png(path: str | Path, array: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(array).save(path)
+
+
+def overlay_grid(path: str | Path, rows: Sequence[dict], n_classes: int,
+                 columns: Sequence[str] = ("image", "label", "prediction")) -> None:
+    """A grid PNG: one row per example, columns image | label | prediction (overlaid on the image).
+
+    ``rows``: dicts with ``image`` (H, W, 3) uint8, ``label`` and ``prediction`` (H, W) int (predictions
+    already mapped to classes).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(3.2 * len(columns), 2.6 * len(rows)),
+                             squeeze=False)
+    for r, row in enumerate(rows):
+        for c, name in enumerate(columns):
+            ax = axes[r][c]
+            pic = row["image"] if name == "image" else overlay(row["image"], row[name], n_classes)
+            ax.imshow(pic)
+            ax.set_axis_off()
+            if r == 0:
+                ax.set_title(name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def confusion_plot(path: str | Path, matrix: np.ndarray, class_names: Sequence[str], title: str) -> None:
+    """Row-normalised confusion matrix (rows = ground truth, columns = matched prediction) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = matrix.T.astype(np.float64)  # metrics keep rows = prediction; people read rows = truth
+    norm = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * n, 0.8 + 0.45 * n))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), class_names, rotation=70, fontsize=7)
+    ax.set_yticks(range(n), class_names, fontsize=7)
+    ax.set_xlabel("prediction (Hungarian-matched)")
+    ax.set_ylabel("ground truth")
+    ax.set_title(title, fontsize=9)
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if norm[i, j] >= 0.01:
+                    ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=5,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
