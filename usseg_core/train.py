@@ -8,8 +8,9 @@ epoch order), so an interrupted run resumed from its checkpoint ends bit-identic
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,7 @@ class TrainResult:
     steps_done: int
     aux_state: dict | None = None  # state_dict of the aux module, if one was trained
     in_dim: int = 0  # feature channels C the head expects
-    extra: dict = field(default_factory=dict)
+    seconds_per_step: float | None = None  # wall time per step of this call (None if no step ran)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -208,6 +209,7 @@ def train_stego(features: Sequence, knn: np.ndarray, n_classes: int, config: Ste
     if ckpt is not None:
         run.load(ckpt, dev)
 
+    first_step, t0 = run.step, time.perf_counter()
     bar = tqdm(total=config.steps, initial=run.step, disable=not progress, desc="stego", dynamic_ncols=True)
     while run.step < config.steps:
         stats_step = _train_step(run, features, knn, n, config, dev)
@@ -221,6 +223,8 @@ def train_stego(features: Sequence, knn: np.ndarray, n_classes: int, config: Ste
         if on_step is not None:
             on_step(run.step, stats_step)
     bar.close()
+    ran = run.step - first_step
+    seconds_per_step = (time.perf_counter() - t0) / ran if ran else None
 
     def cpu(sd: dict) -> dict:
         return {k: v.detach().cpu().clone() for k, v in sd.items()}
@@ -230,6 +234,7 @@ def train_stego(features: Sequence, knn: np.ndarray, n_classes: int, config: Ste
         config=config.to_dict(), shifts=tuple(float(s) for s in shifts), correlation_stats=stats,
         history=list(run.history), steps_done=run.step,
         aux_state=cpu(run.aux.state_dict()) if run.aux is not None else None, in_dim=in_dim,
+        seconds_per_step=seconds_per_step,
     )
 
 
