@@ -72,7 +72,7 @@ def test_small_eps_approaches_lp_optimum() -> None:
     uniform = float(cost.mean())
     assert uniform - opt > 0.05  # the test problem is not degenerate
     assert value >= opt - 1e-9
-    assert value - opt < 2e-3
+    assert value - opt < 1e-3
     # larger ε moves away from the LP optimum
     value_big = float((sinkhorn_log(torch.from_numpy(cost), 0.1, n_iter=2000) * torch.from_numpy(cost)).sum())
     assert value_big - opt > value - opt
