@@ -162,7 +162,8 @@ def test_fp32_under_autocast() -> None:
 
 
 def test_training_reduces_loss() -> None:
-    # Codes drawn around 3 directions; Adam on codes-free centres only must lower the OMH loss.
+    # Codes drawn around 3 directions; Adam on the centres alone (codes fixed) must lower the loss
+    # (from ~0.09 to ~0.02 in 20 steps with this seed).
     torch.manual_seed(4)
     dirs = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
     labels = torch.randint(0, 3, (4, 6, 6))
@@ -170,12 +171,12 @@ def test_training_reduces_loss() -> None:
     omh = OMHLoss(8, 3)
     opt = torch.optim.Adam(omh.parameters(), lr=5e-2)
     first = omh(codes)[0].item()
-    for _ in range(100):
+    for _ in range(30):
         opt.zero_grad()
         loss, _ = omh(codes)
         loss.backward()
         opt.step()
-    assert loss.item() < first - 0.005
+    assert loss.item() < first - 0.03
 
 
 def test_config_errors() -> None:
