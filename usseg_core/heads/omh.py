@@ -77,7 +77,7 @@ class OMHConfig:
 
     n_levels: int = 3  # N, hierarchy levels incl. the coarsest (OMH Table 5: N = 3 best)
     rho: float = 2.0  # ρ, K_i = round(K·ρ^i) (OMH Table 6 / worked example 27→54→108)
-    ot_eps: float = 0.02  # λ, the entropic WEIGHT: kernel exp(-C/λ); larger -> blurrier (OMH Table 7)
+    ot_eps: float = 0.02  # λ, entropic WEIGHT: kernel exp(-C/λ), larger = blurrier (OMH Table 7)
     sinkhorn_iters: int = 200  # not in the paper: max iterations, early stop at 1e-6 marginal error
     sinkhorn_tol: float = 1e-6  # not in the paper: absolute row-marginal error for early stop
     w_cluster: float = 0.01  # λ_sparsity (OMH §4.2 hyper-parameters)
@@ -95,7 +95,7 @@ class OMHConfig:
         if self.n_levels < 1:
             raise ConfigError(f"OMHConfig.n_levels must be >= 1, got {self.n_levels}")
         if not self.rho >= 1.0:
-            raise ConfigError(f"OMHConfig.rho must be >= 1 (OMH Table 6 tries 1..3), got {self.rho}")
+            raise ConfigError(f"OMHConfig.rho must be >= 1 (OMH Table 6: 1..3), got {self.rho}")
         if not self.ot_eps > 0:
             raise ConfigError(f"OMHConfig.ot_eps (λ) must be > 0, got {self.ot_eps}")
         if self.sinkhorn_iters < 1:
@@ -186,7 +186,7 @@ def plan_cost(centres_coarse: Tensor, centres_fine: Tensor) -> Tensor:
 
 
 def scale_plan(plan: Tensor, scale: str) -> Tensor:
-    """Bring a plan with uniform marginals (entries ~1/(K_i K_{i+1})) to the [0, 1] activation scale.
+    """Bring a uniform-marginal plan (entries ~1/(K_i K_{i+1})) to the [0, 1] activation scale.
 
     "max": each row divided by its max (best child weight 1; zero match loss for a perfect
     refinement). "row": multiplied by K_i (each row sums to 1).
@@ -246,7 +246,9 @@ class OMHLoss(nn.Module):
         super().__init__()
         self.config = config if config is not None else OMHConfig()
         if code_dim < 1 or n_classes < 1:
-            raise ConfigError(f"OMHLoss: code_dim and n_classes must be >= 1, got {code_dim}, {n_classes}")
+            raise ConfigError(
+                f"OMHLoss: code_dim and n_classes must be >= 1, got {code_dim}, {n_classes}"
+            )
         self.sizes = level_sizes(n_classes, self.config.n_levels, self.config.rho)
         self.heads = HierarchicalClusterHeads(code_dim, self.sizes)
 
@@ -258,7 +260,9 @@ class OMHLoss(nn.Module):
             cs = list(self.heads.centres)
             for i in range(len(cs) - 1):
                 cost = plan_cost(cs[i].float(), cs[i + 1].float())  # (K_i, K_{i+1})
-                raw = sinkhorn_log(cost, cfg.ot_eps, n_iter=cfg.sinkhorn_iters, tol=cfg.sinkhorn_tol)
+                raw = sinkhorn_log(
+                    cost, cfg.ot_eps, n_iter=cfg.sinkhorn_iters, tol=cfg.sinkhorn_tol
+                )  # (K_i, K_{i+1}), sums to 1
                 out.append((raw, scale_plan(raw, cfg.plan_scale)))
         return out
 
