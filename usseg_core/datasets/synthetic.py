@@ -43,6 +43,8 @@ def _noise(rng: np.random.Generator, h: int, w: int, sigma: float | tuple[float,
 
     Large blurs are done at reduced resolution and upsampled (same look, a fraction of the cost).
     """
+    if h <= 0 or w <= 0:
+        return np.zeros((max(h, 0), max(w, 0)), np.float32)
     sy, sx = (sigma, sigma) if np.isscalar(sigma) else sigma
     f = max(1, int(min(sy, sx) // 3))  # downsampling factor, keeps >= 3 px of blur at low res
     lh, lw = h // f + 2, w // f + 2
