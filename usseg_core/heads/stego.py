@@ -157,12 +157,15 @@ def _unit(t: Tensor) -> Tensor:
     return F.normalize(t, dim=1, eps=1e-10)
 
 
-def correlation(a: Tensor, b: Tensor) -> Tensor:
+def correlation(a: Tensor, b: Tensor, *, unit: bool = False) -> Tensor:
     """Cosine correlation of every position of ``a`` with every position of ``b``.
 
-    (B, C, H, W), (B, C, I, J) -> (B, H, W, I, J); vectors are L2-normalised over C first.
+    (B, C, H, W), (B, C, I, J) -> (B, H, W, I, J); vectors are L2-normalised over C first, unless
+    ``unit`` says they already are (the loss normalises each sampled map once, not once per pair).
     """
-    return torch.einsum("bchw,bcij->bhwij", _unit(a), _unit(b))
+    if not unit:
+        a, b = _unit(a), _unit(b)
+    return torch.einsum("bchw,bcij->bhwij", a, b)
 
 
 def sample_points(t: Tensor, coords: Tensor) -> Tensor:
@@ -173,7 +176,7 @@ def sample_points(t: Tensor, coords: Tensor) -> Tensor:
     return F.grid_sample(t, coords, mode="bilinear", padding_mode="border", align_corners=True)
 
 
-def feature_correlation(f1: Tensor, f2: Tensor, *, pointwise: bool = True) -> Tensor:
+def feature_correlation(f1: Tensor, f2: Tensor, *, pointwise: bool = True, unit: bool = False) -> Tensor:
     """F (paper Eq. 2) or its spatially centred form F^SC (Eq. 3), no gradient: the backbone is frozen.
 
     (B, C, H, W), (B, C, I, J) -> (B, H, W, I, J). Centering follows [code:STEGO]: subtract, per query
@@ -181,7 +184,7 @@ def feature_correlation(f1: Tensor, f2: Tensor, *, pointwise: bool = True) -> Te
     the uncentred tensor over the whole batch of pairs, so the shift b keeps its uncentred scale.
     """
     with torch.no_grad():
-        fd = correlation(f1, f2)  # (B, H, W, I, J)
+        fd = correlation(f1, f2, unit=unit)  # (B, H, W, I, J)
         if pointwise:
             global_mean = fd.mean()
             fd = fd - fd.mean(dim=(3, 4), keepdim=True)
@@ -191,10 +194,10 @@ def feature_correlation(f1: Tensor, f2: Tensor, *, pointwise: bool = True) -> Te
 
 
 def _correspondence_terms(f1: Tensor, f2: Tensor, c1: Tensor, c2: Tensor, shift: float, *,
-                          pointwise: bool, zero_clamp: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss map, F or F^SC, code correlation S), all (B, H, W, I, J)."""
-    fd = feature_correlation(f1, f2, pointwise=pointwise)  # (B, H, W, I, J), constant
-    cd = correlation(c1, c2)  # (B, H, W, I, J), carries the gradient to the head
+                          pointwise: bool, zero_clamp: bool, unit: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss map, F or F^SC, code correlation S), all (B, H, W, I, J); ``unit``: inputs already normalised."""
+    fd = feature_correlation(f1, f2, pointwise=pointwise, unit=unit)  # (B, H, W, I, J), constant
+    cd = correlation(c1, c2, unit=unit)  # (B, H, W, I, J), carries the gradient to the head
     # Zero clamp (Eq. 4): weakly related codes are pushed to orthogonal, not anti-aligned.
     clamped = cd.clamp(min=0.0) if zero_clamp else cd
     return -clamped * (fd - shift), fd, cd
@@ -265,9 +268,13 @@ class StegoLoss(nn.Module):
         # Points are drawn on the CPU so a run is reproducible across devices.
         coords1 = (torch.rand(b, s, s, 2, generator=generator) * 2 - 1).to(feats)  # (B, S, S, 2)
         coords2 = (torch.rand(b, s, s, 2, generator=generator) * 2 - 1).to(feats)
-        f1, c1 = sample_points(feats, coords1), sample_points(codes, coords1)  # (B, C|D, S, S)
-        f2, c2 = sample_points(feats_pos, coords2), sample_points(codes_pos, coords2)
-        kw = dict(pointwise=self.pointwise, zero_clamp=self.zero_clamp)
+        # Each sampled map is normalised once here; the pair terms reuse the unit vectors.
+        with torch.no_grad():  # frozen features: no graph
+            f1 = _unit(sample_points(feats, coords1))  # (B, C, S, S)
+            f2 = _unit(sample_points(feats_pos, coords2))
+        c1 = _unit(sample_points(codes, coords1))  # (B, D, S, S)
+        c2 = _unit(sample_points(codes_pos, coords2))
+        kw = dict(pointwise=self.pointwise, zero_clamp=self.zero_clamp, unit=True)
         w_self, w_knn, w_rand = self.weights
         b_self, b_knn, b_rand = self.shifts
 
@@ -278,8 +285,13 @@ class StegoLoss(nn.Module):
         rand_parts = []
         for _ in range(self.neg_samples):
             perm = derangement(b, generator).to(feats.device)
-            # Negatives are sampled at coords2 from permuted images, as [code:STEGO].
-            fn, cn = sample_points(feats[perm], coords2), sample_points(codes[perm], coords2)
+            # Negatives: image perm[k] sampled at coords2[k], as [code:STEGO]. Sampling every image at the
+            # inversely permuted points and then permuting the small result is the same number without
+            # copying the full feature maps: (grid_sample(x, g[inv]))[perm][k] = sample(x[perm[k]], g[k]).
+            at = coords2[torch.argsort(perm)]  # (B, S, S, 2)
+            with torch.no_grad():
+                fn = _unit(sample_points(feats, at))[perm]  # (B, C, S, S)
+            cn = _unit(sample_points(codes, at))[perm]  # (B, D, S, S)
             rand_parts.append(_correspondence_terms(f1, fn, c1, cn, b_rand, **kw))
         # Concatenating over permutations then averaging = mean of the per-permutation means.
         terms["random"] = tuple(torch.cat(parts, dim=0) for parts in zip(*rand_parts))
