@@ -6,6 +6,8 @@ correlation near 0.3 and random-pair code correlation near 0.0; users cannot rep
 centred feature correlation exceeds b, so b fixes *which fraction* of pairs attract. We measure F^SC for
 self, KNN and random pairs on a sample of the training set and set each b to the (1 − target) quantile,
 so that ``target`` of that term's pairs attract. The targets are configurable (StegoConfig.auto_targets).
+The measurement uses the features without dropout; training computes F on dropped-out features
+(Dropout2d p = 0.1), which moves individual cosines slightly but barely moves the quantiles.
 """
 from __future__ import annotations
 
