@@ -254,7 +254,8 @@ def test_head_is_linear_plus_mlp():
     lin = torch.einsum("dc,bchw->bdhw", head.linear.weight[:, :, 0, 0], x) + head.linear.bias[None, :, None, None]
     h = torch.relu(torch.einsum("ec,bchw->behw", head.nonlinear[0].weight[:, :, 0, 0], x)
                    + head.nonlinear[0].bias[None, :, None, None])
-    mlp = torch.einsum("de,behw->bdhw", head.nonlinear[2].weight[:, :, 0, 0], h) + head.nonlinear[2].bias[None, :, None, None]
+    mlp = (torch.einsum("de,behw->bdhw", head.nonlinear[2].weight[:, :, 0, 0], h)
+           + head.nonlinear[2].bias[None, :, None, None])
     torch.testing.assert_close(head.codes(x), lin + mlp)
 
 
