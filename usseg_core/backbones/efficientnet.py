@@ -93,8 +93,10 @@ def build_efficientnet(
         digest = fingerprint_state_dict(model.state_dict())
         return EfficientNetBackbone(name, model, f"random-init-seed{seed}-{digest}", "random-init")
     path = Path(weights) if weights is not None else package_weights_path()
-    model = timm.create_model(name, pretrained=False)
     state_dict = load_weights_file(path)
+    # built on the meta device: every tensor comes from the file, so a random init is wasted work
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
     if _PACKAGE_LAYOUT_FIRST_KEY in state_dict:
         # same tensors in the same order under other names: rename by position, shapes checked
         state_dict = map_state_dict_by_order(state_dict, model.state_dict(), path, name)

@@ -68,3 +68,17 @@ def get_backbone(
     backbone.eval()
     backbone.requires_grad_(False)
     return backbone.to(target)
+
+
+def backbone_input_multiple(name: str) -> int:
+    """Input-size multiple of a registry backbone, known without building it (cache look-ups stay cheap).
+
+    ViTs need sides divisible by their patch size; EfficientNet-Lite0's stride-32 stage needs 32.
+    """
+    import re
+
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown backbone {name!r}; known backbones: {', '.join(list_backbones())}")
+    if _REGISTRY[name] is build_efficientnet:
+        return 32
+    return int(re.search(r"patch(\d+)", name).group(1))  # type: ignore[union-attr]

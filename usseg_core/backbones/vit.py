@@ -72,10 +72,11 @@ def build_vit(
         model = create_pretrained(name, **kwargs)
         source = f"hub:{name}"
     else:
-        # every tensor is overwritten by the strict load, so timm's random init is wasted work
-        model = timm.create_model(name, pretrained=False, weight_init="skip", **kwargs)
-        state_dict = adapt_vit_state_dict(load_weights_file(weights), model)
-        load_strict(model, state_dict, weights, name)
+        state_dict = load_weights_file(weights)
+        # built on the meta device: every tensor comes from the file, so a random init is wasted work
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        load_strict(model, adapt_vit_state_dict(state_dict, model), weights, name)
         source = str(weights)
     return ViTBackbone(name, model, fingerprint_state_dict(model.state_dict()), source)
 

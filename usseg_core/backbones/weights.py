@@ -162,9 +162,22 @@ def check_state_dict_fits(
 def load_strict(
     model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str | Path, name: str
 ) -> None:
-    """Check that ``state_dict`` fits ``model`` exactly, then load it (dtype cast to the model's)."""
+    """Check that ``state_dict`` fits ``model`` exactly, then load it.
+
+    ``model`` may live on the meta device (built without paying for a random init that the load
+    overwrites anyway): its tensors are then replaced by the file's, cast to the model's dtypes.
+    """
     check_state_dict_fits(model, state_dict, source, name)
-    model.load_state_dict(dict(state_dict), strict=True)
+    expected = model.state_dict()
+    on_meta = any(t.is_meta for t in expected.values())
+    if not on_meta:
+        model.load_state_dict(dict(state_dict), strict=True)  # copy_ casts to the model's dtypes
+        return
+    cast = {k: v.to(dtype=expected[k].dtype).contiguous() for k, v in state_dict.items()}
+    model.load_state_dict(cast, strict=True, assign=True)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:  # a non-persistent buffer the state dict cannot fill: a bug in the builder, not the file
+        raise RuntimeError(f"{name}: tensors left unmaterialised after loading {source}: {leftover}")
 
 
 def map_state_dict_by_order(
