@@ -152,9 +152,9 @@ def backbone_fingerprint(ref: BackboneRef, storage: str) -> str:
 
 def input_multiple(name: str) -> int:
     """Input-size multiple of a backbone, known from its registry name without building it."""
-    from usseg_core.backbones import get_backbone_info
+    from usseg_core.backbones.registry import backbone_input_multiple
 
-    return get_backbone_info(name).input_multiple
+    return backbone_input_multiple(name)
 
 
 def describe(meta: dict[str, Any]) -> str:

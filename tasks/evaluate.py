@@ -42,6 +42,7 @@ def _linear(path: str, dim: int, n_classes: int):
     return probe.eval()
 
 
+@torch.no_grad()
 def predictor_logits(predictor: dict, codes: torch.Tensor) -> torch.Tensor:
     """(1, K, H, W) logits of one predictor on upsampled codes (1, D, H, W)."""
     from usseg_core.cluster import cluster_logits

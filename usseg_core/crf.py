@@ -64,7 +64,7 @@ def dense_crf(image: np.ndarray, logits: np.ndarray, params: CRFParams = CRFPara
     crf.addPairwiseBilateral(
         sxy=params.bilateral_sxy,
         srgb=params.bilateral_srgb,
-        rgbim=np.ascontiguousarray(image),
+        rgbim=np.require(image, requirements=["C", "W"]),  # pydensecrf needs a writeable buffer
         compat=params.bilateral_compat,
     )
     q = crf.inference(params.iterations)  # pydensecrf matrix, (K, H*W)

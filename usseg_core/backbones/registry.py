@@ -62,7 +62,9 @@ def get_backbone(
     if builder is None:
         raise ConfigError(f"unknown backbone {name!r}; known backbones: {', '.join(list_backbones())}")
     if random_weights and weights is not None:
-        raise ConfigError(f"backbone {name!r}: give either weights={str(weights)!r} or random_weights, not both")
+        raise ConfigError(
+            f"backbone {name!r}: give either weights={str(weights)!r} or random_weights, not both"
+        )
     target = resolve_device(device)
     backbone = builder(name, weights=weights, random_weights=random_weights, seed=seed)
     backbone.eval()
