@@ -41,7 +41,9 @@ def _random_small(name: str) -> Backbone:
 
 
 def _random(name: str) -> Backbone:
-    return _random_small(name) if "base" not in name else get_backbone(name, random_weights=True, device="cpu")
+    if "base" in name:
+        return get_backbone(name, random_weights=True, device="cpu")
+    return _random_small(name)
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +174,8 @@ def _layouts(sd: dict[str, torch.Tensor]) -> dict[str, object]:
         # DINO training checkpoint: teacher/student behind MultiCropWrapper, projection head, args
         "dino_full.pth": {
             "teacher": {**{f"backbone.{k}": v for k, v in sd.items()},
-                        "head.mlp.0.weight": torch.zeros(8, 384), "head.last_layer.weight_g": torch.ones(8, 1)},
+                        "head.mlp.0.weight": torch.zeros(8, 384),
+                        "head.last_layer.weight_g": torch.ones(8, 1)},
             "student": {f"module.backbone.{k}": v * 0 for k, v in sd.items()},
             "args": argparse.Namespace(arch="vit_small", patch_size=16),
             "epoch": 100,
