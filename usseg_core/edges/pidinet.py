@@ -21,7 +21,7 @@ saved before conversion: their `conv1.weight` are 3x3 for every layer, including
 become 5x5). So we keep w as the parameter (same key names) and build the equivalent vanilla kernel
 at run time (`pdc_kernel`); that is exact, cheap, and a single F.conv2d per layer:
   cd (central):  sum_i w_i (x_i - x_c)            -> w with centre tap reduced by sum(w)
-  ad (angular):  sum_i w_i (x_i - x_{prev(i)})    -> w - w permuted clockwise around the ring
+  ad (angular):  sum_i w_i (x_i - x_{next(i)})    -> w - w permuted around the ring (next = clockwise)
   rd (radial):   sum_i w_i (x_{outer i} - x_{inner i}) on a 5x5 support -> +w on ring 2, -w on ring 1
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ CARV4 = ("cd", "ad", "rd", "cv") * 4
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# 3x3 ring order of the "ad" op: each tap i is differenced with the tap that precedes it clockwise
+# "ad" op: kernel[k] = w[k] - w[_AD_PREV[k]], i.e. y = sum_j w_j (x_j - x_{clockwise successor of j})
 # (flat indices of a 3x3 kernel; the centre 4 maps to itself and so cancels).
 _AD_PREV = (3, 0, 1, 6, 4, 2, 7, 8, 5)
 # "rd": the 8 non-centre taps of the 3x3 weight go to the outer 5x5 ring (+) and inner ring (-).
