@@ -108,3 +108,27 @@ def test_pidinet_fires_on_human_boundaries():
     gt = np.any(load_bsds_gt(BSDS / "groundTruth" / "2018.mat"), axis=0)
     on, off = e.strength[gt].mean(), e.strength[~gt].mean()
     assert on > 2.5 * off  # measured ~3.4x for the full model on this image
+
+
+def test_pidinet_ods_far_above_chance():
+    path = WEIGHTS / "table5_pidinet-tiny.pth"
+    if not path.is_file() or not (BSDS / "images").is_dir():
+        pytest.skip(f"PiDiNet weights or BSDS sample missing under {SHARED}")
+    from usseg_core.boundary_eval import evaluate_dataset, evaluate_image, load_bsds_gt
+    from usseg_core.edges import get_edge_detector, load_image_rgb
+    from usseg_core.edges.orientation import edge_nms
+    from scipy import ndimage as ndi
+
+    det = get_edge_detector("pidinet-tiny", weights=path)
+    th = np.array([0.2, 0.4, 0.6, 0.8])
+    rng = np.random.default_rng(0)
+    ours, base = [], []
+    for i in ("2018", "6046"):
+        gts = load_bsds_gt(BSDS / "groundTruth" / f"{i}.mat")
+        e = det(load_image_rgb(BSDS / "images" / f"{i}.jpg"))
+        ours.append(evaluate_image(edge_nms(e.strength, e.orientation), gts, th))
+        noise = ndi.gaussian_filter(rng.random(e.strength.shape), 2.0)  # blurred noise, ridges like edges
+        noise = (noise - noise.min()) / (noise.max() - noise.min())
+        base.append(evaluate_image(edge_nms(noise.astype(np.float32), e.orientation), gts, th))
+    f_ours, f_base = evaluate_dataset(ours)["ods_f"], evaluate_dataset(base)["ods_f"]
+    assert f_ours > 0.6 and f_ours > f_base + 0.25
