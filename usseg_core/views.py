@@ -102,7 +102,7 @@ def prepare_item(image: np.ndarray, view: ViewSpec, item: int = 0) -> torch.Tens
 
     ``item`` selects the crop for five_crop (0..4: TL, TR, BL, BR, centre).
     """
-    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)  # (3,H,W)
+    t = torch.from_numpy(np.array(image, dtype=np.uint8, order="C")).permute(2, 0, 1).float().div_(255.0)  # (3,H,W)
     h, w = t.shape[-2:]
     if view.policy == "center_crop":
         t = _resize(t, short_side_resize_size(h, w, view.resolution))
