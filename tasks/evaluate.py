@@ -125,7 +125,10 @@ def run_evaluation(storage: str, data: DataRef, manifest: dict, view: ViewSpec, 
     art = store.get("evaluation", key)
     if art is not None:
         logger().info("cache hit: evaluation/%s", key)
-        return {"key": key, "path": str(art.path), "rows": art.meta["rows"], "cache_hit": True}
+        import pandas as pd
+
+        rows = pd.read_parquet(art.file("results.parquet")).to_dict("records")  # keeps column order
+        return {"key": key, "path": str(art.path), "rows": rows, "cache_hit": True}
     art = store.begin("evaluation", key, version=EVAL_VERSION, params=params, upstream=upstream,
                       dataset=data.name, split=data.split)
     n = manifest["n"]
