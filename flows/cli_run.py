@@ -104,6 +104,29 @@ def register(app: typer.Typer) -> None:
             write_results_csv(ev["rows"], results)
 
     @app.command()
+    def oversegment(
+        dataset: str = typer.Option(..., help="Dataset registry name."),
+        data_root: Path = typer.Option(..., "--data-root"),
+        split: str = typer.Option("train"),
+        detector: str = typer.Option("classical", help="pidinet | pidinet-tiny | classical | hed | sed"),
+        weights: Optional[Path] = typer.Option(None, help="Detector weights file (PiDiNet .pth, ...)."),
+        t0: Optional[float] = typer.Option(None, help="Initial UCM threshold (default: dataset schedule)."),
+        max_regions: Optional[int] = typer.Option(None, help="Region cap (default: dataset schedule)."),
+        runner: str = typer.Option("threads", help="threads[:N] | dask[:N] | tcp://host:port"),
+        storage: Optional[Path] = typer.Option(None, "--storage"),
+    ) -> None:
+        """Edges + OWT-UCM + HSG threshold schedule for every image of a split (flow `oversegment`)."""
+        from flows.oversegment import oversegment_flow
+        from flows.runner import make_task_runner
+
+        out = oversegment_flow.with_options(task_runner=make_task_runner(runner))(
+            dataset=dataset, data_root=str(data_root), split=split, detector=detector,
+            weights=str(weights) if weights else None, t0=t0, max_regions=max_regions,
+            storage=str(storage_root(storage)))
+        state = "cache hit" if out["cache_hit"] else "computed"
+        console.print(f"{state}: oversegment/{out['key']} -> {out['path']} (edges/, ucm2/, segments/)")
+
+    @app.command()
     def segment(
         images: List[Path] = typer.Argument(..., help="Images to segment."),
         model: str = typer.Option(..., "--model", help="Head artifact key (see `usseg storage ls --stage head`)."),

@@ -1,0 +1,100 @@
+"""Oversegmentation stage (HSG): edges -> OWT-UCM -> the schedule's segmentation, per image, sharded.
+
+One artifact per (manifest, detector fingerprint, schedule). Per image it holds ``edges/<id>.png``
+(8-bit, 255 = strongest), ``ucm2/<id>.mat`` (BSDS format, key ``ucm2``) and ``segments/<id>.png``
+(region labels, 16-bit when > 255 regions). The segments file is written last, so an image is done
+when it exists: a killed run resumes with the missing images only. Shards write disjoint files.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.common import DataRef, ensure_manifest, logger
+from usseg_core.overseg import OversegSchedule, oversegment
+from usseg_core.store import ArtifactStore, artifact_key
+
+OVERSEG_VERSION = 1
+
+
+def _stem(id_: str) -> str:
+    return id_.replace("/", "__")
+
+
+@functools.lru_cache(maxsize=4)
+def _detector(name: str, weights: str | None):
+    from usseg_core.edges import get_edge_detector
+
+    return get_edge_detector(name, weights=weights)
+
+
+@task(name="oversegment-shard", cache_policy=NO_CACHE, retries=1)
+def oversegment_shard(folder: str, data: DataRef, ids: list[str], detector: str, weights: str | None,
+                      schedule: dict) -> dict:
+    from pathlib import Path
+
+    from PIL import Image
+
+    from usseg_core.store import atomic_write_bytes
+    from usseg_core.ucm import save_ucm2_mat
+
+    root = Path(folder)
+    det = _detector(detector, weights)
+    sched = OversegSchedule(**schedule)
+    ds = data.dataset()
+    done, regions = 0, {}
+    for id_ in ids:
+        stem = _stem(id_)
+        if (root / "segments" / f"{stem}.png").exists():
+            continue
+        res = oversegment(ds.load_image(id_), det, sched)
+        Image.fromarray((np.clip(res.edges.strength, 0, 1) * 255 + 0.5).astype(np.uint8)).save(
+            root / "edges" / f"{stem}.png")
+        save_ucm2_mat(root / "ucm2" / f"{stem}.mat", res.ucm2)
+        seg = res.labels.astype(np.uint8 if res.labels.max() <= 255 else np.uint16)
+        import io
+
+        buf = io.BytesIO()
+        Image.fromarray(seg).save(buf, format="PNG")
+        atomic_write_bytes(root / "segments" / f"{stem}.png", buf.getvalue())  # last: marks the image done
+        regions[id_] = {"threshold": float(res.threshold), "n_regions": int(res.n_regions)}
+        done += 1
+    return {"written": done, "regions": regions}
+
+
+def ensure_oversegmentation(storage: str, data: DataRef, detector: str, weights: str | None,
+                            schedule: OversegSchedule, shard_size: int = 16) -> dict:
+    store = ArtifactStore(storage)
+    manifest = ensure_manifest(data, storage)
+    fingerprint = _detector(detector, weights).fingerprint
+    params = {"dataset": data.name, "split": data.split, "detector": detector, "schedule": asdict(schedule)}
+    upstream = {"manifest": manifest["hash"], "detector": fingerprint}
+    key = artifact_key("oversegment", OVERSEG_VERSION, params, upstream)
+    art = store.get("oversegment", key)
+    if art is not None:
+        logger().info("cache hit: oversegment/%s", key)
+        return {"key": key, "path": str(art.path), "cache_hit": True}
+    art = store.begin("oversegment", key, version=OVERSEG_VERSION, params=params, upstream=upstream,
+                      dataset=data.name, split=data.split, detector=detector)
+    for sub in ("edges", "ucm2", "segments"):
+        art.file(sub).mkdir(exist_ok=True)
+    from usseg_core.datasets.manifest import Manifest
+
+    ids = Manifest.from_json(manifest["path"]).ids
+    futures = [oversegment_shard.submit(str(art.path), data, ids[a:a + shard_size], detector, weights,
+                                        asdict(schedule)) for a in range(0, len(ids), shard_size)]
+    regions: dict = {}
+    for f in futures:
+        regions.update(f.result()["regions"])
+    missing = [i for i in ids if not art.file(f"segments/{_stem(i)}.png").exists()]
+    if missing:
+        raise RuntimeError(f"oversegment/{key}: {len(missing)} images not written; re-run to resume")
+    counts = [r["n_regions"] for r in regions.values()]
+    store.finish(art, n_images=len(ids), detector_fingerprint=fingerprint,
+                 regions_this_run=regions if len(regions) <= 500 else None,
+                 mean_regions=float(np.mean(counts)) if counts else None)
+    return {"key": key, "path": str(art.path), "cache_hit": False}
