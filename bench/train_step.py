@@ -1,4 +1,4 @@
-"""STEGO training speed: steps/s reading cached features from the Zarr store (usseg) against the same
+"""STEGO training speed (and OMH's per-step overhead over STEGO): steps/s reading cached features from the Zarr store (usseg) against the same
 steps with the backbone in the loop (how the reference code trains: every step embeds the images and
 their KNN positives), same batch, resolution, head and loss.
 
@@ -70,6 +70,11 @@ def main() -> None:
     train_stego(store, knn, ds.n_classes, config, progress=False, device="cpu")  # warm-up
     with Timer() as cached:
         train_stego(store, knn, ds.n_classes, config, progress=False, device="cpu")
+    from usseg_core.heads.omh import OMHLoss
+
+    with Timer() as omh:
+        train_stego(store, knn, ds.n_classes, config, progress=False, device="cpu",
+                    aux=OMHLoss(config.dim, ds.n_classes))
     loop = BackboneInTheLoop(backbone, ds, ids, view)
     with Timer() as online:
         train_stego(loop, knn, ds.n_classes, config, progress=False, device="cpu")
@@ -80,6 +85,8 @@ def main() -> None:
         "cached_steps_per_s": round(args.steps / cached.seconds, 3),
         "backbone_in_loop_steps_per_s": round(args.steps / online.seconds, 3),
         "speedup": round(online.seconds / cached.seconds, 2),
+        "omh_cached_steps_per_s": round(args.steps / omh.seconds, 3),
+        "omh_step_overhead_ratio": round(omh.seconds / cached.seconds, 3),
         "note": "the backbone-in-the-loop source embeds items one at a time (as read by the loop)",
     })
 
