@@ -1,5 +1,10 @@
-"""The task-runner setting shared by every flow: threads, a local Dask cluster, or a Dask address."""
+"""The task-runner setting shared by every flow: threads, a local Dask cluster, or a Dask address.
+
+Every flow takes it as its ``task_runner`` parameter (CLI: ``--runner`` / ``--dask-address``).
+"""
 from __future__ import annotations
+
+from prefect.task_runners import TaskRunner
 
 from usseg_core.errors import ConfigError
 
@@ -22,10 +27,57 @@ def make_task_runner(spec: str | None = None, *, max_workers: int | None = None)
 
         n = int(spec.split(":", 1)[1]) if ":" in spec else 2
         return DaskTaskRunner(cluster_kwargs={"n_workers": n, "threads_per_worker": 1,
-                                              "processes": True, "dashboard_address": None,
+                                              "processes": True, "dashboard_address": "127.0.0.1:0",
                                               "host": "127.0.0.1"})
     if spec.startswith("tcp://") or spec.startswith("tls://"):
         from prefect_dask import DaskTaskRunner
 
         return DaskTaskRunner(address=spec)
     raise ConfigError(f"task runner {spec!r}: use threads[:N], dask[:N] or tcp://host:port")
+
+
+class SettingTaskRunner(TaskRunner):
+    """The task runner named by the running flow's ``task_runner`` parameter (see :func:`make_task_runner`).
+
+    Deployments cannot pass a task-runner object, only parameters; a flow decorated with
+    ``@flow(task_runner=SettingTaskRunner())`` and taking ``task_runner: str = "threads"`` therefore fans
+    out as its parameter says, whether it is called from Python, the CLI or a deployment run. The real
+    runner is built and started at the first submission (the parameters are known by then) and stopped
+    with the flow run.
+    """
+
+    def __init__(self, parameter: str = "task_runner", default: str = "threads") -> None:
+        super().__init__()
+        self.parameter = parameter
+        self.default = default
+        self._delegate: TaskRunner | None = None
+
+    def duplicate(self) -> "SettingTaskRunner":
+        return type(self)(self.parameter, self.default)
+
+    def _runner(self) -> TaskRunner:
+        if self._delegate is None:
+            from prefect.context import FlowRunContext
+
+            ctx = FlowRunContext.get()
+            spec = (ctx.parameters or {}).get(self.parameter) if ctx is not None else None
+            self._delegate = make_task_runner(spec or self.default).__enter__()
+        return self._delegate
+
+    def submit(self, task, parameters, wait_for=None, dependencies=None):  # noqa: D102 - TaskRunner API
+        return self._runner().submit(task, parameters, wait_for, dependencies)
+
+    def map(self, task, parameters, wait_for=None):  # noqa: D102 - TaskRunner API
+        return self._runner().map(task, parameters, wait_for)
+
+    def cancel_all(self) -> None:
+        if self._delegate is not None and hasattr(self._delegate, "cancel_all"):
+            self._delegate.cancel_all()
+
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        delegate, self._delegate = self._delegate, None
+        try:
+            if delegate is not None:
+                delegate.__exit__(exc_type, exc_value, traceback)
+        finally:
+            super().__exit__(exc_type, exc_value, traceback)

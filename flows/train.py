@@ -9,12 +9,15 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.publish import publish_run
+from flows.runner import SettingTaskRunner
+from flows.settings import data_root as resolve_data_root
+from flows.settings import storage_root
 from tasks.cluster import ensure_kmeans, ensure_linear_probe
 from tasks.common import BackboneRef, DataRef, ensure_manifest
 from tasks.evaluate import results_markdown, run_evaluation
 from tasks.extract import ensure_features
 from tasks.heads import ensure_head, ensure_knn
-from usseg_core.config import storage_root
 from usseg_core.crf import CRFParams
 from usseg_core.views import ViewSpec
 
@@ -91,11 +94,12 @@ def _publish(result: dict, title: str) -> None:
         f"at `{result['path']}` (results.csv, results.parquet, confusion.png, overlays.png)"))
 
 
-def _pipeline(method: str, dataset: str, data_root: str, train_split: str | list[str], eval_split: str | None,
-              backbone: str, weights: str | None, random_weights: bool, storage: str | None,
+def _pipeline(method: str, dataset: str, data_root: str | None, train_split: str | list[str],
+              eval_split: str | None, backbone: str, weights: str | None, random_weights: bool, storage: str | None,
               overrides: dict | None, resolution: int, eval_resolution: int | None, run_crf: bool,
               dataset_options: dict | None, n_clusters: int | None, device: str, evaluate: bool) -> dict:
     storage = str(storage_root(storage))
+    data_root = resolve_data_root(dataset, data_root, storage)
     ref = BackboneRef(backbone, weights, random_weights, device=device)
     splits = _splits(train_split)
     trained = train_stages(method, dataset, str(data_root), splits, ref, storage, resolution=resolution,
@@ -110,47 +114,56 @@ def _pipeline(method: str, dataset: str, data_root: str, train_split: str | list
                                  dataset_options=dataset_options)
         _publish(result, f"{method} on {dataset}/{eval_split} ({backbone})")
         out["evaluation"] = result
+    publish_run(storage, f"{'evaluate' if evaluate else 'train'}-{method}", out)
     return out
 
 
-@flow(name="train-stego")
-def train_stego(dataset: str, data_root: str, train_split: str = "train", backbone: str = DEFAULT_BACKBONE,
+@flow(name="train-stego", task_runner=SettingTaskRunner())
+def train_stego(dataset: str, data_root: str | None = None,
+                train_split: str = "train", backbone: str = DEFAULT_BACKBONE,
                 weights: str | None = None, random_weights: bool = False, storage: str | None = None,
                 overrides: dict | None = None, resolution: int = 224, dataset_options: dict | None = None,
-                n_clusters: int | None = None, device: str = "auto") -> dict:
+                n_clusters: int | None = None, device: str = "auto",
+                task_runner: str = "threads") -> dict:
     """extract -> five-crop -> KNN -> STEGO head -> clustering."""
     return _pipeline("stego", dataset, data_root, train_split, None, backbone, weights, random_weights,
                      storage, overrides, resolution, None, False, dataset_options, n_clusters, device, False)
 
 
-@flow(name="train-omh")
-def train_omh(dataset: str, data_root: str, train_split: str = "train", backbone: str = DEFAULT_BACKBONE,
+@flow(name="train-omh", task_runner=SettingTaskRunner())
+def train_omh(dataset: str, data_root: str | None = None,
+              train_split: str = "train", backbone: str = DEFAULT_BACKBONE,
               weights: str | None = None, random_weights: bool = False, storage: str | None = None,
               overrides: dict | None = None, resolution: int = 224, dataset_options: dict | None = None,
-              n_clusters: int | None = None, device: str = "auto") -> dict:
+              n_clusters: int | None = None, device: str = "auto",
+              task_runner: str = "threads") -> dict:
     """Same cached stages as train-stego up to the head, then the STEGO head with OMH's hierarchy loss."""
     return _pipeline("omh", dataset, data_root, train_split, None, backbone, weights, random_weights,
                      storage, overrides, resolution, None, False, dataset_options, n_clusters, device, False)
 
 
-@flow(name="evaluate")
-def evaluate(dataset: str, data_root: str, train_split: str = "train", eval_split: str = "val",
+@flow(name="evaluate", task_runner=SettingTaskRunner())
+def evaluate(dataset: str, data_root: str | None = None,
+             train_split: str = "train", eval_split: str = "val",
              method: str = "stego", backbone: str = DEFAULT_BACKBONE, weights: str | None = None,
              random_weights: bool = False, storage: str | None = None, overrides: dict | None = None,
              resolution: int = 224, eval_resolution: int | None = None, run_crf: bool = True,
-             dataset_options: dict | None = None, n_clusters: int | None = None, device: str = "auto") -> dict:
+             dataset_options: dict | None = None, n_clusters: int | None = None, device: str = "auto",
+             task_runner: str = "threads") -> dict:
     """Evaluate the head trained with the same parameters (its stages are cache look-ups)."""
     return _pipeline(method, dataset, data_root, train_split, eval_split, backbone, weights, random_weights,
                      storage, overrides, resolution, eval_resolution, run_crf, dataset_options, n_clusters,
                      device, True)
 
 
-@flow(name="pipeline")
-def pipeline(dataset: str, data_root: str, train_split: str = "train", eval_split: str = "val",
+@flow(name="pipeline", task_runner=SettingTaskRunner())
+def pipeline(dataset: str, data_root: str | None = None,
+             train_split: str = "train", eval_split: str = "val",
              method: str = "stego", backbone: str = DEFAULT_BACKBONE, weights: str | None = None,
              random_weights: bool = False, storage: str | None = None, overrides: dict | None = None,
              resolution: int = 224, eval_resolution: int | None = None, run_crf: bool = True,
-             dataset_options: dict | None = None, n_clusters: int | None = None, device: str = "auto") -> dict:
+             dataset_options: dict | None = None, n_clusters: int | None = None, device: str = "auto",
+             task_runner: str = "threads") -> dict:
     """train-<method> then evaluate, in one run."""
     return _pipeline(method, dataset, data_root, train_split, eval_split, backbone, weights, random_weights,
                      storage, overrides, resolution, eval_resolution, run_crf, dataset_options, n_clusters,

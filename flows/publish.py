@@ -1,0 +1,73 @@
+"""What a flow run produced, published twice: as Prefect artifacts (for the UI) and as a run record in
+``<storage>/_runs/`` (for ``usseg storage gc``, which keeps whatever a run references).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+from usseg_core.store import atomic_write_json, now_iso
+
+RUNS_FOLDER = "_runs"
+PICTURES = ("confusion.png", "overlays.png")
+
+
+def produced(result: Any) -> list[dict]:
+    """Every artifact a flow result names: ``[{"stage", "key", "path", "cache_hit"}]``, first seen first.
+
+    A result names an artifact with a dict holding ``key`` and ``path`` (the tasks' return convention);
+    the stage is the folder above the key in the path.
+    """
+    seen: dict[str, dict] = {}
+    for item in _walk(result):
+        key, path = item["key"], Path(item["path"])
+        if key in seen or key not in path.parts:
+            continue
+        stage = path.parts[path.parts.index(key) - 1]
+        seen[key] = {"stage": stage, "key": key, "path": str(path),
+                     "cache_hit": item.get("cache_hit")}
+    return list(seen.values())
+
+
+def _walk(obj: Any) -> Iterator[dict]:
+    if isinstance(obj, dict):
+        if isinstance(obj.get("key"), str) and isinstance(obj.get("path"), str):
+            yield obj
+        for value in obj.values():
+            yield from _walk(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _walk(value)
+
+
+def runs_folder(storage: str | Path) -> Path:
+    return Path(storage) / RUNS_FOLDER
+
+
+def publish_run(storage: str, flow_name: str, result: Any) -> list[dict]:
+    """Write the run record and the Prefect artifacts of one flow run; returns the produced artifacts."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+    from prefect.context import FlowRunContext
+
+    items = produced(result)
+    ctx = FlowRunContext.get()
+    run_id = str(ctx.flow_run.id) if ctx is not None and ctx.flow_run is not None else now_iso()
+    atomic_write_json(runs_folder(storage) / f"{run_id}.json",
+                      {"flow": flow_name, "flow_run_id": run_id, "created": now_iso(),
+                       "storage": str(storage), "keys": [i["key"] for i in items]})
+    if ctx is None:
+        return items
+    create_table_artifact(key="usseg-outputs", table=[
+        {"stage": i["stage"], "key": i["key"], "cache hit": i["cache_hit"], "path": i["path"]} for i in items],
+        description=f"{flow_name}: artifacts used or produced (inspect with `usseg storage show KEY`)")
+    lines = [f"# {flow_name}: outputs", "", f"storage: `{storage}`", ""]
+    for i in items:
+        hit = "" if i["cache_hit"] is None else (" (cache hit)" if i["cache_hit"] else " (computed)")
+        lines.append(f"- **{i['stage']}** `{i['key']}`{hit}: [{i['path']}](file://{i['path']})")
+        folder = Path(i["path"]) if Path(i["path"]).is_dir() else Path(i["path"]).parent
+        for name in PICTURES:
+            if (folder / name).exists():
+                lines.append(f"  - [{name}](file://{folder / name})")
+    create_markdown_artifact(key="usseg-outputs-summary", markdown="\n".join(lines),
+                             description=f"{flow_name}: outputs")
+    return items

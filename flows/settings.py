@@ -1,0 +1,92 @@
+"""Where things are, resolved in one order by every entry point: flag -> environment -> Prefect variable
+-> default.
+
+| setting      | flag / flow parameter | environment        | Prefect variable   | default                     |
+|--------------|-----------------------|--------------------|--------------------|-----------------------------|
+| storage root | ``--storage``/storage | ``USSEG_STORAGE``  | ``usseg_storage``  | ``./storage``               |
+| data root    | ``--data-root``       | ``USSEG_DATA_ROOT``| ``usseg_data_root``| synthetic: generated scenes |
+
+``USSEG_DATA_ROOT`` (and the variable) name a folder with one subfolder per dataset
+(:data:`DATASET_FOLDERS`); ``--data-root`` names the dataset's own folder. Prefect variables are read only
+when a Prefect API is at hand (inside a run, or ``PREFECT_API_URL`` set, e.g. after ``usseg up``): a plain
+command never starts a temporary server just to read one.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from usseg_core.config import DATA_ROOT_ENV, DEFAULT_STORAGE, STORAGE_ENV, first_set
+from usseg_core.errors import ConfigError
+
+STORAGE_VARIABLE = "usseg_storage"
+DATA_ROOT_VARIABLE = "usseg_data_root"
+# Registry name -> subfolder of USSEG_DATA_ROOT (also the dataset part of deployment names).
+DATASET_FOLDERS = {"cocostuff27": "cocostuff", "cityscapes27": "cityscapes", "potsdam3": "potsdam",
+                   "camvid11": "camvid", "synthetic": "synthetic"}
+# The default synthetic set (the same scenes as `usseg demo` with its defaults).
+SYNTHETIC_DEFAULT = {"n_train": 40, "n_val": 12}
+
+
+def _api_at_hand() -> bool:
+    from prefect.context import FlowRunContext
+    from prefect.settings import PREFECT_API_URL
+
+    return FlowRunContext.get() is not None or bool(PREFECT_API_URL.value())
+
+
+def prefect_variable(name: str) -> str | None:
+    """The Prefect variable ``name``, or None (unset, or no Prefect API at hand)."""
+    if not _api_at_hand():
+        return None
+    from prefect.variables import Variable
+
+    try:
+        value = Variable.get(name, default=None)
+    except Exception:  # noqa: BLE001 - an unreachable API must not break a local run
+        return None
+    return None if value is None else str(value)
+
+
+def resolve(flag: str | os.PathLike | None, env: str, variable: str, default: str | None) -> str | None:
+    """The first set value of: flag, ``$env``, Prefect variable ``variable``, ``default``."""
+    value = first_set(flag, os.environ.get(env))
+    if value is None:
+        value = first_set(prefect_variable(variable), default)
+    return value
+
+
+def storage_root(flag: str | os.PathLike | None = None) -> Path:
+    """The artifact root (absolute). ``file://`` URLs are accepted; other URLs need a shared mount."""
+    value = resolve(flag, STORAGE_ENV, STORAGE_VARIABLE, DEFAULT_STORAGE)
+    if value.startswith("file://"):
+        value = value.removeprefix("file://")
+    elif "://" in value:
+        raise ConfigError(f"storage root {value!r}: only local paths and file:// URLs are supported; mount "
+                          "the shared storage on every worker and pass its path (see storage/README.md)")
+    return Path(value).expanduser().resolve()
+
+
+def data_root(dataset: str, flag: str | os.PathLike | None = None, storage: str | os.PathLike | None = None) -> str:
+    """The root folder of ``dataset``.
+
+    ``flag`` is the dataset's own folder; otherwise ``<USSEG_DATA_ROOT or usseg_data_root>/<folder>`` with
+    the folder of :data:`DATASET_FOLDERS`. With neither, ``synthetic`` is rendered (once) under
+    ``<storage>/data/synthetic-40-12``; any other dataset is a ConfigError that says what to set.
+    """
+    if first_set(flag) is not None:
+        return str(Path(str(flag)).expanduser().resolve())
+    parent = resolve(None, DATA_ROOT_ENV, DATA_ROOT_VARIABLE, None)
+    folder = DATASET_FOLDERS.get(dataset, dataset)
+    if parent is not None and (Path(parent).expanduser() / folder).is_dir():
+        return str((Path(parent).expanduser() / folder).resolve())
+    if dataset == "synthetic":
+        from usseg_core.datasets.synthetic import ensure_synthetic
+
+        n_train, n_val = SYNTHETIC_DEFAULT["n_train"], SYNTHETIC_DEFAULT["n_val"]
+        target = storage_root(storage) / "data" / f"synthetic-{n_train}-{n_val}"
+        return str(ensure_synthetic(target, n_train=n_train, n_val=n_val))
+    where = f"{parent}/{folder} does not exist" if parent else f"${DATA_ROOT_ENV} is not set"
+    raise ConfigError(f"no data root for dataset {dataset!r}: {where}. Pass --data-root (flow parameter "
+                      f"data_root), or set ${DATA_ROOT_ENV} or the Prefect variable {DATA_ROOT_VARIABLE!r} "
+                      f"to a folder holding {folder}/")
