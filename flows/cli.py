@@ -16,7 +16,7 @@ import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from usseg_core.config import storage_root  # noqa: E402
+from flows.settings import storage_root  # noqa: E402
 from usseg_core.errors import UssegError  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -25,13 +25,18 @@ storage_app = typer.Typer(no_args_is_help=True, help="Inspect the artifact store
 app.add_typer(storage_app, name="storage")
 console = Console()
 
-StorageOpt = typer.Option(None, "--storage", help="Artifact root (default $USSEG_STORAGE or ./storage).")
+StorageOpt = typer.Option(None, "--storage", help="Artifact root (default $USSEG_STORAGE, Prefect variable "
+                          "usseg_storage, ./storage).")
+RunnerOpt = typer.Option("threads", "--runner", "--dask-address",
+                         help="Task runner: threads[:N] | dask[:N] (local cluster) | tcp://host:port "
+                         "(existing Dask cluster)")
 
 
 @app.command()
 def extract(
     dataset: str = typer.Option(..., help="Dataset registry name, e.g. camvid11, cocostuff27, directory."),
-    data_root: Path = typer.Option(..., "--data-root", help="Root folder of the dataset."),
+    data_root: Optional[Path] = typer.Option(
+        None, "--data-root", help="Root folder of the dataset (default: $USSEG_DATA_ROOT/<dataset folder>)."),
     split: str = typer.Option("train", help="Split name."),
     backbone: str = typer.Option("tf_efficientnet_lite0", help="Backbone registry name."),
     weights: Optional[Path] = typer.Option(None, help="Local weights file (.pth/.safetensors)."),
@@ -41,18 +46,17 @@ def extract(
     flip: bool = typer.Option(False, help="Mirror images (flip-TTA features)."),
     batch_size: int = typer.Option(8),
     on_error: str = typer.Option("raise", help="raise | skip: what to do with invalid files."),
-    runner: str = typer.Option("threads", help="threads[:N] | dask[:N] | tcp://host:port"),
+    runner: str = RunnerOpt,
     storage: Optional[Path] = StorageOpt,
 ) -> None:
     """Extract dense features of a dataset split into the Zarr feature store (cached)."""
     from flows.extract import extract_features
-    from flows.runner import make_task_runner
 
-    result = extract_features.with_options(task_runner=make_task_runner(runner))(
-        dataset=dataset, data_root=str(data_root), split=split, backbone=backbone,
+    result = extract_features(
+        dataset=dataset, data_root=str(data_root) if data_root else None, split=split, backbone=backbone,
         weights=str(weights) if weights else None, random_weights=random_weights,
         policy=policy, resolution=resolution, flip=flip, storage=str(storage_root(storage)),
-        batch_size=batch_size, on_error=on_error)
+        batch_size=batch_size, on_error=on_error, task_runner=runner)
     if result["cache_hit"]:
         console.print(f"[green]cache hit[/]: features/{result['key']} ({result['n']} items) - "
                       "no backbone work done")
@@ -114,7 +118,7 @@ def _register_optional() -> None:
     """Commands of other areas register themselves here (one app, one help)."""
     import importlib
 
-    for module in ("flows.cli_edges", "flows.cli_run"):
+    for module in ("flows.cli_edges", "flows.cli_run", "flows.cli_ops"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -8,7 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from usseg_core.config import parse_set_options, storage_root
+from flows.settings import storage_root
+from usseg_core.config import parse_set_options
 
 console = Console()
 METHODS = ("stego", "omh")
@@ -31,17 +32,16 @@ def write_results_csv(rows: list[dict], path: Path) -> None:
     pd.DataFrame(rows).to_csv(path, index=False)
 
 
-def run_pipeline(method: str, dataset: str, data_root: str, train_split: str, eval_split: str, backbone: str,
-                 weights: str | None, random_weights: bool, storage: Path, sets: dict, runner: str,
+def run_pipeline(method: str, dataset: str, data_root: str | None, train_split: str, eval_split: str,
+                 backbone: str, weights: str | None, random_weights: bool, storage: Path, sets: dict, runner: str,
                  resolution: int = 224, eval_resolution: int | None = None, crf: bool = True) -> dict:
-    from flows.runner import make_task_runner
     from flows.train import pipeline
 
     dataset_options = sets.pop("dataset_options", None)
     n_clusters = sets.pop("n_clusters", None)
-    return pipeline.with_options(task_runner=make_task_runner(runner))(
-        dataset=dataset, data_root=data_root, train_split=train_split, eval_split=eval_split,
-        method=method, backbone=backbone, weights=weights, random_weights=random_weights,
+    return pipeline(
+        task_runner=runner, dataset=dataset, data_root=data_root, train_split=train_split,
+        eval_split=eval_split, method=method, backbone=backbone, weights=weights, random_weights=random_weights,
         storage=str(storage), overrides=sets, resolution=resolution, eval_resolution=eval_resolution,
         run_crf=crf, dataset_options=dataset_options, n_clusters=n_clusters)
 
@@ -51,7 +51,8 @@ def register(app: typer.Typer) -> None:
     def run(
         method: str = typer.Argument(..., help="Head: stego | omh"),
         dataset: str = typer.Option(..., help="Dataset registry name."),
-        data_root: Path = typer.Option(..., "--data-root", help="Dataset root folder."),
+        data_root: Optional[Path] = typer.Option(
+            None, "--data-root", help="Dataset root folder (default: $USSEG_DATA_ROOT/<dataset folder>)."),
         train_split: str = typer.Option("train", help="Training split(s), comma-separated (labels unused)."),
         eval_split: str = typer.Option("val", help="Labelled split to evaluate on."),
         backbone: str = typer.Option("tf_efficientnet_lite0"),
@@ -62,14 +63,15 @@ def register(app: typer.Typer) -> None:
         crf: bool = typer.Option(True, "--crf/--no-crf", help="Dense CRF refinement rows."),
         results: Optional[Path] = typer.Option(None, help="Write the results table as CSV here."),
         set_: Optional[List[str]] = typer.Option(None, "--set", help="Config override key=value (repeatable)."),
-        runner: str = typer.Option("threads", help="threads[:N] | dask[:N] | tcp://host:port"),
+        runner: str = typer.Option("threads", "--runner", "--dask-address",
+                                   help="threads[:N] | dask[:N] | tcp://host:port"),
         storage: Optional[Path] = typer.Option(None, "--storage"),
     ) -> None:
         """Run the whole pipeline (train + evaluate) for one head and print the results table."""
         if method not in METHODS:
             raise typer.BadParameter(f"method must be one of {', '.join(METHODS)}")
-        out = run_pipeline(method, dataset, str(data_root), train_split, eval_split, backbone,
-                           str(weights) if weights else None, random_weights, storage_root(storage),
+        out = run_pipeline(method, dataset, str(data_root) if data_root else None, train_split, eval_split,
+                           backbone, str(weights) if weights else None, random_weights, storage_root(storage),
                            parse_set_options(set_), runner, resolution, eval_resolution, crf)
         ev = out["evaluation"]
         print_results(ev["rows"], f"{method} on {dataset}/{eval_split}")

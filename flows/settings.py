@@ -67,7 +67,8 @@ def storage_root(flag: str | os.PathLike | None = None) -> Path:
     return Path(value).expanduser().resolve()
 
 
-def data_root(dataset: str, flag: str | os.PathLike | None = None, storage: str | os.PathLike | None = None) -> str:
+def data_root(dataset: str, flag: str | os.PathLike | None = None,
+              storage: str | os.PathLike | None = None) -> str:
     """The root folder of ``dataset``.
 
     ``flag`` is the dataset's own folder; otherwise ``<USSEG_DATA_ROOT or usseg_data_root>/<folder>`` with

@@ -95,9 +95,9 @@ def _publish(result: dict, title: str) -> None:
 
 
 def _pipeline(method: str, dataset: str, data_root: str | None, train_split: str | list[str],
-              eval_split: str | None, backbone: str, weights: str | None, random_weights: bool, storage: str | None,
-              overrides: dict | None, resolution: int, eval_resolution: int | None, run_crf: bool,
-              dataset_options: dict | None, n_clusters: int | None, device: str, evaluate: bool) -> dict:
+              eval_split: str | None, backbone: str, weights: str | None, random_weights: bool,
+              storage: str | None, overrides: dict | None, resolution: int, eval_resolution: int | None,
+              run_crf: bool, dataset_options: dict | None, n_clusters: int | None, device: str, evaluate: bool) -> dict:
     storage = str(storage_root(storage))
     data_root = resolve_data_root(dataset, data_root, storage)
     ref = BackboneRef(backbone, weights, random_weights, device=device)
