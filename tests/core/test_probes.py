@@ -10,12 +10,7 @@ import torch.nn.functional as F
 from usseg_core.heads.probes import ClusterProbe, LinearProbe, train_linear_probe
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _hand_probe() -> tuple[ClusterProbe, torch.Tensor]:

@@ -9,12 +9,7 @@ from usseg_core.errors import ConfigError
 from usseg_core.shifts import QUANTILE_LEVELS, choose_shifts, measure_correlations, summarize_correlations
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_choose_shifts_is_the_one_minus_target_quantile_on_grid_levels():
