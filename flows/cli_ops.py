@@ -1,0 +1,166 @@
+"""``usseg up`` / ``down`` / ``status`` (the Prefect service) and ``usseg storage lineage`` / ``du`` / ``gc``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.tree import Tree
+
+from flows.settings import storage_root
+
+console = Console()
+StorageOpt = typer.Option(None, "--storage", help="Artifact root (default $USSEG_STORAGE, variable usseg_storage, "
+                          "./storage).")
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def referenced_keys(storage: Path) -> set[str]:
+    """Keys named by the run records in ``<storage>/_runs/`` (what flow runs used or produced)."""
+    from flows.publish import runs_folder
+
+    keys: set[str] = set()
+    for record in sorted(runs_folder(storage).glob("*.json")):
+        keys.update(json.loads(record.read_text()).get("keys", []))
+    return keys
+
+
+def _storage_app(app: typer.Typer) -> typer.Typer:
+    for group in app.registered_groups:
+        if group.name == "storage":
+            return group.typer_instance
+    storage_app = typer.Typer(no_args_is_help=True, help="Inspect the artifact store.")
+    app.add_typer(storage_app, name="storage")
+    return storage_app
+
+
+def register(app: typer.Typer) -> None:
+    register_service(app)
+    register_storage(_storage_app(app))
+
+
+def register_service(app: typer.Typer) -> None:
+    @app.command()
+    def up(
+        port: Optional[int] = typer.Option(None, help="API/UI port on 127.0.0.1 (default 4200; 0 = any free)."),
+        data_root: Optional[Path] = typer.Option(
+            None, "--data-root", help="Folder with one subfolder per dataset (default $USSEG_DATA_ROOT)."),
+        schedules: bool = typer.Option(True, "--schedules/--no-schedules", help="Deploy cron schedules active."),
+        concurrency: int = typer.Option(1, help="Flow runs at once on the pool (runs on one storage share "
+                                                "artifacts: keep 1 unless they touch different data)."),
+        prefect_file: Optional[Path] = typer.Option(None, "--prefect-file", help="Deployments file "
+                                                    "(default deployments/prefect.yaml)."),
+        storage: Optional[Path] = StorageOpt,
+    ) -> None:
+        """Start a Prefect server, the work pool, every deployment and a worker (idempotent)."""
+        from flows import service
+
+        console.print("starting (server, work pool, deployments, worker) - this takes about a minute ...")
+        state = service.up(storage, data_root, port, prefect_file or service.PREFECT_FILE,
+                           schedules=schedules, concurrency=concurrency)
+        console.print(f"[green]up[/]: UI {state['ui_url']}  (API {state['api_url']})")
+        console.print(f"storage {state['storage']}; data root {state['data_root'] or '(unset: synthetic only)'}")
+        console.print(f"logs and state: {state['state_dir']}")
+        console.print(f"use it from this shell: [bold]export PREFECT_API_URL={state['api_url']}[/]  then e.g. "
+                      "`prefect deployment run train-stego/synthetic --watch`")
+
+    @app.command()
+    def down(storage: Optional[Path] = StorageOpt) -> None:
+        """Stop the worker (and its runs), then the server."""
+        from flows import service
+
+        stopped = service.down(storage)
+        console.print("stopped: " + ", ".join(stopped) if stopped else "nothing was running")
+
+    @app.command()
+    def status(storage: Optional[Path] = StorageOpt) -> None:
+        """Say what runs: server, worker, API health, deployments, flow runs by state."""
+        from flows import service
+
+        st = service.status(storage)
+        for name in ("server", "worker", "healthy"):
+            console.print(f"{name:8s} {'[green]yes[/]' if st[name] else '[red]no[/]'}")
+        for name in ("ui_url", "api_url", "storage", "data_root", "state_dir", "deployments", "flow_runs"):
+            if st.get(name) is not None:
+                console.print(f"{name:8s} {st[name]}")
+
+
+def register_storage(storage_app: typer.Typer) -> None:
+    @storage_app.command("lineage")
+    def lineage(key: str = typer.Argument(..., help="Artifact key (a unique prefix is enough)."),
+                storage: Optional[Path] = StorageOpt) -> None:
+        """The tree of upstream artifacts of KEY (external inputs such as backbone fingerprints as leaves)."""
+        from usseg_core.catalog import lineage as build
+        from usseg_core.store import ArtifactStore
+
+        node = build(ArtifactStore(storage_root(storage)), key)
+        tree = Tree(_label(node))
+        _grow(tree, node)
+        console.print(tree)
+
+    @storage_app.command("du")
+    def du(storage: Optional[Path] = StorageOpt) -> None:
+        """Size per stage."""
+        from usseg_core.catalog import usage
+        from usseg_core.store import ArtifactStore
+
+        store = ArtifactStore(storage_root(storage))
+        table = Table(title=f"disk use of {store.root}")
+        for col in ("stage", "complete", "incomplete", "size"):
+            table.add_column(col, justify="left" if col == "stage" else "right")
+        total = 0
+        for row in usage(store):
+            table.add_row(row.stage, str(row.n_complete), str(row.n_incomplete), human(row.bytes))
+            total += row.bytes
+        table.add_row("[bold]total[/]", "", "", f"[bold]{human(total)}[/]")
+        console.print(table)
+
+    @storage_app.command("gc")
+    def gc(
+        unreferenced: bool = typer.Option(False, "--unreferenced", help="Also complete artifacts that no other "
+                                          "artifact lists upstream and no run record names."),
+        min_age_hours: float = typer.Option(1.0, "--min-age-hours", help="Keep incomplete artifacts touched "
+                                            "more recently (a running flow may be writing them)."),
+        delete: bool = typer.Option(False, "--delete", help="Really delete (default: dry run, list only)."),
+        storage: Optional[Path] = StorageOpt,
+    ) -> None:
+        """Remove incomplete artifacts (and, with --unreferenced, unreferenced ones). Dry run by default."""
+        from usseg_core.catalog import gc_plan, remove
+        from usseg_core.store import ArtifactStore
+
+        root = storage_root(storage)
+        store = ArtifactStore(root)
+        plan = gc_plan(store, referenced_keys(root), unreferenced=unreferenced, min_age_s=min_age_hours * 3600)
+        for item in plan:
+            console.print(f"{'remove' if delete else 'would remove'} {item.artifact.stage}/{item.artifact.key} "
+                          f"({item.reason}, {human(item.bytes)})")
+        size = sum(i.bytes for i in plan)
+        if delete:
+            remove(store, plan)
+            console.print(f"removed {len(plan)} artifacts, {human(size)} freed")
+        else:
+            console.print(f"{len(plan)} artifacts, {human(size)}: dry run, pass --delete to remove them")
+
+
+def _label(node) -> str:
+    if node.artifact is None:
+        return f"[dim]{node.role}: {node.value}[/] (external input)"
+    meta = node.artifact.meta
+    what = ", ".join(f"{k}={meta[k]}" for k in ("dataset", "split", "backbone", "method") if meta.get(k))
+    done = "" if node.artifact.complete else " [yellow](incomplete)[/]"
+    return f"{node.role}: [bold]{node.artifact.stage}/{node.value}[/] {what}{done}"
+
+
+def _grow(tree: Tree, node) -> None:
+    for child in node.children:
+        _grow(tree.add(_label(child)), child)
