@@ -232,32 +232,60 @@ def deploy(folder: Path, state: dict[str, Any], prefect_file: Path, schedules: b
     state["deployed"] = {"file": str(prefect_file), "at": now_iso(), "schedules": schedules}
 
 
-def reap_orphans(state: dict[str, Any]) -> list[str]:
-    """Mark Running/Pending runs of the pool whose process on this host is gone as Crashed.
+def active_runs(state: dict[str, Any]) -> list[tuple[str, int | None]]:
+    """(flow run id, local pid or None) of the pool's Running/Pending runs.
 
-    A killed worker takes its flow-run processes with it but cannot report; without this their runs
-    stay Running and hold the pool's concurrency slot. Their finished work is kept in storage: a re-run
-    resumes it.
+    The process worker records a bare pid (``"1234"``; ``"host:1234"`` is accepted too) and starts each
+    flow run in its own session, so the pid is also a process-group id.
     """
     from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
                                                 WorkPoolFilter, WorkPoolFilterName)
     from prefect.client.schemas.objects import StateType
-    from prefect.states import Crashed
 
     host = socket.gethostname()
-    reaped = []
     with _client(state) as client:
         runs = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
                 any_=[StateType.RUNNING, StateType.PENDING]))),
             work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[state["pool"]])),
             **_run_list_args())
-        for run in runs:
-            pid_host, _, pid = (run.infrastructure_pid or "").rpartition(":")
-            if pid_host == host and pid.isdigit() and not alive(int(pid), ""):
-                client.set_flow_run_state(run.id, Crashed(message="its worker process was killed"), force=True)
-                reaped.append(str(run.id))
+    out = []
+    for run in runs:
+        pid_host, _, pid = (run.infrastructure_pid or "").rpartition(":")
+        local = pid_host in ("", host) and pid.isdigit()
+        out.append((str(run.id), int(pid) if local else None))
+    return out
+
+
+def _crash(state: dict[str, Any], run_id: str, message: str) -> None:
+    from prefect.states import Crashed
+
+    with _client(state) as client:
+        client.set_flow_run_state(run_id, Crashed(message=message), force=True)
+
+
+def reap_orphans(state: dict[str, Any]) -> list[str]:
+    """Mark Running/Pending runs of the pool whose process on this host is gone as Crashed.
+
+    A killed worker (or machine) cannot report; without this its runs stay Running and hold the pool's
+    concurrency slot. Their finished work is kept in storage: a re-run resumes it.
+    """
+    reaped = []
+    for run_id, pid in active_runs(state):
+        if pid is not None and not alive(pid, ""):
+            _crash(state, run_id, "its process is gone (worker or machine killed)")
+            reaped.append(run_id)
     return reaped
+
+
+def stop_runs(state: dict[str, Any], timeout: float = 30.0) -> list[str]:
+    """Stop the flow-run processes of the pool on this host and mark their runs Crashed."""
+    stopped = []
+    for run_id, pid in active_runs(state):
+        if pid is not None and stop_process(pid, "prefect", timeout):
+            _crash(state, run_id, "stopped by `usseg down`")
+            stopped.append(run_id)
+    return stopped
 
 
 def start_worker(folder: Path, state: dict[str, Any]) -> None:
@@ -324,10 +352,12 @@ def _port_free(port: int) -> bool:
 
 
 def down(storage: str | os.PathLike | None = None, timeout: float = 30.0) -> list[str]:
-    """Stop the worker (and its flow runs), then the server; returns what was stopped."""
+    """Stop the flow runs, the worker, then the server; returns what was stopped."""
     folder = state_dir(storage)
     state = read_state(folder)
     stopped = []
+    if alive(state.get("server_pid"), "server") and healthy(state.get("api_url")):
+        stopped += [f"flow run {run_id}" for run_id in stop_runs(state, timeout)]
     if stop_process(state.get("worker_pid"), "worker", timeout):
         stopped.append(f"worker (pid {state['worker_pid']})")
     if stop_process(state.get("server_pid"), "server", timeout):

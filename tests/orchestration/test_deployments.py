@@ -1,0 +1,217 @@
+"""Real Prefect server + worker + deployments (``usseg up`` in a temporary state folder).
+
+One server and worker are shared by the module: deploy the synthetic deployments, run them through
+``prefect deployment run``, re-run (all cache hits), change the backbone weights (watcher -> event ->
+triggered runs recompute exactly the stages below the backbone) and kill the worker mid-extraction.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from flows import service
+from usseg_core.store import MARKER
+
+VIT = "vit_small_patch16_224.dino"
+SYNTHETIC_FLOWS = ("train-stego", "evaluate", "extract-features", "watch-backbones")
+BELOW_BACKBONE = {"features", "knn", "head", "kmeans", "linear-probe", "evaluation"}
+
+
+def save_random_vit(path: Path, seed: int) -> None:
+    from usseg_core.backbones import get_backbone
+
+    torch.save(get_backbone(VIT, random_weights=True, device="cpu", seed=seed).model.state_dict(), path)
+
+
+def test_yaml(source: Path, target: Path, weights: Path) -> Path:
+    """The shipped prefect.yaml reduced to the synthetic deployments, with test-sized parameters and the
+    triggers matching the test backbone (everything else as shipped: pool, schedules, triggers)."""
+    spec = yaml.safe_load(source.read_text())
+    keep = []
+    for dep in spec["deployments"]:
+        flow = {"flows.train.train_stego": "train-stego", "flows.train.evaluate": "evaluate",
+                "flows.extract.extract_features": "extract-features",
+                "flows.watch.watch_backbones": "watch-backbones"}.get(dep["entrypoint"])
+        if flow not in SYNTHETIC_FLOWS or dep["name"] not in ("synthetic", "default"):
+            continue
+        dep = json.loads(json.dumps(dep))  # drop YAML aliases: each deployment is edited on its own
+        params = dep["parameters"]
+        if flow == "watch-backbones":
+            params["backbones"] = [{"name": VIT, "weights": str(weights)}]
+        else:
+            params.update(backbone=VIT, weights=str(weights), resolution=64)
+            if flow != "extract-features":
+                params["overrides"] = {"steps": 30}
+                for trig in dep.get("triggers", []):
+                    trig["match"]["prefect.resource.id"] = f"usseg.backbone.{VIT}"
+        keep.append(dep)
+    spec["deployments"] = keep
+    target.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return target
+
+
+test_yaml.__test__ = False  # a helper, not a test
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory):
+    """``usseg up`` on a free port in a temporary state folder; ``usseg down`` in teardown (always)."""
+    from usseg_core.datasets.synthetic import ensure_synthetic
+
+    tmp = tmp_path_factory.mktemp("svc")
+    ensure_synthetic(tmp / "data" / "synthetic", n_train=12, n_val=4)
+    weights = tmp / "vit_s16.pth"
+    save_random_vit(weights, seed=0)
+    old = os.environ.get(service.STATE_ENV)
+    os.environ[service.STATE_ENV] = str(tmp / "state")
+    storage = tmp / "storage"
+    try:
+        state = service.up(storage, tmp / "data", port=0, schedules=False, poll_s=2,
+                           prefect_file=test_yaml(service.PREFECT_FILE, tmp / "prefect.yaml", weights))
+        yield {"state": state, "storage": storage, "weights": weights, "tmp": tmp}
+    finally:
+        service.down(storage, timeout=15)
+        if old is None:
+            os.environ.pop(service.STATE_ENV, None)
+        else:
+            os.environ[service.STATE_ENV] = old
+
+
+def run_deployment(svc, name: str, *params: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "prefect", "deployment", "run", name, "--watch"]
+    for p in params:
+        cmd += ["--param", p]
+    out = subprocess.run(cmd, env=service.service_env(svc["state"]), capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "Completed" in out.stdout
+    return out
+
+
+def snapshot(storage: Path) -> dict[tuple[str, str], str]:
+    """(stage, key) -> completion time of every complete artifact."""
+    return {(p.parent.parent.name, p.parent.name): p.read_text()
+            for p in storage.glob(f"*/*/{MARKER}") if not p.parent.parent.name.startswith("_")}
+
+
+def test_service_is_up(svc):
+    st = service.status(svc["storage"])
+    assert st["server"] and st["worker"] and st["healthy"]
+    assert st["deployments"] == len(SYNTHETIC_FLOWS)
+    assert svc["state"]["api_url"].startswith("http://127.0.0.1:")
+
+
+def test_deployment_run_completes_and_rerun_is_all_cache_hits(svc):
+    run_deployment(svc, "train-stego/synthetic")
+    first = snapshot(svc["storage"])
+    assert {s for s, _ in first} >= {"manifest", "features", "knn", "head", "kmeans"}
+    records = sorted((svc["storage"] / "_runs").glob("*.json"))
+    assert records and set(json.loads(records[-1].read_text())["keys"]) <= {k for _, k in first}
+
+    run_deployment(svc, "train-stego/synthetic")
+    assert snapshot(svc["storage"]) == first  # no new artifact, none recomputed
+
+
+def _wait_for_triggered_runs(svc, since: float, n: int, timeout: float = 400) -> list:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterExpectedStartTime
+    import datetime as dt
+
+    after = dt.datetime.fromtimestamp(since, dt.timezone.utc)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with service._client(svc["state"]) as client:
+            runs = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(expected_start_time=FlowRunFilterExpectedStartTime(after_=after)),
+                **service._run_list_args())
+        triggered = [r for r in runs if r.created_by and str(r.created_by.type).upper().endswith("AUTOMATION")]
+        if len(triggered) >= n and all(r.state and r.state.is_final() for r in triggered):
+            return triggered
+        time.sleep(2)
+    raise AssertionError(f"triggered runs did not finish: {[(r.name, r.state_name) for r in runs]}")
+
+
+def test_backbone_change_reruns_exactly_the_stages_below_it(svc):
+    run_deployment(svc, "evaluate/synthetic")
+    run_deployment(svc, "watch-backbones/default")  # records the fingerprint: nothing changed yet
+    before = snapshot(svc["storage"])
+
+    save_random_vit(svc["weights"], seed=1)  # a new backbone under the same file name
+    since = time.time()
+    run_deployment(svc, "watch-backbones/default")
+    record = json.loads((svc["storage"] / "_backbones.json").read_text())
+    assert len(record) == 1
+    triggered = _wait_for_triggered_runs(svc, since, n=2)
+    assert sorted(r.state_name for r in triggered) == ["Completed", "Completed"]
+
+    after = snapshot(svc["storage"])
+    assert set(before) <= set(after)  # nothing was overwritten
+    new_stages = {stage for stage, _ in set(after) - set(before)}
+    assert new_stages == BELOW_BACKBONE & {stage for stage, _ in before}
+    assert "manifest" not in new_stages  # reused: the images did not change
+
+
+def _incomplete_features(storage: Path) -> Path | None:
+    for folder in sorted((storage / "features").glob("*")):
+        if not (folder / MARKER).exists() and (folder / "features.zarr" / "done").exists():
+            return folder / "features.zarr"
+    return None
+
+
+def chunk_times(zpath: Path, items) -> dict:
+    """mtime of every dense chunk file of ``items`` (one chunk per item)."""
+    return {str(f): f.stat().st_mtime_ns for i in items for f in (zpath / "dense" / "c" / str(i)).rglob("*")
+            if f.is_file()}
+
+
+def test_killed_worker_resumes_without_recomputing_finished_shards(svc):
+    import zarr
+
+    params = ("policy=five_crop", "resolution=224", "shard_size=5", "batch_size=5", "random_weights=true",
+              "weights=null")
+    cmd = [sys.executable, "-m", "prefect", "deployment", "run", "extract-features/synthetic"]
+    for p in params:
+        cmd += ["--param", p]
+    subprocess.run(cmd, env=service.service_env(svc["state"]), check=True, capture_output=True, timeout=120)
+
+    deadline, zpath = time.monotonic() + 300, None
+    while time.monotonic() < deadline:  # kill once some shards (not all) are written
+        zpath = _incomplete_features(svc["storage"])
+        if zpath is not None:
+            done = zarr.open_group(str(zpath), mode="r")["done"][:]
+            if 10 <= done.sum() < len(done) - 10:
+                break
+        time.sleep(0.05)
+    else:
+        pytest.fail("extraction never reached a state to interrupt")
+    # A crash: the worker and its flow-run process (which runs in a session of its own) die at once.
+    runs = [pid for _, pid in service.active_runs(svc["state"]) if pid]
+    for pid in [svc["state"]["worker_pid"], *runs]:
+        os.killpg(pid, signal.SIGKILL)
+    assert runs, "the extraction run should have been running"
+    time.sleep(1)
+    done = zarr.open_group(str(zpath), mode="r")["done"][:]
+    finished = np.flatnonzero(done)
+    chunks = chunk_times(zpath, finished)
+
+    svc["state"] = service.up(svc["storage"])  # restarts the worker, marks the orphaned run Crashed
+    assert svc["state"]["reaped"], "the killed run should have been marked Crashed"
+    run_deployment(svc, "extract-features/synthetic", *params)
+    assert (zpath.parent / MARKER).exists()
+    assert chunk_times(zpath, finished) == chunks  # finished items were not written again
+
+    other = svc["tmp"] / "uninterrupted"
+    run_deployment(svc, "extract-features/synthetic", *params, f"storage={other}")
+    ref = next((other / "features").glob(f"*/features.zarr"))
+    got, want = zarr.open_group(str(zpath), mode="r"), zarr.open_group(str(ref), mode="r")
+    assert np.array_equal(got["dense"][:], want["dense"][:])
+    assert np.array_equal(got["pooled"][:], want["pooled"][:])
