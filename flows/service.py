@@ -75,19 +75,45 @@ def alive(pid: int | None, marker: str = "prefect") -> bool:
     return marker in cmdline
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (Prefect starts flow runs and their engines in new sessions, so a
+    process group does not cover them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
+def kill_tree(pid: int, sig: int, tree: list[int] | None = None) -> None:
+    """Send ``sig`` to ``pid``, its process group and every descendant."""
+    for p in tree if tree is not None else process_tree(pid):
+        for kill in (os.killpg, os.kill):
+            try:
+                kill(p, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
 def stop_process(pid: int | None, marker: str, timeout: float = 30.0) -> bool:
-    """SIGTERM the process group of ``pid`` (ours: started with its own session), SIGKILL after
-    ``timeout``; returns whether something was stopped."""
+    """SIGTERM ``pid`` and its descendants (ours: started with its own session), SIGKILL what is left
+    after ``timeout``; returns whether something was stopped."""
     if not alive(pid, marker):
         return False
+    tree = process_tree(pid)
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return True
+        kill_tree(pid, sig, tree)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            if not alive(pid, marker):
+            if not any(alive(p, "") for p in tree):
                 return True
             time.sleep(0.2)
     return not alive(pid, marker)

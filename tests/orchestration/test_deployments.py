@@ -173,6 +173,7 @@ def chunk_times(zpath: Path, items) -> dict:
             if f.is_file()}
 
 
+@pytest.mark.slow  # ~60 s on 2 cores: keeps the default orchestration suite under ~4 minutes
 def test_killed_worker_resumes_without_recomputing_finished_shards(svc):
     import zarr
 
@@ -196,7 +197,7 @@ def test_killed_worker_resumes_without_recomputing_finished_shards(svc):
     # A crash: the worker and its flow-run process (which runs in a session of its own) die at once.
     runs = [pid for _, pid in service.active_runs(svc["state"]) if pid]
     for pid in [svc["state"]["worker_pid"], *runs]:
-        os.killpg(pid, signal.SIGKILL)
+        service.kill_tree(pid, signal.SIGKILL)
     assert runs, "the extraction run should have been running"
     time.sleep(1)
     done = zarr.open_group(str(zpath), mode="r")["done"][:]
