@@ -63,6 +63,7 @@ def main() -> None:
         gts = load_bsds_gt(args.data / "groundTruth" / f"{i}.mat")
         edges = {k: timed(f"edges:{k}", d, img) for k, d in dets.items()}
         for m in methods:
+            t_m = time.perf_counter()
             if m == "gpb-owt-ucm":
                 pb = load_ucm2_mat(args.data / "ucm2" / f"{i}.mat")[2::2, 2::2]
             elif m.endswith("-ucm"):
@@ -70,6 +71,7 @@ def main() -> None:
             else:
                 pb = edge_nms(edges[m].strength, edges[m].orientation)
             counts[m].append(evaluate_image(pb, gts, args.thresholds))
+            print(f"  {i} {m}: {time.perf_counter() - t_m:.1f} s", flush=True)
         print(f"[{n + 1}/{len(ids)}] {i} done", flush=True)
 
     results = {m: evaluate_dataset(c) for m, c in counts.items()}

@@ -10,10 +10,11 @@ distance tolerance of `max_dist` x image diagonal. Counts, as in BSDS `evaluatio
 Matching. BSDS's `correspondPixels` solves a min-cost assignment in which leaving a pixel unmatched
 costs far more (100 x max_dist) than any admissible pair, so its number of matches is a maximum
 bipartite matching over pairs within tolerance (the distances only break ties between maximum
-matchings). We compute exactly that cardinality with Hopcroft-Karp
-(`scipy.sparse.csgraph.maximum_bipartite_matching`) on all candidate pairs within tolerance
-(Euclidean distance <= tolerance, enumerated by integer offsets);
-which maximum matching is returned may differ from CSA's, the counts do not.
+matchings). We compute that maximum cardinality exactly with Hopcroft-Karp per connected
+component of the candidate graph (all pairs with Euclidean distance <= tolerance, enumerated by
+integer offsets). Components larger than EXACT_MAX_NODES pixels fall back to a greedy
+nearest-first matching, because scipy's Hopcroft-Karp is erratically slow on them (seconds to
+minutes); see `_max_matching`. The fallback can only under-count matches (measured 0.6-4.6 %).
 
 Summary, as in BSDS `collect_eval_bdry`: ODS = best F of the dataset-summed counts over thresholds,
 OIS = F of the counts summed at each image's own best threshold, AP = area under the interpolated
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from scipy import io as sio
 from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import maximum_bipartite_matching
+from scipy.sparse.csgraph import connected_components, maximum_bipartite_matching
 from skimage.morphology import thin
 
 from usseg_core.errors import InputError
@@ -75,13 +76,82 @@ def match_boundaries(pred: np.ndarray, gt: np.ndarray, max_dist: float = 0.0075)
     rows, cols = np.concatenate(rows_l), np.concatenate(cols_l)
     if len(rows) == 0:
         return mp, mg
-    graph = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(len(pi), len(gi))).tocsr()
-    match = maximum_bipartite_matching(graph, perm_type="column")  # (Np,) gt index or -1
-    ok = match >= 0
-    mp[pi[ok, 0], pi[ok, 1]] = True
-    mg[gi[match[ok], 0], gi[match[ok], 1]] = True
+    dist = np.hypot(*(pi[rows] - gi[cols]).T)
+    p_ok, g_ok = _max_matching(rows, cols, dist, len(pi), len(gi))
+    mp[pi[p_ok, 0], pi[p_ok, 1]] = True
+    mg[gi[g_ok, 0], gi[g_ok, 1]] = True
     return mp, mg
 
+
+def _max_matching(rows: np.ndarray, cols: np.ndarray, dist: np.ndarray, n_p: int, n_g: int) -> tuple[np.ndarray, np.ndarray]:
+    """Maximum bipartite matching of candidate pairs (rows[k] pred, cols[k] gt); matched index pairs.
+
+    The graph is split into connected components (local contour pieces); stars (one node on either
+    side) have exactly one match and are done in bulk; every other component is solved as BSDS's
+    exactly by Hopcroft-Karp if it has <= EXACT_MAX_NODES pixels, else greedily nearest-first.
+    """
+    adj = coo_matrix((np.ones(len(rows), np.int8), (rows, cols + n_p)), shape=(n_p + n_g,) * 2)
+    _, comp = connected_components(adj, directed=False)
+    cp = comp[rows]  # component of each candidate pair
+    n_pc = np.bincount(comp[:n_p], minlength=comp.max() + 1)  # pred nodes per component
+    n_gc = np.bincount(comp[n_p:], minlength=comp.max() + 1)
+    out_p, out_g = [], []
+    star = (n_pc[cp] == 1) | (n_gc[cp] == 1)
+    if star.any():  # any single edge of a star is a maximum matching of it
+        _, first = np.unique(cp[star], return_index=True)
+        out_p.append(rows[star][first])
+        out_g.append(cols[star][first])
+    rest = np.flatnonzero(~star)
+    if len(rest):
+        order = rest[np.argsort(cp[rest], kind="stable")]
+        bounds = np.flatnonzero(np.diff(cp[order])) + 1
+        for grp in np.split(order, bounds):
+            up, ri = np.unique(rows[grp], return_inverse=True)
+            ug, ci = np.unique(cols[grp], return_inverse=True)
+            if len(up) + len(ug) <= EXACT_MAX_NODES:
+                mi, mj = _hopcroft_karp(ri, ci, len(up), len(ug))
+            else:
+                mi, mj = _greedy_nearest_first(ri, ci, dist[grp])
+            out_p.append(up[mi])
+            out_g.append(ug[mj])
+    if not out_p:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(out_p), np.concatenate(out_g)
+
+
+# Components up to this many pixels are matched exactly (Hopcroft-Karp); larger ones greedily.
+# scipy's Hopcroft-Karp was measured at 0.02 s to 190 s on similar whole-image boundary graphs, and
+# its sparse LAPJV hung too, so exactness is kept where it is cheap: on BSDS images almost all
+# components are far below this size (contour pieces within the 4-px tolerance band).
+EXACT_MAX_NODES = 64
+
+
+def _hopcroft_karp(ri, ci, n_p, n_g):
+    """Exact maximum matching of one component; smaller side as rows (much faster in scipy)."""
+    if n_p <= n_g:
+        g = coo_matrix((np.ones(len(ri), np.int8), (ri, ci)), shape=(n_p, n_g)).tocsr()
+        m = maximum_bipartite_matching(g, perm_type="column")
+        ok = np.flatnonzero(m >= 0)
+        return ok, m[ok]
+    g = coo_matrix((np.ones(len(ri), np.int8), (ci, ri)), shape=(n_g, n_p)).tocsr()
+    m = maximum_bipartite_matching(g, perm_type="column")
+    ok = np.flatnonzero(m >= 0)
+    return m[ok], ok
+
+
+def _greedy_nearest_first(ri, ci, d):
+    """Maximal matching taking candidate pairs in increasing distance (>= 1/2 of the maximum;
+    on BSDS boundary graphs 0.6-4.6 % below it)."""
+    used_p, used_g = set(), set()
+    mi, mj = [], []
+    for k in np.argsort(d, kind="stable"):
+        i, j = int(ri[k]), int(ci[k])
+        if i not in used_p and j not in used_g:
+            used_p.add(i)
+            used_g.add(j)
+            mi.append(i)
+            mj.append(j)
+    return np.asarray(mi, np.int64), np.asarray(mj, np.int64)
 
 @dataclass
 class ImageCounts:

@@ -107,3 +107,20 @@ def test_load_bsds_gt_bad_file(tmp_path):
     sio.savemat(tmp_path / "x.mat", {"foo": np.zeros(2)})
     with pytest.raises(InputError, match="x.mat"):
         load_bsds_gt(tmp_path / "x.mat")
+
+
+def test_large_components_use_a_valid_maximal_matching():
+    from usseg_core import boundary_eval as be
+
+    rng = np.random.default_rng(0)
+    pred = rng.random((40, 40)) < 0.3  # dense: one component far above EXACT_MAX_NODES
+    gt = rng.random((40, 40)) < 0.3
+    max_dist = 2.0 / np.hypot(40, 40)
+    mp, mg = match_boundaries(pred, gt, max_dist)
+    assert pred.sum() + gt.sum() > be.EXACT_MAX_NODES
+    assert mp.sum() == mg.sum() and not (mp & ~pred).any() and not (mg & ~gt).any()
+    # maximal: no unmatched pred pixel has an unmatched gt pixel within tolerance
+    from scipy import ndimage as ndi
+
+    free_gt_dist = ndi.distance_transform_edt(~(gt & ~mg))
+    assert not (pred & ~mp & (free_gt_dist <= 2.0)).any()
