@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--shifts", nargs="*", default=[], help="fixed shifts to compare, e.g. 0.33,0.26,0.30")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--methods", nargs="+", default=["stego"], help="stego and/or omh (same seed, steps)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     import numpy as np
@@ -71,8 +72,6 @@ def main() -> None:
     from usseg_core.datasets import get_dataset
     from usseg_core.datasets.manifest import Manifest
     from usseg_core.features import FeatureStore
-    from usseg_core.heads.stego import StegoHead, stego_config_for
-    from usseg_core.train import train_stego
 
     knn_art = _artifacts(args.storage, "knn")[0]
     train_keys = [v for k, v in sorted(knn_art.meta["upstream"].items())]
@@ -108,21 +107,38 @@ def main() -> None:
         triple = tuple(float(v) for v in value.split(","))
         for seed in args.seeds:
             over = {"auto_targets": triple} if kind == "targets" else {"shifts": triple}
-            cfg = stego_config_for(args.dataset, steps=args.steps, seed=seed, **over)
-            res = train_stego(feats, knn, n, cfg, progress=False, device="cpu")
-            head = StegoHead(feats.shape[1], cfg.dim, cfg.dropout)
-            head.load_state_dict(res.head_state)
-            head.eval()
-            from usseg_core.heads.probes import ClusterProbe
-
-            probe = ClusterProbe(cfg.dim, n)
-            probe.load_state_dict(res.cluster_state)
-            row = {"setting": f"{kind} {value}", "seed": seed, "shifts": [round(s, 3) for s in res.shifts],
-                   "probe": evaluate_codes(head.codes, probe, ev, fl, ds, ids, n, "probe"),
-                   "final": {k: round(v, 3) for k, v in res.history[-1].items() if "corr" in k}}
-            rows.append(row)
-            print(row, flush=True)
+            for method in args.methods:
+                rows.append(_train_and_score(method, args, over, seed, feats, knn, n, ev, fl, ds, ids, value, kind))
+                print(rows[-1], flush=True)
     write_json(args.out, {"steps": args.steps, "rows": rows, "columns": "(mIoU, accuracy), no CRF"})
+
+
+def _train_and_score(method, args, over, seed, feats, knn, n, ev, fl, ds, ids, value, kind) -> dict:
+    import time
+
+    from usseg_core.heads.probes import ClusterProbe
+    from usseg_core.heads.stego import StegoHead, stego_config_for
+    from usseg_core.train import train_stego
+
+    cfg = stego_config_for(args.dataset, steps=args.steps, seed=seed, **over)
+    aux = None
+    if method == "omh":
+        from usseg_core.heads.omh import OMHLoss
+
+        aux = OMHLoss(cfg.dim, n)
+    t0 = time.perf_counter()
+    res = train_stego(feats, knn, n, cfg, progress=False, device="cpu", aux=aux)
+    seconds = time.perf_counter() - t0
+    head = StegoHead(feats.shape[1], cfg.dim, cfg.dropout)
+    head.load_state_dict(res.head_state)
+    head.eval()
+    probe = ClusterProbe(cfg.dim, n)
+    probe.load_state_dict(res.cluster_state)
+    return {"method": method, "setting": f"{kind} {value}", "seed": seed,
+            "shifts": [round(s, 3) for s in res.shifts], "train_s": round(seconds, 1),
+            "probe": evaluate_codes(head.codes, probe, ev, fl, ds, ids, n, "probe"),
+            "final": {k: round(v, 3) for k, v in res.history[-1].items() if "corr" in k}}
+
 
 
 if __name__ == "__main__":
