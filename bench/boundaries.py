@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from usseg_core.boundary_eval import evaluate_dataset, evaluate_image, load_bsds_gt
-from usseg_core.edges import get_edge_detector, load_image_rgb
+from usseg_core.edges import get_edge_detector
+from usseg_core.imageio import read_rgb
 from usseg_core.edges.orientation import edge_nms
 from usseg_core.ucm import load_ucm2_mat, owt_ucm
 
@@ -57,9 +58,9 @@ def main() -> None:
         return out
 
     for d in dets.values():  # warm-up (first torch call allocates)
-        d(load_image_rgb(args.data / "images" / f"{ids[0]}.jpg"))
+        d(read_rgb(args.data / "images" / f"{ids[0]}.jpg"))
     for n, i in enumerate(ids):
-        img = load_image_rgb(args.data / "images" / f"{i}.jpg")
+        img = read_rgb(args.data / "images" / f"{i}.jpg")
         gts = load_bsds_gt(args.data / "groundTruth" / f"{i}.mat")
         edges = {k: timed(f"edges:{k}", d, img) for k, d in dets.items()}
         for m in methods:

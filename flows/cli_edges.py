@@ -13,7 +13,8 @@ import typer
 from PIL import Image
 from rich.progress import Progress
 
-from usseg_core.edges import get_edge_detector, list_edge_detectors, load_image_rgb
+from usseg_core.edges import get_edge_detector, list_edge_detectors
+from usseg_core.imageio import read_rgb
 from usseg_core.errors import ConfigError, UssegError
 from usseg_core.overseg import SCHEDULES, choose_level
 from usseg_core.ucm import owt_ucm, save_ucm2_mat, ucm_labels
@@ -57,7 +58,7 @@ def edges_command(
         with Progress() as progress:
             task = progress.add_task(f"edges ({det.name})", total=len(images))
             for path in images:
-                e = det(load_image_rgb(path))
+                e = det(read_rgb(path))
                 png = np.clip(np.rint(e.strength * 255.0), 0, 255).astype(np.uint8)
                 Image.fromarray(png).save(out / f"{path.stem}.png")
                 progress.advance(task)
@@ -84,7 +85,7 @@ def ucm_command(
         with Progress() as progress:
             task = progress.add_task(f"ucm ({det.name})", total=len(images))
             for path in images:
-                ucm2 = owt_ucm(det(load_image_rgb(path)))
+                ucm2 = owt_ucm(det(read_rgb(path)))
                 save_ucm2_mat(out / f"{path.stem}.mat", ucm2)
                 for t in lv:
                     save_labels_png(out / f"{path.stem}_t{t:g}.png", ucm_labels(ucm2, t))

@@ -99,10 +99,11 @@ def test_pidinet_fires_on_human_boundaries():
     if not path.is_file() or not (BSDS / "images").is_dir():
         pytest.skip(f"PiDiNet weights or BSDS sample missing under {SHARED}")
     from usseg_core.boundary_eval import load_bsds_gt
-    from usseg_core.edges import get_edge_detector, load_image_rgb
+    from usseg_core.edges import get_edge_detector
+    from usseg_core.imageio import read_rgb
 
     det = get_edge_detector("pidinet-tiny", weights=path)
-    img = load_image_rgb(BSDS / "images" / "2018.jpg")
+    img = read_rgb(BSDS / "images" / "2018.jpg")
     e = det(img)
     assert e.strength.shape == img.shape[:2]
     gt = np.any(load_bsds_gt(BSDS / "groundTruth" / "2018.mat"), axis=0)
@@ -115,7 +116,8 @@ def test_pidinet_ods_far_above_chance():
     if not path.is_file() or not (BSDS / "images").is_dir():
         pytest.skip(f"PiDiNet weights or BSDS sample missing under {SHARED}")
     from usseg_core.boundary_eval import evaluate_dataset, evaluate_image, load_bsds_gt
-    from usseg_core.edges import get_edge_detector, load_image_rgb
+    from usseg_core.edges import get_edge_detector
+    from usseg_core.imageio import read_rgb
     from usseg_core.edges.orientation import edge_nms
     from scipy import ndimage as ndi
 
@@ -125,7 +127,7 @@ def test_pidinet_ods_far_above_chance():
     ours, base = [], []
     for i in ("2018", "6046"):
         gts = load_bsds_gt(BSDS / "groundTruth" / f"{i}.mat")
-        e = det(load_image_rgb(BSDS / "images" / f"{i}.jpg"))
+        e = det(read_rgb(BSDS / "images" / f"{i}.jpg"))
         ours.append(evaluate_image(edge_nms(e.strength, e.orientation), gts, th))
         noise = ndi.gaussian_filter(rng.random(e.strength.shape), 2.0)  # blurred noise, ridges like edges
         noise = (noise - noise.min()) / (noise.max() - noise.min())

@@ -150,16 +150,3 @@ def _load_builtin() -> None:
     # Imported lazily so that `import usseg_core.edges` stays cheap (no torch) for the classical path.
     from usseg_core.edges import classical, hed, pidinet, sed  # noqa: F401
 
-
-def load_image_rgb(path: str | Path) -> np.ndarray:
-    """Read an image file as (H, W, 3) uint8 RGB; InputError naming the file if unreadable."""
-    from PIL import Image, UnidentifiedImageError
-
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(p, "image file does not exist")
-    try:
-        with Image.open(p) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(p, f"cannot read as an image ({exc})") from exc
