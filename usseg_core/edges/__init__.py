@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from usseg_core.errors import ConfigError, InputError
+from usseg_core.errors import ConfigError
 
 __all__ = [
     "EdgeMap",
