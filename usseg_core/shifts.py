@@ -83,7 +83,7 @@ def measure_correlations(features: Sequence, knn: np.ndarray, *, n_pairs: int = 
     return stats
 
 
-def choose_shifts(stats: dict, targets: Sequence[float] = (1 / 3, 1 / 3, 0.15)) -> tuple[float, float, float]:
+def choose_shifts(stats: dict, targets: Sequence[float] = (0.35, 0.45, 0.06)) -> tuple[float, float, float]:
     """Shift b per term (self, knn, random) such that a ``target`` fraction of F^SC exceeds it.
 
     b = the (1 − target) quantile, interpolated from the summary of measure_correlations.

@@ -56,8 +56,11 @@ class StegoConfig:
     # STEGO #23, #63), so unknown data defaults to the automatic rule.
     shifts: tuple[float, float, float] | str = "auto"
     # Fraction of centred feature correlations F^SC above each automatic shift (self, knn, random).
-    # Our choice (not from the paper): a third of self/KNN pairs attract, 15 % of random pairs attract.
-    auto_targets: tuple[float, float, float] = (1 / 3, 1 / 3, 0.15)
+    # Our choice (not from the paper), tuned once on CamVid val with EfficientNet-Lite0 (bench/tune_shifts.py):
+    # (1/3, 1/3, 0.15) chose shifts 0.34/0.32/0.23 and left mean KNN / random code similarity at 0.14 / 0.02;
+    # (0.35, 0.45, 0.06) chooses 0.33/0.26/0.30 (the values reported as good for this data) and gives
+    # 0.20 / 0.01, nearer the paper's criterion (KNN ~0.3, random ~0), and +0.2 mIoU at 1500 steps.
+    auto_targets: tuple[float, float, float] = (0.35, 0.45, 0.06)
     checkpoint_every: int = 200  # steps between resumable checkpoints (ours; reference saves every 400)
     seed: int = 0  # seeds torch (init, dropout, sampling) and numpy (batches, KNN picks)
     log_every: int = 50  # steps between history entries (ours)
