@@ -16,6 +16,7 @@ import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from flows.cli_common import StorageOpt, human  # noqa: E402
 from flows.settings import storage_root  # noqa: E402
 from usseg_core.errors import UssegError  # noqa: E402
 
@@ -25,8 +26,6 @@ storage_app = typer.Typer(no_args_is_help=True, help="Inspect the artifact store
 app.add_typer(storage_app, name="storage")
 console = Console()
 
-StorageOpt = typer.Option(None, "--storage", help="Artifact root (default $USSEG_STORAGE, Prefect variable "
-                          "usseg_storage, ./storage).")
 RunnerOpt = typer.Option("threads", "--runner", "--dask-address",
                          help="Task runner: threads[:N] | dask[:N] (local cluster) | tcp://host:port "
                          "(existing Dask cluster)")
@@ -87,7 +86,7 @@ def storage_ls(
             continue
         size = meta.get("size_bytes") if art.complete else folder_size(art.path)
         table.add_row(art.stage, art.key, str(meta.get("dataset", "")), str(meta.get("backbone", "")),
-                      _human(size or 0), str(meta.get("created", "")),
+                      human(size or 0), str(meta.get("created", "")),
                       "[green]yes[/]" if art.complete else "[yellow]no[/]")
     console.print(table)
 
@@ -104,14 +103,6 @@ def storage_show(key: str = typer.Argument(..., help="Artifact key (a unique pre
     meta["path"] = str(art.path)
     meta["files"] = sorted(p.name for p in art.path.iterdir() if not p.name.startswith("."))
     console.print_json(json.dumps(meta, default=str))
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _register_optional() -> None:

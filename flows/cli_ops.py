@@ -10,19 +10,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
 
+from flows.cli_common import StorageOpt, human
 from flows.settings import storage_root
 
 console = Console()
-StorageOpt = typer.Option(None, "--storage", help="Artifact root (default $USSEG_STORAGE, variable usseg_storage, "
-                          "./storage).")
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def referenced_keys(storage: Path) -> set[str]:
