@@ -12,7 +12,6 @@ import os
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -155,7 +154,3 @@ def input_multiple(name: str) -> int:
     from usseg_core.backbones.registry import backbone_input_multiple
 
     return backbone_input_multiple(name)
-
-
-def describe(meta: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in meta.items())

@@ -1,12 +1,11 @@
-"""Settings shared by every entry point, resolved in one order: flag, environment, default.
+"""Names and defaults of usseg's settings, and ``--set`` parsing.
 
-(The Prefect-variable step between environment and default lives in the flows layer, because the core
-never imports Prefect; see ``flows/settings.py``.)
+Resolution (flag, environment, Prefect variable, default) lives in ``flows/settings.py``: the variable step
+needs Prefect, which the core never imports.
 """
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 STORAGE_ENV = "USSEG_STORAGE"
 DATA_ROOT_ENV = "USSEG_DATA_ROOT"
@@ -19,11 +18,6 @@ def first_set(*values: str | os.PathLike | None) -> str | None:
         if v is not None and str(v) != "":
             return str(v)
     return None
-
-
-def storage_root(flag: str | os.PathLike | None = None) -> Path:
-    """Storage root: ``--storage``, then ``$USSEG_STORAGE``, then ``./storage``."""
-    return Path(first_set(flag, os.environ.get(STORAGE_ENV), DEFAULT_STORAGE)).expanduser().resolve()
 
 
 def parse_set_options(items: list[str] | None) -> dict[str, object]:
