@@ -1,0 +1,103 @@
+"""Real-data runs on CamVid (slow): `usseg run stego` and `usseg run omh`, EfficientNet-Lite0, CRF on.
+
+Train on the train + val images (labels unused), evaluate on val at full frame — the protocol of issue 3.
+Skipped without ``../shared/data/camvid``. Knobs (environment):
+
+* ``USSEG_CAMVID_STEPS`` — head training steps (default 1500; the reference's 5000 takes ~30 min per
+  run on 2 CPU cores),
+* ``USSEG_CAMVID_SEEDS`` — comma-separated training seeds for STEGO (default ``0,1``: the issue's target
+  is an average over two seeds),
+* ``USSEG_CAMVID_STORAGE`` — a storage root to keep (and re-use) the cached features between runs,
+* ``USSEG_CAMVID_RESULTS`` — a folder where each run's results CSV is written for the report.
+
+The assertions check what must hold on any honest run: every predictor row with and without CRF, scores
+in range, labels buying a clear margin (linear probe far above every unsupervised clusterer), clusterers
+far above chance, CRF not hurting raw k-means accuracy. The STEGO-vs-k-means margin is *measured and
+printed*, not asserted: on this data and backbone it is within ±1 mIoU (see the README's CamVid notes).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tests.conftest import shared_path
+
+pytestmark = pytest.mark.slow
+
+STEPS = int(os.environ.get("USSEG_CAMVID_STEPS", "1500"))
+SEEDS = [int(s) for s in os.environ.get("USSEG_CAMVID_SEEDS", "0,1").split(",")]
+
+
+@pytest.fixture(scope="module")
+def camvid_storage(tmp_path_factory) -> Path:
+    keep = os.environ.get("USSEG_CAMVID_STORAGE")
+    return Path(keep) if keep else tmp_path_factory.mktemp("camvid-storage")
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory) -> Path:
+    keep = os.environ.get("USSEG_CAMVID_RESULTS")
+    out = Path(keep) if keep else tmp_path_factory.mktemp("camvid-results")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _run(method: str, seed: int, storage: Path, results: Path) -> pd.DataFrame:
+    root = shared_path("data", "camvid")
+    args = ["run", method, "--dataset", "camvid11", "--data-root", str(root), "--train-split", "train,val",
+            "--eval-split", "val", "--storage", str(storage), "--results", str(results),
+            "--set", f"steps={STEPS}", "--set", f"seed={seed}"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    print(res.output)
+    return pd.read_csv(results)
+
+
+def _score(df: pd.DataFrame, method: str, clusterer: str, crf: bool) -> pd.Series:
+    rows = df[(df.method == method) & (df.clusterer == clusterer) & (df.crf == crf)]
+    assert len(rows) == 1, f"expected one row for {method}/{clusterer}/crf={crf}, got {len(rows)}"
+    return rows.iloc[0]
+
+
+def _check_common(df: pd.DataFrame, method: str) -> None:
+    assert ((df.accuracy >= 0) & (df.accuracy <= 100) & (df.miou >= 0) & (df.miou <= 100)).all()
+    for crf in (False, True):
+        for clusterer in ("cluster-probe", "kmeans", "linear"):
+            _score(df, method, clusterer, crf)
+        _score(df, "raw-features", "kmeans", crf)
+    raw = _score(df, "raw-features", "kmeans", False)
+    probe = _score(df, method, "cluster-probe", False)
+    linear = _score(df, method, "linear", False)
+    # 11 classes: chance mIoU is a few percent; both clusterers must find the large classes
+    assert raw.miou > 20 and probe.miou > 20, (raw.miou, probe.miou)
+    # labels buy a clear margin over every unsupervised predictor
+    assert linear.miou > max(raw.miou, probe.miou) + 10, (linear.miou, raw.miou, probe.miou)
+    assert _score(df, "raw-features", "kmeans", True).accuracy >= raw.accuracy
+
+
+def test_camvid_stego_two_seeds(camvid_storage, results_dir, prefect_harness):
+    margins = []
+    for seed in SEEDS:
+        df = _run("stego", seed, camvid_storage, results_dir / f"stego_seed{seed}.csv")
+        _check_common(df, "stego")
+        margins.append(_score(df, "stego", "cluster-probe", False).miou
+                       - _score(df, "raw-features", "kmeans", False).miou)
+    print(f"STEGO cluster probe − raw k-means, mIoU, per seed: {margins}; mean {sum(margins) / len(margins):.2f}")
+
+
+def test_camvid_omh_vs_stego_same_seed(camvid_storage, results_dir, prefect_harness):
+    seed = SEEDS[0]
+    stego = _run("stego", seed, camvid_storage, results_dir / f"stego_seed{seed}.csv")  # a cache hit after the test above
+    omh = _run("omh", seed, camvid_storage, results_dir / f"omh_seed{seed}.csv")
+    _check_common(omh, "omh")
+    # same features, same raw-feature baseline: the k-means row is one cached artifact for both
+    pd.testing.assert_series_equal(_score(stego, "raw-features", "kmeans", False),
+                                   _score(omh, "raw-features", "kmeans", False), check_names=False)
+    for crf in (False, True):
+        s, o = _score(stego, "stego", "cluster-probe", crf), _score(omh, "omh", "cluster-probe", crf)
+        print(f"crf={crf}: STEGO {s.miou:.2f} mIoU / {s.accuracy:.2f} acc; OMH {o.miou:.2f} / {o.accuracy:.2f}")
