@@ -64,18 +64,32 @@ def ensure_kmeans(storage: str, head: dict | None, feature_infos: list[dict], k:
 
 def labelled_code_batches(head_path: str | None, feature_info: dict, data: DataRef, view: ViewSpec,
                           batch: int = 4) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(codes upsampled to the label grid (B, D, H, W), labels (B, H, W)) of a labelled split."""
+    """(codes upsampled to the label grid (B, D, H, W), labels (B, H, W)) of a labelled split.
+
+    Full-frame views keep each label at its own size, so a folder of mixed image sizes gives labels of
+    different shapes: a batch holds up to ``batch`` consecutive items of one label shape.
+    """
     feats = open_features([feature_info])
     ids = load_manifest(feature_info["manifest"]).ids
     ds = data.dataset()
     head, _ = load_head(head_path)
-    for a in range(0, len(ids), batch):
-        idx = range(a, min(a + batch, len(ids)))
-        labels = [prepare_label(ds.load_label(ids[i]), view) for i in idx]
+
+    def emit(idx: list[int], labels: list[np.ndarray]):
         with torch.no_grad():
             codes = head.codes(torch.from_numpy(np.stack([feats[i] for i in idx]).astype(np.float32)))
             codes = F.interpolate(codes, size=labels[0].shape, mode="bilinear", align_corners=False)
-        yield codes, torch.from_numpy(np.stack(labels))
+        return codes, torch.from_numpy(np.stack(labels))
+
+    idx, labels = [], []
+    for i in range(len(ids)):
+        label = prepare_label(ds.load_label(ids[i]), view)
+        if labels and (len(idx) == batch or label.shape != labels[0].shape):
+            yield emit(idx, labels)
+            idx, labels = [], []
+        idx.append(i)
+        labels.append(label)
+    if idx:
+        yield emit(idx, labels)
 
 
 @task(name="linear-probe", cache_policy=NO_CACHE)
