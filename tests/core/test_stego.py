@@ -269,7 +269,9 @@ def test_config_defaults_and_presets():
     assert city.shifts == (0.4583, 0.1754, 0.3136) and city.weights == (1.0, 0.5775, 0.9059) and city.steps == 10
     assert stego_config_for("potsdam3").shifts == (0.08, 0.02, 0.46)
     assert stego_config_for("reference-default").shifts == (0.18, 0.12, 0.46)
-    assert stego_config_for("camvid11").shifts == "auto"
+    assert stego_config_for("camvid11").shifts == "auto" and stego_config_for("camvid11").dim == 32
+    assert stego_config_for("camvid11", dim=70).dim == 70
+    assert stego_config_for("directory").dim == 70  # no preset: reference code dimension, automatic shifts
     assert set(STEGO_PRESETS) >= {"cocostuff27", "cityscapes27", "potsdam3", "reference-default"}
     assert stego_config_for("camvid11", auto_targets=(0.3, 0.3, 0.1)).auto_targets == (0.3, 0.3, 0.1)
     assert c.to_dict()["weights"] == [0.67, 0.25, 0.63]
