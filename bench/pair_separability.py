@@ -29,9 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import write_json  # noqa: E402
 
-TERMS = ("self", "knn", "random")
-
-
 def roc_auc(score, positive) -> float:
     """Mann-Whitney ROC-AUC of ``score`` for boolean ``positive`` (ties broken by order: fine for floats)."""
     import numpy as np
@@ -67,6 +64,8 @@ def pair_stats(maps, labels, pairs, shifts, *, points: int = 121, seed: int = 0)
     import numpy as np
     import torch
     import torch.nn.functional as F
+
+    from usseg_core.heads.stego import TERMS
 
     gen = torch.Generator().manual_seed(seed)
     unit = F.normalize(maps, dim=1).flatten(2)  # (N, C, h*w)
@@ -111,14 +110,15 @@ def main() -> None:
     args = ap.parse_args()
     import numpy as np
     import torch
-    import torch.nn.functional as F
 
     from bench.tune_shifts import _artifacts
     from tasks.heads import load_head
     from usseg_core.datasets import get_dataset
     from usseg_core.datasets.manifest import Manifest
     from usseg_core.features import FeatureStore
+    from usseg_core.knn import mine_knn
     from usseg_core.store import ArtifactStore
+    from usseg_core.heads.stego import TERMS
     from usseg_core.views import ViewSpec, prepare_label
 
     arts = [a for a in _artifacts(args.storage, "features", split=args.eval_split)
@@ -126,7 +126,7 @@ def main() -> None:
     if not arts:
         sys.exit(f"no cached {args.view} features of split {args.eval_split!r} under {args.storage}: "
                  "run `usseg run ...` with that split among the training or evaluation splits first")
-    view = ViewSpec(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in arts[0].meta["view"].items()})
+    view = ViewSpec.from_params(arts[0].meta["view"])
     store = FeatureStore(arts[0].file("features.zarr"))
     feats = torch.from_numpy(np.stack([np.asarray(store[i], dtype=np.float32) for i in range(len(store))]))
     ds = get_dataset(args.dataset, args.data_root, args.eval_split)
@@ -139,10 +139,7 @@ def main() -> None:
         cell_labels(prepare_label(ds.load_label(ids[i // per]), view, i % per), feats.shape[-2:])
         for i in range(len(feats))]).astype(np.int64))
 
-    pooled = F.normalize(feats.mean(dim=(2, 3)), dim=1)
-    sim = pooled @ pooled.T
-    sim.fill_diagonal_(-2.0)
-    knn = sim.topk(7, dim=1).indices  # (N, 7) ranks 1..7, self excluded
+    knn = mine_knn(feats.mean(dim=(2, 3)).numpy(), k=7)[:, 1:]  # (N, 7) ranks 1..7, self excluded
     rng = np.random.default_rng(args.seed)
     n = len(feats)
     pairs = {"self": [(i, i) for i in range(n)],

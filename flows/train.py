@@ -61,7 +61,7 @@ def evaluate_stages(trained: dict, dataset: str, data_root: str, eval_split: str
     view = eval_view(ds, eval_resolution)
     manifest = ensure_manifest(data, storage)
     feats = ensure_features(storage, data, ref, view, batch_size=batch_size, manifest=manifest)
-    view = ViewSpec(**{**feats["view"], "size": tuple(feats["view"]["size"]) if feats["view"]["size"] else None})
+    view = ViewSpec.from_params(feats["view"])
     flips = ensure_features(storage, data, ref, view.flipped(), batch_size=batch_size, manifest=manifest)
     n_classes, k, head = trained["n_classes"], trained["k"], trained["head"]
     method_preds = [

@@ -110,7 +110,7 @@ def ensure_linear_probe(storage: str, head: dict | None, feature_info: dict, dat
     if art is None:
         art = store.begin("linear-probe", key, version=PROBE_VERSION, params=params, upstream=upstream,
                           dataset=data.name, split=data.split)
-        vs = ViewSpec(**{**view, "size": tuple(view["size"]) if view.get("size") else None})
+        vs = ViewSpec.from_params(view)
         probe = train_linear_probe(
             lambda: labelled_code_batches(head["path"] if head else None, feature_info, data, vs),
             n_classes, epochs=epochs, seed=seed)

@@ -77,7 +77,7 @@ def evaluate_shard(data: DataRef, manifest_path: str, view: dict, feats_path: st
 
     ids = Manifest.from_json(manifest_path).ids
     ds = data.dataset()
-    vs = ViewSpec(**{**view, "size": tuple(view["size"]) if view.get("size") else None})
+    vs = ViewSpec.from_params(view)
     feats, flips = FeatureStore(feats_path), FeatureStore(flips_path) if flips_path else None
     params = CRFParams(**crf)
     cms: dict[str, np.ndarray] = {}

@@ -39,7 +39,7 @@ def extract_shard(storage: str, key: str, data: DataRef, manifest_path: str, vie
 
     manifest = Manifest.from_json(manifest_path)
     ds = data.dataset()
-    vs = ViewSpec(**{**view, "size": tuple(view["size"]) if view.get("size") else None})
+    vs = ViewSpec.from_params(view)
     ids = manifest.ids
 
     def load_item(i: int) -> torch.Tensor:

@@ -59,6 +59,11 @@ class ViewSpec:
         d["size"] = list(self.size) if self.size else None
         return d
 
+    @classmethod
+    def from_params(cls, params: dict) -> "ViewSpec":
+        """The inverse of :meth:`params` (artifact metadata stores ``size`` as a list or None)."""
+        return cls(**{**params, "size": tuple(params["size"]) if params.get("size") else None})
+
     def flipped(self) -> "ViewSpec":
         return replace(self, flip=not self.flip)
 

@@ -56,3 +56,11 @@ def test_bad_views_are_refused():
         ViewSpec("zoom", 224)
     with pytest.raises(ConfigError, match="multiple"):
         ViewSpec("center_crop", 100).check_multiple(8)
+
+
+def test_from_params_inverts_params_through_json():
+    import json
+
+    for view in (ViewSpec("five_crop", 224), ViewSpec("full", None, size=(352, 480), flip=True),
+                 ViewSpec("center_crop", 320, crop_ratio=0.25)):
+        assert ViewSpec.from_params(json.loads(json.dumps(view.params()))) == view
