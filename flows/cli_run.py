@@ -10,9 +10,9 @@ from rich.table import Table
 
 from flows.settings import storage_root
 from usseg_core.config import parse_set_options
+from usseg_core.heads import get_head, list_heads
 
 console = Console()
-METHODS = ("stego", "omh")
 
 
 def print_results(rows: list[dict], title: str) -> None:
@@ -46,10 +46,15 @@ def run_pipeline(method: str, dataset: str, data_root: str | None, train_split: 
         run_crf=crf, dataset_options=dataset_options, n_clusters=n_clusters)
 
 
+def _run_help() -> str:
+    heads = "\n\n".join(f"{h}: {get_head(h).summary}" for h in list_heads())
+    return f"Run the whole pipeline (train + evaluate) for one head and print the results table.\n\n{heads}"
+
+
 def register(app: typer.Typer) -> None:
-    @app.command()
+    @app.command(help=_run_help())
     def run(
-        method: str = typer.Argument(..., help="Head: stego | omh"),
+        method: str = typer.Argument(..., help="Head: " + " | ".join(list_heads()) + " (the head registry)."),
         dataset: str = typer.Option(..., help="Dataset registry name."),
         data_root: Optional[Path] = typer.Option(
             None, "--data-root", help="Dataset root folder (default: $USSEG_DATA_ROOT/<dataset folder>)."),
@@ -62,14 +67,16 @@ def register(app: typer.Typer) -> None:
         eval_resolution: Optional[int] = typer.Option(None, help="Override the eval protocol's resolution."),
         crf: bool = typer.Option(True, "--crf/--no-crf", help="Dense CRF refinement rows."),
         results: Optional[Path] = typer.Option(None, help="Write the results table as CSV here."),
-        set_: Optional[List[str]] = typer.Option(None, "--set", help="Config override key=value (repeatable)."),
+        set_: Optional[List[str]] = typer.Option(
+            None, "--set", help="Config override key=value (repeatable): bare names set the head's main section "
+                                "(steps=2000), SECTION.field another (omh.w_match=0.1, picie.k_over=100), "
+                                "views.field the view bank (views.n_views=8)."),
         runner: str = typer.Option("threads", "--runner", "--dask-address",
                                    help="threads[:N] | dask[:N] | tcp://host:port"),
         storage: Optional[Path] = typer.Option(None, "--storage"),
     ) -> None:
-        """Run the whole pipeline (train + evaluate) for one head and print the results table."""
-        if method not in METHODS:
-            raise typer.BadParameter(f"method must be one of {', '.join(METHODS)}")
+        if method not in list_heads():
+            raise typer.BadParameter(f"unknown head {method!r}; registered heads: {', '.join(list_heads())}")
         out = run_pipeline(method, dataset, str(data_root) if data_root else None, train_split, eval_split,
                            backbone, str(weights) if weights else None, random_weights, storage_root(storage),
                            parse_set_options(set_), runner, resolution, eval_resolution, crf)
@@ -133,7 +140,7 @@ def register(app: typer.Typer) -> None:
         images: List[Path] = typer.Argument(..., help="Images to segment."),
         model: str = typer.Option(..., "--model", help="Head artifact key (see `usseg storage ls --stage head`)."),
         out: Path = typer.Option(..., "--out", help="Output folder."),
-        clusterer: str = typer.Option("cluster-probe", help="cluster-probe | kmeans"),
+        clusterer: str = typer.Option("own", help="own (the head's: STEGO cluster probe, PiCIE centroids) | kmeans"),
         crf: bool = typer.Option(True, "--crf/--no-crf"),
         long_side: int = typer.Option(480, help="Images are resized to this long side for the backbone."),
         storage: Optional[Path] = typer.Option(None, "--storage"),

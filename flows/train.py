@@ -1,10 +1,14 @@
-"""Flows ``train-stego``, ``train-omh``, ``evaluate`` and ``pipeline``.
+"""Flows ``train-<head>`` and ``evaluate-<head>`` for every registered head, and ``pipeline``.
 
-train:    manifest -> five-crop features -> KNN -> head -> k-means (codes) [+ raw-feature k-means]
-evaluate: eval features (+ flipped) -> codes -> cluster probe / k-means / linear probe -> CRF -> metrics
+train:    manifest -> the head's cached inputs (five-crop features + KNN | base features + view bank)
+          -> head -> k-means (codes) [+ raw-feature k-means]
+evaluate: eval features (+ flipped) -> codes -> own clusterer / k-means / linear probe -> CRF -> metrics
 Every stage is an artifact looked up by key first, so a re-run with the same inputs costs key look-ups.
+All flows share one body (:func:`run`) driven by a :class:`RunSpec`; the head decides its inputs.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -18,61 +22,121 @@ from tasks.common import BackboneRef, DataRef, ensure_manifest
 from tasks.evaluate import results_markdown, run_evaluation
 from tasks.extract import ensure_features
 from tasks.heads import ensure_head, ensure_knn
+from tasks.views import ensure_views
 from usseg_core.crf import CRFParams
+from usseg_core.errors import ConfigError
+from usseg_core.heads import get_head, list_heads
 from usseg_core.views import ViewSpec
+from usseg_core.viewbank import ViewBankConfig
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+VIEWS_PREFIX = "views."  # --set views.n_views=8: view-bank fields, shared by every head that uses it
 
 
-def _splits(splits: str | list[str]) -> list[str]:
-    return [s.strip() for s in splits.split(",")] if isinstance(splits, str) else list(splits)
+@dataclass(frozen=True)
+class RunSpec:
+    """One training (and optionally evaluation) run: which head, on which data, with which backbone."""
 
+    head: str
+    dataset: str
+    data_root: str | None = None
+    train_split: str | list[str] = "train"
+    eval_split: str | None = None  # None: train only
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | None = None
+    random_weights: bool = False
+    storage: str | None = None
+    overrides: dict = field(default_factory=dict)  # head config (namespaced) and views.* fields
+    resolution: int = 224  # training resolution (five-crops, view-bank base frame)
+    eval_resolution: int | None = None
+    run_crf: bool = True
+    dataset_options: dict | None = None
+    n_clusters: int | None = None  # k-means K (default: number of classes)
+    device: str = "auto"
 
-def train_stages(method: str, dataset: str, data_root: str, train_splits: list[str], ref: BackboneRef,
-                 storage: str, *, resolution: int = 224, overrides: dict | None = None,
-                 dataset_options: dict | None = None, n_clusters: int | None = None,
-                 batch_size: int = 8, device: str = "auto") -> dict:
-    """Features of the five-crop set, KNN, head, and k-means over codes and over raw features."""
-    crops = ViewSpec("five_crop", resolution)
-    datas = [DataRef(dataset, data_root, s, dataset_options or {}) for s in train_splits]
-    infos = [ensure_features(storage, d, ref, crops, batch_size=batch_size) for d in datas]
-    n_classes = datas[0].dataset().n_classes
-    k = n_clusters or n_classes
-    knn = ensure_knn(storage, infos, k=30)
-    head = ensure_head(storage, method, dataset, n_classes, infos, knn, overrides, device)
-    kmeans = ensure_kmeans(storage, head, infos, k)
-    raw_kmeans = ensure_kmeans(storage, None, infos, k)
-    return {"features": infos, "knn": knn, "head": head, "kmeans": kmeans, "raw_kmeans": raw_kmeans,
-            "n_classes": n_classes, "k": k}
+    @property
+    def splits(self) -> list[str]:
+        s = self.train_split
+        return [p.strip() for p in s.split(",")] if isinstance(s, str) else list(s)
+
+    def backbone_ref(self) -> BackboneRef:
+        return BackboneRef(self.backbone, self.weights, self.random_weights, device=self.device)
+
+    def head_overrides(self) -> dict:
+        return {k: v for k, v in (self.overrides or {}).items() if not k.startswith(VIEWS_PREFIX)}
+
+    def views_config(self) -> ViewBankConfig:
+        fields = {k[len(VIEWS_PREFIX):]: v for k, v in (self.overrides or {}).items() if k.startswith(VIEWS_PREFIX)}
+        known = set(ViewBankConfig.__dataclass_fields__)
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ConfigError(f"--set views.{unknown[0]}: unknown view-bank field; valid: "
+                              f"{', '.join('views.' + k for k in sorted(known))}")
+        return ViewBankConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 def eval_view(dataset_obj, resolution: int | None) -> ViewSpec:
-    """The evaluation protocol of the dataset (METHODS.md §5 S8), optionally at another resolution."""
+    """The evaluation protocol of the dataset (METHODS.md §5 S8), optionally at another resolution.
+
+    At the training resolution it is also the view bank's base frame: the whole evaluation frame, smaller.
+    """
     if dataset_obj.eval_policy == "full":
         return ViewSpec("full", resolution)
     return ViewSpec("center_crop", resolution or 320)
 
 
-def evaluate_stages(trained: dict, dataset: str, data_root: str, eval_split: str, probe_split: str | None,
-                    ref: BackboneRef, storage: str, *, eval_resolution: int | None = None,
-                    run_crf: bool = True, dataset_options: dict | None = None, batch_size: int = 8) -> dict:
-    data = DataRef(dataset, data_root, eval_split, dataset_options or {})
+def train_stages(run: RunSpec) -> dict:
+    """The head's cached inputs, the head, and k-means over its codes and over the raw features."""
+    spec = get_head(run.head)
+    storage, ref = run.storage, run.backbone_ref()
+    datas = [DataRef(run.dataset, run.data_root, s, run.dataset_options or {}) for s in run.splits]
+    ds = datas[0].dataset()
+    n_classes = ds.n_classes
+    k = run.n_clusters or n_classes
+    inputs: dict = {}
+    cluster_on = None  # the features k-means (codes and raw) is fitted on
+    if spec.needs & {"five_crop", "knn"}:
+        crops = ViewSpec("five_crop", run.resolution)
+        inputs["features"] = cluster_on = [ensure_features(storage, d, ref, crops) for d in datas]
+        if "knn" in spec.needs:
+            inputs["knn"] = ensure_knn(storage, inputs["features"], k=30)
+    if "views" in spec.needs:
+        base, vcfg = eval_view(ds, run.resolution), run.views_config()
+        cluster_on = [ensure_features(storage, d, ref, base) for d in datas]  # un-augmented frames
+        inputs["views"] = [ensure_views(storage, d, ref, base, vcfg, manifest=b["manifest"])
+                           for d, b in zip(datas, cluster_on)]
+    if "oversegment" in spec.needs:
+        raise ConfigError(f"head {run.head!r} needs oversegmentations as a training input, which the "
+                          "pipeline does not feed to heads yet")
+    if cluster_on is None:
+        raise ConfigError(f"head {run.head!r} declares no feature input ({sorted(spec.needs)})")
+    head = ensure_head(storage, run.head, run.dataset, n_classes, inputs, run.head_overrides(), run.device)
+    kmeans = ensure_kmeans(storage, head, cluster_on, k)
+    raw_kmeans = ensure_kmeans(storage, None, cluster_on, k)
+    return {**inputs, "head": head, "kmeans": kmeans, "raw_kmeans": raw_kmeans, "n_classes": n_classes, "k": k,
+            "clusterer": spec.clusterer}
+
+
+def evaluate_stages(trained: dict, run: RunSpec) -> dict:
+    storage, ref = run.storage, run.backbone_ref()
+    data = DataRef(run.dataset, run.data_root, run.eval_split, run.dataset_options or {})
     ds = data.dataset()
-    view = eval_view(ds, eval_resolution)
+    view = eval_view(ds, run.eval_resolution)
     manifest = ensure_manifest(data, storage)
-    feats = ensure_features(storage, data, ref, view, batch_size=batch_size, manifest=manifest)
+    feats = ensure_features(storage, data, ref, view, manifest=manifest)
     view = ViewSpec.from_params(feats["view"])
-    flips = ensure_features(storage, data, ref, view.flipped(), batch_size=batch_size, manifest=manifest)
+    flips = ensure_features(storage, data, ref, view.flipped(), manifest=manifest)
     n_classes, k, head = trained["n_classes"], trained["k"], trained["head"]
-    method_preds = [
-        {"name": "cluster-probe", "kind": "cluster-probe", "n_pred": n_classes, "key": head["key"],
-         "head": head["path"]},
-        {"name": "kmeans", "kind": "kmeans", "n_pred": k, "key": trained["kmeans"]["key"],
-         "centroids": trained["kmeans"]["path"]},
-    ]
-    if probe_split:
-        pdata = DataRef(dataset, data_root, probe_split, dataset_options or {})
-        pfeats = ensure_features(storage, pdata, ref, view, batch_size=batch_size)
+    method_preds = []
+    if trained["clusterer"]:
+        method_preds.append({"name": trained["clusterer"], "kind": "own", "label": trained["clusterer"],
+                             "n_pred": n_classes, "key": head["key"], "head": head["path"]})
+    method_preds.append({"name": "kmeans", "kind": "kmeans", "n_pred": k, "key": trained["kmeans"]["key"],
+                         "centroids": trained["kmeans"]["path"]})
+    labelled = [s for s in run.splits if s != run.eval_split]
+    if labelled:
+        pdata = DataRef(run.dataset, run.data_root, labelled[0], run.dataset_options or {})
+        pfeats = ensure_features(storage, pdata, ref, view)
         probe = ensure_linear_probe(storage, head, pfeats, pdata, view.params(), n_classes)
         method_preds.append({"name": "linear", "kind": "linear", "n_pred": n_classes, "key": probe["key"],
                              "probe": probe["path"], "n_classes": n_classes})
@@ -83,7 +147,7 @@ def evaluate_stages(trained: dict, dataset: str, data_root: str, eval_split: str
         {"method": head["method"], "head": head["path"], "head_key": head["key"], "predictors": method_preds},
     ]
     return run_evaluation(storage, data, manifest, view, feats, flips, groups, list(ds.class_names),
-                          run_crf=run_crf, crf=CRFParams())
+                          run_crf=run.run_crf, crf=CRFParams())
 
 
 def _publish(result: dict, title: str) -> None:
@@ -94,77 +158,65 @@ def _publish(result: dict, title: str) -> None:
         f"at `{result['path']}` (results.csv, results.parquet, confusion.png, overlays.png)"))
 
 
-def _pipeline(method: str, dataset: str, data_root: str | None, train_split: str | list[str],
-              eval_split: str | None, backbone: str, weights: str | None, random_weights: bool,
-              storage: str | None, overrides: dict | None, resolution: int, eval_resolution: int | None,
-              run_crf: bool, dataset_options: dict | None, n_clusters: int | None, device: str, evaluate: bool) -> dict:
-    storage = str(storage_root(storage))
-    data_root = resolve_data_root(dataset, data_root, storage)
-    ref = BackboneRef(backbone, weights, random_weights, device=device)
-    splits = _splits(train_split)
-    trained = train_stages(method, dataset, str(data_root), splits, ref, storage, resolution=resolution,
-                           overrides=overrides, dataset_options=dataset_options, n_clusters=n_clusters,
-                           device=device)
+def run(spec: RunSpec) -> dict:
+    """The one pipeline body: resolve paths, train (cache look-ups when trained), evaluate if asked."""
+    get_head(spec.head)  # an unknown head fails before any work
+    storage = str(storage_root(spec.storage))
+    spec = replace(spec, storage=storage, data_root=str(resolve_data_root(spec.dataset, spec.data_root, storage)))
+    trained = train_stages(spec)
     out = {"trained": trained}
-    if evaluate and eval_split:
-        labelled = [s for s in splits if s != eval_split]
-        probe_split = labelled[0] if labelled else None
-        result = evaluate_stages(trained, dataset, str(data_root), eval_split, probe_split, ref, storage,
-                                 eval_resolution=eval_resolution, run_crf=run_crf,
-                                 dataset_options=dataset_options)
-        _publish(result, f"{method} on {dataset}/{eval_split} ({backbone})")
+    if spec.eval_split:
+        result = evaluate_stages(trained, spec)
+        _publish(result, f"{spec.head} on {spec.dataset}/{spec.eval_split} ({spec.backbone})")
         out["evaluation"] = result
-    publish_run(storage, f"{'evaluate' if evaluate else 'train'}-{method}", out)
+    publish_run(storage, f"{'evaluate' if spec.eval_split else 'train'}-{spec.head}", out)
     return out
 
 
-@flow(name="train-stego", task_runner=SettingTaskRunner())
-def train_stego(dataset: str, data_root: str | None = None,
-                train_split: str = "train", backbone: str = DEFAULT_BACKBONE,
-                weights: str | None = None, random_weights: bool = False, storage: str | None = None,
-                overrides: dict | None = None, resolution: int = 224, dataset_options: dict | None = None,
-                n_clusters: int | None = None, device: str = "auto",
-                task_runner: str = "threads") -> dict:
-    """extract -> five-crop -> KNN -> STEGO head -> clustering."""
-    return _pipeline("stego", dataset, data_root, train_split, None, backbone, weights, random_weights,
-                     storage, overrides, resolution, None, False, dataset_options, n_clusters, device, False)
-
-
-@flow(name="train-omh", task_runner=SettingTaskRunner())
-def train_omh(dataset: str, data_root: str | None = None,
-              train_split: str = "train", backbone: str = DEFAULT_BACKBONE,
-              weights: str | None = None, random_weights: bool = False, storage: str | None = None,
-              overrides: dict | None = None, resolution: int = 224, dataset_options: dict | None = None,
-              n_clusters: int | None = None, device: str = "auto",
+def _train_flow(head: str):
+    def train(dataset: str, data_root: str | None = None, train_split: str = "train",
+              backbone: str = DEFAULT_BACKBONE, weights: str | None = None, random_weights: bool = False,
+              storage: str | None = None, overrides: dict | None = None, resolution: int = 224,
+              dataset_options: dict | None = None, n_clusters: int | None = None, device: str = "auto",
               task_runner: str = "threads") -> dict:
-    """Same cached stages as train-stego up to the head, then the STEGO head with OMH's hierarchy loss."""
-    return _pipeline("omh", dataset, data_root, train_split, None, backbone, weights, random_weights,
-                     storage, overrides, resolution, None, False, dataset_options, n_clusters, device, False)
+        return run(RunSpec(head, dataset, data_root, train_split, None, backbone, weights, random_weights,
+                           storage, overrides or {}, resolution, None, False, dataset_options, n_clusters,
+                           device))
+
+    train.__name__ = train.__qualname__ = f"train_{head}"
+    train.__doc__ = f"{get_head(head).summary}: its cached inputs -> head -> k-means."
+    return flow(name=f"train-{head}", task_runner=SettingTaskRunner())(train)
 
 
-@flow(name="evaluate", task_runner=SettingTaskRunner())
-def evaluate(dataset: str, data_root: str | None = None,
-             train_split: str = "train", eval_split: str = "val",
-             method: str = "stego", backbone: str = DEFAULT_BACKBONE, weights: str | None = None,
-             random_weights: bool = False, storage: str | None = None, overrides: dict | None = None,
-             resolution: int = 224, eval_resolution: int | None = None, run_crf: bool = True,
-             dataset_options: dict | None = None, n_clusters: int | None = None, device: str = "auto",
-             task_runner: str = "threads") -> dict:
-    """Evaluate the head trained with the same parameters (its stages are cache look-ups)."""
-    return _pipeline(method, dataset, data_root, train_split, eval_split, backbone, weights, random_weights,
-                     storage, overrides, resolution, eval_resolution, run_crf, dataset_options, n_clusters,
-                     device, True)
+def _evaluate_flow(head: str):
+    def evaluate(dataset: str, data_root: str | None = None, train_split: str = "train", eval_split: str = "val",
+                 backbone: str = DEFAULT_BACKBONE, weights: str | None = None, random_weights: bool = False,
+                 storage: str | None = None, overrides: dict | None = None, resolution: int = 224,
+                 eval_resolution: int | None = None, run_crf: bool = True, dataset_options: dict | None = None,
+                 n_clusters: int | None = None, device: str = "auto", task_runner: str = "threads") -> dict:
+        return run(RunSpec(head, dataset, data_root, train_split, eval_split, backbone, weights, random_weights,
+                           storage, overrides or {}, resolution, eval_resolution, run_crf, dataset_options,
+                           n_clusters, device))
+
+    evaluate.__name__ = evaluate.__qualname__ = f"evaluate_{head}"
+    evaluate.__doc__ = f"Evaluate {head} (training stages are cache look-ups once trained)."
+    return flow(name=f"evaluate-{head}", task_runner=SettingTaskRunner())(evaluate)
+
+
+TRAIN_FLOWS = {h: _train_flow(h) for h in list_heads()}
+EVALUATE_FLOWS = {h: _evaluate_flow(h) for h in list_heads()}
+# Module attributes `train_<head>` / `evaluate_<head>`: the deployments' entrypoints.
+globals().update({f.fn.__name__: f for f in (*TRAIN_FLOWS.values(), *EVALUATE_FLOWS.values())})
 
 
 @flow(name="pipeline", task_runner=SettingTaskRunner())
-def pipeline(dataset: str, data_root: str | None = None,
-             train_split: str = "train", eval_split: str = "val",
+def pipeline(dataset: str, data_root: str | None = None, train_split: str = "train", eval_split: str = "val",
              method: str = "stego", backbone: str = DEFAULT_BACKBONE, weights: str | None = None,
              random_weights: bool = False, storage: str | None = None, overrides: dict | None = None,
              resolution: int = 224, eval_resolution: int | None = None, run_crf: bool = True,
              dataset_options: dict | None = None, n_clusters: int | None = None, device: str = "auto",
              task_runner: str = "threads") -> dict:
-    """train-<method> then evaluate, in one run."""
-    return _pipeline(method, dataset, data_root, train_split, eval_split, backbone, weights, random_weights,
-                     storage, overrides, resolution, eval_resolution, run_crf, dataset_options, n_clusters,
-                     device, True)
+    """train-<method> then evaluate, in one run (what `usseg run <head>` starts)."""
+    return run(RunSpec(method, dataset, data_root, train_split, eval_split, backbone, weights, random_weights,
+                       storage, overrides or {}, resolution, eval_resolution, run_crf, dataset_options,
+                       n_clusters, device))

@@ -23,8 +23,15 @@ from usseg_core.store import atomic_write_json, now_iso
 
 EVENT = "usseg.backbone.changed"
 RECORD = "_backbones.json"
-# Deployments whose parameters name the backbones to watch when no explicit list is given.
-WATCHED_FLOWS = ("train-stego", "train-omh", "evaluate", "extract-features")
+
+def watched_flows() -> tuple[str, ...]:
+    """Flows whose deployments name the backbones to watch when no explicit list is given (from the registry)."""
+    from usseg_core.heads import list_heads
+
+    return (*(f"{kind}-{h}" for kind in ("train", "evaluate") for h in list_heads()), "extract-features")
+
+
+WATCHED_FLOWS = watched_flows()
 
 
 def resource_id(name: str) -> str:

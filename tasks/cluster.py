@@ -21,7 +21,7 @@ PROBE_VERSION = 1
 @torch.no_grad()
 def code_batches(head_path: str | None, feats, batch: int = 16) -> Iterator[torch.Tensor]:
     """Codes ``(B, D, h, w)`` of every item of ``feats``, streamed in batches."""
-    head, _ = load_head(head_path)
+    head = load_head(head_path)
     for a in range(0, len(feats), batch):
         x = torch.from_numpy(np.stack([feats[i] for i in range(a, min(a + batch, len(feats)))]).astype(np.float32))
         yield head.codes(x)
@@ -72,7 +72,7 @@ def labelled_code_batches(head_path: str | None, feature_info: dict, data: DataR
     feats = open_features([feature_info])
     ids = load_manifest(feature_info["manifest"]).ids
     ds = data.dataset()
-    head, _ = load_head(head_path)
+    head = load_head(head_path)
 
     def emit(idx: list[int], labels: list[np.ndarray]):
         with torch.no_grad():

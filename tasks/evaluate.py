@@ -48,8 +48,8 @@ def predictor_logits(predictor: dict, codes: torch.Tensor) -> torch.Tensor:
     from usseg_core.cluster import cluster_logits
 
     kind = predictor["kind"]
-    if kind == "cluster-probe":
-        return load_head(predictor["head"])[1]["cluster_probe"].logits(codes)
+    if kind == "own":  # the head's own assignment (STEGO's cluster probe, PiCIE's centroids)
+        return load_head(predictor["head"]).cluster_logits(codes)
     if kind == "kmeans":
         return cluster_logits(codes, _centroids(predictor["centroids"]), alpha=2.0)
     if kind == "linear":
@@ -61,7 +61,7 @@ def predictor_logits(predictor: dict, codes: torch.Tensor) -> torch.Tensor:
 def image_codes(head_path: str | None, feats: FeatureStore, flips: FeatureStore | None, i: int,
                 size: tuple[int, int]) -> torch.Tensor:
     """Flip-averaged codes of item i, bilinearly upsampled to ``size`` -> (1, D, H, W)."""
-    head, _ = load_head(head_path)
+    head = load_head(head_path)
     codes = head.codes(torch.from_numpy(feats[i].astype(np.float32))[None])
     if flips is not None:  # flip-TTA: average with the mirrored-back codes of the mirrored image
         codes = (codes + head.codes(torch.from_numpy(flips[i].astype(np.float32))[None]).flip(-1)) / 2
@@ -160,7 +160,7 @@ def _score_rows(cms: dict, groups: list[dict], class_names: list[str]) -> list[d
                 if name not in cms:
                     continue
                 sc = identity_scores(cms[name]) if p["kind"] == "linear" else hungarian_scores(cms[name])
-                row = {"method": g["method"], "clusterer": p["kind"], "crf": crf_flag == "yes",
+                row = {"method": g["method"], "clusterer": p.get("label", p["kind"]), "crf": crf_flag == "yes",
                        "accuracy": round(100 * sc.accuracy, 2), "miou": round(100 * sc.miou, 2)}
                 row.update({f"iou_{c}": round(100 * float(v), 2) if np.isfinite(v) else None
                             for c, v in zip(class_names, sc.iou)})

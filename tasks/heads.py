@@ -1,11 +1,10 @@
-"""KNN mining and head training tasks (STEGO, and OMH on top of it)."""
+"""KNN mining and head training tasks (every registered head)."""
 from __future__ import annotations
 
 import functools
 from pathlib import Path
 
 import numpy as np
-import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -14,8 +13,7 @@ from usseg_core.features import ConcatFeatures, FeatureStore
 from usseg_core.store import ArtifactStore, artifact_key
 
 KNN_VERSION = 1
-HEAD_VERSION = 1
-METHODS = ("stego", "omh")
+HEAD_VERSION = 2  # 2: registry head.pt (format 2), config by section, inputs as upstream
 
 
 def open_features(infos: list[dict]) -> ConcatFeatures:
@@ -56,78 +54,78 @@ def ensure_knn(storage: str, feature_infos: list[dict], k: int = 30) -> dict:
     return {"key": key, "path": str(art.file("knn.npy"))}
 
 
-def head_key(method: str, n_classes: int, config: dict, feature_infos: list[dict], knn: dict,
-             aux_config: dict | None) -> tuple[str, dict, dict]:
-    params = {"method": method, "n_classes": n_classes, "config": config, "aux": aux_config}
-    upstream = {**_feature_upstream(feature_infos), "knn": knn["key"]}
+def head_inputs_upstream(inputs: dict) -> dict:
+    """Upstream keys of a head artifact: every cached input it was trained on (lists get an index)."""
+    upstream = {}
+    for name in sorted(inputs):
+        ref = inputs[name]
+        if isinstance(ref, list):
+            upstream.update({f"{name}{i}": r["key"] for i, r in enumerate(ref)})
+        else:
+            upstream[name] = ref["key"]
+    return upstream
+
+
+def head_key(method: str, n_classes: int, config: dict, inputs: dict) -> tuple[str, dict, dict]:
+    params = {"method": method, "n_classes": n_classes, "config": config}
+    upstream = head_inputs_upstream(inputs)
     return artifact_key("head", HEAD_VERSION, params, upstream), params, upstream
 
 
+def open_head_inputs(inputs: dict, n_classes: int):
+    """The core's HeadInputs from the task references (features loaded into memory when they fit)."""
+    from usseg_core.heads import HeadInputs
+
+    out = HeadInputs(n_classes=n_classes)
+    if "features" in inputs:
+        out.features = open_features(inputs["features"])
+        out.features.load_all()
+    if "knn" in inputs:
+        out.knn = np.load(inputs["knn"]["path"])
+    if "views" in inputs:
+        from usseg_core.viewbank import ViewBank
+
+        out.views = [ViewBank(ref["path"]) for ref in inputs["views"]]
+        for bank in out.views:
+            bank.load_all()
+    return out
+
+
 @task(name="train-head", cache_policy=NO_CACHE)
-def ensure_head(storage: str, method: str, dataset: str, n_classes: int, feature_infos: list[dict],
-                knn: dict, overrides: dict | None = None, device: str = "auto") -> dict:
-    """Train (or find) a head on cached features; resumes from its checkpoint after a crash."""
-    from usseg_core.heads.stego import stego_config_for
-    from usseg_core.train import train_stego
+def ensure_head(storage: str, method: str, dataset: str, n_classes: int, inputs: dict,
+                overrides: dict | None = None, device: str = "auto") -> dict:
+    """Train (or find) a registered head on its cached inputs; resumes from its checkpoint after a crash.
 
-    overrides = dict(overrides or {})
-    aux_over = {k[4:]: overrides.pop(k) for k in list(overrides) if k.startswith("omh.")}
-    config = stego_config_for(dataset, **overrides)
-    aux_config = None
-    if method == "omh":
-        from usseg_core.heads.omh import OMHConfig
+    ``inputs`` maps the head's declared inputs to task references: ``features`` (list of five-crop
+    feature refs), ``knn``, ``views`` (list of view-bank refs, one per training split).
+    """
+    from usseg_core.heads import config_to_dict, get_head, save_head
 
-        aux_config = OMHConfig(**aux_over).__dict__
-    elif method != "stego":
-        raise ValueError(f"unknown head method {method!r}; known: {', '.join(METHODS)}")
-    key, params, upstream = head_key(method, n_classes, config.to_dict(), feature_infos, knn, aux_config)
+    spec = get_head(method)
+    config = spec.config(dataset, overrides)
+    key, params, upstream = head_key(method, n_classes, config_to_dict(config), inputs)
     store = ArtifactStore(storage)
     art = store.get("head", key)
     if art is not None:
         logger().info("cache hit: head/%s (%s)", key, method)
         return {"key": key, "path": str(art.file("head.pt")), "method": method}
-    meta0 = store.find(feature_infos[0]["key"]).meta
+    first = inputs.get("features", inputs.get("views"))[0]
+    meta0 = store.find(first["key"]).meta
     art = store.begin("head", key, version=HEAD_VERSION, params=params, upstream=upstream,
                       dataset=dataset, backbone=meta0.get("backbone"),
                       backbone_fingerprint=meta0.get("backbone_fingerprint"), method=method)
-    feats = open_features(feature_infos)
-    feats.load_all()
-    knn_table = np.load(knn["path"])
-    aux = None
-    if method == "omh":
-        from usseg_core.heads.omh import OMHConfig, OMHLoss
-
-        aux = OMHLoss(config.dim, n_classes, OMHConfig(**aux_config))
-    result = train_stego(feats, knn_table, n_classes, config, checkpoint_path=art.file("checkpoint.pt"),
-                         device=device, progress=True, aux=aux)
-    torch.save({"method": method, "in_dim": int(feats.shape[1]), "code_dim": config.dim,
-                "n_classes": n_classes, "config": config.to_dict(), "head": result.head_state,
-                "cluster": result.cluster_state}, art.file("head.pt"))
-    store.finish(art, shifts=list(result.shifts), correlation_stats=result.correlation_stats,
-                 history=result.history[-20:], steps=result.steps_done,
-                 seconds_per_step=getattr(result, "seconds_per_step", None))
+    trained = spec.train(open_head_inputs(inputs, n_classes), config, checkpoint_path=art.file("checkpoint.pt"),
+                         device=device, progress=True)
+    save_head(art.file("head.pt"), method, n_classes, config, trained.payload)
+    store.finish(art, **trained.meta, history=trained.history[-20:], steps=trained.steps_done,
+                 seconds_per_step=trained.seconds_per_step)
     return {"key": key, "path": str(art.file("head.pt")), "method": method}
 
 
-class RawHead(torch.nn.Module):
-    """The identity 'head': raw backbone features as codes (the k-means baseline)."""
-
-    def codes(self, feats: torch.Tensor) -> torch.Tensor:
-        return feats
-
-
 @functools.lru_cache(maxsize=8)
-def load_head(path: str | None) -> tuple[torch.nn.Module, dict]:
-    """(module with .codes(feats), checkpoint dict) of a head artifact; None -> the raw baseline."""
-    if path is None:
-        return RawHead().eval(), {"method": "raw"}
-    from usseg_core.heads.probes import ClusterProbe
-    from usseg_core.heads.stego import StegoHead
+def load_head(path: str | None):
+    """The trained head of a head artifact (cached per process); None -> the raw-feature baseline."""
+    from usseg_core.heads import RawHead
+    from usseg_core.heads import load_head as load
 
-    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
-    head = StegoHead(ckpt["in_dim"], ckpt["code_dim"], ckpt["config"].get("dropout", 0.1))
-    head.load_state_dict(ckpt["head"])
-    probe = ClusterProbe(ckpt["code_dim"], ckpt["n_classes"])
-    probe.load_state_dict(ckpt["cluster"])
-    ckpt["cluster_probe"] = probe.eval()
-    return head.eval(), ckpt
+    return RawHead().eval() if path is None else load(path)

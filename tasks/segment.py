@@ -20,7 +20,8 @@ from usseg_core.viz import colorize, overlay, save_png
 
 
 def _backbone_of(store: ArtifactStore, head_meta: dict) -> BackboneRef:
-    feats = store.find(head_meta["upstream"]["features0"]).meta
+    upstream = head_meta["upstream"]
+    feats = store.find(upstream.get("features0") or upstream["views0"]).meta
     w = feats.get("weights")
     return BackboneRef(feats["backbone"], None if w in (None, "default", "random-init") else w,
                        random_weights=w == "random-init")
@@ -33,7 +34,7 @@ def _kmeans_of(store: ArtifactStore, head_key: str) -> str:
     raise ConfigError(f"no k-means artifact for head {head_key}; run the train flow first")
 
 
-def segment_images(images: list[Path], model: str, out: Path, *, clusterer: str = "cluster-probe",
+def segment_images(images: list[Path], model: str, out: Path, *, clusterer: str = "own",
                    crf: bool = True, long_side: int = 480, storage: str) -> list[Path]:
     store = ArtifactStore(storage)
     head_art = store.find(model)
@@ -44,15 +45,15 @@ def segment_images(images: list[Path], model: str, out: Path, *, clusterer: str 
         ref = BackboneRef(ref.name, None, True, seed=0)
     backbone = load_backbone(ref)
     head_path = str(head_art.file("head.pt"))
-    head, ckpt = load_head(head_path)
-    if clusterer == "cluster-probe":
-        pred = {"kind": "cluster-probe", "head": head_path}
+    head = load_head(head_path)
+    if clusterer in ("own", head.clusterer):
+        pred = {"kind": "own", "head": head_path}
     elif clusterer == "kmeans":
         pred = {"kind": "kmeans", "centroids": _kmeans_of(store, head_art.key)}
     else:
-        raise ConfigError(f"clusterer {clusterer!r}: use cluster-probe or kmeans")
+        raise ConfigError(f"clusterer {clusterer!r}: use {head.clusterer or 'own'} (the head's own) or kmeans")
     out.mkdir(parents=True, exist_ok=True)
-    n = ckpt["n_classes"]
+    n = head.n_classes
     written = []
     for path in images:
         image = read_rgb(path)

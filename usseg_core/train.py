@@ -7,8 +7,6 @@ epoch order), so an interrupted run resumed from its checkpoint ends bit-identic
 """
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,16 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from usseg_core.errors import ConfigError, InputError
+from usseg_core.errors import ConfigError
 from usseg_core.heads.probes import ClusterProbe
 from usseg_core.heads.stego import StegoConfig, StegoHead, StegoLoss
 from usseg_core.shifts import choose_shifts, measure_correlations
+from usseg_core.backbones.base import resolve_device
+from usseg_core.trainer import TrainingMethod, load_checkpoint, run_training, to_float
 
-CHECKPOINT_VERSION = 1
-# Fields that may change between an interrupted run and its resumption without changing its result.
-_RESUMABLE_CHANGES = {"steps", "checkpoint_every", "log_every"}
 
 
 @dataclass
@@ -42,13 +38,6 @@ class TrainResult:
     aux_state: dict | None = None  # state_dict of the aux module, if one was trained
     in_dim: int = 0  # feature channels C the head expects
     seconds_per_step: float | None = None  # wall time per step of this call (None if no step ran)
-
-
-def resolve_device(device: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _validate(features: Sequence, knn: np.ndarray, config: StegoConfig) -> tuple[int, int]:
@@ -68,16 +57,46 @@ def _validate(features: Sequence, knn: np.ndarray, config: StegoConfig) -> tuple
     return n, int(first.shape[0])
 
 
-def _stack(features: Sequence, indices: np.ndarray, device: torch.device) -> torch.Tensor:
+def stack_items(features: Sequence, indices: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``features[i]`` for i in ``indices`` as one fp32 batch (B, C, h, w) on ``device``."""
     arr = np.stack([np.asarray(features[int(i)], dtype=np.float32) for i in indices])  # (B, C, h, w)
     return torch.from_numpy(arr).to(device)
 
 
-class _Run:
-    """Mutable training state: modules, optimisers and every random generator."""
+class EpochOrder:
+    """Seeded permutation per epoch over n items; the incomplete tail of an epoch is dropped."""
 
-    def __init__(self, in_dim: int, n_classes: int, config: StegoConfig, shifts, device: torch.device,
-                 aux: nn.Module | None) -> None:
+    def __init__(self, n: int, rng: np.random.Generator) -> None:
+        self.n, self.rng = n, rng
+        self.order = np.zeros(0, dtype=np.int64)  # current epoch's order
+        self.cursor = 0  # next position in self.order
+
+    def next_batch(self, batch_size: int) -> np.ndarray:
+        b = min(batch_size, self.n)
+        if self.cursor + b > len(self.order):
+            self.order = self.rng.permutation(self.n)
+            self.cursor = 0
+        idx = self.order[self.cursor:self.cursor + b]
+        self.cursor += b
+        return idx
+
+    def state(self) -> dict:
+        return {"order": torch.from_numpy(self.order.astype(np.int64)), "cursor": self.cursor}
+
+    def load_state(self, state: dict) -> None:
+        self.order = state["order"].numpy().copy()
+        self.cursor = int(state["cursor"])
+
+
+class StegoMethod(TrainingMethod):
+    """STEGO head + cluster probe (+ an optional aux loss such as OMH's) as a :class:`TrainingMethod`."""
+
+    name = "stego"
+
+    def __init__(self, features: Sequence, knn: np.ndarray, n_classes: int, config: StegoConfig, shifts,
+                 device: torch.device, aux: nn.Module | None) -> None:
+        self.features, self.knn, self.config, self.device = features, np.asarray(knn), config, device
+        in_dim = int(np.asarray(features[0]).shape[0])
         torch.manual_seed(config.seed)  # initialisation and dropout draw from the global torch RNG
         self.head = StegoHead(in_dim, config.dim, config.dropout).to(device)
         self.cluster = ClusterProbe(config.dim, n_classes).to(device)
@@ -89,83 +108,55 @@ class _Run:
         self.opt_aux = torch.optim.Adam(aux_params, lr=config.probe_lr) if aux_params else None
         self.sampler = torch.Generator().manual_seed(config.seed)  # loss sample points + derangements
         self.rng = np.random.default_rng(config.seed)  # epoch orders + KNN rank picks
-        self.order = np.zeros(0, dtype=np.int64)  # current epoch's image order
-        self.cursor = 0  # next position in self.order
-        self.step = 0
-        self.history: list[dict] = []
+        self.epochs = EpochOrder(len(features), self.rng)
+
+    def modules(self) -> dict[str, nn.Module]:
+        mods = {"head": self.head, "cluster": self.cluster}
+        if self.aux is not None:
+            mods["aux"] = self.aux
+        return mods
 
     def optimisers(self) -> list[torch.optim.Optimizer]:
         return [o for o in (self.opt_head, self.opt_cluster, self.opt_aux) if o is not None]
 
-    def next_batch(self, n: int, batch_size: int) -> np.ndarray:
-        """A seeded permutation per epoch; the incomplete tail of an epoch is dropped."""
-        b = min(batch_size, n)
-        if self.cursor + b > len(self.order):
-            self.order = self.rng.permutation(n)
-            self.cursor = 0
-        idx = self.order[self.cursor:self.cursor + b]
-        self.cursor += b
-        return idx
+    def state(self) -> dict:
+        return {"sampler": self.sampler.get_state(), "numpy_rng": self.rng.bit_generator.state,
+                **self.epochs.state()}
 
-    def state(self, config: StegoConfig, shifts, stats) -> dict:
-        return {
-            "version": CHECKPOINT_VERSION, "step": self.step, "config": config.to_dict(),
-            "shifts": list(shifts), "correlation_stats": stats, "history": self.history,
-            "head": self.head.state_dict(), "cluster": self.cluster.state_dict(),
-            "aux": self.aux.state_dict() if self.aux is not None else None,
-            "optimisers": [o.state_dict() for o in self.optimisers()],
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "sampler": self.sampler.get_state(),
-            "numpy_rng": self.rng.bit_generator.state,
-            "order": torch.from_numpy(self.order.astype(np.int64)), "cursor": self.cursor,
-        }
+    def load_state(self, state: dict) -> None:
+        self.sampler.set_state(state["sampler"])
+        self.rng.bit_generator.state = state["numpy_rng"]
+        self.epochs.load_state(state)
 
-    def load(self, ckpt: dict, device: torch.device) -> None:
-        self.head.load_state_dict(ckpt["head"])
-        self.cluster.load_state_dict(ckpt["cluster"])
+    def step(self) -> dict:
+        """One optimisation step of head, cluster probe and aux; returns float stats."""
+        config, dev = self.config, self.device
+        idx = self.epochs.next_batch(config.batch_size)  # (B,)
+        ranks = self.rng.integers(1, config.num_neighbors + 1, size=len(idx))  # KNN rank 1..k, never self
+        feats = stack_items(self.features, idx, dev)  # (B, C, h, w)
+        feats_pos = stack_items(self.features, self.knn[idx, ranks], dev)  # (B, C, h, w)
+
+        self.head.train()
+        dropped, codes = self.head(feats)  # (B, C, h, w), (B, D, h, w)
+        dropped_pos, codes_pos = self.head(feats_pos)
+        stego_loss, stats = self.loss_fn(dropped, dropped_pos, codes, codes_pos, generator=self.sampler)
+        # The probe sees detached codes: it must not shape the head ([code:STEGO]).
+        cluster_loss, _ = self.cluster(codes.detach())
+        total = stego_loss + cluster_loss
+        out = {"loss": to_float(stego_loss), "cluster_loss": to_float(cluster_loss)}
         if self.aux is not None:
-            if ckpt["aux"] is None:
-                raise ConfigError("train_stego: an aux module was given but the checkpoint has none")
-            self.aux.load_state_dict(ckpt["aux"])
-        for opt, st in zip(self.optimisers(), ckpt["optimisers"], strict=True):
-            opt.load_state_dict(st)
-        torch.set_rng_state(ckpt["torch_rng"])
-        if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-        self.sampler.set_state(ckpt["sampler"])
-        self.rng.bit_generator.state = ckpt["numpy_rng"]
-        self.order = ckpt["order"].numpy().copy()
-        self.cursor, self.step = int(ckpt["cursor"]), int(ckpt["step"])
-        self.history = list(ckpt["history"])
+            aux_loss, aux_stats = self.aux(codes)  # undetached: OMH shapes the codes
+            total = total + aux_loss
+            out["aux_loss"] = to_float(aux_loss)
+            out.update({f"aux_{k}": to_float(v) for k, v in aux_stats.items()})
 
-
-def _save_atomic(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint
-
-
-def _load_checkpoint(path: Path, config: StegoConfig) -> dict | None:
-    if not path.exists():
-        return None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 — any unreadable file is the same user problem
-        raise InputError(path, f"unreadable STEGO checkpoint ({exc}); delete it to start afresh") from exc
-    if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise InputError(path, f"checkpoint version {ckpt.get('version')} != {CHECKPOINT_VERSION}")
-    saved, now = dict(ckpt["config"]), config.to_dict()
-    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in _RESUMABLE_CHANGES)
-    if changed:
-        raise InputError(path, f"checkpoint was written with a different config ({changed}); "
-                               "use another checkpoint path or delete it")
-    return ckpt
-
-
-def _to_float(v) -> float:
-    return float(v.item()) if isinstance(v, torch.Tensor) else float(v)
+        for opt in self.optimisers():
+            opt.zero_grad(set_to_none=True)
+        total.backward()
+        for opt in self.optimisers():
+            opt.step()
+        out.update({k: to_float(v) for k, v in stats.items()})
+        return out
 
 
 def train_stego(features: Sequence, knn: np.ndarray, n_classes: int, config: StegoConfig, *,
@@ -193,10 +184,10 @@ def train_stego(features: Sequence, knn: np.ndarray, n_classes: int, config: Ste
     n, in_dim = _validate(features, knn, config)
     knn = np.asarray(knn)
     dev = resolve_device(device)
-    ckpt = _load_checkpoint(Path(checkpoint_path), config) if checkpoint_path is not None else None
+    ckpt = load_checkpoint(checkpoint_path, config.to_dict(), method=StegoMethod.name)
 
     if ckpt is not None:
-        shifts, stats = tuple(ckpt["shifts"]), ckpt["correlation_stats"]
+        shifts, stats = tuple(ckpt["context"]["shifts"]), ckpt["context"]["correlation_stats"]
     elif config.shifts == "auto":
         stats = measure_correlations(features, knn, feature_samples=config.feature_samples,
                                      pointwise=config.pointwise, seed=config.seed,
@@ -205,65 +196,16 @@ def train_stego(features: Sequence, knn: np.ndarray, n_classes: int, config: Ste
     else:
         shifts, stats = tuple(config.shifts), None
 
-    run = _Run(in_dim, n_classes, config, shifts, dev, aux)
-    if ckpt is not None:
-        run.load(ckpt, dev)
-
-    first_step, t0 = run.step, time.perf_counter()
-    bar = tqdm(total=config.steps, initial=run.step, disable=not progress, desc="stego", dynamic_ncols=True)
-    while run.step < config.steps:
-        stats_step = _train_step(run, features, knn, n, config, dev)
-        run.step += 1
-        bar.update(1)
-        if run.step % config.log_every == 0 or run.step == config.steps:
-            run.history.append({"step": run.step, **stats_step})
-            bar.set_postfix(loss=f"{stats_step['loss']:.4f}")
-        if checkpoint_path is not None and (run.step % config.checkpoint_every == 0 or run.step == config.steps):
-            _save_atomic(run.state(config, shifts, stats), Path(checkpoint_path))
-        if on_step is not None:
-            on_step(run.step, stats_step)
-    bar.close()
-    ran = run.step - first_step
-    seconds_per_step = (time.perf_counter() - t0) / ran if ran else None
-
-    def cpu(sd: dict) -> dict:
-        return {k: v.detach().cpu().clone() for k, v in sd.items()}
-
+    method = StegoMethod(features, knn, n_classes, config, shifts, dev, aux)
+    if ckpt is not None and aux is not None and "aux" not in ckpt["modules"]:
+        raise ConfigError("train_stego: an aux module was given but the checkpoint has none")
+    loop = run_training(method, config.to_dict(), steps=config.steps, checkpoint_every=config.checkpoint_every,
+                        log_every=config.log_every, checkpoint_path=checkpoint_path, checkpoint=ckpt,
+                        context={"shifts": list(shifts), "correlation_stats": stats}, progress=progress,
+                        on_step=on_step)
     return TrainResult(
-        head_state=cpu(run.head.state_dict()), cluster_state=cpu(run.cluster.state_dict()),
-        config=config.to_dict(), shifts=tuple(float(s) for s in shifts), correlation_stats=stats,
-        history=list(run.history), steps_done=run.step,
-        aux_state=cpu(run.aux.state_dict()) if run.aux is not None else None, in_dim=in_dim,
-        seconds_per_step=seconds_per_step,
+        head_state=loop.states["head"], cluster_state=loop.states["cluster"], config=config.to_dict(),
+        shifts=tuple(float(s) for s in shifts), correlation_stats=stats, history=loop.history,
+        steps_done=loop.steps_done, aux_state=loop.states.get("aux"), in_dim=in_dim,
+        seconds_per_step=loop.seconds_per_step,
     )
-
-
-def _train_step(run: _Run, features: Sequence, knn: np.ndarray, n: int, config: StegoConfig,
-                dev: torch.device) -> dict:
-    """One optimisation step of head, cluster probe and aux; returns float stats."""
-    idx = run.next_batch(n, config.batch_size)  # (B,)
-    ranks = run.rng.integers(1, config.num_neighbors + 1, size=len(idx))  # KNN rank 1..k, never self
-    feats = _stack(features, idx, dev)  # (B, C, h, w)
-    feats_pos = _stack(features, knn[idx, ranks], dev)  # (B, C, h, w)
-
-    run.head.train()
-    dropped, codes = run.head(feats)  # (B, C, h, w), (B, D, h, w)
-    dropped_pos, codes_pos = run.head(feats_pos)
-    stego_loss, stats = run.loss_fn(dropped, dropped_pos, codes, codes_pos, generator=run.sampler)
-    # The probe sees detached codes: it must not shape the head ([code:STEGO]).
-    cluster_loss, _ = run.cluster(codes.detach())
-    total = stego_loss + cluster_loss
-    out = {"loss": _to_float(stego_loss), "cluster_loss": _to_float(cluster_loss)}
-    if run.aux is not None:
-        aux_loss, aux_stats = run.aux(codes)  # undetached: OMH shapes the codes
-        total = total + aux_loss
-        out["aux_loss"] = _to_float(aux_loss)
-        out.update({f"aux_{k}": _to_float(v) for k, v in aux_stats.items()})
-
-    for opt in run.optimisers():
-        opt.zero_grad(set_to_none=True)
-    total.backward()
-    for opt in run.optimisers():
-        opt.step()
-    out.update({k: _to_float(v) for k, v in stats.items()})
-    return out

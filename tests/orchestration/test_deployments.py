@@ -23,8 +23,16 @@ from flows import service
 from usseg_core.store import MARKER
 
 VIT = "vit_small_patch16_224.dino"
-SYNTHETIC_FLOWS = ("train-stego", "evaluate", "extract-features", "watch-backbones")
-BELOW_BACKBONE = {"features", "knn", "head", "kmeans", "linear-probe", "evaluation"}
+SYNTHETIC_FLOWS = ("train-stego", "train-picie", "evaluate-stego", "extract-features", "watch-backbones")
+BELOW_BACKBONE = {"features", "knn", "views", "head", "kmeans", "linear-probe", "evaluation"}
+# Test-sized head configurations (as `prefect deployment run --param overrides=...` would pass them).
+TOY_OVERRIDES = {"stego": {"steps": 30}, "picie": {"epochs": 1, "batch_size": 4, "views.n_views": 2}}
+
+
+def flow_of(entrypoint: str) -> str:
+    """Flow name of a deployment entrypoint: flows.train.train_stego -> train-stego."""
+    module, fn = entrypoint.rsplit(".", 1)
+    return {"flows.extract": "extract-features", "flows.watch": "watch-backbones"}.get(module, fn.replace("_", "-"))
 
 
 def save_random_vit(path: Path, seed: int) -> None:
@@ -39,9 +47,7 @@ def test_yaml(source: Path, target: Path, weights: Path) -> Path:
     spec = yaml.safe_load(source.read_text())
     keep = []
     for dep in spec["deployments"]:
-        flow = {"flows.train.train_stego": "train-stego", "flows.train.evaluate": "evaluate",
-                "flows.extract.extract_features": "extract-features",
-                "flows.watch.watch_backbones": "watch-backbones"}.get(dep["entrypoint"])
+        flow = flow_of(dep["entrypoint"])
         if flow not in SYNTHETIC_FLOWS or dep["name"] not in ("synthetic", "default"):
             continue
         dep = json.loads(json.dumps(dep))  # drop YAML aliases: each deployment is edited on its own
@@ -51,7 +57,7 @@ def test_yaml(source: Path, target: Path, weights: Path) -> Path:
         else:
             params.update(backbone=VIT, weights=str(weights), resolution=64)
             if flow != "extract-features":
-                params["overrides"] = {"steps": 30}
+                params["overrides"] = TOY_OVERRIDES[flow.split("-", 1)[1]]
                 for trig in dep.get("triggers", []):
                     trig["match"]["prefect.resource.id"] = f"usseg.backbone.{VIT}"
         keep.append(dep)
@@ -140,8 +146,17 @@ def _wait_for_triggered_runs(svc, since: float, n: int, timeout: float = 400) ->
     raise AssertionError(f"triggered runs did not finish: {[(r.name, r.state_name) for r in runs]}")
 
 
+def test_picie_deployment_trains_on_the_view_bank(svc):
+    run_deployment(svc, "train-picie/synthetic")
+    stages = {s for s, _ in snapshot(svc["storage"])}
+    assert {"views", "head"} <= stages
+    heads = [json.loads(p.read_text()) for p in (svc["storage"] / "head").glob("*/meta.json")]
+    (picie,) = [m for m in heads if m["method"] == "picie"]
+    assert any(k.startswith("views") for k in picie["upstream"]) and "knn" not in picie["upstream"]
+
+
 def test_backbone_change_reruns_exactly_the_stages_below_it(svc):
-    run_deployment(svc, "evaluate/synthetic")
+    run_deployment(svc, "evaluate-stego/synthetic")
     run_deployment(svc, "watch-backbones/default")  # records the fingerprint: nothing changed yet
     before = snapshot(svc["storage"])
 
@@ -150,8 +165,8 @@ def test_backbone_change_reruns_exactly_the_stages_below_it(svc):
     run_deployment(svc, "watch-backbones/default")
     record = json.loads((svc["storage"] / "_backbones.json").read_text())
     assert len(record) == 1
-    triggered = _wait_for_triggered_runs(svc, since, n=2)
-    assert sorted(r.state_name for r in triggered) == ["Completed", "Completed"]
+    triggered = _wait_for_triggered_runs(svc, since, n=3)  # train-stego, train-picie, evaluate-stego
+    assert sorted(r.state_name for r in triggered) == ["Completed"] * 3
 
     after = snapshot(svc["storage"])
     assert set(before) <= set(after)  # nothing was overwritten

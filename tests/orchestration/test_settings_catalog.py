@@ -45,18 +45,34 @@ def test_data_root_uses_the_dataset_folder_and_says_what_to_set(monkeypatch, tmp
         settings.data_root("cityscapes27")
 
 
-def test_prefect_yaml_has_every_flow_dataset_with_schedules_and_triggers():
+def test_prefect_yaml_is_generated_from_the_registries():
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, str(repo / "deployments" / "generate.py"), "--check"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_prefect_yaml_has_every_head_dataset_with_schedules_and_triggers():
+    from flows import train
+    from usseg_core.heads import list_heads
+
     spec = yaml.safe_load((Path(__file__).resolve().parents[2] / "deployments" / "prefect.yaml").read_text())
-    flows = {"flows.train.train_stego": "train-stego", "flows.train.train_omh": "train-omh",
-             "flows.train.evaluate": "evaluate", "flows.extract.extract_features": "extract-features"}
+    flows = {f"flows.train.{kind}_{h}": f"{kind}-{h}" for kind in ("train", "evaluate") for h in list_heads()}
+    flows["flows.extract.extract_features"] = "extract-features"
     names = {(flows.get(d["entrypoint"], d["entrypoint"]), d["name"]) for d in spec["deployments"]}
-    for flow in flows.values():
+    for entrypoint, flow in flows.items():
         assert {(flow, ds) for ds in DATASETS} <= names
+        module, attr = entrypoint.rsplit(".", 1)
+        if module == "flows.train":
+            assert getattr(train, attr).name == flow  # the entrypoint is a flow of that name
     for dep in spec["deployments"]:
         assert dep["work_pool"]["name"] == "usseg"
         params = dep["parameters"]
         assert params.get("data_root") is None and params.get("storage") is None  # never hard-coded
-        if dep["entrypoint"] in ("flows.train.train_stego", "flows.train.train_omh"):
+        if dep["entrypoint"].startswith("flows.train."):
             assert dep["schedules"][0]["cron"] and dep["schedules"][0]["active"] is True
             trig = dep["triggers"][0]
             assert trig["expect"] == ["usseg.backbone.changed"]

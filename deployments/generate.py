@@ -1,0 +1,132 @@
+"""Write the ``deployments:`` section of ``prefect.yaml`` from the registries (heads x datasets).
+
+    python deployments/generate.py            # rewrite deployments/prefect.yaml in place
+    python deployments/generate.py --check    # exit 1 if the file is not what the registries give
+
+Everything above the ``deployments:`` line (comments, pool, schedules, triggers, shared parameters) is
+hand-written and kept as it is. Below it: ``train-<head>/<dataset>`` and ``evaluate-<head>/<dataset>``
+for every registered head and every dataset of ``flows.settings.DATASET_FOLDERS``, then
+``extract-features/<dataset>`` and ``watch-backbones/default``. A test checks that the shipped file is
+exactly this output, so a new head or dataset cannot miss its deployments.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+FILE = Path(__file__).resolve().parent / "prefect.yaml"
+MARK = "deployments:\n"
+
+
+def _resolution(dataset: str) -> int:
+    return 128 if dataset == "synthetic" else 224
+
+
+def _train(head: str, summary: str, dataset: str, folder: str) -> str:
+    return f"""  - name: {folder}
+    entrypoint: flows.train.train_{head}
+    description: "train-{head} on {dataset}: {summary}"
+    tags: [usseg, train-{head}, {folder}]
+    parameters:
+      <<: [*backbone, *common]
+      dataset: {dataset}
+      resolution: {_resolution(dataset)}
+      overrides: {{}}
+    work_pool: *pool
+    schedules: [*training_weekly]
+    triggers: [*on_lite0_changed]
+"""
+
+
+def _evaluate(head: str, dataset: str, folder: str) -> str:
+    return f"""  - name: {folder}
+    entrypoint: flows.train.evaluate_{head}
+    description: "evaluate-{head} on {dataset}: train (cache look-ups when trained) + evaluate: clusterers, CRF, metrics, tables, pictures"
+    tags: [usseg, evaluate-{head}, {folder}]
+    parameters:
+      <<: [*backbone, *common]
+      dataset: {dataset}
+      resolution: {_resolution(dataset)}
+      overrides: {{}}
+      train_split: train
+      eval_split: val
+      run_crf: true
+    work_pool: *pool
+    schedules: [*evaluation_weekly]
+    triggers: [*on_lite0_changed]
+"""
+
+
+def _extract(dataset: str, folder: str) -> str:
+    return f"""  - name: {folder}
+    entrypoint: flows.extract.extract_features
+    description: "extract-features on {dataset}: dense features of the training split into the Zarr store"
+    tags: [usseg, extract-features, {folder}]
+    parameters:
+      <<: [*backbone, *common]
+      dataset: {dataset}
+      split: train
+      policy: five_crop
+      resolution: {_resolution(dataset)}
+    work_pool: *pool
+"""
+
+
+WATCH = """  # --- watch-backbones ------------------------------------------------------------------------
+  - name: default
+    entrypoint: flows.watch.watch_backbones
+    description: "Fingerprint the deployments' backbone weights; emit usseg.backbone.changed on a change"
+    tags: [usseg, watch]
+    parameters:
+      backbones: null     # null = every (backbone, weights) named by the deployments above
+      storage: null
+    work_pool: *pool
+    schedules: [*watch_often]
+"""
+
+
+def _rule(title: str) -> str:
+    return f"  # --- {title} " + "-" * max(3, 95 - len(title)) + "\n"
+
+
+def render(header: str) -> str:
+    """The whole file: ``header`` (up to and including ``deployments:``) + the generated deployments."""
+    from flows.settings import DATASET_FOLDERS
+    from usseg_core.heads import get_head, list_heads
+
+    parts = [header]
+    for head in list_heads():
+        summary = get_head(head).summary.replace('"', "'")
+        parts.append(_rule(f"train-{head}"))
+        parts += [_train(head, summary, ds, folder) for ds, folder in DATASET_FOLDERS.items()]
+    for head in list_heads():
+        parts.append(_rule(f"evaluate-{head}"))
+        parts += [_evaluate(head, ds, folder) for ds, folder in DATASET_FOLDERS.items()]
+    parts.append(_rule("extract-features"))
+    parts += [_extract(ds, folder) for ds, folder in DATASET_FOLDERS.items()]
+    parts.append(WATCH)
+    return "".join(parts)
+
+
+def header_of(text: str) -> str:
+    if MARK not in text:
+        raise SystemExit(f"{FILE}: no line '{MARK.strip()}'")
+    return text[: text.index(MARK) + len(MARK)]
+
+
+def main(argv: list[str]) -> int:
+    sys.path.insert(0, str(FILE.parents[1]))
+    text = FILE.read_text()
+    want = render(header_of(text))
+    if "--check" in argv:
+        if want != text:
+            print(f"{FILE} is out of date: run python deployments/generate.py")
+            return 1
+        return 0
+    FILE.write_text(want)
+    print(f"wrote {FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,66 @@
+"""The head registry: names, errors, namespaced overrides, presets, save/load without Prefect."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from usseg_core.errors import ConfigError, InputError
+from usseg_core.heads import get_head, list_heads, load_head, save_head
+from usseg_core.heads.omh import OMHConfig
+from usseg_core.heads.stego import StegoConfig
+
+
+def test_builtin_heads_and_unknown_name():
+    assert {"stego", "omh", "picie"} <= set(list_heads())
+    with pytest.raises(ConfigError, match="unknown head 'potato'.*stego.*omh.*picie"):
+        get_head("potato")
+    assert get_head("stego").needs == {"five_crop", "knn"} and get_head("picie").needs == {"views"}
+
+
+def test_overrides_are_namespaced_by_section():
+    cfg = get_head("omh").config("camvid11", {"steps": 20, "omh.w_match": 0.1, "stego.lr": 1e-3})
+    assert isinstance(cfg["stego"], StegoConfig) and isinstance(cfg["omh"], OMHConfig)
+    assert cfg["stego"].steps == 20 and cfg["stego"].lr == 1e-3 and cfg["omh"].w_match == 0.1
+    assert cfg["stego"].dim == 32  # the camvid11 preset survives an unrelated override
+    assert get_head("picie").config("camvid11", {"picie.k_over": 50, "epochs": 2})["picie"].k_over == 50
+    with pytest.raises(ConfigError, match="unknown field .w_match.*valid: .*steps.*namespaced: .*omh.w_match"):
+        get_head("omh").config("camvid11", {"w_match": 0.1})
+    with pytest.raises(ConfigError, match="no config section 'omh'.*sections: picie"):
+        get_head("picie").config("camvid11", {"omh.w_match": 0.1})
+    with pytest.raises(ConfigError, match="unknown field 'k_ovr'.*valid: .*k_over"):
+        get_head("picie").config("camvid11", {"picie.k_ovr": 1})
+
+
+def test_saved_head_loads_from_the_core_alone(tmp_path):
+    spec = get_head("stego")
+    cfg = spec.config("synthetic", {"dim": 4})
+    ref = spec.load({"in_dim": 6, "code_dim": 4, "n_classes": 3, "config": {"stego": cfg["stego"].to_dict()},
+                     "head": {}, "cluster": {}} | _random_stego_states())
+    (tmp_path / "art").mkdir()
+    save_head(tmp_path / "art" / "head.pt", "stego", 3, cfg,
+              {"in_dim": 6, "code_dim": 4, "head": ref.head.state_dict(), "cluster": ref.probe.state_dict()})
+    head = load_head(tmp_path / "art")  # the artifact folder, as a notebook would pass it
+    feats = torch.randn(2, 6, 5, 5)
+    assert torch.equal(head.codes(feats), ref.codes(feats)) and head.assign(head.codes(feats)).shape == (2, 5, 5)
+    assert head.method == "stego" and head.clusterer == "cluster-probe" and not head.training
+    with pytest.raises(InputError, match="no head checkpoint"):
+        load_head(tmp_path / "missing")
+    (tmp_path / "bad.pt").write_bytes(b"nope")
+    with pytest.raises(InputError, match="unreadable"):
+        load_head(tmp_path / "bad.pt")
+    # no Prefect in the core: loading a head in a fresh interpreter imports none
+    code = ("import sys; from usseg_core.heads import load_head; load_head(sys.argv[1]); "
+            "assert not any(m == 'prefect' or m.startswith('prefect.') for m in sys.modules), 'prefect imported'")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "art")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def _random_stego_states() -> dict:
+    from usseg_core.heads.probes import ClusterProbe
+    from usseg_core.heads.stego import StegoHead
+
+    torch.manual_seed(0)
+    return {"head": StegoHead(6, 4).state_dict(), "cluster": ClusterProbe(4, 3).state_dict()}

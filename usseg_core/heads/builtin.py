@@ -1,0 +1,90 @@
+"""Registration of the built-in heads: STEGO, OMH (STEGO + hierarchy loss) and PiCIE.
+
+Training entry points import lazily: ``usseg_core.train`` imports this package (for the probes), and a
+registry lookup must stay cheap.
+"""
+from __future__ import annotations
+
+import torch
+
+from usseg_core.heads.omh import OMHConfig
+from usseg_core.heads.picie import PicieConfig, picie_presets
+from usseg_core.heads.probes import ClusterProbe
+from usseg_core.heads.registry import HeadInputs, HeadSpec, TrainedHead, TrainedState, register_head
+from usseg_core.heads.stego import STEGO_PRESETS, StegoConfig, StegoHead
+
+
+class StegoTrained(TrainedHead):
+    """STEGO's code head with its cluster probe (OMH adds nothing at inference: OMH §4.3)."""
+
+    clusterer = "cluster-probe"
+
+    def __init__(self, method: str, in_dim: int, code_dim: int, n_classes: int, dropout: float) -> None:
+        super().__init__(in_dim, code_dim, n_classes)
+        self.method = method
+        self.head = StegoHead(in_dim, code_dim, dropout)
+        self.probe = ClusterProbe(code_dim, n_classes)
+
+    def codes(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.head.codes(feats)
+
+    def cluster_logits(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.probe.logits(codes)  # log softmax(2 cos): the CRF unary of [code:STEGO]
+
+
+def _stego_presets(dataset: str) -> dict[str, dict]:
+    return {"stego": dict(STEGO_PRESETS.get(dataset, {"shifts": "auto"}))}
+
+
+def _train_stego(inputs: HeadInputs, config: dict, *, checkpoint_path=None, device: str = "auto",
+                 progress: bool = True, on_step=None) -> TrainedState:
+    from usseg_core.train import train_stego
+
+    cfg: StegoConfig = config["stego"]
+    aux = None
+    if "omh" in config:
+        from usseg_core.heads.omh import OMHLoss
+
+        aux = OMHLoss(cfg.dim, inputs.n_classes, config["omh"])
+    r = train_stego(inputs.features, inputs.knn, inputs.n_classes, cfg, checkpoint_path=checkpoint_path,
+                    device=device, progress=progress, aux=aux, on_step=on_step)
+    return TrainedState(payload={"in_dim": r.in_dim, "code_dim": cfg.dim, "head": r.head_state,
+                                 "cluster": r.cluster_state},
+                        meta={"shifts": list(r.shifts), "correlation_stats": r.correlation_stats},
+                        steps_done=r.steps_done, seconds_per_step=r.seconds_per_step, history=r.history)
+
+
+def _loader(method: str):
+    def load(ckpt: dict) -> TrainedHead:
+        head = StegoTrained(method, ckpt["in_dim"], ckpt["code_dim"], ckpt["n_classes"],
+                            ckpt["config"]["stego"].get("dropout", 0.1))
+        head.head.load_state_dict(ckpt["head"])
+        head.probe.load_state_dict(ckpt["cluster"])
+        return head
+    return load
+
+
+def _train_picie(inputs: HeadInputs, config: dict, **kw) -> TrainedState:
+    from usseg_core.heads.picie_train import train_picie_head
+
+    return train_picie_head(inputs, config, **kw)
+
+
+def _load_picie(ckpt: dict) -> TrainedHead:
+    from usseg_core.heads.picie import PicieTrained
+
+    return PicieTrained.from_checkpoint(ckpt)
+
+
+register_head(HeadSpec(
+    name="stego", summary="STEGO: correspondence distillation on five-crops + KNN (Hamilton et al. 2022)",
+    sections=(("stego", StegoConfig),), presets=_stego_presets, needs=frozenset({"five_crop", "knn"}),
+    train=_train_stego, load=_loader("stego"), clusterer="cluster-probe"))
+register_head(HeadSpec(
+    name="omh", summary="OMH: STEGO + optimally matched cluster hierarchy (Sinkhorn between levels)",
+    sections=(("stego", StegoConfig), ("omh", OMHConfig)), presets=_stego_presets,
+    needs=frozenset({"five_crop", "knn"}), train=_train_stego, load=_loader("omh"), clusterer="cluster-probe"))
+register_head(HeadSpec(
+    name="picie", summary="PiCIE: clustering with photometric invariance and geometric equivariance (Cho et al. 2021)",
+    sections=(("picie", PicieConfig),), presets=picie_presets, needs=frozenset({"views"}),
+    train=_train_picie, load=_load_picie, clusterer="centroids"))

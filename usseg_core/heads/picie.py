@@ -1,0 +1,215 @@
+"""PiCIE head on frozen cached features (Cho et al., CVPR 2021; METHODS.md §2, §5 S5–S6).
+
+PiCIE alternates two steps every epoch:
+
+1. **Clustering pass** (no gradient): embed both views of every training image and run cosine mini-batch
+   k-means on each view *separately*, giving centroids μ¹, μ² and pseudo-labels y¹, y² that stay fixed for
+   the epoch. View 1 is z¹ = f(G(P¹(x))) (the image is warped, then embedded); view 2 is
+   z² = G(f(P²(x))) (embedded, then the *code map* is warped with the same G): photometric invariance
+   between P¹ and P², geometric equivariance through G.
+2. **Training pass**: prototype cross-entropy with logits = cosine similarity to the frozen centroids
+   (no temperature, as [code:PiCIE]'s frozen 1x1 conv), within views (z¹ vs y¹/μ¹, z² vs y²/μ²) and across
+   views (z¹ vs y²/μ², z² vs y¹/μ¹); total = ((ℓ₁₂ + ℓ₂₁)/2 + (ℓ₁₁ + ℓ₂₂)/2) / 2 as [code:PiCIE].
+
+Deliberate differences from the paper, and the paper's gaps (METHODS.md §6.10–11), resolved:
+
+* **Frozen features, a light head.** PiCIE fine-tunes a ResNet-18 FPN; here the backbone is frozen and
+  cached (the project's premise), and the trainable part is a projection head of the STEGO family
+  (1x1 linear + 1x1 MLP, no dropout) to a 128-d, per-pixel L2-normalised embedding (PiCIE's FPN width).
+  The augmented views come from the cached *view bank*: each view's photometric and geometric draw is
+  recorded once, its features extracted once, and G is replayed on code maps by
+  ``usseg_core.viewbank.warp_maps`` (the same code HSG uses on segment maps).
+* **Views per epoch.** PiCIE draws P¹, P², G afresh every epoch. With V banked views per image we draw,
+  per image and epoch, an ordered pair of distinct views (a, b): P¹ = P_a, G = G_a (view 1 is the bank's
+  warped view a), P² = P_b (view 2 is the bank's un-warped view b, warped here by G_a). V = 4 gives 12
+  distinct (P¹, P², G) combinations per image.
+* **Cluster weights.** The paper says the cross-entropy is "balanced with the size of each cluster";
+  [code:PiCIE] passes ``weight = counts / counts.sum()`` to ``nn.CrossEntropyLoss``, i.e. weights
+  *proportional* to cluster frequency, which un-balances (big clusters count more). ``balance`` chooses:
+  ``"frequency"`` (the code, which produced the published numbers: our default), ``"inverse"``
+  (inverse frequency, the reading of the paper's word) or ``"none"``. With PyTorch's mean reduction the
+  loss is Σ w_y ℓ / Σ w_y either way.
+* **Learning rate and length.** Adam β = (0.9, 0.999), no weight decay, 10 epochs (paper). The paper's
+  lr is 1e-3; [code:PiCIE]'s COCO script uses 1e-4 (a later "unstable training" fix), its Cityscapes
+  script 1e-3: the ``cocostuff27`` preset takes 1e-4, every other dataset 1e-3.
+* **k-means.** ``usseg_core.cluster.spherical_kmeans``: faiss spherical k-means on a reservoir sample of
+  pixel codes (PiCIE's faiss init; [code:PiCIE] 20 iterations), then running-count mini-batch updates
+  ([code:PiCIE]'s running average), the same code on CPU and GPU. K = number of classes.
+* **+H over-clustering** (optional, ``over_clustering=True``): a second clustering with K₂ = ``k_over``
+  (100) on the same views, loss λ₁ L_K₁ + λ₂ L_K₂ with λ₁ = log K₂ / (log K₁ + log K₂) and
+  λ₂ = log K₁ / (log K₁ + log K₂) (the paper's garbled formula read as "stop the K = 100 term from
+  dominating", METHODS.md §2.2; the released code has no +H path).
+* **The method's own clusterer** at evaluation is the last epoch's view-1 centroids μ¹ (PiCIE's
+  "prototype classifier", Table 1). The reference's final protocol, fresh k-means on un-augmented
+  training codes, is the shared k-means row of the same results table.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from usseg_core.errors import ConfigError
+from usseg_core.heads.registry import TrainedHead
+from usseg_core.heads.stego import StegoHead
+
+BALANCES = ("frequency", "inverse", "none")
+
+
+@dataclass
+class PicieConfig:
+    """Hyper-parameters of PiCIE on cached features; sources in the comments (METHODS.md §2)."""
+
+    dim: int = 128  # embedding width; PiCIE §2.1 (FPN 1x1 convs project to 128)
+    dropout: float = 0.0  # PiCIE has no dropout; kept settable for ablations with the STEGO head
+    lr: float = 1e-3  # Adam, β (0.9, 0.999), wd 0 (paper); cocostuff27 preset 1e-4 ([code:PiCIE] COCO script)
+    epochs: int = 10  # paper: 10 epochs from ImageNet init
+    batch_size: int = 32  # images per step; ours ([code:PiCIE] 128 at 320 px with the backbone in the loop)
+    balance: str = "frequency"  # cluster weights in the CE: [code:PiCIE] counts/sum (see module docstring)
+    over_clustering: bool = False  # "+H": a second clustering with k_over clusters (paper Table 1)
+    k_over: int = 100  # K₂ of "+H" (paper)
+    kmeans_samples: int = 100_000  # pixel codes in the k-means init sample (ours; [code:PiCIE] 20 x 256 images)
+    kmeans_iters: int = 20  # faiss iterations of the init; [code:PiCIE] kmeans_n_iter 20
+    kmeans_epochs: int = 1  # mini-batch update passes after the init (ours)
+    seed: int = 0  # seeds the head init, the view pairing, the batch order and the k-means
+    checkpoint_every: int = 50  # steps between resumable checkpoints (ours)
+    log_every: int = 10  # steps between history entries (ours)
+
+    def __post_init__(self) -> None:
+        if self.balance not in BALANCES:
+            raise ConfigError(f"PicieConfig.balance must be one of {BALANCES}, got {self.balance!r}")
+        for name in ("dim", "epochs", "batch_size", "k_over", "kmeans_samples", "kmeans_iters",
+                     "checkpoint_every", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"PicieConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.kmeans_epochs < 0:
+            raise ConfigError(f"PicieConfig.kmeans_epochs must be >= 0, got {self.kmeans_epochs}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"PicieConfig.dropout must lie in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Per-dataset values that differ from the paper's defaults.
+PICIE_PRESETS: dict[str, dict] = {
+    "cocostuff27": {"lr": 1e-4},  # [code:PiCIE] train_picie.sh (COCO): lr 1e-4
+    "cityscapes27": {"lr": 1e-3},  # [code:PiCIE] train_picie_cityscapes.sh: lr 1e-3, 10 epochs
+}
+
+
+def picie_presets(dataset: str) -> dict[str, dict]:
+    return {"picie": dict(PICIE_PRESETS.get(dataset, {}))}
+
+
+def over_clustering_weights(k1: int, k2: int) -> tuple[float, float]:
+    """(λ_K1, λ_K2) = (log K2, log K1) / (log K1 + log K2): CE grows like log K, so the K2 term is damped."""
+    a, b = math.log(k1), math.log(k2)
+    return b / (a + b), a / (a + b)
+
+
+def cluster_weights(counts: Tensor, balance: str) -> Tensor:
+    """Per-cluster CE weights (K,) from pixel counts (K,).
+
+    "frequency": counts / counts.sum() ([code:PiCIE]); "inverse": total / (K_used · count) for used
+    clusters, 0 for empty ones (an empty cluster is never a target); "none": ones.
+    """
+    counts = counts.double()
+    if balance == "frequency":
+        w = counts / counts.sum()
+    elif balance == "inverse":
+        used = counts > 0
+        w = torch.where(used, counts.sum() / (used.sum() * counts.clamp_min(1)), torch.zeros_like(counts))
+    elif balance == "none":
+        w = torch.ones_like(counts)
+    else:
+        raise ConfigError(f"balance must be one of {BALANCES}, got {balance!r}")
+    return w.float()
+
+
+def prototype_logits(codes: Tensor, centroids: Tensor) -> Tensor:
+    """Cosine similarity of unit codes (B, D, h, w) to unit centroids (K, D) -> (B, K, h, w)."""
+    return torch.einsum("bdhw,kd->bkhw", codes, F.normalize(centroids, dim=1))
+
+
+def prototype_ce(codes: Tensor, centroids: Tensor, labels: Tensor, weight: Tensor) -> Tensor:
+    """PiCIE's L_clust: weighted CE of cosine logits against pseudo-labels.
+
+    Args:
+        codes: (B, D, h, w) unit codes. centroids: (K, D). labels: (B, h, w) int64 in [0, K).
+        weight: (K,) per-cluster weights (:func:`cluster_weights`).
+    Returns:
+        Σ_p w[y_p] · (−log softmax(cos)_p[y_p]) / Σ_p w[y_p] (PyTorch's weighted mean).
+    """
+    return F.cross_entropy(prototype_logits(codes, centroids), labels, weight=weight.to(codes))
+
+
+def picie_loss(z1: Tensor, z2: Tensor, clusterings: list[dict]) -> tuple[Tensor, dict]:
+    """Within + cross-view prototype CE, summed over clusterings with their λ.
+
+    Args:
+        z1, z2: (B, D, h, w) unit codes of view 1 and of view 2 (already warped onto view 1's grid).
+        clusterings: per clustering a dict with ``lam`` and, for each view v ∈ {1, 2}, ``mu{v}`` (K, D),
+            ``y{v}`` (B, h, w) int64 and ``w{v}`` (K,).
+    Returns:
+        (loss, stats): loss = Σ_c λ_c ((ℓ12 + ℓ21)/2 + (ℓ11 + ℓ22)/2) / 2 ([code:PiCIE]); stats are floats
+        ``loss_within``, ``loss_cross`` (λ-weighted) and ``acc_1`` / ``acc_2`` (fraction of pixels whose
+        arg-max centroid is their pseudo-label, first clustering).
+    """
+    total, within_sum, cross_sum = z1.new_zeros(()), 0.0, 0.0
+    stats: dict[str, float] = {}
+    for ci, c in enumerate(clusterings):
+        l11 = prototype_ce(z1, c["mu1"], c["y1"], c["w1"])
+        l22 = prototype_ce(z2, c["mu2"], c["y2"], c["w2"])
+        l12 = prototype_ce(z1, c["mu2"], c["y2"], c["w2"])
+        l21 = prototype_ce(z2, c["mu1"], c["y1"], c["w1"])
+        within, cross = (l11 + l22) / 2, (l12 + l21) / 2
+        total = total + c["lam"] * (within + cross) / 2
+        within_sum += c["lam"] * float(within.detach())
+        cross_sum += c["lam"] * float(cross.detach())
+        if ci == 0:
+            with torch.no_grad():
+                stats["acc_1"] = float((prototype_logits(z1, c["mu1"]).argmax(1) == c["y1"]).float().mean())
+                stats["acc_2"] = float((prototype_logits(z2, c["mu2"]).argmax(1) == c["y2"]).float().mean())
+    stats.update(loss_within=within_sum, loss_cross=cross_sum)
+    return total, stats
+
+
+class PicieHead(StegoHead):
+    """The projection head with PiCIE's per-pixel L2 normalisation of its output."""
+
+    def embed(self, feats: Tensor) -> Tensor:
+        """Training-mode unit codes (dropout if configured): (B, C, h, w) -> (B, D, h, w)."""
+        return F.normalize(self(feats)[1], dim=1)
+
+    def codes(self, feats: Tensor) -> Tensor:
+        return F.normalize(self._project(feats), dim=1)
+
+
+class PicieTrained(TrainedHead):
+    """A trained PiCIE head: unit codes and the last epoch's view-1 centroids as its clusterer."""
+
+    method = "picie"
+    clusterer = "centroids"
+
+    def __init__(self, in_dim: int, code_dim: int, centroids: Tensor, dropout: float = 0.0) -> None:
+        super().__init__(in_dim, code_dim, int(centroids.shape[0]))
+        self.head = PicieHead(in_dim, code_dim, dropout)
+        self.register_buffer("centroids", F.normalize(centroids.float(), dim=1))  # (K, D)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> "PicieTrained":
+        head = cls(ckpt["in_dim"], ckpt["code_dim"], ckpt["centroids"], ckpt["config"]["picie"]["dropout"])
+        head.head.load_state_dict(ckpt["head"])
+        return head
+
+    def codes(self, feats: Tensor) -> Tensor:
+        return self.head.codes(feats)
+
+    def cluster_logits(self, codes: Tensor) -> Tensor:
+        # alpha 2 like every other row's CRF unary (STEGO's probe, k-means); the arg-max is the paper's.
+        return 2.0 * prototype_logits(F.normalize(codes, dim=1), self.centroids)

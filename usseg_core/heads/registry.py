@@ -1,0 +1,249 @@
+"""The head registry: one entry per method, one factory (timm's ``create_model`` pattern, for heads).
+
+An entry (:class:`HeadSpec`) declares everything the rest of usseg needs to know about a method:
+
+- its configuration *sections* (dataclasses whose defaults are the paper's values, each field citing
+  its source) and per-dataset presets;
+- which cached inputs it trains on (:data:`INPUTS`): five-crop features, the KNN table, the view bank,
+  oversegmentations. The pipeline computes exactly those;
+- how to train it (a function of :class:`HeadInputs` and the resolved config, built on the shared
+  resumable loop in ``usseg_core.trainer``);
+- how its checkpoint payload loads into a :class:`TrainedHead`, a module with ``codes(features)`` and,
+  where the method has one, its own cluster assignment (``cluster_logits``).
+
+Tasks, flows, the CLI, deployments and the backbone watcher list heads with :func:`list_heads`; nothing
+outside ``usseg_core/heads/`` switches on a head's name. A new head = its module + its
+:func:`register_head` call (in ``usseg_core/heads/__init__.py``) + its tests.
+
+Configuration overrides are namespaced by section: ``omh.w_match=0.1`` sets a field of OMH's section,
+``picie.k_over=100`` one of PiCIE's; bare names (``steps=2000``) set the head's first ("primary") section,
+which is the part shared with related heads (OMH's primary section is STEGO's config).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from usseg_core.errors import ConfigError, InputError
+
+# Cached inputs a head may declare (each is an upstream stage of the pipeline).
+INPUTS = ("five_crop", "knn", "views", "oversegment")
+HEAD_FORMAT = 2  # version of head.pt written by usseg_core.heads.save_head
+
+
+@dataclass
+class HeadInputs:
+    """The cached inputs a head trains on; only those its spec declares are filled in.
+
+    Attributes:
+        n_classes: K, clusters of the method's own assignment (= number of classes).
+        features: five-crop training features, indexable ``features[i] -> (C, h, w)`` ("five_crop").
+        knn: (N, k) neighbour table over ``features``, column 0 = self ("knn").
+        views: a ``usseg_core.viewbank.ViewBank`` of recorded augmented views ("views").
+        base: un-augmented features of the same images as ``views`` (the frame the views are drawn in).
+        segments: oversegmentations, indexable per image ("oversegment").
+    """
+
+    n_classes: int
+    features: Sequence | None = None
+    knn: np.ndarray | None = None
+    views: Any = None
+    base: Sequence | None = None
+    segments: Any = None
+
+
+@dataclass
+class TrainedState:
+    """What a head's ``train`` returns: the checkpoint payload and a JSON-able summary for metadata."""
+
+    payload: dict  # tensors and JSON-able values: the head-specific part of head.pt
+    meta: dict = field(default_factory=dict)  # shifts, history tail, ... (artifact meta.json)
+    steps_done: int = 0
+    seconds_per_step: float | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+class TrainedHead(nn.Module):
+    """A trained head at inference: ``codes(features)`` and, optionally, its own cluster assignment.
+
+    Subclasses set ``method``, ``in_dim``, ``code_dim``, ``n_classes`` and implement :meth:`codes`;
+    heads with their own clusterer (STEGO's cluster probe, PiCIE's centroids) implement
+    :meth:`cluster_logits` and set ``clusterer`` to the name results tables show.
+    """
+
+    method: str = "head"
+    clusterer: str | None = None
+
+    def __init__(self, in_dim: int, code_dim: int, n_classes: int) -> None:
+        super().__init__()
+        self.in_dim, self.code_dim, self.n_classes = in_dim, code_dim, n_classes
+
+    def codes(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) frozen features -> (B, D, h, w) codes (eval mode, no dropout)."""
+        raise NotImplementedError
+
+    def cluster_logits(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, D, h, w) codes -> (B, K, h, w) logits of the method's own assignment."""
+        raise ConfigError(f"head {self.method!r} has no cluster assignment of its own; use k-means")
+
+    def assign(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, D, h, w) codes -> (B, h, w) cluster index of the method's own assignment."""
+        return self.cluster_logits(codes).argmax(dim=1)
+
+
+class RawHead(TrainedHead):
+    """The identity 'head': raw backbone features as codes (the k-means baseline)."""
+
+    method = "raw"
+
+    def __init__(self) -> None:
+        super().__init__(0, 0, 0)
+
+    def codes(self, feats: torch.Tensor) -> torch.Tensor:
+        return feats
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """A registered head.
+
+    Attributes:
+        name: registry name (also in flow names ``train-<name>``, deployment names and metadata).
+        summary: one line for ``--help`` and docs.
+        sections: ((section name, config dataclass), ...); the first is the primary section.
+        presets: dataset registry name -> {section: {field: value}} (per-dataset defaults).
+        needs: the cached inputs it trains on, a subset of :data:`INPUTS`.
+        train: ``train(inputs: HeadInputs, config: dict[str, dataclass], *, checkpoint_path, device,
+            progress, on_step) -> TrainedState``.
+        load: ``load(ckpt: dict) -> TrainedHead`` from the dict :func:`save_head` wrote.
+        clusterer: name of the method's own cluster assignment in results tables, or None.
+    """
+
+    name: str
+    summary: str
+    sections: tuple[tuple[str, type], ...]
+    presets: Callable[[str], dict[str, dict]]
+    needs: frozenset[str]
+    train: Callable[..., TrainedState]
+    load: Callable[[dict], TrainedHead]
+    clusterer: str | None = None
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.needs) - set(INPUTS))
+        if unknown:
+            raise ConfigError(f"head {self.name!r}: unknown inputs {unknown}; known: {list(INPUTS)}")
+        if not self.sections:
+            raise ConfigError(f"head {self.name!r} needs at least one config section")
+
+    @property
+    def primary(self) -> str:
+        return self.sections[0][0]
+
+    def config(self, dataset: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Resolved config sections for ``dataset``: defaults < dataset preset < ``overrides``."""
+        values = {name: dict(v) for name, v in self.presets(dataset).items()}
+        for key, value in (overrides or {}).items():
+            section, fld = self.split_key(key)
+            values.setdefault(section, {})[fld] = value
+        out = {}
+        for name, cls in self.sections:
+            try:
+                out[name] = cls(**values.get(name, {}))
+            except TypeError as exc:  # only reachable through a preset with a stale field name
+                raise ConfigError(f"head {self.name!r}, section {name!r}: {exc}") from exc
+        return out
+
+    def split_key(self, key: str) -> tuple[str, str]:
+        """``"omh.w_match"`` -> ("omh", "w_match"); a bare name -> (primary, name). Validates both."""
+        sections = dict(self.sections)
+        section, _, fld = key.rpartition(".")
+        section = section or self.primary
+        if section not in sections:
+            raise ConfigError(f"--set {key}: head {self.name!r} has no config section {section!r}; "
+                              f"its sections: {', '.join(sections)} (bare names set {self.primary!r})")
+        names = [f.name for f in dataclasses.fields(sections[section])]
+        if fld not in names:
+            others = [f"{s}.{f.name}" for s, c in self.sections[1:] for f in dataclasses.fields(c)]
+            hint = f"; namespaced: {', '.join(others)}" if others else ""
+            raise ConfigError(f"--set {key}: unknown field {fld!r} of head {self.name!r} section {section!r}; "
+                              f"valid: {', '.join(names)}{hint}")
+        return section, fld
+
+
+_REGISTRY: dict[str, HeadSpec] = {}
+
+
+def register_head(spec: HeadSpec) -> HeadSpec:
+    """Add ``spec`` to the registry (a name can be registered once)."""
+    if spec.name in _REGISTRY:
+        raise ConfigError(f"head {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def unregister_head(name: str) -> None:
+    """Remove a head (tests that register toy heads clean up with this)."""
+    _REGISTRY.pop(name, None)
+
+
+def get_head(name: str) -> HeadSpec:
+    """The registered head ``name``; an unknown name fails with the list of heads."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown head {name!r}; registered heads: {', '.join(list_heads())}") from None
+
+
+def list_heads() -> list[str]:
+    """Registered head names, in registration order."""
+    return list(_REGISTRY)
+
+
+def config_to_dict(config: Mapping[str, Any]) -> dict[str, dict]:
+    """JSON-able form of resolved config sections (tuples become lists)."""
+    out = {}
+    for name, section in config.items():
+        d = section.to_dict() if hasattr(section, "to_dict") else dataclasses.asdict(section)
+        out[name] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+    return out
+
+
+def save_head(path: str | Path, method: str, n_classes: int, config: Mapping[str, Any], payload: dict) -> None:
+    """Write head.pt: common fields + the head's payload (which holds ``in_dim``); ``weights_only`` loadable."""
+    plain = {k: v for k, v in config.items()} if all(isinstance(v, dict) for v in config.values()) \
+        else config_to_dict(config)
+    torch.save({"format": HEAD_FORMAT, "method": method, "n_classes": int(n_classes), "config": plain,
+                **payload}, Path(path))
+
+
+def load_head(path: str | Path) -> TrainedHead:
+    """A trained head from its artifact folder (``storage/head/<key>``) or its ``head.pt``; no Prefect.
+
+    Example (a notebook)::
+
+        from usseg_core.heads import load_head
+        head = load_head("storage/head/<key>")      # .codes(feats), .assign(codes), .method
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "head.pt"
+    if not path.exists():
+        raise InputError(path, "no head checkpoint here (expected a head artifact folder or its head.pt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 — any unreadable file is the same user problem
+        raise InputError(path, f"unreadable head checkpoint ({exc})") from exc
+    if not isinstance(ckpt, dict) or "method" not in ckpt:
+        raise InputError(path, "not a usseg head checkpoint (no 'method' field)")
+    if ckpt.get("format") != HEAD_FORMAT:
+        raise InputError(path, f"head checkpoint format {ckpt.get('format')} != {HEAD_FORMAT}; "
+                               "re-run training to rewrite it")
+    head = get_head(ckpt["method"]).load(ckpt)
+    return head.eval()

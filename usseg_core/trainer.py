@@ -1,0 +1,192 @@
+"""One resumable training loop for every head (STEGO, OMH, PiCIE, ...).
+
+A head supplies a :class:`TrainingMethod`: its modules, optimisers, its own random generators and epoch
+state, and its step (plus, for methods that alternate clustering and training such as PiCIE, a pass at
+the start of every epoch). :func:`run_training` owns everything else: the step counter, the global torch
+RNG (initialisation is the method's business, dropout draws from it), atomic checkpoints, history,
+progress bar, and the refusal to resume a checkpoint written with another configuration.
+
+Bit-identical resume is a contract between the two: the loop checkpoints the global torch / CUDA RNGs, the
+module and optimiser states and whatever ``method.state()`` returns; a method must put every other piece of
+mutable state it reads (generators, epoch order, pseudo-labels, centroids) into ``state()``.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from usseg_core.errors import InputError
+
+CHECKPOINT_VERSION = 2
+# Fields that may change between an interrupted run and its resumption without changing its result.
+RESUMABLE_FIELDS = frozenset({"steps", "checkpoint_every", "log_every"})
+
+
+class TrainingMethod:
+    """What a head gives the loop. Subclasses override :meth:`step` and usually the rest."""
+
+    name: str = "head"
+    # When set, :meth:`begin_epoch` runs before the first step of every epoch (step % steps_per_epoch == 0).
+    steps_per_epoch: int | None = None
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Named trainable modules; their state dicts are checkpointed and returned."""
+        return {}
+
+    def optimisers(self) -> list[torch.optim.Optimizer]:
+        return []
+
+    def state(self) -> dict:
+        """Everything else that must survive a resume (generators, epoch order, pseudo-labels)."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """Inverse of :meth:`state`."""
+
+    def begin_epoch(self, epoch: int) -> dict[str, float] | None:
+        """A pass before epoch ``epoch`` (0-based), e.g. PiCIE's clustering; returns stats for the history."""
+        return None
+
+    def step(self) -> dict[str, float]:
+        """One optimisation step; returns float stats (``loss`` at least)."""
+        raise NotImplementedError
+
+
+@dataclass
+class LoopResult:
+    """What the loop did: states are on the CPU, everything else JSON-able."""
+
+    states: dict[str, dict]  # module name -> CPU state dict
+    history: list[dict]
+    steps_done: int
+    seconds_per_step: float | None  # wall time per step of this call (None if no step ran)
+    context: dict = field(default_factory=dict)  # what the caller stored with the first checkpoint
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """torch.save through a temporary and a rename: a crash mid-write never leaves a truncated file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path | None, config: dict, *, method: str,
+                    resumable: Iterable[str] = RESUMABLE_FIELDS) -> dict | None:
+    """The checkpoint at ``path`` if there is one and it was written with ``config`` (up to ``resumable``).
+
+    Raises InputError naming the file when it is unreadable, of another version or head, or was written
+    with a different configuration (listing the fields that differ).
+    """
+    if path is None or not Path(path).exists():
+        return None
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 — any unreadable file is the same user problem
+        raise InputError(path, f"unreadable {method} checkpoint ({exc}); delete it to start afresh") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
+        version = ckpt.get("version") if isinstance(ckpt, dict) else None
+        raise InputError(path, f"checkpoint version {version} != {CHECKPOINT_VERSION}; delete it to start afresh")
+    if ckpt.get("method") != method:
+        raise InputError(path, f"checkpoint of head {ckpt.get('method')!r}, not {method!r}")
+    changed = _changed_fields(_flat(ckpt["config"]), _flat(config), set(resumable))
+    if changed:
+        raise InputError(path, f"checkpoint was written with a different config ({changed}); "
+                               "use another checkpoint path or delete it")
+    return ckpt
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _changed_fields(saved: dict, now: dict, resumable: set[str]) -> list[str]:
+    return sorted(k for k in set(saved) | set(now)
+                  if saved.get(k) != now.get(k) and k.rsplit(".", 1)[-1] not in resumable)
+
+
+def run_training(method: TrainingMethod, config: dict, *, steps: int, checkpoint_every: int, log_every: int,
+                 checkpoint_path: Path | None = None, checkpoint: dict | None = None, context: dict | None = None,
+                 progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> LoopResult:
+    """Run ``method`` to ``steps`` steps, resuming from ``checkpoint`` (see :func:`load_checkpoint`).
+
+    Args:
+        method: the head's training method, freshly built (initialisation already drawn).
+        config: JSON-able configuration of the run (stored, and compared on resume).
+        steps / checkpoint_every / log_every: loop length, checkpoint and history periods.
+        checkpoint_path: where checkpoints go (atomic writes); None trains without checkpoints.
+        checkpoint: a loaded checkpoint to continue from (the caller loads it first when building the
+            method needs something stored in it, e.g. STEGO's measured shifts in ``context``).
+        context: JSON-able values stored with every checkpoint and returned (e.g. measured shifts).
+        on_step: ``on_step(step, stats)`` after every step (step counts from 1).
+    """
+    modules, opts = method.modules(), method.optimisers()
+    step, history = 0, []
+    context = dict(context or {})
+    if checkpoint is not None:
+        for name, module in modules.items():
+            module.load_state_dict(checkpoint["modules"][name])
+        for opt, st in zip(opts, checkpoint["optimisers"], strict=True):
+            opt.load_state_dict(st)
+        torch.set_rng_state(checkpoint["torch_rng"])
+        if checkpoint["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
+        method.load_state(checkpoint["method_state"])
+        step, history = int(checkpoint["step"]), list(checkpoint["history"])
+        context = dict(checkpoint.get("context") or {})
+
+    def snapshot() -> dict:
+        return {"version": CHECKPOINT_VERSION, "method": method.name, "step": step, "config": config,
+                "context": context, "history": history,
+                "modules": {n: m.state_dict() for n, m in modules.items()},
+                "optimisers": [o.state_dict() for o in opts],
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "method_state": method.state()}
+
+    first_step, t0 = step, time.perf_counter()
+    spe = method.steps_per_epoch
+    bar = tqdm(total=steps, initial=step, disable=not progress, desc=method.name, dynamic_ncols=True)
+    while step < steps:
+        if spe and step % spe == 0:
+            epoch_stats = method.begin_epoch(step // spe)
+            if epoch_stats:
+                history.append({"step": step, "epoch": step // spe, **epoch_stats})
+        stats = method.step()
+        step += 1
+        bar.update(1)
+        if step % log_every == 0 or step == steps:
+            history.append({"step": step, **stats})
+            bar.set_postfix(loss=f"{stats.get('loss', float('nan')):.4f}")
+        if checkpoint_path is not None and (step % checkpoint_every == 0 or step == steps):
+            save_atomic(snapshot(), Path(checkpoint_path))
+        if on_step is not None:
+            on_step(step, stats)
+    bar.close()
+    ran = step - first_step
+    return LoopResult(states={n: cpu_state(m) for n, m in modules.items()}, history=list(history),
+                      steps_done=step, seconds_per_step=(time.perf_counter() - t0) / ran if ran else None,
+                      context=context)
+
+
+def cpu_state(module: nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def to_float(v) -> float:
+    return float(v.item()) if isinstance(v, torch.Tensor) else float(v)
