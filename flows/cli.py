@@ -103,6 +103,18 @@ def storage_show(key: str = typer.Argument(..., help="Artifact key (a unique pre
     meta["path"] = str(art.path)
     meta["files"] = sorted(p.name for p in art.path.iterdir() if not p.name.startswith("."))
     console.print_json(json.dumps(meta, default=str))
+    from usseg_core.viewbank import DRAW_COLUMNS, DRAWS_FILE, draw_rows, load_draws
+
+    if art.stage == "views" and (art.path / DRAWS_FILE).exists():  # a view bank: its recorded draws
+        draws = load_draws(art.file(DRAWS_FILE))
+        table = Table(title=f"draws of the first {min(5, len(draws))} of {len(draws)} images "
+                      "(item = image x views + view)")
+        for col in DRAW_COLUMNS:
+            table.add_column(col)
+        for row in draw_rows(draws[:5]):
+            table.add_row(*row)
+        console.print(table)
+        console.print(f"all draws: {art.file(DRAWS_FILE)}", soft_wrap=True)
 
 
 def _register_optional() -> None:
