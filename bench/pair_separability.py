@@ -112,7 +112,7 @@ def main() -> None:
     import torch
 
     from bench.tune_shifts import _artifacts
-    from tasks.heads import load_head
+    from usseg_core.heads import load_head
     from usseg_core.datasets import get_dataset
     from usseg_core.datasets.manifest import Manifest
     from usseg_core.features import FeatureStore
@@ -160,7 +160,7 @@ def main() -> None:
         shifts = dict(zip(TERMS, heads[0][1].meta["shifts"]))
     report = {"split": args.eval_split, "view": args.view, "items": n, "features": pair_stats(feats, labels, pairs, shifts, seed=args.seed)}
     for key, art in heads:
-        head, _ = load_head(str(art.file("head.pt")))
+        head = load_head(art.path)
         with torch.no_grad():
             codes = torch.cat([head.codes(feats[a:a + 16]) for a in range(0, n, 16)])
         report[f"head {key}"] = pair_stats(codes, labels, pairs, None, seed=args.seed)
