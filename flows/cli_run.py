@@ -35,10 +35,13 @@ def write_results_csv(rows: list[dict], path: Path) -> None:
 def run_pipeline(method: str, dataset: str, data_root: str | None, train_split: str, eval_split: str,
                  backbone: str, weights: str | None, random_weights: bool, storage: Path, sets: dict, runner: str,
                  resolution: int = 224, eval_resolution: int | None = None, crf: bool = True) -> dict:
-    from flows.train import pipeline
+    from flows.train import RunSpec, pipeline
 
     dataset_options = sets.pop("dataset_options", None)
     n_clusters = sets.pop("n_clusters", None)
+    spec = RunSpec(method, dataset, overrides=sets)
+    get_head(method).config(dataset, spec.head_overrides())  # a bad --set fails before any server starts
+    spec.views_config()
     return pipeline(
         task_runner=runner, dataset=dataset, data_root=data_root, train_split=train_split,
         eval_split=eval_split, method=method, backbone=backbone, weights=weights, random_weights=random_weights,

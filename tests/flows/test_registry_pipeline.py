@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 import pandas as pd
@@ -103,3 +104,14 @@ def test_run_picie_end_to_end_then_cache_hits(synthetic_root, tmp_path, prefect_
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert {p: p.stat().st_mtime_ns for p in storage.glob("*/*/meta.json")} == before  # all cache hits
+
+
+@pytest.mark.parametrize("bad, says", [("picie.k_ovr=3", "valid: .*k_over"), ("views.nviews=2", "views.n_views"),
+                                       ("omh.w_match=0.1", "no config section 'omh'"),
+                                       ("epochs=many", "section 'picie'")])
+def test_bad_overrides_fail_before_any_work(bad, says, tmp_path):
+    from usseg_core.errors import ConfigError
+
+    res = CliRunner().invoke(app, ["run", "picie", "--dataset", "synthetic", "--storage", str(tmp_path), "--set", bad])
+    assert isinstance(res.exception, ConfigError) and not list(tmp_path.iterdir())  # nothing was computed
+    assert re.search(says, str(res.exception)), str(res.exception)

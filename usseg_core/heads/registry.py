@@ -156,7 +156,7 @@ class HeadSpec:
         for name, cls in self.sections:
             try:
                 out[name] = cls(**values.get(name, {}))
-            except TypeError as exc:  # only reachable through a preset with a stale field name
+            except (TypeError, ValueError) as exc:  # a value of the wrong type (fields are checked above)
                 raise ConfigError(f"head {self.name!r}, section {name!r}: {exc}") from exc
         return out
 
