@@ -164,6 +164,7 @@ def run_training(method: TrainingMethod, config: dict, *, steps: int, checkpoint
     bar = tqdm(total=steps, initial=step, disable=not progress, desc=method.name, dynamic_ncols=True)
     while step < steps:
         if spe and step % spe == 0:
+            bar.set_postfix_str(f"epoch {step // spe}: per-epoch pass (e.g. clustering)")
             epoch_stats = method.begin_epoch(step // spe)
             if epoch_stats:
                 history.append({"step": step, "epoch": step // spe, **epoch_stats})
