@@ -26,9 +26,14 @@ Deliberate differences from the paper, and the paper's gaps (METHODS.md §6.10�
 * **Cluster weights.** The paper says the cross-entropy is "balanced with the size of each cluster";
   [code:PiCIE] passes ``weight = counts / counts.sum()`` to ``nn.CrossEntropyLoss``, i.e. weights
   *proportional* to cluster frequency, which un-balances (big clusters count more). ``balance`` chooses:
-  ``"frequency"`` (the code, which produced the published numbers: our default), ``"inverse"``
-  (inverse frequency, the reading of the paper's word) or ``"none"``. With PyTorch's mean reduction the
-  loss is Σ w_y ℓ / Σ w_y either way.
+  ``"inverse"`` (inverse frequency, the paper's word: our default), ``"frequency"`` (the code; the
+  ``cocostuff27`` / ``cityscapes27`` presets keep it, so the published protocol can be reproduced) or
+  ``"none"``. Measured on CamVid with frozen EfficientNet-Lite0 features (bench/picie_ablation.py, seed 0,
+  10 epochs, no CRF, mIoU / accuracy): frequency 18.7 / 61.1, inverse 35.5 / 70.0, raw-feature k-means
+  28.2 / 58.2. With frequency weights the light head collapses every pixel onto its cluster's centroid
+  (mean code–centroid cosine 0.985; a linear probe fitted on the codes reaches 17.9 mIoU against 70.4 on
+  the raw features) and the small classes are merged away; inverse weights keep them. With PyTorch's
+  mean reduction the loss is Σ w_y ℓ / Σ w_y either way.
 * **Learning rate and length.** Adam β = (0.9, 0.999), no weight decay, 10 epochs (paper). The paper's
   lr is 1e-3; [code:PiCIE]'s COCO script uses 1e-4 (a later "unstable training" fix), its Cityscapes
   script 1e-3: the ``cocostuff27`` preset takes 1e-4, every other dataset 1e-3.
@@ -69,7 +74,7 @@ class PicieConfig:
     lr: float = 1e-3  # Adam, β (0.9, 0.999), wd 0 (paper); cocostuff27 preset 1e-4 ([code:PiCIE] COCO script)
     epochs: int = 10  # paper: 10 epochs from ImageNet init
     batch_size: int = 32  # images per step; ours ([code:PiCIE] 128 at 320 px with the backbone in the loop)
-    balance: str = "frequency"  # cluster weights in the CE: [code:PiCIE] counts/sum (see module docstring)
+    balance: str = "inverse"  # CE cluster weights: paper "balanced"; [code:PiCIE] counts/sum = "frequency" (docstring)
     over_clustering: bool = False  # "+H": a second clustering with k_over clusters (paper Table 1)
     k_over: int = 100  # K₂ of "+H" (paper)
     kmeans_samples: int = 100_000  # pixel codes in the k-means init sample (ours; [code:PiCIE] 20 x 256 images)
@@ -97,8 +102,10 @@ class PicieConfig:
 
 # Per-dataset values that differ from the paper's defaults.
 PICIE_PRESETS: dict[str, dict] = {
-    "cocostuff27": {"lr": 1e-4},  # [code:PiCIE] train_picie.sh (COCO): lr 1e-4
-    "cityscapes27": {"lr": 1e-3},  # [code:PiCIE] train_picie_cityscapes.sh: lr 1e-3, 10 epochs
+    # [code:PiCIE] train_picie.sh (COCO): lr 1e-4; its frequency-proportional CE weights
+    "cocostuff27": {"lr": 1e-4, "balance": "frequency"},
+    # [code:PiCIE] train_picie_cityscapes.sh: lr 1e-3, 10 epochs; its frequency-proportional CE weights
+    "cityscapes27": {"lr": 1e-3, "balance": "frequency"},
 }
 
 
