@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import numpy as np
 from prefect import task
@@ -21,7 +20,7 @@ def open_features(infos: list[dict]) -> ConcatFeatures:
 
 
 def _feature_upstream(infos: list[dict]) -> dict:
-    return {f"features{i}": info["key"] for i, info in enumerate(infos)}
+    return head_inputs_upstream({"features": infos})
 
 
 @task(name="mine-knn", cache_policy=NO_CACHE)

@@ -217,10 +217,8 @@ def config_to_dict(config: Mapping[str, Any]) -> dict[str, dict]:
 
 def save_head(path: str | Path, method: str, n_classes: int, config: Mapping[str, Any], payload: dict) -> None:
     """Write head.pt: common fields + the head's payload (which holds ``in_dim``); ``weights_only`` loadable."""
-    plain = {k: v for k, v in config.items()} if all(isinstance(v, dict) for v in config.values()) \
-        else config_to_dict(config)
-    torch.save({"format": HEAD_FORMAT, "method": method, "n_classes": int(n_classes), "config": plain,
-                **payload}, Path(path))
+    torch.save({"format": HEAD_FORMAT, "method": method, "n_classes": int(n_classes),
+                "config": config_to_dict(config), **payload}, Path(path))
 
 
 def load_head(path: str | Path) -> TrainedHead:
