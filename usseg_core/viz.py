@@ -89,3 +89,53 @@ def confusion_plot(path: str | Path, matrix: np.ndarray, class_names: Sequence[s
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def boundaries(labels: np.ndarray) -> np.ndarray:
+    """(H, W) bool: pixels whose right or lower neighbour has another label."""
+    b = np.zeros(labels.shape, dtype=bool)
+    b[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    b[:-1, :] |= labels[:-1, :] != labels[1:, :]
+    return b
+
+
+def segments_picture(image: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """A segmentation level over its image: segment colours blended in, white segment boundaries."""
+    pic = overlay(image, labels, n, alpha=0.5)
+    pic[boundaries(labels)] = 255
+    return pic
+
+
+def hierarchy_strip(image: np.ndarray, levels: Sequence[np.ndarray]) -> np.ndarray:
+    """image | coarsest level | ... | finest level, side by side: (H, (L + 1) W, 3) uint8.
+
+    ``levels`` are (H, W) label maps fine to coarse (HSG's G0, G1, G2); shown coarse to fine.
+    """
+    pics = [image] + [segments_picture(image, lv, int(lv.max()) + 1) for lv in reversed(list(levels))]
+    return np.concatenate(pics, axis=1)
+
+
+def hierarchy_grid(path: str | Path, rows: Sequence[dict], title: str = "") -> None:
+    """One row per example: image, then its hierarchy coarse to fine (``rows``: ``image``, ``levels``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_cols = 1 + max(len(r["levels"]) for r in rows)
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(3.2 * n_cols, 2.6 * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        levels = list(reversed(list(row["levels"])))  # coarse to fine
+        pics = [row["image"]] + [segments_picture(row["image"], lv, int(lv.max()) + 1) for lv in levels]
+        names = ["image"] + [f"{len(np.unique(lv))} segments" for lv in levels]
+        for c in range(n_cols):
+            ax = axes[r][c]
+            ax.set_axis_off()
+            if c < len(pics):
+                ax.imshow(pics[c])
+                ax.set_title(names[c], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,4 +1,4 @@
-"""Registration of the built-in heads: STEGO, OMH (STEGO + hierarchy loss) and PiCIE.
+"""Registration of the built-in heads: STEGO, OMH (STEGO + hierarchy loss), PiCIE and HSG.
 
 Training entry points import lazily: ``usseg_core.train`` imports this package (for the probes), and a
 registry lookup must stay cheap.
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from usseg_core.heads.hsg import HsgConfig, hsg_presets
 from usseg_core.heads.omh import OMHConfig
 from usseg_core.heads.picie import PicieConfig, picie_presets
 from usseg_core.heads.probes import ClusterProbe
@@ -88,3 +89,21 @@ register_head(HeadSpec(
     name="picie", summary="PiCIE: clustering with photometric invariance and geometric equivariance (Cho et al. 2021)",
     sections=(("picie", PicieConfig),), presets=picie_presets, needs=frozenset({"views"}),
     train=_train_picie, load=_load_picie, clusterer="centroids"))
+
+
+def _train_hsg(inputs: HeadInputs, config: dict, **kw) -> TrainedState:
+    from usseg_core.heads.hsg_train import train_hsg_head
+
+    return train_hsg_head(inputs, config, **kw)
+
+
+def _load_hsg(ckpt: dict) -> TrainedHead:
+    from usseg_core.heads.hsg import HsgTrained
+
+    return HsgTrained.from_checkpoint(ckpt)
+
+
+register_head(HeadSpec(
+    name="hsg", summary="HSG: multiview segment grouping with clustering transformers on UCM segments (Ke et al. 2022)",
+    sections=(("hsg", HsgConfig),), presets=hsg_presets, needs=frozenset({"views", "oversegment"}),
+    train=_train_hsg, load=_load_hsg, clusterer=None))

@@ -1,0 +1,215 @@
+"""HSG training on the view bank and the cached OWT-UCM segments, on the shared resumable loop.
+
+Per step: B images x all V views of the bank (warped features f(G_v(P_v(x)))); the embeddings of every
+view; G0 (grid k-means per view, no gradient); segments = G0 clusters split by the view's UCM regions
+(the image's segment map cut to the base frame and warped with the view's recorded geometry, computed
+once at start); segment prototypes u_s and G0 centroids X0 (with gradient); the hierarchy of clustering
+transformers over each image's V x K0 centroids; losses of Eq. 9 (``usseg_core.heads.hsg``).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from usseg_core.backbones.base import resolve_device
+from usseg_core.errors import ConfigError
+from usseg_core.heads.hsg import (HsgConfig, HsgHead, Hierarchy, contrast_denominator, knn_graph,
+                                  modularity_terms, pixel_segment_loss, separation_term)
+from usseg_core.heads.picie_train import BankIndex
+from usseg_core.heads.registry import HeadInputs, TrainedState, config_to_dict
+from usseg_core.segsort import compact_ids, grid_kmeans, segment_means
+from usseg_core.train import EpochOrder
+from usseg_core.trainer import RESUMABLE_FIELDS, TrainingMethod, load_checkpoint, run_training
+from usseg_core.viewbank import base_region, warp_labels
+from usseg_core.views import ViewSpec
+
+HSG_RESUMABLE = RESUMABLE_FIELDS | {"epochs"}
+
+
+def view_regions(banks: Sequence, segments: Sequence, grid_hw: tuple[int, int]) -> Tensor:
+    """UCM regions of every (image, view) on the feature grid: (N, V, h, w) int32.
+
+    ``segments[s][i]`` is image i's region map (H, W) at the original size; it is cut to the bank's base
+    frame (mirrored when the base view is) and warped with view v's recorded geometry, nearest sampling
+    at each feature cell's centre (labels never blend).
+    """
+    out = []
+    for bank, segs in zip(banks, segments, strict=True):
+        if len(segs) != bank.n_images:
+            raise ConfigError(f"{len(segs)} oversegmentations for a view bank of {bank.n_images} images")
+        base = ViewSpec.from_params(bank.meta["view"])
+        for i in range(bank.n_images):
+            seg = np.asarray(segs[i])
+            t, l, h, w = base_region(seg.shape[:2], base)
+            frame = seg[t:t + h, l:l + w]
+            frame = frame[:, ::-1] if base.flip else frame
+            frame = np.repeat(np.ascontiguousarray(frame, dtype=np.int32)[None], bank.n_views, axis=0)
+            geoms = [bank.geometry(i, v) for v in range(bank.n_views)]
+            out.append(torch.from_numpy(warp_labels(frame, geoms, grid_hw)))
+    return torch.stack(out)
+
+
+class HsgMethod(TrainingMethod):
+    """HSG's multiview segment grouping on cached view features."""
+
+    name = "hsg"
+
+    def __init__(self, banks: Sequence, segments: Sequence, config: HsgConfig, device: torch.device) -> None:
+        self.bank = BankIndex(banks)
+        if self.bank.n_views < 2:
+            raise ConfigError("HSG needs at least 2 views per image in the view bank (views.n_views)")
+        self.config, self.device = config, device
+        self.regions = view_regions(banks, segments, tuple(self.bank.shape[1:]))  # (N, V, h, w)
+        torch.manual_seed(config.seed)
+        self.head = HsgHead(self.bank.shape[0], config.hidden, config.dim).to(device)
+        self.hier = Hierarchy(config).to(device)
+        params = [*self.head.parameters(), *self.hier.parameters()]
+        self.opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                                   weight_decay=config.weight_decay)
+        self.rng = np.random.default_rng(config.seed)
+        self.batch_size = min(config.batch_size, self.bank.n)
+        self.epochs = EpochOrder(self.bank.n, self.rng)
+        self.steps_per_epoch = max(1, self.bank.n // self.batch_size)
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.t = 0  # steps taken (the lr schedule's clock)
+
+    def modules(self):
+        return {"head": self.head, "hierarchy": self.hier}
+
+    def optimisers(self):
+        return [self.opt]
+
+    def state(self) -> dict:
+        return {"numpy_rng": self.rng.bit_generator.state, **self.epochs.state(), "t": self.t}
+
+    def load_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["numpy_rng"]
+        self.epochs.load_state(state)
+        self.t = int(state["t"])
+
+    def lr_at(self, t: int) -> float:
+        """Step decay at the configured fractions of training ([001] §5.8)."""
+        passed = sum(t >= round(f * self.total_steps) for f in self.config.decay_at)
+        return self.config.lr * self.config.decay_factor ** passed
+
+    def step(self) -> dict:
+        cfg, V = self.config, self.bank.n_views
+        idx = np.sort(self.epochs.next_batch(self.batch_size))  # (B,)
+        B = len(idx)
+        img = np.repeat(idx, V)
+        views = np.tile(np.arange(V), B)
+        feats = self.bank.batch("warped", img, views).to(self.device)  # (B*V, C, h, w)
+        emb = self.head(feats)  # (B*V, m, h, w)
+        regions = self.regions[torch.from_numpy(img), torch.from_numpy(views)].to(self.device).long()
+        loss, stats = hsg_loss(emb, regions, self.hier, cfg, V)
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(self.t)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.t += 1
+        return {"loss": float(loss.detach()), "lr": self.lr_at(self.t - 1), **stats}
+
+
+def hsg_loss(emb: Tensor, regions: Tensor, hier: Hierarchy, cfg: HsgConfig, n_views: int) -> tuple[Tensor, dict]:
+    """Eq. 9 on one batch.
+
+    Args:
+        emb: (B*V, m, h, w) unit embeddings, views of an image consecutive.
+        regions: (B*V, h, w) long UCM region ids (image-global: a region has one id in every view).
+        hier: the clustering transformers. cfg: the config. n_views: V.
+    Returns:
+        (loss, float stats).
+    """
+    BV, m, h, w = emb.shape
+    B, V = BV // n_views, n_views
+    K0 = cfg.train_grid[0] * cfg.train_grid[1]
+    with torch.no_grad():
+        g0, _, counts = grid_kmeans(emb.detach(), cfg.train_grid, cfg.kmeans_iters)  # (BV, h, w), (BV, K0)
+    flat = emb.permute(0, 2, 3, 1).reshape(-1, m)  # (BV*h*w, m)
+    view_of = torch.arange(BV, device=emb.device).repeat_interleave(h * w)  # (N,)
+    g0f, rf = g0.reshape(-1), regions.reshape(-1)
+    R = int(rf.max()) + 1
+    seg, keys = compact_ids((view_of * K0 + g0f) * R + rf)  # (N,) in [0, S); keys (S,)
+    S = keys.numel()
+    u, _ = segment_means(flat, seg, S)  # (S, m) u_s, with gradient
+    s_view, s_cluster, s_region = keys // (K0 * R), (keys // R) % K0, keys % R
+    s_img = s_view // V
+    s_token = (s_view % V) * K0 + s_cluster  # index among the image's V*K0 centroids
+    x0, _ = segment_means(flat, view_of * K0 + g0f, BV * K0)  # (BV*K0, m) X0 with gradient
+    x0, valid = x0.reshape(B, V * K0, m), (counts > 0).reshape(B, V * K0)
+    ms, zs = hier(x0, valid)  # M_l (B, V*K0, n_l), Z_l (B, n_l, m)
+
+    # anchors: a random sample of pixels per view (global torch RNG, checkpointed by the loop)
+    A = min(cfg.anchors_per_view, h * w)
+    pick = torch.rand(BV, h * w, device=emb.device).argsort(dim=1)[:, :A]  # (BV, A)
+    anchors = (pick + torch.arange(BV, device=emb.device)[:, None] * (h * w)).reshape(-1)  # (BV*A,)
+    own = seg[anchors]
+    a_img = view_of[anchors] // V
+    logits = flat[anchors] @ u.t() * cfg.concentration  # (BV*A, S)
+    denom = contrast_denominator(logits, own)  # (BV*A,)
+    # Positives live in the anchor's own image: segments are sorted by key, hence by image, so each
+    # image's segments are one column block; gather it (padded to the largest image) instead of masking S.
+    starts = torch.searchsorted(s_img, torch.arange(B + 1, device=emb.device))  # (B+1,)
+    sizes = starts[1:] - starts[:-1]
+    offs = torch.arange(int(sizes.max()), device=emb.device)
+    cols = starts[a_img][:, None] + offs[None]  # (BV*A, Smax)
+    inblock = offs[None] < sizes[a_img][:, None]
+    cols = torch.where(inblock, cols, own[:, None])  # padding points at the own segment (never positive)
+    block = logits.gather(1, cols)
+    cand = inblock & (cols != own[:, None])
+    l_e, n_e = pixel_segment_loss(denom, block, cand & (s_region[cols] == rf[anchors][:, None]))
+    total = cfg.lambda_e * l_e
+    stats = {"loss_edge": float(l_e.detach()), "anchors_edge": n_e, "segments": S}
+    for li, m_l in enumerate(ms):
+        win = m_l.argmax(-1)  # (B, V*K0): G_l of each centroid
+        grp = win[s_img, s_token]  # (S,)
+        l_f, _ = pixel_segment_loss(denom, block, cand & (grp[cols] == grp[own][:, None]))
+        total = total + cfg.lambda_f * l_f
+        stats[f"loss_group{li + 1}"] = float(l_f.detach())
+    l_g = grouping_loss(x0.detach(), valid, ms, zs, cfg, V, K0)
+    total = total + cfg.lambda_g * l_g
+    stats["loss_grouping"] = float(l_g.detach())
+    return total, stats
+
+
+def grouping_loss(x0: Tensor, valid: Tensor, ms: list[Tensor], zs: list[Tensor], cfg: HsgConfig,
+                  n_views: int, k0: int) -> Tensor:
+    """L_g (Eq. 8) averaged over the images: Σ_l negative modularity + collapse + separation."""
+    view = torch.arange(n_views, device=x0.device).repeat_interleave(k0)  # (V*K0,)
+    out = x0.new_zeros(())
+    for b in range(x0.shape[0]):
+        keep = valid[b]
+        adj = knn_graph(F.normalize(x0[b][keep], dim=-1), view[keep], cfg.knn_k, cfg.knn_mode)
+        for m_l, z_l in zip(ms, zs):
+            mod, col = modularity_terms(adj, m_l[b][keep])
+            out = out + mod + col + separation_term(z_l[b])
+    return out / x0.shape[0]
+
+
+def train_hsg_head(inputs: HeadInputs, config: dict, *, checkpoint_path=None, device: str = "auto",
+                   progress: bool = True, on_step=None) -> TrainedState:
+    """Train HSG on ``inputs.views`` (view banks) and ``inputs.segments`` (oversegmentations)."""
+    cfg: HsgConfig = config["hsg"]
+    if inputs.views is None or inputs.segments is None:
+        raise ConfigError("HSG trains on the view bank and the oversegmentations; the pipeline gave "
+                          f"{'no view bank' if inputs.views is None else 'no oversegmentation'}")
+    method = HsgMethod(inputs.views, inputs.segments, cfg, resolve_device(device))
+    plain = config_to_dict(config)
+    ckpt = load_checkpoint(checkpoint_path, plain, method=method.name, resumable=HSG_RESUMABLE)
+    loop = run_training(method, plain, steps=method.total_steps, checkpoint_every=cfg.checkpoint_every,
+                        log_every=cfg.log_every, checkpoint_path=checkpoint_path, checkpoint=ckpt,
+                        progress=progress, on_step=on_step)
+    payload = {"in_dim": int(method.bank.shape[0]), "code_dim": cfg.dim, "head": loop.states["head"],
+               "hierarchy": loop.states["hierarchy"]}
+    regions = method.regions
+    meta = {"steps_per_epoch": method.steps_per_epoch, "n_images": method.bank.n, "n_views": method.bank.n_views,
+            "regions_per_view": float(np.mean([len(torch.unique(r)) for r in regions.flatten(0, 1)[:64]]))}
+    if loop.seconds_per_step:
+        meta["seconds_per_epoch"] = loop.seconds_per_step * method.steps_per_epoch
+    return TrainedState(payload=payload, meta=meta, steps_done=loop.steps_done,
+                        seconds_per_step=loop.seconds_per_step, history=loop.history)
