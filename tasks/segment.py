@@ -16,7 +16,7 @@ from usseg_core.features import embed
 from usseg_core.imageio import read_rgb
 from usseg_core.store import ArtifactStore
 from usseg_core.views import ViewSpec, prepare_item, resolve_full_size
-from usseg_core.viz import colorize, overlay, save_png
+from usseg_core.viz import colorize, hierarchy_strip, overlay, save_png
 
 
 def _backbone_of(store: ArtifactStore, head_meta: dict) -> BackboneRef:
@@ -34,6 +34,21 @@ def _kmeans_of(store: ArtifactStore, head_key: str) -> str:
     raise ConfigError(f"no k-means artifact for head {head_key}; run the train flow first")
 
 
+@torch.no_grad()
+def _write_hierarchy(out: Path, stem: str, image: np.ndarray, head, dense: torch.Tensor) -> list[Path]:
+    """``<stem>_level<k>_<n>seg.png`` (k = 0 coarsest) label PNGs and ``<stem>_hierarchy.png``."""
+    levels = head.levels(head.codes(dense))  # fine to coarse, (1, h, w) each at feature resolution
+    full = [F.interpolate(lv[None].float(), size=image.shape[:2], mode="nearest")[0, 0].long().numpy()
+            for lv in levels]
+    paths = []
+    for k, lv in enumerate(reversed(full)):
+        path = out / f"{stem}_level{k}_{len(np.unique(lv))}seg.png"
+        save_png(path, lv.astype(np.uint16 if lv.max() > 255 else np.uint8))
+        paths.append(path)
+    save_png(out / f"{stem}_hierarchy.png", hierarchy_strip(image, full))
+    return paths + [out / f"{stem}_hierarchy.png"]
+
+
 def segment_images(images: list[Path], model: str, out: Path, *, clusterer: str = "own",
                    crf: bool = True, long_side: int = 480, storage: str) -> list[Path]:
     store = ArtifactStore(storage)
@@ -46,6 +61,8 @@ def segment_images(images: list[Path], model: str, out: Path, *, clusterer: str 
     backbone = load_backbone(ref)
     head_path = str(head_art.file("head.pt"))
     head = load_head(head_path)
+    if clusterer == "own" and head.clusterer is None:  # HSG: per-image groups only; k-means labels the pixels
+        clusterer = "kmeans"
     if clusterer in ("own", head.clusterer):
         pred = {"kind": "own", "head": head_path}
     elif clusterer == "kmeans":
@@ -69,4 +86,6 @@ def segment_images(images: list[Path], model: str, out: Path, *, clusterer: str 
         save_png(out / f"{stem}_color.png", colorize(labels, n))
         save_png(out / f"{stem}_overlay.png", overlay(image, labels, n))
         written.append(out / f"{stem}_labels.png")
+        if hasattr(head, "levels"):  # a hierarchy (HSG): one PNG per level, coarse to fine, and a strip
+            written += _write_hierarchy(out, stem, image, head, torch.from_numpy(dense))
     return written
