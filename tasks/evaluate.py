@@ -26,6 +26,10 @@ from usseg_core.views import ViewSpec, prepare_image_for_label, prepare_label
 
 EVAL_VERSION = 1
 N_EXAMPLES = 6
+# Predictor kinds whose outputs are class ids: scored as they are, no Hungarian matching.
+CLASS_KINDS = frozenset({"linear", "retrieval"})
+# Predictor fields that are file locations, not parameters: the predictor's "key" stands for them.
+_PATH_FIELDS = ("centroids", "probe", "head", "memory")
 
 
 @functools.lru_cache(maxsize=16)
@@ -42,19 +46,45 @@ def _linear(path: str, dim: int, n_classes: int):
     return probe.eval()
 
 
+def _memory(path: str, n_classes: int):
+    from tasks.retrieval import load_memory  # lazy: tasks.retrieval imports image_codes from here
+
+    return load_memory(path, n_classes)  # lru-cached there: one load (and faiss index) per process
+
+
+def _own_logits(p: dict, codes: torch.Tensor) -> torch.Tensor:
+    return load_head(p["head"]).cluster_logits(codes)  # STEGO's cluster probe, PiCIE's centroids
+
+
+def _kmeans_logits(p: dict, codes: torch.Tensor) -> torch.Tensor:
+    from usseg_core.cluster import cluster_logits
+
+    return cluster_logits(codes, _centroids(p["centroids"]), alpha=2.0)
+
+
+def _linear_logits(p: dict, codes: torch.Tensor) -> torch.Tensor:
+    return _linear(p["probe"], codes.shape[1], p["n_classes"])(codes)
+
+
+def _retrieval_logits(p: dict, codes: torch.Tensor) -> torch.Tensor:  # HSG's kNN label transfer
+    from usseg_core.retrieval import retrieval_logits
+
+    return retrieval_logits(codes, _memory(p["memory"], p["n_classes"]), tuple(p["grid"]), p["iters"],
+                            p["k"], p["vote"], pool_to=tuple(p["pool_to"]))
+
+
+# predictor kind -> (predictor dict, codes (1, D, H, W)) -> logits (1, K, H, W)
+PREDICTOR_KINDS = {"own": _own_logits, "kmeans": _kmeans_logits, "linear": _linear_logits,
+                   "retrieval": _retrieval_logits}
+
+
 @torch.no_grad()
 def predictor_logits(predictor: dict, codes: torch.Tensor) -> torch.Tensor:
     """(1, K, H, W) logits of one predictor on upsampled codes (1, D, H, W)."""
-    from usseg_core.cluster import cluster_logits
-
     kind = predictor["kind"]
-    if kind == "own":  # the head's own assignment (STEGO's cluster probe, PiCIE's centroids)
-        return load_head(predictor["head"]).cluster_logits(codes)
-    if kind == "kmeans":
-        return cluster_logits(codes, _centroids(predictor["centroids"]), alpha=2.0)
-    if kind == "linear":
-        return _linear(predictor["probe"], codes.shape[1], predictor["n_classes"])(codes)
-    raise ValueError(f"unknown predictor kind {kind!r}")
+    if kind not in PREDICTOR_KINDS:
+        raise ValueError(f"unknown predictor kind {kind!r}")
+    return PREDICTOR_KINDS[kind](predictor, codes)
 
 
 @torch.no_grad()
@@ -117,7 +147,7 @@ def run_evaluation(storage: str, data: DataRef, manifest: dict, view: ViewSpec, 
     store = ArtifactStore(storage)
     params = {"run_crf": run_crf, "crf": asdict(crf), "view": view.params(),
               "groups": [{k: v for k, v in g.items() if k != "predictors"} | {
-                  "predictors": [{k: v for k, v in p.items() if k not in ("centroids", "probe", "head")}
+                  "predictors": [{k: v for k, v in p.items() if k not in _PATH_FIELDS}
                                  for p in g["predictors"]]} for g in groups]}
     upstream = {"features": feats["key"], "flips": flips["key"] if flips else "none",
                 **{f"{g['method']}.{p['name']}": p.get("key", "") for g in groups for p in g["predictors"]}}
@@ -151,6 +181,11 @@ def run_evaluation(storage: str, data: DataRef, manifest: dict, view: ViewSpec, 
     return {"key": key, "path": str(art.path), "rows": rows, "cache_hit": False}
 
 
+def predictor_scores(predictor: dict, cm: np.ndarray):
+    """Scores of one predictor's confusion matrix: identity for class outputs, Hungarian otherwise."""
+    return identity_scores(cm) if predictor["kind"] in CLASS_KINDS else hungarian_scores(cm)
+
+
 def _score_rows(cms: dict, groups: list[dict], class_names: list[str]) -> list[dict]:
     rows = []
     for g in groups:
@@ -159,7 +194,7 @@ def _score_rows(cms: dict, groups: list[dict], class_names: list[str]) -> list[d
                 name = f"{p['name']}|{crf_flag}"
                 if name not in cms:
                     continue
-                sc = identity_scores(cms[name]) if p["kind"] == "linear" else hungarian_scores(cms[name])
+                sc = predictor_scores(p, cms[name])
                 row = {"method": g["method"], "clusterer": p.get("label", p["kind"]), "crf": crf_flag == "yes",
                        "accuracy": round(100 * sc.accuracy, 2), "miou": round(100 * sc.miou, 2)}
                 row.update({f"iou_{c}": round(100 * float(v), 2) if np.isfinite(v) else None
@@ -179,7 +214,7 @@ def _write_outputs(art, rows, cms, groups, class_names, kept, title) -> None:
     art.file("results.md").write_text(results_markdown(rows))
     main = groups[-1]["predictors"][0]
     crf_flag = "yes" if f"{main['name']}|yes" in cms else "no"
-    sc = hungarian_scores(cms[f"{main['name']}|{crf_flag}"])
+    sc = predictor_scores(main, cms[f"{main['name']}|{crf_flag}"])
     confusion_plot(art.file("confusion.png"), sc.matrix, class_names,
                    f"{title}: {groups[-1]['method']} {main['kind']} (CRF {crf_flag})")
     grid = []

@@ -1,0 +1,123 @@
+"""Segment-retrieval evaluation (HSG's protocol, METHODS.md §1.3): the labelled segment memory of a
+split, the predictor that labels test segments from it, and the one call the evaluation flow makes.
+
+The memory is an artifact ("segment-memory") keyed by the head (or "raw"), the labelled features, the
+view (it decides how labels are prepared), the k-means grid and iterations and the number of classes.
+Codes are computed per image exactly as the evaluation computes them (``tasks.evaluate.image_codes``)
+except for flip-TTA, which HSG's ``prototype.py`` does not use for the memory.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.common import DataRef, load_manifest, logger
+from usseg_core.features import FeatureStore
+from usseg_core.retrieval import (K_DEFAULT, KMEANS_ITERS, VOTE_DEFAULT, VOTES, SegmentMemory, build_memory,
+                                  dataset_grid)
+from usseg_core.store import ArtifactStore, artifact_key
+from usseg_core.views import ViewSpec, prepare_label
+
+MEMORY_VERSION = 1
+PROTOTYPES, LABELS, IMAGE_INDEX = "prototypes.npy", "labels.npy", "image_index.npy"
+
+
+def memory_key(head: dict | None, feats: dict, view_params: dict, n_classes: int, grid, iters: int
+               ) -> tuple[str, dict, dict]:
+    params = {"grid": [int(g) for g in grid], "iters": int(iters), "n_classes": int(n_classes),
+              "view": view_params}
+    upstream = {"features": feats["key"], "head": head["key"] if head else "raw"}
+    return artifact_key("segment-memory", MEMORY_VERSION, params, upstream), params, upstream
+
+
+@task(name="segment-memory", cache_policy=NO_CACHE)
+def ensure_segment_memory(storage: str, head: dict | None, feats: dict, data: DataRef, view_params: dict,
+                          n_classes: int, grid: tuple[int, int], iters: int = KMEANS_ITERS) -> dict:
+    """Segment prototypes of a labelled split with their majority ground-truth labels.
+
+    ``head`` None uses the raw backbone features (the baseline). Files: prototypes.npy (S, D) float32
+    unit, labels.npy (S,) int64, image_index.npy (S,) int64 (item of the split each segment comes
+    from); the metadata counts the segments per class. Returns ``{"key", "path", "pool_to"}``, with
+    ``pool_to`` the feature grid (h, w) the k-means ran at.
+    """
+    from tasks.evaluate import image_codes  # evaluate imports this module lazily: no import cycle
+
+    store = ArtifactStore(storage)
+    key, params, upstream = memory_key(head, feats, view_params, n_classes, grid, iters)
+    art = store.get("segment-memory", key)
+    if art is not None:
+        logger().info("cache hit: segment-memory/%s", key)
+        return {"key": key, "path": str(art.path), "pool_to": art.meta["pool_to"], "cache_hit": True}
+    fstore = FeatureStore(feats["path"])
+    ids = load_manifest(feats["manifest"]).ids
+    if len(fstore) != len(ids):
+        raise ValueError(f"{feats['path']}: {len(fstore)} feature items for {len(ids)} images; the memory "
+                         "needs one view per image (not five-crop features)")
+    pool_to = [int(s) for s in fstore.dense.shape[-2:]]
+    art = store.begin("segment-memory", key, version=MEMORY_VERSION, params=params, upstream=upstream,
+                      dataset=data.name, split=data.split)
+    ds, vs = data.dataset(), ViewSpec.from_params(view_params)
+    head_path = head["path"] if head else None
+
+    def items():
+        for i, id_ in enumerate(ids):
+            label = prepare_label(ds.load_label(id_), vs)
+            yield image_codes(head_path, fstore, None, i, label.shape), torch.from_numpy(label)
+
+    protos, labels, image = build_memory(items(), n_classes, tuple(grid), iters, tuple(pool_to))
+    if len(labels) == 0:
+        raise ValueError(f"{data.name}/{data.split}: no segment of the labelled split has a valid label")
+    np.save(art.file(PROTOTYPES), protos)
+    np.save(art.file(LABELS), labels)
+    np.save(art.file(IMAGE_INDEX), image)
+    counts = np.bincount(labels, minlength=n_classes).tolist()
+    store.finish(art, n_segments=int(len(labels)), n_images=len(ids), pool_to=pool_to, class_counts=counts)
+    logger().info("segment-memory/%s: %d segments from %d images", key, len(labels), len(ids))
+    return {"key": key, "path": str(art.path), "pool_to": pool_to, "cache_hit": False}
+
+
+@functools.lru_cache(maxsize=4)
+def load_memory(path: str, n_classes: int) -> SegmentMemory:
+    """The memory of a segment-memory artifact folder (cached per process, faiss index included)."""
+    return SegmentMemory(torch.from_numpy(np.load(f"{path}/{PROTOTYPES}")),
+                         torch.from_numpy(np.load(f"{path}/{LABELS}")), n_classes)
+
+
+def retrieval_predictor(memory: dict, n_classes: int, grid, iters: int = KMEANS_ITERS, k: int = K_DEFAULT,
+                        vote: str = VOTE_DEFAULT, name: str = "retrieval") -> dict:
+    """The evaluation's predictor dict for kNN label transfer from ``memory`` (its outputs are classes).
+
+    ``name`` must be unique over all groups of one evaluation (confusion matrices are keyed by it).
+    """
+    if vote not in VOTES:
+        raise ValueError(f"vote must be one of {sorted(VOTES)}, got {vote!r}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    label = f"retrieval-k{k}" if vote == VOTE_DEFAULT else f"retrieval-k{k}-{vote}"
+    return {"name": name, "kind": "retrieval", "label": label, "n_pred": n_classes, "n_classes": n_classes,
+            "key": memory["key"], "memory": memory["path"], "pool_to": list(memory["pool_to"]),
+            "grid": [int(g) for g in grid], "iters": int(iters), "k": int(k), "vote": vote}
+
+
+def add_retrieval(groups: list[dict], storage: str, pdata: DataRef, pfeats: dict, view_params: dict,
+                  n_classes: int, dataset_name: str, k: int = K_DEFAULT, vote: str = VOTE_DEFAULT,
+                  iters: int = KMEANS_ITERS) -> list[dict]:
+    """Append a retrieval predictor to every evaluation group (in place; also returned).
+
+    Each group's memory is built from the labelled split ``pdata`` / ``pfeats`` with that group's codes
+    (``head`` None = raw features), at the dataset's test-time n0 grid (``dataset_grid``). The raw group
+    gets the predictor name "raw-retrieval", the others "retrieval" (plus the method when several).
+    """
+    grid = dataset_grid(dataset_name)
+    heads = [g for g in groups if g.get("head") is not None]
+    for g in groups:
+        head = {"key": g["head_key"], "path": g["head"]} if g.get("head") is not None else None
+        memory = ensure_segment_memory(storage, head, pfeats, pdata, view_params, n_classes, grid, iters)
+        name = ("raw-retrieval" if head is None else
+                "retrieval" if len(heads) == 1 else f"{g['method']}-retrieval")
+        g["predictors"].append(retrieval_predictor(memory, n_classes, grid, iters, k, vote, name=name))
+    return groups

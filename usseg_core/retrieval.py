@@ -1,0 +1,236 @@
+"""Segment retrieval: HSG's evaluation protocol (kNN label transfer), METHODS.md §1.3, for any codes.
+
+A *labelled memory* holds the segment prototypes of a labelled split with their majority ground-truth
+label. A test image is cut into per-image spherical k-means segments (the same test-time n0 grid as the
+memory), every segment's prototype retrieves its k most cosine-similar memory prototypes, and their
+labels vote. Predictions are class ids: no Hungarian matching.
+
+Where HSG / SegSort leave a choice, this is what the reference code does and what we do:
+
+- k = 20, majority vote: ``twke18/HSG`` ``hsg/models/predictions/segsort.py`` (``predictions``, the
+  predictor ``pyscripts/inference/inference.py`` builds) retrieves the top 20 memory prototypes by dot
+  product of unit prototypes and takes the argmax of the label counts
+  (``hsg/utils/segsort/eval.py`` ``majority_label_from_topk``). SegSort (``jyhjinghwang/SegSort``,
+  ``bashscripts/voc12/train_segsort.sh``) uses the same rule with ``K_IN_NEAREST_NEIGHBORS=15`` (21 in
+  the multi-GPU script). Ties go to the lowest class id (``argmax`` returns the first maximum in both).
+- "weighted" is ours, not in either repo: each neighbour votes with its cosine similarity clamped at 0
+  (no temperature to choose; a dissimilar neighbour never votes *against* a class).
+- Memory segments: the memory images are clustered with the test-time grid (HSG's ``bashscripts``
+  pass the same ``--kmeans_num_clusters`` to ``prototype.py`` and ``inference.py``). A segment's label
+  is the majority among its *valid* pixels, segments without one are dropped. HSG counts ignore pixels
+  as a class of their own and drops segments whose majority is "ignore"; ours keeps a segment that is
+  mostly ignore but has some labelled pixels.
+
+Deliberate difference: HSG clusters the full-resolution (upsampled) embedding. :func:`image_segments`
+runs k-means on the codes average-pooled back to about the feature resolution (the upsampled codes are
+a bilinear interpolation of that grid, so pooling loses little) and then assigns every full-resolution
+pixel to its nearest centroid in one matmul: the k-means costs ``iters`` passes over h*w instead of
+H*W pixels, the segment boundaries still sit at label resolution.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from usseg_core.segsort import GRID_N0, compact_ids, grid_kmeans, segment_means
+
+__all__ = ["K_DEFAULT", "VOTE_DEFAULT", "VOTES", "SegmentMemory", "segment_labels", "image_segments",
+           "segment_prototypes", "build_memory", "retrieve", "retrieval_logits", "dataset_grid"]
+
+K_DEFAULT = 20  # twke18/HSG hsg/models/predictions/segsort.py: top_k_ranking(..., 20)
+VOTE_DEFAULT = "majority"  # twke18/HSG hsg/utils/segsort/eval.py majority_label_from_topk
+KMEANS_ITERS = 15  # HSG: 15 k-means iterations (METHODS.md S6 b)
+LOG_EPS = 1e-4  # floor of the vote distribution before the log: finite unaries for the dense CRF
+FAISS_MIN_MEMORY = 50_000  # "auto" backend: faiss IndexFlatIP from this many memory prototypes on
+DEFAULT_GRID = GRID_N0["voc"]  # datasets without a published n0 get the most common one (6 x 6)
+
+
+def dataset_grid(dataset: str) -> tuple[int, int]:
+    """The test-time n0 grid of a dataset registry name ("cityscapes27" -> GRID_N0["cityscapes"])."""
+    return GRID_N0.get(re.sub(r"\d+$", "", dataset), DEFAULT_GRID)
+
+
+# --- votes: (Q, k) similarities and labels of the neighbours -> (Q, C) distribution ------------------
+
+def _majority(sims: Tensor, labels: Tensor, n_classes: int) -> Tensor:
+    votes = F.one_hot(labels, n_classes).sum(1).to(torch.float32)  # (Q, C)
+    return votes / labels.shape[1]
+
+
+def _weighted(sims: Tensor, labels: Tensor, n_classes: int) -> Tensor:
+    w = sims.clamp_min(0).to(torch.float32)  # (Q, k)
+    votes = torch.zeros(labels.shape[0], n_classes, dtype=torch.float32).scatter_add_(1, labels, w)
+    return votes / votes.sum(1, keepdim=True).clamp_min(1e-12)  # a row of zeros stays zeros
+
+
+VOTES: dict[str, Callable[[Tensor, Tensor, int], Tensor]] = {"majority": _majority, "weighted": _weighted}
+
+
+def _check_vote(vote: str) -> None:
+    if vote not in VOTES:
+        raise ValueError(f"vote must be one of {sorted(VOTES)}, got {vote!r}")
+
+
+# --- nearest neighbours -----------------------------------------------------------------------------
+
+def _faiss_index(protos: Tensor):
+    import faiss
+
+    index = faiss.IndexFlatIP(protos.shape[1])
+    index.add(np.ascontiguousarray(protos.numpy(), dtype=np.float32))
+    return index
+
+
+def _topk_indices(queries: Tensor, protos: Tensor, k: int, backend: str, index=None) -> Tensor:
+    """(Q, k) long indices of the k largest inner products per query (order within the k irrelevant)."""
+    if backend == "auto":
+        backend = "faiss" if index is not None or protos.shape[0] >= FAISS_MIN_MEMORY else "torch"
+    if backend == "torch":
+        return (queries @ protos.T).topk(k, dim=1).indices  # (Q, k)
+    if backend == "faiss":
+        index = index if index is not None else _faiss_index(protos)
+        _, idx = index.search(np.ascontiguousarray(queries.numpy(), dtype=np.float32), k)
+        return torch.from_numpy(idx).long()
+    raise ValueError(f"backend must be 'auto', 'torch' or 'faiss', got {backend!r}")
+
+
+@torch.no_grad()
+def retrieve(queries: Tensor, protos: Tensor, labels: Tensor, n_classes: int, k: int = K_DEFAULT,
+             vote: str = VOTE_DEFAULT, backend: str = "auto", index=None) -> Tensor:
+    """Vote distribution (Q, n_classes) of each query's k cosine-nearest memory prototypes.
+
+    Args:
+        queries: (Q, D) unit float32 segment prototypes.
+        protos, labels: the memory, (S, D) unit float32 and (S,) long in [0, n_classes).
+        k: neighbours per query (clipped to S).
+        vote: "majority" (fraction of the k labels per class, HSG) or "weighted" (cosine similarities
+            clamped at 0, normalised per query).
+        backend: "torch" (matmul + topk), "faiss" (``IndexFlatIP``; ``index`` reuses a built one) or
+            "auto" (faiss for memories of ``FAISS_MIN_MEMORY`` prototypes or more). Both give the same
+            neighbours; the similarities that weight the votes are recomputed from the indices by the
+            same code for either backend, so the distributions are identical.
+    """
+    _check_vote(vote)
+    queries, protos = queries.float().cpu(), protos.float().cpu()
+    k = min(k, protos.shape[0])
+    idx = _topk_indices(queries, protos, k, backend, index)  # (Q, k)
+    sims = torch.einsum("qd,qkd->qk", queries, protos[idx])  # (Q, k)
+    return VOTES[vote](sims, labels.long().cpu()[idx], n_classes)
+
+
+@dataclass
+class SegmentMemory:
+    """A labelled memory: unit prototypes (S, D) float32 and their labels (S,) long."""
+
+    prototypes: Tensor
+    labels: Tensor
+    n_classes: int
+    backend: str = "auto"
+    _index: object = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return int(self.prototypes.shape[0])
+
+    def retrieve(self, queries: Tensor, k: int = K_DEFAULT, vote: str = VOTE_DEFAULT) -> Tensor:
+        """:func:`retrieve` against this memory; a faiss index is built once and kept."""
+        use_faiss = self.backend == "faiss" or (self.backend == "auto" and len(self) >= FAISS_MIN_MEMORY)
+        if use_faiss and self._index is None:
+            self._index = _faiss_index(self.prototypes.float())
+        return retrieve(queries, self.prototypes, self.labels, self.n_classes, k, vote,
+                        backend="faiss" if use_faiss else "torch", index=self._index)
+
+
+# --- segments ---------------------------------------------------------------------------------------
+
+def segment_labels(seg: Tensor, label: Tensor, n_classes: int, ignore: int = -1) -> Tensor:
+    """Majority ground-truth label of every segment id in [0, seg.max()] -> (S,) long.
+
+    ``seg`` (H, W) long (-1 = no segment), ``label`` (H, W) int; pixels labelled ``ignore`` do not vote.
+    A segment with no valid pixel gets -1. Ties go to the lowest class id.
+    """
+    seg, label = seg.reshape(-1).long(), label.reshape(-1).long()
+    n_seg = int(seg.max()) + 1 if seg.numel() else 0
+    valid = (seg >= 0) & (label != ignore)
+    joint = torch.bincount(seg[valid] * n_classes + label[valid], minlength=n_seg * n_classes)
+    counts = joint.reshape(n_seg, n_classes)  # (S, C)
+    return torch.where(counts.sum(1) > 0, counts.argmax(1), torch.full((n_seg,), -1, dtype=torch.long))
+
+
+def _segments_of_unit(x: Tensor, grid: tuple[int, int], iters: int, pool_to: tuple[int, int] | None) -> Tensor:
+    # x (D, H, W) unit codes -> (H, W) contiguous segment ids
+    small = x[None] if pool_to is None else F.normalize(F.adaptive_avg_pool2d(x[None], tuple(pool_to)), dim=1)
+    _, cents, counts = grid_kmeans(small, tuple(grid), iters)  # (1, K, D), (1, K)
+    sims = cents[0] @ x.flatten(1)  # (K, H*W)
+    sims = sims.masked_fill((counts[0] == 0)[:, None], float("-inf"))  # emptied clusters take no pixel
+    seg, _ = compact_ids(sims.argmax(0))
+    return seg.reshape(x.shape[1:])
+
+
+@torch.no_grad()
+def image_segments(codes: Tensor, grid: tuple[int, int], iters: int = KMEANS_ITERS,
+                   pool_to: tuple[int, int] | None = None) -> Tensor:
+    """Per-image spherical k-means segments of ``codes`` (D, H, W) -> (H, W) long ids in [0, S).
+
+    K-means (grid initialisation, K = gh * gw) runs on the codes average-pooled to ``pool_to`` (about
+    the feature resolution; None = no pooling) and renormalised; every full-resolution pixel then takes
+    its nearest live centroid (see the module docstring). Ids are made contiguous (empty clusters
+    dropped). ``codes`` need not be unit norm: they are normalised here.
+    """
+    return _segments_of_unit(F.normalize(codes.float(), dim=0), grid, iters, pool_to)
+
+
+@torch.no_grad()
+def segment_prototypes(codes: Tensor, grid: tuple[int, int], iters: int = KMEANS_ITERS,
+                       pool_to: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`image_segments` of ``codes`` (D, H, W) and their unit mean codes -> seg (H, W), (S, D)."""
+    x = F.normalize(codes.float(), dim=0)  # (D, H, W), normalised once for both steps
+    seg = _segments_of_unit(x, grid, iters, pool_to)
+    protos, _ = segment_means(x.flatten(1).T, seg.reshape(-1), int(seg.max()) + 1)  # (S, D)
+    return seg, protos
+
+
+@torch.no_grad()
+def build_memory(items: Iterable[tuple[Tensor, Tensor]], n_classes: int, grid: tuple[int, int],
+                 iters: int = KMEANS_ITERS, pool_to: tuple[int, int] | None = None,
+                 ignore: int = -1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The labelled memory of a split from its per-image (codes (1, D, H, W) or (D, H, W), label (H, W)).
+
+    Every image is cut by :func:`image_segments` (the test-time grid, as HSG's ``prototype.py``), each
+    segment gives its unit mean code and its majority label (:func:`segment_labels`); segments without
+    a valid label are dropped. Returns prototypes (S, D) float32 unit, labels (S,) int64 and the index
+    of the image each prototype comes from (S,) int64.
+    """
+    protos, labels, image = [], [], []
+    for i, (codes, label) in enumerate(items):
+        codes = codes[0] if codes.dim() == 4 else codes
+        seg, segment_protos = segment_prototypes(codes, grid, iters, pool_to)
+        lab = segment_labels(seg, torch.as_tensor(label), n_classes, ignore)
+        keep = lab >= 0
+        protos.append(segment_protos[keep])
+        labels.append(lab[keep])
+        image.append(torch.full((int(keep.sum()),), i, dtype=torch.long))
+    if not protos:
+        raise ValueError("build_memory: no labelled images")
+    return (torch.cat(protos).numpy().astype(np.float32), torch.cat(labels).numpy().astype(np.int64),
+            torch.cat(image).numpy().astype(np.int64))
+
+
+@torch.no_grad()
+def retrieval_logits(codes: Tensor, memory: SegmentMemory, grid: tuple[int, int], iters: int = KMEANS_ITERS,
+                     k: int = K_DEFAULT, vote: str = VOTE_DEFAULT,
+                     pool_to: tuple[int, int] | None = None) -> Tensor:
+    """(1, n_classes, H, W) log vote distribution of each pixel's segment, from codes (1, D, H, W).
+
+    The distribution is floored at ``LOG_EPS`` before the log so a dense CRF gets finite unaries; its
+    argmax is the retrieved label (class ids: score without matching).
+    """
+    seg, protos = segment_prototypes(codes[0], grid, iters, pool_to)  # (H, W) in [0, S), (S, D)
+    dist = memory.retrieve(protos, k, vote)  # (S, C)
+    logits = torch.log(dist + LOG_EPS)
+    return logits[seg].permute(2, 0, 1)[None]  # (1, C, H, W)
