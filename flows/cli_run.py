@@ -40,8 +40,7 @@ def run_pipeline(method: str, dataset: str, data_root: str | None, train_split: 
     dataset_options = sets.pop("dataset_options", None)
     n_clusters = sets.pop("n_clusters", None)
     spec = RunSpec(method, dataset, overrides=sets)
-    get_head(method).config(dataset, spec.head_overrides())  # a bad --set fails before any server starts
-    spec.views_config()
+    spec.validate()  # a bad --set (head section, views.*, overseg.*) fails before any server starts
     return pipeline(
         task_runner=runner, dataset=dataset, data_root=data_root, train_split=train_split,
         eval_split=eval_split, method=method, backbone=backbone, weights=weights, random_weights=random_weights,
@@ -73,7 +72,9 @@ def register(app: typer.Typer) -> None:
         set_: Optional[List[str]] = typer.Option(
             None, "--set", help="Config override key=value (repeatable): bare names set the head's main section "
                                 "(steps=2000), SECTION.field another (omh.w_match=0.1, picie.k_over=100), "
-                                "views.field the view bank (views.n_views=8)."),
+                                "views.field the view bank (views.n_views=8), overseg.field the "
+                                "oversegmentation (overseg.detector, overseg.weights, overseg.t0, "
+                                "overseg.max_regions)."),
         runner: str = typer.Option("threads", "--runner", "--dask-address",
                                    help="threads[:N] | dask[:N] | tcp://host:port"),
         storage: Optional[Path] = typer.Option(None, "--storage"),

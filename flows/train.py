@@ -22,15 +22,33 @@ from tasks.common import BackboneRef, DataRef, ensure_manifest
 from tasks.evaluate import results_markdown, run_evaluation
 from tasks.extract import ensure_features
 from tasks.heads import ensure_head, ensure_knn
+from tasks.oversegment import ensure_oversegmentation
 from tasks.views import ensure_views
 from usseg_core.crf import CRFParams
 from usseg_core.errors import ConfigError
 from usseg_core.heads import get_head, list_heads
+from usseg_core.overseg import OversegSettings
 from usseg_core.views import ViewSpec
 from usseg_core.viewbank import ViewBankConfig
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 VIEWS_PREFIX = "views."  # --set views.n_views=8: view-bank fields, shared by every head that uses it
+OVERSEG_PREFIX = "overseg."  # --set overseg.t0=0.1: oversegmentation settings (heads that need "oversegment")
+STAGE_PREFIXES = (VIEWS_PREFIX, OVERSEG_PREFIX)  # overrides of shared input stages, not of the head's config
+
+
+def _prefixed(overrides: dict | None, prefix: str, cls: type, what: str):
+    """``cls`` built from the ``prefix``-ed overrides; an unknown field fails with the valid names."""
+    fields = {k[len(prefix):]: v for k, v in (overrides or {}).items() if k.startswith(prefix)}
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(f"--set {prefix}{unknown[0]}: unknown {what} field; valid: "
+                          f"{', '.join(prefix + k for k in sorted(known))}")
+    try:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"--set {prefix}*: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -46,7 +64,7 @@ class RunSpec:
     weights: str | None = None
     random_weights: bool = False
     storage: str | None = None
-    overrides: dict = field(default_factory=dict)  # head config (namespaced) and views.* fields
+    overrides: dict = field(default_factory=dict)  # head config (namespaced), views.* and overseg.* fields
     resolution: int = 224  # training resolution (five-crops, view-bank base frame)
     eval_resolution: int | None = None
     run_crf: bool = True
@@ -63,16 +81,19 @@ class RunSpec:
         return BackboneRef(self.backbone, self.weights, self.random_weights, device=self.device)
 
     def head_overrides(self) -> dict:
-        return {k: v for k, v in (self.overrides or {}).items() if not k.startswith(VIEWS_PREFIX)}
+        return {k: v for k, v in (self.overrides or {}).items() if not k.startswith(STAGE_PREFIXES)}
 
     def views_config(self) -> ViewBankConfig:
-        fields = {k[len(VIEWS_PREFIX):]: v for k, v in (self.overrides or {}).items() if k.startswith(VIEWS_PREFIX)}
-        known = set(ViewBankConfig.__dataclass_fields__)
-        unknown = sorted(set(fields) - known)
-        if unknown:
-            raise ConfigError(f"--set views.{unknown[0]}: unknown view-bank field; valid: "
-                              f"{', '.join('views.' + k for k in sorted(known))}")
-        return ViewBankConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        return _prefixed(self.overrides, VIEWS_PREFIX, ViewBankConfig, "view-bank")
+
+    def overseg_config(self) -> OversegSettings:
+        return _prefixed(self.overrides, OVERSEG_PREFIX, OversegSettings, "oversegmentation")
+
+    def validate(self) -> None:
+        """Every override checked (head sections, views.*, overseg.*) before any work starts."""
+        get_head(self.head).config(self.dataset, self.head_overrides())
+        self.views_config()
+        self.overseg_config().schedule(self.dataset)
 
 
 def eval_view(dataset_obj, resolution: int | None) -> ViewSpec:
@@ -100,14 +121,15 @@ def train_stages(run: RunSpec) -> dict:
         inputs["features"] = cluster_on = [ensure_features(storage, d, ref, crops) for d in datas]
         if "knn" in spec.needs:
             inputs["knn"] = ensure_knn(storage, inputs["features"], k=30)
+    if "oversegment" in spec.needs:  # before the views: a detector that cannot be built fails early
+        ocfg = run.overseg_config()  # same DataRefs, hence same manifests and image order, as the views
+        inputs["oversegment"] = [ensure_oversegmentation(storage, d, ocfg.detector, ocfg.weights,
+                                                         ocfg.schedule(run.dataset)) for d in datas]
     if "views" in spec.needs:
         base, vcfg = eval_view(ds, run.resolution), run.views_config()
         cluster_on = [ensure_features(storage, d, ref, base) for d in datas]  # un-augmented frames
         inputs["views"] = [ensure_views(storage, d, ref, base, vcfg, manifest=b["manifest"])
                            for d, b in zip(datas, cluster_on)]
-    if "oversegment" in spec.needs:
-        raise ConfigError(f"head {run.head!r} needs oversegmentations as a training input, which the "
-                          "pipeline does not feed to heads yet")
     if cluster_on is None:
         raise ConfigError(f"head {run.head!r} declares no feature input ({sorted(spec.needs)})")
     head = ensure_head(storage, run.head, run.dataset, n_classes, inputs, run.head_overrides(), run.device)
@@ -160,7 +182,7 @@ def _publish(result: dict, title: str) -> None:
 
 def run(spec: RunSpec) -> dict:
     """The one pipeline body: resolve paths, train (cache look-ups when trained), evaluate if asked."""
-    get_head(spec.head)  # an unknown head fails before any work
+    spec.validate()  # an unknown head or a bad override fails before any work
     storage = str(storage_root(spec.storage))
     spec = replace(spec, storage=storage, data_root=str(resolve_data_root(spec.dataset, spec.data_root, storage)))
     trained = train_stages(spec)

@@ -8,6 +8,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.common import logger
+from usseg_core.errors import ConfigError
 from usseg_core.features import ConcatFeatures, FeatureStore
 from usseg_core.store import ArtifactStore, artifact_key
 
@@ -87,6 +88,18 @@ def open_head_inputs(inputs: dict, n_classes: int):
         out.views = [ViewBank(ref["path"]) for ref in inputs["views"]]
         for bank in out.views:
             bank.load_all()
+    if "oversegment" in inputs:  # one SegmentFolder per split, in its manifest's order = its view bank's
+        from usseg_core.datasets.manifest import Manifest
+        from usseg_core.overseg import SegmentFolder
+
+        out.segments = [SegmentFolder(ref["path"], Manifest.from_json(ref["manifest"]["path"]).ids)
+                        for ref in inputs["oversegment"]]
+        for folder in out.segments:
+            folder.load_all()
+        for v, o in zip(inputs.get("views", []), inputs["oversegment"]):
+            if v["manifest"]["hash"] != o["manifest"]["hash"]:
+                raise ConfigError(f"view bank {v['key']} and oversegmentation {o['key']} were built on "
+                                  "different manifests: their images would not line up")
     return out
 
 
@@ -96,7 +109,8 @@ def ensure_head(storage: str, method: str, dataset: str, n_classes: int, inputs:
     """Train (or find) a registered head on its cached inputs; resumes from its checkpoint after a crash.
 
     ``inputs`` maps the head's declared inputs to task references: ``features`` (list of five-crop
-    feature refs), ``knn``, ``views`` (list of view-bank refs, one per training split).
+    feature refs), ``knn``, ``views`` (list of view-bank refs, one per training split), ``oversegment``
+    (list of oversegment refs, one per training split, as ``views``). Each becomes an upstream key.
     """
     from usseg_core.heads import config_to_dict, get_head, save_head
 

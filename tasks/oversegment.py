@@ -15,14 +15,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.common import DataRef, ensure_manifest, logger
-from usseg_core.overseg import OversegSchedule, oversegment
+from usseg_core.overseg import OversegSchedule, oversegment, segment_stem
 from usseg_core.store import ArtifactStore, artifact_key
 
 OVERSEG_VERSION = 1
-
-
-def _stem(id_: str) -> str:
-    return id_.replace("/", "__")
 
 
 @functools.lru_cache(maxsize=4)
@@ -35,6 +31,8 @@ def _detector(name: str, weights: str | None):
 @task(name="oversegment-shard", cache_policy=NO_CACHE, retries=1)
 def oversegment_shard(folder: str, data: DataRef, ids: list[str], detector: str, weights: str | None,
                       schedule: dict) -> dict:
+    import os
+    import socket
     from pathlib import Path
 
     from PIL import Image
@@ -43,12 +41,13 @@ def oversegment_shard(folder: str, data: DataRef, ids: list[str], detector: str,
     from usseg_core.ucm import save_ucm2_mat
 
     root = Path(folder)
+    worker = f"{socket.gethostname()}:{os.getpid()}"
     det = _detector(detector, weights)
     sched = OversegSchedule(**schedule)
     ds = data.dataset()
     done, regions = 0, {}
     for id_ in ids:
-        stem = _stem(id_)
+        stem = segment_stem(id_)  # the file naming SegmentFolder reads back
         if (root / "segments" / f"{stem}.png").exists():
             continue
         res = oversegment(ds.load_image(id_), det, sched)
@@ -63,21 +62,29 @@ def oversegment_shard(folder: str, data: DataRef, ids: list[str], detector: str,
         atomic_write_bytes(root / "segments" / f"{stem}.png", buf.getvalue())  # last: marks the image done
         regions[id_] = {"threshold": float(res.threshold), "n_regions": int(res.n_regions)}
         done += 1
-    return {"written": done, "regions": regions}
+    return {"written": done, "regions": regions, "worker": worker}
 
 
 def ensure_oversegmentation(storage: str, data: DataRef, detector: str, weights: str | None,
-                            schedule: OversegSchedule, shard_size: int = 16) -> dict:
+                            schedule: OversegSchedule, shard_size: int = 16, manifest: dict | None = None) -> dict:
+    """The oversegmentation of every image of ``data`` (a cache hit costs key look-ups only).
+
+    Returns ``{"key", "path" (artifact folder, ``segments/<stem>.png`` per image), "manifest" (the
+    split's manifest reference: its ``path`` lists the ids in order), "n_images", "cache_hit",
+    "workers"}``. Runs inside a flow: shards of ``shard_size`` images are mapped as Prefect tasks onto
+    the flow's task runner and write disjoint files.
+    """
     store = ArtifactStore(storage)
-    manifest = ensure_manifest(data, storage)
+    manifest = manifest or ensure_manifest(data, storage)
     fingerprint = _detector(detector, weights).fingerprint
     params = {"dataset": data.name, "split": data.split, "detector": detector, "schedule": asdict(schedule)}
     upstream = {"manifest": manifest["hash"], "detector": fingerprint}
     key = artifact_key("oversegment", OVERSEG_VERSION, params, upstream)
+    out = {"key": key, "manifest": manifest}
     art = store.get("oversegment", key)
     if art is not None:
         logger().info("cache hit: oversegment/%s", key)
-        return {"key": key, "path": str(art.path), "cache_hit": True}
+        return {**out, "path": str(art.path), "n_images": art.meta["n_images"], "cache_hit": True, "workers": []}
     art = store.begin("oversegment", key, version=OVERSEG_VERSION, params=params, upstream=upstream,
                       dataset=data.name, split=data.split, detector=detector)
     for sub in ("edges", "ucm2", "segments"):
@@ -87,14 +94,16 @@ def ensure_oversegmentation(storage: str, data: DataRef, detector: str, weights:
     ids = Manifest.from_json(manifest["path"]).ids
     futures = [oversegment_shard.submit(str(art.path), data, ids[a:a + shard_size], detector, weights,
                                         asdict(schedule)) for a in range(0, len(ids), shard_size)]
+    results = [f.result() for f in futures]
     regions: dict = {}
-    for f in futures:
-        regions.update(f.result()["regions"])
-    missing = [i for i in ids if not art.file(f"segments/{_stem(i)}.png").exists()]
+    for r in results:
+        regions.update(r["regions"])
+    missing = [i for i in ids if not art.file(f"segments/{segment_stem(i)}.png").exists()]
     if missing:
         raise RuntimeError(f"oversegment/{key}: {len(missing)} images not written; re-run to resume")
     counts = [r["n_regions"] for r in regions.values()]
+    workers = sorted({r["worker"] for r in results if r["written"]})
     store.finish(art, n_images=len(ids), detector_fingerprint=fingerprint,
                  regions_this_run=regions if len(regions) <= 500 else None,
-                 mean_regions=float(np.mean(counts)) if counts else None)
-    return {"key": key, "path": str(art.path), "cache_hit": False}
+                 mean_regions=float(np.mean(counts)) if counts else None, workers=workers)
+    return {**out, "path": str(art.path), "n_images": len(ids), "cache_hit": False, "workers": workers}

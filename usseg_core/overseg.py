@@ -6,19 +6,25 @@ UCM levels live in [0, 1] and 0.01 is the granularity of the BSDS threshold grid
 moves the chosen level within the same UCM gap). Because the region count is monotone in the
 threshold we find the first schedule step below the cap by bisection over the step grid, which is
 exactly the linear scan's answer.
+
+Reading the stage's artifact back (:class:`SegmentFolder`) lives here too, so the file layout
+(``segments/<stem>.png``, :func:`segment_stem`) has one definition for writer and reader.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from usseg_core.edges import EdgeDetector, EdgeMap
-from usseg_core.errors import ConfigError
+from usseg_core.errors import ConfigError, InputError
 from usseg_core.ucm import owt_ucm, ucm_labels
 
-__all__ = ["OversegSchedule", "SCHEDULES", "schedule_for_dataset", "OversegResult", "oversegment", "choose_level"]
+__all__ = ["OversegSchedule", "SCHEDULES", "schedule_for_dataset", "OversegSettings", "OversegResult",
+           "oversegment", "choose_level", "segment_stem", "SegmentFolder"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,39 @@ def schedule_for_dataset(dataset_name: str) -> OversegSchedule:
     if key in SCHEDULES:
         return SCHEDULES[key]
     return SCHEDULES[_DATASET_SCHEDULE.get(key, "coco")]
+
+
+@dataclass(frozen=True)
+class OversegSettings:
+    """How a pipeline run oversegments its training images (``--set overseg.<field>=...``)."""
+
+    detector: str = "classical"  # edge-detector registry name; "classical" needs no weight file
+    weights: str | None = None  # the detector's weights file (learned detectors)
+    t0: float | None = None  # initial UCM threshold; None: the dataset's schedule
+    max_regions: int | None = None  # region cap; None: the dataset's schedule
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.detector, str) or (self.weights is not None and not isinstance(self.weights, str)):
+            raise ConfigError(f"overseg.detector / overseg.weights must be strings, got {self.detector!r} / "
+                              f"{self.weights!r}")
+        if self.t0 is not None and (isinstance(self.t0, bool) or not isinstance(self.t0, (int, float))):
+            raise ConfigError(f"overseg.t0 must be a number in [0, 1], got {self.t0!r}")
+        m = self.max_regions
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int)):
+            raise ConfigError(f"overseg.max_regions must be an integer >= 2, got {self.max_regions!r}")
+        from usseg_core.edges import list_edge_detectors
+
+        if self.detector not in list_edge_detectors():
+            raise ConfigError(f"overseg.detector={self.detector!r}: unknown edge detector; known: "
+                              f"{', '.join(list_edge_detectors())}")
+        if self.weights is not None and not Path(self.weights).is_file():
+            raise InputError(self.weights, "overseg.weights: no such edge-detector weights file")
+
+    def schedule(self, dataset_name: str) -> OversegSchedule:
+        """The dataset's schedule (:func:`schedule_for_dataset`) with ``t0`` / ``max_regions`` replaced."""
+        base = schedule_for_dataset(dataset_name)
+        return OversegSchedule(base.t0 if self.t0 is None else float(self.t0),
+                               base.max_regions if self.max_regions is None else int(self.max_regions), base.step)
 
 
 @dataclass
@@ -117,3 +156,86 @@ def oversegment(image: np.ndarray, detector: EdgeDetector, schedule: OversegSche
     ucm2 = owt_ucm(edges)
     t, labels = choose_level(ucm2, schedule)
     return OversegResult(edges=edges, ucm2=ucm2, labels=labels, threshold=t, n_regions=int(labels.max()) + 1)
+
+
+def segment_stem(image_id: str) -> str:
+    """File stem of an image's files in an oversegment artifact (ids may hold "/")."""
+    return image_id.replace("/", "__")
+
+
+class SegmentFolder:
+    """The region maps of an oversegment artifact, in the order of ``ids`` (the manifest's order).
+
+    ``folder[i]`` is image ``ids[i]``'s OWT-UCM partition: an (H, W) int32 array of region labels
+    0..n-1 at the original image size, read from ``<path>/segments/<stem>.png`` (8- or 16-bit PNG).
+
+    Args:
+        path: the artifact folder (``storage/oversegment/<key>``), holding ``segments/``.
+        ids: image ids, in the order the consumer indexes them (the view bank's image order).
+
+    Raises:
+        InputError: naming the folder when ``segments/`` is absent or lacks an image's PNG (at
+            construction), or naming the PNG when it cannot be decoded (at ``folder[i]``).
+    """
+
+    def __init__(self, path: str | Path, ids: Sequence[str]) -> None:
+        self.path = Path(path)
+        self.ids = list(ids)
+        self.root = self.path / "segments"
+        if not self.root.is_dir():
+            raise InputError(self.root, "no segments folder here (expected an oversegment artifact folder)")
+        present = {p.name for p in self.root.iterdir()}
+        missing = [i for i in self.ids if f"{segment_stem(i)}.png" not in present]
+        if missing:
+            raise InputError(self.file(self.ids.index(missing[0])),
+                             f"missing region map ({len(missing)} of {len(self.ids)} images have none); "
+                             "re-run the oversegment stage")
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def file(self, i: int) -> Path:
+        """The PNG of image ``ids[i]``."""
+        return self.root / f"{segment_stem(self.ids[i])}.png"
+
+    def _read(self, i: int) -> np.ndarray:
+        from PIL import Image
+
+        path = self.file(i)
+        try:
+            with Image.open(path) as im:
+                seg = np.asarray(im)
+        except FileNotFoundError:
+            raise InputError(path, "missing region map; re-run the oversegment stage") from None
+        except Exception as exc:  # noqa: BLE001 - any undecodable file is the same user problem
+            raise InputError(path, f"unreadable region map ({exc})") from exc
+        if seg.ndim != 2 or seg.dtype.kind not in "iu":
+            raise InputError(path, f"not a region map: {seg.ndim}-d {seg.dtype} image, expected one integer channel")
+        return seg  # uint8 / uint16 as stored: 1-2 bytes per pixel while cached
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """(H, W) int32 region labels of image ``ids[i]``."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"segment map {i} of {len(self)}")
+        i %= len(self)
+        seg = self._cache.get(i)
+        if seg is None:
+            seg = self._read(i)
+        return seg.astype(np.int32)
+
+    def load_all(self, max_bytes: int = 2 << 30) -> bool:
+        """Keep the region maps in memory (compact dtype) while they fit in ``max_bytes``; True when all do.
+
+        Reads every file once, so it also checks that each one decodes.
+        """
+        used = sum(a.nbytes for a in self._cache.values())
+        for i in range(len(self)):
+            if i in self._cache:
+                continue
+            seg = self._read(i)
+            if used + seg.nbytes > max_bytes:
+                return False
+            self._cache[i] = seg
+            used += seg.nbytes
+        return True

@@ -1,13 +1,17 @@
-"""Fan-out: sharded extraction on a local Dask cluster of 2 worker processes equals the single-process
-result bit for bit, and both workers executed shards."""
+"""Fan-out: sharded extraction, view-bank extraction and oversegmentation on a local Dask cluster of 2
+worker processes equal the single-process results bit for bit, and both workers executed shards."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zarr
+from prefect import flow
 
 from flows.extract import extract_features
+from flows.runner import SettingTaskRunner
 
 
 def test_two_dask_workers_share_shards_and_match_threads_bit_for_bit(prefect_harness, tmp_path):
@@ -32,6 +36,60 @@ def test_two_dask_workers_share_shards_and_match_threads_bit_for_bit(prefect_har
     assert np.array_equal(a["dense"][:], b["dense"][:])
     assert np.array_equal(a["pooled"][:], b["pooled"][:])
     assert a["done"][:].all() and b["done"][:].all()
+
+
+@flow(name="test-views-and-oversegment", task_runner=SettingTaskRunner())
+def _views_and_oversegment(data_root: str, storage: str, task_runner: str = "threads") -> dict:
+    """The two per-image input stages of HSG in one flow run (one Dask cluster for both)."""
+    from tasks.common import BackboneRef, DataRef
+    from tasks.oversegment import ensure_oversegmentation
+    from tasks.views import ensure_views
+    from usseg_core.overseg import OversegSchedule
+    from usseg_core.viewbank import ViewBankConfig
+    from usseg_core.views import ViewSpec
+
+    data = DataRef("synthetic", data_root, "train")
+    overseg = ensure_oversegmentation(storage, data, "classical", None, OversegSchedule(0.05, 16), shard_size=1)
+    views = ensure_views(storage, data, BackboneRef("tf_efficientnet_lite0", random_weights=True),
+                         ViewSpec("full", 64), ViewBankConfig(n_views=2), shard_size=2, batch_size=2)
+    return {"oversegment": overseg, "views": views}
+
+
+def test_views_and_oversegment_shards_fan_out_over_dask_workers(prefect_harness, tmp_path):
+    from usseg_core.ucm import load_ucm2_mat
+
+    root = str(ensure_synthetic_small(tmp_path))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the Dask workers (see above)
+    try:
+        single = _views_and_oversegment(root, str(tmp_path / "threads"), task_runner="threads:1")
+    finally:
+        torch.set_num_threads(threads)
+    fanned = _views_and_oversegment(root, str(tmp_path / "dask"), task_runner="dask:2")
+
+    for stage in ("oversegment", "views"):
+        assert fanned[stage]["key"] == single[stage]["key"], stage
+        assert not fanned[stage]["cache_hit"] and len(fanned[stage]["workers"]) == 2, (stage, fanned[stage])
+    a, b = (Path(r["oversegment"]["path"]) for r in (single, fanned))
+    names = sorted(p.name for p in (a / "segments").iterdir())
+    assert len(names) == 6 and names == sorted(p.name for p in (b / "segments").iterdir())
+    for name in names:
+        for sub in ("segments", "edges"):
+            assert (a / sub / name).read_bytes() == (b / sub / name).read_bytes(), (sub, name)
+        mat = name.replace(".png", ".mat")
+        assert np.array_equal(load_ucm2_mat(a / "ucm2" / mat), load_ucm2_mat(b / "ucm2" / mat))
+    for store in ("plain.zarr", "warped.zarr"):
+        x, y = (zarr.open_group(str(Path(r["views"]["path"]) / store), mode="r") for r in (single, fanned))
+        assert x["done"][:].all() and y["done"][:].all()
+        assert np.array_equal(x["dense"][:], y["dense"][:]) and np.array_equal(x["pooled"][:], y["pooled"][:])
+    assert (Path(single["views"]["path"]) / "draws.json").read_bytes() == (
+        Path(fanned["views"]["path"]) / "draws.json").read_bytes()
+
+
+def ensure_synthetic_small(tmp_path):
+    from usseg_core.datasets.synthetic import ensure_synthetic
+
+    return ensure_synthetic(tmp_path / "synthetic", n_train=6, n_val=1, height=96, width=128)
 
 
 def test_unknown_runner_setting_names_the_choices():
