@@ -34,18 +34,20 @@ def write_results_csv(rows: list[dict], path: Path) -> None:
 
 def run_pipeline(method: str, dataset: str, data_root: str | None, train_split: str, eval_split: str,
                  backbone: str, weights: str | None, random_weights: bool, storage: Path, sets: dict, runner: str,
-                 resolution: int = 224, eval_resolution: int | None = None, crf: bool = True) -> dict:
+                 resolution: int = 224, eval_resolution: int | None = None, crf: bool = True,
+                 retrieval: bool | None = None, retrieval_k: int = 20, retrieval_vote: str = "majority") -> dict:
     from flows.train import RunSpec, pipeline
 
     dataset_options = sets.pop("dataset_options", None)
     n_clusters = sets.pop("n_clusters", None)
-    spec = RunSpec(method, dataset, overrides=sets)
+    spec = RunSpec(method, dataset, overrides=sets, retrieval_k=retrieval_k, retrieval_vote=retrieval_vote)
     spec.validate()  # a bad --set (head section, views.*, overseg.*) fails before any server starts
     return pipeline(
         task_runner=runner, dataset=dataset, data_root=data_root, train_split=train_split,
         eval_split=eval_split, method=method, backbone=backbone, weights=weights, random_weights=random_weights,
         storage=str(storage), overrides=sets, resolution=resolution, eval_resolution=eval_resolution,
-        run_crf=crf, dataset_options=dataset_options, n_clusters=n_clusters)
+        run_crf=crf, dataset_options=dataset_options, n_clusters=n_clusters, retrieval=retrieval,
+        retrieval_k=retrieval_k, retrieval_vote=retrieval_vote)
 
 
 def _run_help() -> str:
@@ -68,6 +70,12 @@ def register(app: typer.Typer) -> None:
         resolution: int = typer.Option(224, help="Training (five-crop) resolution."),
         eval_resolution: Optional[int] = typer.Option(None, help="Override the eval protocol's resolution."),
         crf: bool = typer.Option(True, "--crf/--no-crf", help="Dense CRF refinement rows."),
+        retrieval: Optional[bool] = typer.Option(
+            None, "--retrieval/--no-retrieval", help="Segment-retrieval rows (HSG's kNN label transfer from "
+                                                     "the labelled training split; default: on for hsg)."),
+        retrieval_k: int = typer.Option(20, help="Retrieval: memory segments voting per test segment "
+                                                 "(twke18/HSG: 20)."),
+        retrieval_vote: str = typer.Option("majority", help="Retrieval vote: majority (twke18/HSG) | weighted."),
         results: Optional[Path] = typer.Option(None, help="Write the results table as CSV here."),
         set_: Optional[List[str]] = typer.Option(
             None, "--set", help="Config override key=value (repeatable): bare names set the head's main section "
@@ -83,7 +91,8 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"unknown head {method!r}; registered heads: {', '.join(list_heads())}")
         out = run_pipeline(method, dataset, str(data_root) if data_root else None, train_split, eval_split,
                            backbone, str(weights) if weights else None, random_weights, storage_root(storage),
-                           parse_set_options(set_), runner, resolution, eval_resolution, crf)
+                           parse_set_options(set_), runner, resolution, eval_resolution, crf, retrieval,
+                           retrieval_k, retrieval_vote)
         ev = out["evaluation"]
         print_results(ev["rows"], f"{method} on {dataset}/{eval_split}")
         console.print(f"evaluation artifact: {ev['path']}")
@@ -144,12 +153,13 @@ def register(app: typer.Typer) -> None:
         images: List[Path] = typer.Argument(..., help="Images to segment."),
         model: str = typer.Option(..., "--model", help="Head artifact key (see `usseg storage ls --stage head`)."),
         out: Path = typer.Option(..., "--out", help="Output folder."),
-        clusterer: str = typer.Option("own", help="own (the head's: STEGO cluster probe, PiCIE centroids) | kmeans"),
+        clusterer: str = typer.Option("own", help="own (the head's: STEGO cluster probe, PiCIE centroids; k-means for HSG) | kmeans"),
         crf: bool = typer.Option(True, "--crf/--no-crf"),
         long_side: int = typer.Option(480, help="Images are resized to this long side for the backbone."),
         storage: Optional[Path] = typer.Option(None, "--storage"),
     ) -> None:
-        """Label PNGs and colour overlays for new images with a trained head (+ clusterer, + CRF)."""
+        """Label PNGs and colour overlays for new images with a trained head (+ clusterer, + CRF); HSG heads
+        also write their hierarchy (one PNG per level, coarse to fine, and a strip)."""
         from tasks.segment import segment_images
 
         written = segment_images(images, model, out, clusterer=clusterer, crf=crf, long_side=long_side,

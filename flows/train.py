@@ -18,16 +18,20 @@ from flows.runner import SettingTaskRunner
 from flows.settings import data_root as resolve_data_root
 from flows.settings import storage_root
 from tasks.cluster import ensure_kmeans, ensure_linear_probe
-from tasks.common import BackboneRef, DataRef, ensure_manifest
+from tasks.common import BackboneRef, DataRef, ensure_manifest, logger
 from tasks.evaluate import results_markdown, run_evaluation
 from tasks.extract import ensure_features
 from tasks.heads import ensure_head, ensure_knn
 from tasks.oversegment import ensure_oversegmentation
+from tasks.retrieval import add_retrieval
 from tasks.views import ensure_views
 from usseg_core.crf import CRFParams
 from usseg_core.errors import ConfigError
 from usseg_core.heads import get_head, list_heads
 from usseg_core.overseg import OversegSettings
+from usseg_core.retrieval import K_DEFAULT as RETRIEVAL_K
+from usseg_core.retrieval import VOTE_DEFAULT as RETRIEVAL_VOTE
+from usseg_core.retrieval import VOTES as RETRIEVAL_VOTES
 from usseg_core.views import ViewSpec
 from usseg_core.viewbank import ViewBankConfig
 
@@ -71,6 +75,9 @@ class RunSpec:
     dataset_options: dict | None = None
     n_clusters: int | None = None  # k-means K (default: number of classes)
     device: str = "auto"
+    retrieval: bool | None = None  # segment-retrieval rows (HSG's protocol); None: the head's default
+    retrieval_k: int = RETRIEVAL_K  # neighbours per test segment (twke18/HSG: 20)
+    retrieval_vote: str = RETRIEVAL_VOTE  # "majority" (twke18/HSG) | "weighted" (ours)
 
     @property
     def splits(self) -> list[str]:
@@ -94,6 +101,10 @@ class RunSpec:
         get_head(self.head).config(self.dataset, self.head_overrides())
         self.views_config()
         self.overseg_config().schedule(self.dataset)
+        if self.retrieval_vote not in RETRIEVAL_VOTES:
+            raise ConfigError(f"retrieval vote {self.retrieval_vote!r} unknown; choose {' or '.join(RETRIEVAL_VOTES)}")
+        if int(self.retrieval_k) < 1:
+            raise ConfigError(f"retrieval k must be >= 1, got {self.retrieval_k}")
 
 
 def eval_view(dataset_obj, resolution: int | None) -> ViewSpec:
@@ -168,6 +179,13 @@ def evaluate_stages(trained: dict, run: RunSpec) -> dict:
              "centroids": trained["raw_kmeans"]["path"]}]},
         {"method": head["method"], "head": head["path"], "head_key": head["key"], "predictors": method_preds},
     ]
+    retrieval = get_head(run.head).retrieval if run.retrieval is None else run.retrieval
+    if retrieval and labelled:  # HSG's protocol, on the head's codes and on the raw features alike
+        add_retrieval(groups, storage, pdata, pfeats, view.params(), n_classes, run.dataset,
+                      k=run.retrieval_k, vote=run.retrieval_vote)
+    elif retrieval:
+        logger().warning("segment retrieval needs a labelled training split other than %s; rows skipped",
+                         run.eval_split)
     return run_evaluation(storage, data, manifest, view, feats, flips, groups, list(ds.class_names),
                           run_crf=run.run_crf, crf=CRFParams())
 
@@ -215,10 +233,12 @@ def _evaluate_flow(head: str):
                  backbone: str = DEFAULT_BACKBONE, weights: str | None = None, random_weights: bool = False,
                  storage: str | None = None, overrides: dict | None = None, resolution: int = 224,
                  eval_resolution: int | None = None, run_crf: bool = True, dataset_options: dict | None = None,
-                 n_clusters: int | None = None, device: str = "auto", task_runner: str = "threads") -> dict:
+                 n_clusters: int | None = None, device: str = "auto", retrieval: bool | None = None,
+                 retrieval_k: int = RETRIEVAL_K, retrieval_vote: str = RETRIEVAL_VOTE,
+                 task_runner: str = "threads") -> dict:
         return run(RunSpec(head, dataset, data_root, train_split, eval_split, backbone, weights, random_weights,
                            storage, overrides or {}, resolution, eval_resolution, run_crf, dataset_options,
-                           n_clusters, device))
+                           n_clusters, device, retrieval, retrieval_k, retrieval_vote))
 
     evaluate.__name__ = evaluate.__qualname__ = f"evaluate_{head}"
     evaluate.__doc__ = f"Evaluate {head} (training stages are cache look-ups once trained)."
@@ -237,8 +257,9 @@ def pipeline(dataset: str, data_root: str | None = None, train_split: str = "tra
              random_weights: bool = False, storage: str | None = None, overrides: dict | None = None,
              resolution: int = 224, eval_resolution: int | None = None, run_crf: bool = True,
              dataset_options: dict | None = None, n_clusters: int | None = None, device: str = "auto",
+             retrieval: bool | None = None, retrieval_k: int = RETRIEVAL_K, retrieval_vote: str = RETRIEVAL_VOTE,
              task_runner: str = "threads") -> dict:
     """train-<method> then evaluate, in one run (what `usseg run <head>` starts)."""
     return run(RunSpec(method, dataset, data_root, train_split, eval_split, backbone, weights, random_weights,
                        storage, overrides or {}, resolution, eval_resolution, run_crf, dataset_options,
-                       n_clusters, device))
+                       n_clusters, device, retrieval, retrieval_k, retrieval_vote))

@@ -98,6 +98,17 @@ def image_codes(head_path: str | None, feats: FeatureStore, flips: FeatureStore 
     return F.interpolate(codes, size=size, mode="bilinear", align_corners=False)
 
 
+@torch.no_grad()
+def image_hierarchy(head_path: str, feats: FeatureStore, i: int, size: tuple[int, int]) -> list[np.ndarray] | None:
+    """A hierarchical head's levels of item i (fine to coarse, (H, W) int each at ``size``), else None."""
+    head = load_head(head_path)
+    if not hasattr(head, "levels"):
+        return None
+    levels = head.levels(head.codes(torch.from_numpy(feats[i].astype(np.float32))[None]))
+    return [F.interpolate(lv[None].float(), size=size, mode="nearest")[0, 0].to(torch.int32).numpy()
+            for lv in levels]
+
+
 @task(name="evaluate-shard", cache_policy=NO_CACHE)
 def evaluate_shard(data: DataRef, manifest_path: str, view: dict, feats_path: str, flips_path: str | None,
                    groups: list[dict], n_classes: int, start: int, stop: int, run_crf: bool,
@@ -120,6 +131,10 @@ def evaluate_shard(data: DataRef, manifest_path: str, view: dict, feats_path: st
             kept[i] = {"image": rgb, "label": label, "pred": {}}
         for group in groups:
             codes = image_codes(group["head"], feats, flips, i, label.shape)
+            if i in kept and group["head"] is not None:
+                levels = image_hierarchy(group["head"], feats, i, label.shape)
+                if levels is not None:
+                    kept[i]["levels"] = levels
             for pred in group["predictors"]:
                 logits = predictor_logits(pred, codes)[0]  # (K, H, W)
                 outs = {"no": logits.argmax(0).numpy()}
@@ -206,7 +221,7 @@ def _score_rows(cms: dict, groups: list[dict], class_names: list[str]) -> list[d
 def _write_outputs(art, rows, cms, groups, class_names, kept, title) -> None:
     import pandas as pd
 
-    from usseg_core.viz import confusion_plot, overlay_grid
+    from usseg_core.viz import confusion_plot, hierarchy_grid, overlay_grid
 
     df = pd.DataFrame(rows)
     df.to_parquet(art.file("results.parquet"))
@@ -225,6 +240,9 @@ def _write_outputs(art, rows, cms, groups, class_names, kept, title) -> None:
         grid.append({"image": ex["image"], "label": ex["label"], "prediction": mapped})
     if grid:
         overlay_grid(art.file("overlays.png"), grid, len(class_names))
+    hier = [{"image": kept[i]["image"], "levels": kept[i]["levels"]} for i in sorted(kept) if "levels" in kept[i]]
+    if hier:  # a hierarchical head (HSG): every example's levels, coarse to fine
+        hierarchy_grid(art.file("hierarchy.png"), hier, f"{title}: {groups[-1]['method']} hierarchy")
     np.savez_compressed(art.file("confusion.npz"), **{k.replace("|", "__crf_"): v for k, v in cms.items()})
 
 

@@ -106,4 +106,4 @@ def _load_hsg(ckpt: dict) -> TrainedHead:
 register_head(HeadSpec(
     name="hsg", summary="HSG: multiview segment grouping with clustering transformers on UCM segments (Ke et al. 2022)",
     sections=(("hsg", HsgConfig),), presets=hsg_presets, needs=frozenset({"views", "oversegment"}),
-    train=_train_hsg, load=_load_hsg, clusterer=None))
+    train=_train_hsg, load=_load_hsg, clusterer=None, retrieval=True))

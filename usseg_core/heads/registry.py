@@ -124,6 +124,8 @@ class HeadSpec:
             progress, on_step) -> TrainedState``.
         load: ``load(ckpt: dict) -> TrainedHead`` from the dict :func:`save_head` wrote.
         clusterer: name of the method's own cluster assignment in results tables, or None.
+        retrieval: evaluate with segment retrieval (HSG's kNN label transfer) by default, beside the shared
+            Hungarian protocol (``usseg run --retrieval/--no-retrieval`` overrides it for any head).
     """
 
     name: str
@@ -134,6 +136,7 @@ class HeadSpec:
     train: Callable[..., TrainedState]
     load: Callable[[dict], TrainedHead]
     clusterer: str | None = None
+    retrieval: bool = False
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.needs) - set(INPUTS))
