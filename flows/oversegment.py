@@ -8,7 +8,7 @@ from flows.settings import data_root as resolve_data_root
 from flows.settings import storage_root
 from tasks.common import DataRef
 from tasks.oversegment import ensure_oversegmentation
-from usseg_core.overseg import OversegSchedule, schedule_for_dataset
+from usseg_core.overseg import OversegSettings
 
 
 @flow(name="oversegment", task_runner=SettingTaskRunner())
@@ -17,9 +17,7 @@ def oversegment_flow(dataset: str, data_root: str | None = None, split: str = "t
                      storage: str | None = None, dataset_options: dict | None = None,
                      task_runner: str = "threads") -> dict:
     """Edge maps, BSDS-format UCMs and HSG oversegmentations of a dataset split (cached, resumable)."""
-    base = schedule_for_dataset(dataset)
-    schedule = OversegSchedule(t0 if t0 is not None else base.t0,
-                               max_regions if max_regions is not None else base.max_regions, base.step)
+    schedule = OversegSettings(detector, weights, t0, max_regions).schedule(dataset)
     storage = str(storage_root(storage))
     data = DataRef(dataset, resolve_data_root(dataset, data_root, storage), split, dataset_options or {})
     return ensure_oversegmentation(storage, data, detector, weights, schedule)

@@ -8,6 +8,7 @@ Skipped without ``../shared/data/camvid``. Knobs (environment):
 * ``USSEG_CAMVID_SEEDS`` — comma-separated training seeds for STEGO (default ``0,1``: the issue's target
   is an average over two seeds),
 * ``USSEG_CAMVID_PICIE_EPOCHS`` — PiCIE epochs (default 10, the paper's),
+* ``USSEG_CAMVID_HSG_EPOCHS`` — HSG epochs (default 10, ``HsgConfig``'s),
 * ``USSEG_CAMVID_STORAGE`` — a storage root to keep (and re-use) the cached features between runs,
 * ``USSEG_CAMVID_RESULTS`` — a folder where each run's results CSV is written for the report.
 
@@ -33,6 +34,7 @@ pytestmark = pytest.mark.slow
 STEPS = int(os.environ.get("USSEG_CAMVID_STEPS", "1500"))
 SEEDS = [int(s) for s in os.environ.get("USSEG_CAMVID_SEEDS", "0,1").split(",")]
 PICIE_EPOCHS = int(os.environ.get("USSEG_CAMVID_PICIE_EPOCHS", "10"))  # the paper's 10
+HSG_EPOCHS = int(os.environ.get("USSEG_CAMVID_HSG_EPOCHS", "10"))  # HsgConfig's default
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def results_dir(tmp_path_factory) -> Path:
 
 def _run(method: str, seed: int, storage: Path, results: Path) -> pd.DataFrame:
     root = shared_path("data", "camvid")
-    length = f"epochs={PICIE_EPOCHS}" if method == "picie" else f"steps={STEPS}"
+    length = {"picie": f"epochs={PICIE_EPOCHS}", "hsg": f"epochs={HSG_EPOCHS}"}.get(method, f"steps={STEPS}")
     args = ["run", method, "--dataset", "camvid11", "--data-root", str(root), "--train-split", "train,val",
             "--eval-split", "val", "--storage", str(storage), "--results", str(results),
             "--set", length, "--set", f"seed={seed}"]
@@ -122,3 +124,25 @@ def test_camvid_picie_two_seeds_against_raw_kmeans_and_stego(camvid_storage, res
             lines.append(f"seed {seed} crf={crf}: PiCIE {p.accuracy:.2f} / {p.miou:.2f}, raw k-means "
                          f"{r.accuracy:.2f} / {r.miou:.2f}, STEGO {s.accuracy:.2f} / {s.miou:.2f} (acc / mIoU)")
     print("\n".join(lines))
+
+
+def test_camvid_hsg_two_seeds_both_protocols(camvid_storage, results_dir, prefect_harness):
+    """HSG on the view bank + classical-edge UCM segments of the same images. The issue's floor is asserted
+    (HSG's k-means on codes >= raw-feature k-means on the same frames, mean of the seeds, no CRF); the
+    retrieval protocol's rows sit beside the same protocol on raw features, and are printed."""
+    lines, margins = [], []
+    for seed in SEEDS:
+        df = _run("hsg", seed, camvid_storage, results_dir / f"hsg_seed{seed}.csv")
+        for crf in (False, True):
+            for method, clusterer in (("hsg", "kmeans"), ("hsg", "linear"), ("hsg", "retrieval-k20"),
+                                      ("raw-features", "kmeans"), ("raw-features", "retrieval-k20")):
+                _score(df, method, clusterer, crf)
+        h, r = _score(df, "hsg", "kmeans", False), _score(df, "raw-features", "kmeans", False)
+        hr, rr = _score(df, "hsg", "retrieval-k20", False), _score(df, "raw-features", "retrieval-k20", False)
+        margins.append(h.miou - r.miou)
+        assert hr.miou > 20 and rr.miou > 20, (hr.miou, rr.miou)  # labels transferred: far above chance
+        lines.append(f"seed {seed}: HSG k-means {h.accuracy:.2f} / {h.miou:.2f}, raw k-means {r.accuracy:.2f} / "
+                     f"{r.miou:.2f}; retrieval HSG {hr.accuracy:.2f} / {hr.miou:.2f}, raw {rr.accuracy:.2f} / "
+                     f"{rr.miou:.2f} (acc / mIoU, no CRF)")
+    print("\n".join(lines))
+    assert sum(margins) / len(margins) >= 0, margins

@@ -48,7 +48,9 @@ class HeadInputs:
         knn: (N, k) neighbour table over ``features``, column 0 = self ("knn").
         views: a ``usseg_core.viewbank.ViewBank`` of recorded augmented views ("views").
         base: un-augmented features of the same images as ``views`` (the frame the views are drawn in).
-        segments: oversegmentations, indexable per image ("oversegment").
+        segments: oversegmentations ("oversegment"): one sequence per training split, aligned with ``views``
+            (``len(segments[s]) == views[s].n_images``); ``segments[s][i]`` is image i's (H, W) int32 region
+            map at the original image size (``usseg_core.overseg.SegmentFolder``).
     """
 
     n_classes: int
