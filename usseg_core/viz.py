@@ -127,7 +127,9 @@ def hierarchy_grid(path: str | Path, rows: Sequence[dict], title: str = "") -> N
     for r, row in enumerate(rows):
         levels = list(reversed(list(row["levels"])))  # coarse to fine
         pics = [row["image"]] + [segments_picture(row["image"], lv, int(lv.max()) + 1) for lv in levels]
-        names = ["image"] + [f"{len(np.unique(lv))} segments" for lv in levels]
+        counts = [len(np.unique(lv)) for lv in levels]
+        names = ["image"] + [f"G{len(levels) - 1 - k}: {n} segment{'' if n == 1 else 's'}"
+                             for k, n in enumerate(counts)]
         for c in range(n_cols):
             ax = axes[r][c]
             ax.set_axis_off()

@@ -171,6 +171,8 @@ def hsg_loss(emb: Tensor, regions: Tensor, hier: Hierarchy, cfg: HsgConfig, n_vi
         l_f, _ = pixel_segment_loss(denom, block, cand & (grp[cols] == grp[own][:, None]))
         total = total + cfg.lambda_f * l_f
         stats[f"loss_group{li + 1}"] = float(l_f.detach())
+        used = [len(torch.unique(win[b][valid[b]])) for b in range(B)]  # collapse watch: groups in use
+        stats[f"groups_used{li + 1}"] = float(np.mean(used))
     l_g = grouping_loss(x0.detach(), valid, ms, zs, cfg, V, K0)
     total = total + cfg.lambda_g * l_g
     stats["loss_grouping"] = float(l_g.detach())
