@@ -161,10 +161,12 @@ def run_training(method: TrainingMethod, config: dict, *, steps: int, checkpoint
 
     first_step, t0 = step, time.perf_counter()
     spe = method.steps_per_epoch
+    has_pass = type(method).begin_epoch is not TrainingMethod.begin_epoch  # say so only when one runs
     bar = tqdm(total=steps, initial=step, disable=not progress, desc=method.name, dynamic_ncols=True)
     while step < steps:
         if spe and step % spe == 0:
-            bar.set_postfix_str(f"epoch {step // spe}: per-epoch pass (e.g. clustering)")
+            if has_pass:
+                bar.set_postfix_str(f"epoch {step // spe}: per-epoch pass (e.g. clustering)")
             epoch_stats = method.begin_epoch(step // spe)
             if epoch_stats:
                 history.append({"step": step, "epoch": step // spe, **epoch_stats})
