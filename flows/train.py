@@ -31,7 +31,7 @@ from usseg_core.heads import get_head, list_heads
 from usseg_core.overseg import OversegSettings
 from usseg_core.retrieval import K_DEFAULT as RETRIEVAL_K
 from usseg_core.retrieval import VOTE_DEFAULT as RETRIEVAL_VOTE
-from usseg_core.retrieval import VOTES as RETRIEVAL_VOTES
+from usseg_core.retrieval import check_options as check_retrieval_options
 from usseg_core.views import ViewSpec
 from usseg_core.viewbank import ViewBankConfig
 
@@ -101,10 +101,10 @@ class RunSpec:
         get_head(self.head).config(self.dataset, self.head_overrides())
         self.views_config()
         self.overseg_config().schedule(self.dataset)
-        if self.retrieval_vote not in RETRIEVAL_VOTES:
-            raise ConfigError(f"retrieval vote {self.retrieval_vote!r} unknown; choose {' or '.join(RETRIEVAL_VOTES)}")
-        if int(self.retrieval_k) < 1:
-            raise ConfigError(f"retrieval k must be >= 1, got {self.retrieval_k}")
+        try:
+            check_retrieval_options(self.retrieval_k, self.retrieval_vote)
+        except ValueError as exc:
+            raise ConfigError(f"retrieval: {exc}") from exc
 
 
 def eval_view(dataset_obj, resolution: int | None) -> ViewSpec:

@@ -17,8 +17,8 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.common import DataRef, load_manifest, logger
 from usseg_core.features import FeatureStore
-from usseg_core.retrieval import (K_DEFAULT, KMEANS_ITERS, VOTE_DEFAULT, VOTES, SegmentMemory, build_memory,
-                                  dataset_grid)
+from usseg_core.retrieval import (K_DEFAULT, KMEANS_ITERS, VOTE_DEFAULT, SegmentMemory, build_memory,
+                                  check_options, dataset_grid)
 from usseg_core.store import ArtifactStore, artifact_key
 from usseg_core.views import ViewSpec, prepare_label
 
@@ -93,10 +93,7 @@ def retrieval_predictor(memory: dict, n_classes: int, grid, iters: int = KMEANS_
 
     ``name`` must be unique over all groups of one evaluation (confusion matrices are keyed by it).
     """
-    if vote not in VOTES:
-        raise ValueError(f"vote must be one of {sorted(VOTES)}, got {vote!r}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    check_options(k, vote)
     label = f"retrieval-k{k}" if vote == VOTE_DEFAULT else f"retrieval-k{k}-{vote}"
     return {"name": name, "kind": "retrieval", "label": label, "n_pred": n_classes, "n_classes": n_classes,
             "key": memory["key"], "memory": memory["path"], "pool_to": list(memory["pool_to"]),

@@ -40,8 +40,8 @@ from torch import Tensor
 
 from usseg_core.segsort import GRID_N0, compact_ids, grid_kmeans, segment_means
 
-__all__ = ["K_DEFAULT", "VOTE_DEFAULT", "VOTES", "SegmentMemory", "segment_labels", "image_segments",
-           "segment_prototypes", "build_memory", "retrieve", "retrieval_logits", "dataset_grid"]
+__all__ = ["K_DEFAULT", "VOTE_DEFAULT", "VOTES", "check_options", "SegmentMemory", "segment_labels",
+           "image_segments", "segment_prototypes", "build_memory", "retrieve", "retrieval_logits", "dataset_grid"]
 
 K_DEFAULT = 20  # twke18/HSG hsg/models/predictions/segsort.py: top_k_ranking(..., 20)
 VOTE_DEFAULT = "majority"  # twke18/HSG hsg/utils/segsort/eval.py majority_label_from_topk
@@ -72,9 +72,12 @@ def _weighted(sims: Tensor, labels: Tensor, n_classes: int) -> Tensor:
 VOTES: dict[str, Callable[[Tensor, Tensor, int], Tensor]] = {"majority": _majority, "weighted": _weighted}
 
 
-def _check_vote(vote: str) -> None:
+def check_options(k: int = K_DEFAULT, vote: str = VOTE_DEFAULT) -> None:
+    """ValueError unless ``vote`` is a known rule and ``k`` >= 1 (the one check of both options)."""
     if vote not in VOTES:
         raise ValueError(f"vote must be one of {sorted(VOTES)}, got {vote!r}")
+    if int(k) < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
 
 
 # --- nearest neighbours -----------------------------------------------------------------------------
@@ -116,7 +119,7 @@ def retrieve(queries: Tensor, protos: Tensor, labels: Tensor, n_classes: int, k:
             neighbours; the similarities that weight the votes are recomputed from the indices by the
             same code for either backend, so the distributions are identical.
     """
-    _check_vote(vote)
+    check_options(k, vote)
     queries, protos = queries.float().cpu(), protos.float().cpu()
     k = min(k, protos.shape[0])
     idx = _topk_indices(queries, protos, k, backend, index)  # (Q, k)
