@@ -99,14 +99,19 @@ def image_codes(head_path: str | None, feats: FeatureStore, flips: FeatureStore 
 
 
 @torch.no_grad()
+def hierarchy_maps(head, feats: torch.Tensor, size: tuple[int, int]) -> list[np.ndarray]:
+    """A hierarchical head's levels of features (1, C, h, w): fine to coarse, (H, W) int32 at ``size``."""
+    levels = head.levels(head.codes(feats))  # (1, h, w) each, at feature resolution
+    return [F.interpolate(lv[None].float(), size=size, mode="nearest")[0, 0].to(torch.int32).numpy()
+            for lv in levels]
+
+
 def image_hierarchy(head_path: str, feats: FeatureStore, i: int, size: tuple[int, int]) -> list[np.ndarray] | None:
-    """A hierarchical head's levels of item i (fine to coarse, (H, W) int each at ``size``), else None."""
+    """:func:`hierarchy_maps` of item i when the head has a hierarchy (HSG), else None."""
     head = load_head(head_path)
     if not hasattr(head, "levels"):
         return None
-    levels = head.levels(head.codes(torch.from_numpy(feats[i].astype(np.float32))[None]))
-    return [F.interpolate(lv[None].float(), size=size, mode="nearest")[0, 0].to(torch.int32).numpy()
-            for lv in levels]
+    return hierarchy_maps(head, torch.from_numpy(feats[i].astype(np.float32))[None], size)
 
 
 @task(name="evaluate-shard", cache_policy=NO_CACHE)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tasks.common import BackboneRef, load_backbone
-from tasks.evaluate import predictor_logits
+from tasks.evaluate import hierarchy_maps, predictor_logits
 from tasks.heads import load_head
 from usseg_core.crf import CRFParams, dense_crf
 from usseg_core.errors import ConfigError
@@ -34,12 +34,9 @@ def _kmeans_of(store: ArtifactStore, head_key: str) -> str:
     raise ConfigError(f"no k-means artifact for head {head_key}; run the train flow first")
 
 
-@torch.no_grad()
 def _write_hierarchy(out: Path, stem: str, image: np.ndarray, head, dense: torch.Tensor) -> list[Path]:
     """``<stem>_level<k>_<n>seg.png`` (k = 0 coarsest) label PNGs and ``<stem>_hierarchy.png``."""
-    levels = head.levels(head.codes(dense))  # fine to coarse, (1, h, w) each at feature resolution
-    full = [F.interpolate(lv[None].float(), size=image.shape[:2], mode="nearest")[0, 0].long().numpy()
-            for lv in levels]
+    full = hierarchy_maps(head, dense, image.shape[:2])  # fine to coarse
     paths = []
     for k, lv in enumerate(reversed(full)):
         path = out / f"{stem}_level{k}_{len(np.unique(lv))}seg.png"
