@@ -1,15 +1,18 @@
 """Registration of the built-in heads: STEGO, OMH (STEGO + hierarchy loss), PiCIE and HSG.
 
-Training entry points import lazily: ``usseg_core.train`` imports this package (for the probes), and a
-registry lookup must stay cheap.
+Training modules import lazily (:func:`_lazy`): ``usseg_core.train`` imports this package (for the
+probes), and a registry lookup must stay cheap.
 """
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+
 import torch
 
-from usseg_core.heads.hsg import HsgConfig, hsg_presets
+from usseg_core.heads.hsg import HsgConfig, HsgTrained, hsg_presets
 from usseg_core.heads.omh import OMHConfig
-from usseg_core.heads.picie import PicieConfig, picie_presets
+from usseg_core.heads.picie import PicieConfig, PicieTrained, picie_presets
 from usseg_core.heads.probes import ClusterProbe
 from usseg_core.heads.registry import HeadInputs, HeadSpec, TrainedHead, TrainedState, register_head
 from usseg_core.heads.stego import STEGO_PRESETS, StegoConfig, StegoHead
@@ -65,16 +68,13 @@ def _loader(method: str):
     return load
 
 
-def _train_picie(inputs: HeadInputs, config: dict, **kw) -> TrainedState:
-    from usseg_core.heads.picie_train import train_picie_head
+def _lazy(module: str, name: str) -> Callable[..., TrainedState]:
+    """A training entry point imported on its first call (training modules are heavy; lookups stay cheap)."""
+    def train(*args, **kw) -> TrainedState:
+        return getattr(importlib.import_module(module), name)(*args, **kw)
 
-    return train_picie_head(inputs, config, **kw)
-
-
-def _load_picie(ckpt: dict) -> TrainedHead:
-    from usseg_core.heads.picie import PicieTrained
-
-    return PicieTrained.from_checkpoint(ckpt)
+    train.__name__ = train.__qualname__ = name
+    return train
 
 
 register_head(HeadSpec(
@@ -88,22 +88,10 @@ register_head(HeadSpec(
 register_head(HeadSpec(
     name="picie", summary="PiCIE: clustering with photometric invariance and geometric equivariance (Cho et al. 2021)",
     sections=(("picie", PicieConfig),), presets=picie_presets, needs=frozenset({"views"}),
-    train=_train_picie, load=_load_picie, clusterer="centroids"))
-
-
-def _train_hsg(inputs: HeadInputs, config: dict, **kw) -> TrainedState:
-    from usseg_core.heads.hsg_train import train_hsg_head
-
-    return train_hsg_head(inputs, config, **kw)
-
-
-def _load_hsg(ckpt: dict) -> TrainedHead:
-    from usseg_core.heads.hsg import HsgTrained
-
-    return HsgTrained.from_checkpoint(ckpt)
-
-
+    train=_lazy("usseg_core.heads.picie_train", "train_picie_head"),
+    load=PicieTrained.from_checkpoint, clusterer="centroids"))
 register_head(HeadSpec(
     name="hsg", summary="HSG: multiview segment grouping with clustering transformers on UCM segments (Ke et al. 2022)",
     sections=(("hsg", HsgConfig),), presets=hsg_presets, needs=frozenset({"views", "oversegment"}),
-    train=_train_hsg, load=_load_hsg, clusterer=None, retrieval=True))
+    train=_lazy("usseg_core.heads.hsg_train", "train_hsg_head"),
+    load=HsgTrained.from_checkpoint, clusterer=None, retrieval=True))
