@@ -19,11 +19,10 @@ from usseg_core.backbones.base import resolve_device
 from usseg_core.errors import ConfigError
 from usseg_core.heads.hsg import (HsgConfig, HsgHead, Hierarchy, contrast_denominator, knn_graph,
                                   modularity_terms, pixel_segment_loss, separation_term)
-from usseg_core.heads.picie_train import BankIndex
+from usseg_core.heads.bank_training import BankMethod
 from usseg_core.heads.registry import HeadInputs, TrainedState, config_to_dict
 from usseg_core.segsort import compact_ids, grid_kmeans, segment_means
-from usseg_core.train import EpochOrder
-from usseg_core.trainer import RESUMABLE_FIELDS, TrainingMethod, load_checkpoint, run_training
+from usseg_core.trainer import RESUMABLE_FIELDS, load_checkpoint, run_training
 from usseg_core.viewbank import base_region, warp_labels
 from usseg_core.views import ViewSpec
 
@@ -53,16 +52,13 @@ def view_regions(banks: Sequence, segments: Sequence, grid_hw: tuple[int, int]) 
     return torch.stack(out)
 
 
-class HsgMethod(TrainingMethod):
+class HsgMethod(BankMethod):
     """HSG's multiview segment grouping on cached view features."""
 
     name = "hsg"
 
     def __init__(self, banks: Sequence, segments: Sequence, config: HsgConfig, device: torch.device) -> None:
-        self.bank = BankIndex(banks)
-        if self.bank.n_views < 2:
-            raise ConfigError("HSG needs at least 2 views per image in the view bank (views.n_views)")
-        self.config, self.device = config, device
+        self.init_bank(banks, config, device, "HSG")
         self.regions = view_regions(banks, segments, tuple(self.bank.shape[1:]))  # (N, V, h, w)
         torch.manual_seed(config.seed)
         self.head = HsgHead(self.bank.shape[0], config.hidden, config.dim).to(device)
@@ -70,10 +66,7 @@ class HsgMethod(TrainingMethod):
         params = [*self.head.parameters(), *self.hier.parameters()]
         self.opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                                    weight_decay=config.weight_decay)
-        self.rng = np.random.default_rng(config.seed)
-        self.batch_size = min(config.batch_size, self.bank.n)
-        self.epochs = EpochOrder(self.bank.n, self.rng)
-        self.steps_per_epoch = max(1, self.bank.n // self.batch_size)
+        self.init_order()
         self.total_steps = config.epochs * self.steps_per_epoch
         self.t = 0  # steps taken (the lr schedule's clock)
 
@@ -84,11 +77,10 @@ class HsgMethod(TrainingMethod):
         return [self.opt]
 
     def state(self) -> dict:
-        return {"numpy_rng": self.rng.bit_generator.state, **self.epochs.state(), "t": self.t}
+        return {**super().state(), "t": self.t}
 
     def load_state(self, state: dict) -> None:
-        self.rng.bit_generator.state = state["numpy_rng"]
-        self.epochs.load_state(state)
+        super().load_state(state)
         self.t = int(state["t"])
 
     def lr_at(self, t: int) -> float:

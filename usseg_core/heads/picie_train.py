@@ -17,68 +17,28 @@ from usseg_core.cluster import spherical_kmeans
 from usseg_core.errors import ConfigError
 from usseg_core.heads.picie import (PicieConfig, PicieHead, cluster_weights, over_clustering_weights,
                                     picie_loss)
+from usseg_core.heads.bank_training import BankMethod
 from usseg_core.heads.registry import HeadInputs, TrainedState, config_to_dict
-from usseg_core.train import EpochOrder
-from usseg_core.trainer import RESUMABLE_FIELDS, TrainingMethod, load_checkpoint, run_training
+from usseg_core.trainer import RESUMABLE_FIELDS, load_checkpoint, run_training
 from usseg_core.viewbank import warp_maps
 
 PICIE_RESUMABLE = RESUMABLE_FIELDS | {"epochs"}
 _CLUSTER_BATCH = 32  # images per forward in the clustering pass
 
 
-class BankIndex:
-    """Several view banks (one per training split) seen as one list of images."""
-
-    def __init__(self, banks: Sequence) -> None:
-        if not banks:
-            raise ConfigError("PiCIE needs a view bank (the 'views' stage) with at least one image")
-        shapes = {tuple(b.shape) for b in banks}
-        views = {b.n_views for b in banks}
-        if len(shapes) != 1 or len(views) != 1:
-            raise ConfigError(f"view banks differ in feature shape {sorted(shapes)} or views {sorted(views)}")
-        self.banks = list(banks)
-        self.offsets = np.cumsum([0] + [b.n_images for b in banks])
-        self.n, self.n_views, self.shape = int(self.offsets[-1]), views.pop(), shapes.pop()
-
-    def _split(self, idx: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        which = np.searchsorted(self.offsets, idx, side="right") - 1
-        return [(int(s), np.flatnonzero(which == s), idx[which == s] - self.offsets[s]) for s in np.unique(which)]
-
-    def batch(self, kind: str, idx: np.ndarray, views: np.ndarray) -> Tensor:
-        """(B, C, h, w) float32 features of image ``idx[j]``'s view ``views[j]``; kind "plain" | "warped"."""
-        out = torch.empty((len(idx), *self.shape), dtype=torch.float32)
-        for s, pos, local in self._split(np.asarray(idx)):
-            get = getattr(self.banks[s], f"{kind}_batch")
-            out[torch.from_numpy(pos)] = get(local, np.asarray(views)[pos])
-        return out
-
-    def geometries(self, idx: np.ndarray, views: np.ndarray) -> list:
-        out = [None] * len(idx)
-        for s, pos, local in self._split(np.asarray(idx)):
-            for p, i in zip(pos, local):
-                out[p] = self.banks[s].geometry(int(i), int(views[p]))
-        return out
-
-
-class PicieMethod(TrainingMethod):
+class PicieMethod(BankMethod):
     """PiCIE's alternation on cached view features (see ``usseg_core.heads.picie``)."""
 
     name = "picie"
 
     def __init__(self, banks: Sequence, n_classes: int, config: PicieConfig, device: torch.device) -> None:
-        self.bank = BankIndex(banks)
-        if self.bank.n_views < 2:
-            raise ConfigError("PiCIE needs at least 2 views per image in the view bank (views.n_views)")
-        self.config, self.device = config, device
+        self.init_bank(banks, config, device, "PiCIE")
         self.ks = [n_classes] + ([config.k_over] if config.over_clustering else [])
         self.lams = list(over_clustering_weights(*self.ks)) if len(self.ks) == 2 else [1.0]
         torch.manual_seed(config.seed)  # initialisation (and dropout, if any) draw from the global RNG
         self.head = PicieHead(self.bank.shape[0], config.dim, config.dropout).to(device)
         self.opt = torch.optim.Adam(self.head.parameters(), lr=config.lr, betas=(0.9, 0.999))
-        self.rng = np.random.default_rng(config.seed)  # view pairing + batch order
-        self.batch_size = min(config.batch_size, self.bank.n)
-        self.epochs = EpochOrder(self.bank.n, self.rng)
-        self.steps_per_epoch = max(1, self.bank.n // self.batch_size)
+        self.init_order()  # its generator also draws the view pairing
         self.pairs = np.zeros((self.bank.n, 2), dtype=np.int64)  # (a, b): view 1 = warped a, view 2 = plain b
         self.clusterings: list[dict] = []  # per K: mu1, mu2 (K, D); y1, y2 (N, h, w) int16; w1, w2 (K,)
 
@@ -90,12 +50,10 @@ class PicieMethod(TrainingMethod):
         return [self.opt]
 
     def state(self) -> dict:
-        return {"numpy_rng": self.rng.bit_generator.state, **self.epochs.state(),
-                "pairs": torch.from_numpy(self.pairs), "clusterings": self.clusterings}
+        return {**super().state(), "pairs": torch.from_numpy(self.pairs), "clusterings": self.clusterings}
 
     def load_state(self, state: dict) -> None:
-        self.rng.bit_generator.state = state["numpy_rng"]
-        self.epochs.load_state(state)
+        super().load_state(state)
         self.pairs = state["pairs"].numpy().copy()
         self.clusterings = list(state["clusterings"])
 
