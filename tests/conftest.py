@@ -27,6 +27,20 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+def artifact_mtimes(storage: Path) -> dict[Path, int]:
+    """Modification time of every artifact's meta.json: unchanged across a re-run = every stage a cache hit."""
+    return {p: p.stat().st_mtime_ns for p in Path(storage).glob("*/*/meta.json")}
+
+
+@pytest.fixture(scope="session")
+def synthetic_small(tmp_path_factory) -> Path:
+    """8 training and 3 validation synthetic scenes at 96 x 128, generated once per session."""
+    from usseg_core.datasets.synthetic import ensure_synthetic
+
+    return ensure_synthetic(tmp_path_factory.mktemp("data") / "synthetic", n_train=8, n_val=3, height=96,
+                            width=128)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """A temporary Prefect database and ephemeral API for flow tests (started once per session)."""

@@ -14,6 +14,7 @@ import torch
 from prefect import flow
 
 from flows.train import RunSpec, run
+from tests.conftest import artifact_mtimes
 from usseg_core.datasets.manifest import Manifest
 from usseg_core.datasets.synthetic import ensure_synthetic
 from usseg_core.errors import ConfigError
@@ -126,10 +127,10 @@ def test_views_and_oversegment_feed_a_head_and_invalidate_separately(segtoy_head
     assert moved["head"]["key"] not in {first["head"]["key"], other["head"]["key"]}
     assert len(_keys(storage, "features")) == len(features) + 1 and len(_keys(storage, "views")) == 2
 
-    before = {p: p.stat().st_mtime_ns for p in storage.glob("*/*/meta.json")}
+    before = artifact_mtimes(storage)
     again = _run_flow(t0)["trained"]  # nothing changed: key look-ups only
     assert again["head"]["key"] == moved["head"]["key"]
-    assert {p: p.stat().st_mtime_ns for p in storage.glob("*/*/meta.json")} == before
+    assert artifact_mtimes(storage) == before
 
 
 @pytest.mark.parametrize("bad, says", [

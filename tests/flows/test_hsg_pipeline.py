@@ -7,23 +7,16 @@ import json
 
 import numpy as np
 import pandas as pd
-import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
 from flows.cli import app
-from usseg_core.datasets.synthetic import ensure_synthetic
+from tests.conftest import artifact_mtimes
 
 
-@pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory):
-    return ensure_synthetic(tmp_path_factory.mktemp("data") / "synthetic", n_train=8, n_val=3, height=96,
-                            width=128)
-
-
-def test_run_hsg_end_to_end_both_protocols_hierarchy_and_cache_hits(synthetic_root, tmp_path, prefect_harness):
+def test_run_hsg_end_to_end_both_protocols_hierarchy_and_cache_hits(synthetic_small, tmp_path, prefect_harness):
     storage, results = tmp_path / "storage", tmp_path / "hsg.csv"
-    args = ["run", "hsg", "--dataset", "synthetic", "--data-root", str(synthetic_root), "--resolution", "64",
+    args = ["run", "hsg", "--dataset", "synthetic", "--data-root", str(synthetic_small), "--resolution", "64",
             "--storage", str(storage), "--results", str(results), "--set", "epochs=3", "--set", "batch_size=4",
             "--set", "views.n_views=2", "--set", "anchors_per_view=32"]
     res = CliRunner().invoke(app, args)
@@ -45,7 +38,7 @@ def test_run_hsg_end_to_end_both_protocols_hierarchy_and_cache_hits(synthetic_ro
     assert (evaluation / "hierarchy.png").stat().st_size > 0 and (evaluation / "overlays.png").exists()
 
     out = tmp_path / "seg"
-    image = next((synthetic_root / "val" / "images").iterdir())
+    image = next((synthetic_small / "val" / "images").iterdir())
     res = CliRunner().invoke(app, ["segment", str(image), "--model", head.name, "--out", str(out), "--no-crf",
                                    "--storage", str(storage)])
     assert res.exit_code == 0, res.output + repr(res.exception)
@@ -58,7 +51,7 @@ def test_run_hsg_end_to_end_both_protocols_hierarchy_and_cache_hits(synthetic_ro
             assert len(np.unique(coarse[fine == g])) == 1
     assert len(np.unique(maps[0])) <= 4 and (out / f"{image.stem}_hierarchy.png").exists()
 
-    before = {p: p.stat().st_mtime_ns for p in storage.glob("*/*/meta.json")}
+    before = artifact_mtimes(storage)
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
-    assert {p: p.stat().st_mtime_ns for p in storage.glob("*/*/meta.json")} == before  # all cache hits
+    assert artifact_mtimes(storage) == before  # all cache hits

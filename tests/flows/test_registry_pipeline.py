@@ -14,14 +14,8 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.train import RunSpec, run
-from usseg_core.datasets.synthetic import ensure_synthetic
+from tests.conftest import artifact_mtimes
 from usseg_core.heads import HeadSpec, TrainedHead, TrainedState, get_head, register_head, unregister_head
-
-
-@pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory):
-    return ensure_synthetic(tmp_path_factory.mktemp("data") / "synthetic", n_train=8, n_val=3, height=96,
-                            width=128)
 
 
 @dataclass
@@ -68,9 +62,9 @@ def _run_flow(spec: RunSpec) -> dict:
     return run(spec)
 
 
-def test_a_registered_toy_head_runs_through_the_pipeline(toy_head, synthetic_root, tmp_path, prefect_harness):
+def test_a_registered_toy_head_runs_through_the_pipeline(toy_head, synthetic_small, tmp_path, prefect_harness):
     storage = tmp_path / "storage"
-    out = _run_flow(RunSpec("toy", "synthetic", str(synthetic_root), "train", "val", "vit_small_patch16_224.dino",
+    out = _run_flow(RunSpec("toy", "synthetic", str(synthetic_small), "train", "val", "vit_small_patch16_224.dino",
                             random_weights=True, storage=str(storage), overrides={"toy.dim": 4}, resolution=32,
                             run_crf=False))
     assert "knn" not in out["trained"]  # declared inputs only: five-crop features, no KNN table
@@ -82,9 +76,9 @@ def test_a_registered_toy_head_runs_through_the_pipeline(toy_head, synthetic_roo
     assert set(zip(rows.method, rows.clusterer)) == {("raw-features", "kmeans"), ("toy", "kmeans"), ("toy", "linear")}
 
 
-def test_run_picie_end_to_end_then_cache_hits(synthetic_root, tmp_path, prefect_harness):
+def test_run_picie_end_to_end_then_cache_hits(synthetic_small, tmp_path, prefect_harness):
     storage, results = tmp_path / "storage", tmp_path / "picie.csv"
-    args = ["run", "picie", "--dataset", "synthetic", "--data-root", str(synthetic_root), "--resolution", "64",
+    args = ["run", "picie", "--dataset", "synthetic", "--data-root", str(synthetic_small), "--resolution", "64",
             "--storage", str(storage), "--results", str(results), "--set", "epochs=2", "--set", "batch_size=4",
             "--set", "views.n_views=2", "--set", "picie.kmeans_samples=5000"]
     res = CliRunner().invoke(app, args)
@@ -100,10 +94,10 @@ def test_run_picie_end_to_end_then_cache_hits(synthetic_root, tmp_path, prefect_
     meta = json.loads((head / "meta.json").read_text())
     assert meta["steps_per_epoch"] == 2 and meta["n_views"] == 2 and meta["seconds_per_epoch"] > 0
     assert [k for k in meta["upstream"]] == ["views0"]
-    before = {p: p.stat().st_mtime_ns for p in storage.glob("*/*/meta.json")}
+    before = artifact_mtimes(storage)
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
-    assert {p: p.stat().st_mtime_ns for p in storage.glob("*/*/meta.json")} == before  # all cache hits
+    assert artifact_mtimes(storage) == before  # all cache hits
 
 
 @pytest.mark.parametrize("bad, says", [("picie.k_ovr=3", "valid: .*k_over"), ("views.nviews=2", "views.n_views"),
