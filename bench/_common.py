@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: data location, timing, JSON output."""
+"""Helpers shared by the benchmarks: data location, cached-storage look-ups, timing, JSON output."""
 from __future__ import annotations
 
 import json
@@ -18,6 +18,36 @@ def bench_dataset(tmp: Path, n: int) -> tuple[str, str, str]:
     from usseg_core.datasets.synthetic import ensure_synthetic
 
     return "synthetic", str(ensure_synthetic(tmp / "synthetic", n_train=4, n_val=n)), "val"
+
+
+def cached_storage_arguments(ap) -> None:
+    """The arguments of a bench that reads a storage root a `usseg run` filled (features, labelled split)."""
+    ap.add_argument("--storage", required=True)
+    ap.add_argument("--dataset", default="camvid11")
+    ap.add_argument("--data-root", required=True)
+    ap.add_argument("--eval-split", default="val")
+
+
+def cached_artifacts(storage, stage: str, **match) -> list:
+    """Complete artifacts of ``stage`` whose metadata (or params) hold every ``match`` value."""
+    from usseg_core.store import ArtifactStore
+
+    out = []
+    for art in ArtifactStore(storage).iter_artifacts(stage):
+        if art.complete and all(art.meta.get(k) == v or art.meta.get("params", {}).get(k) == v
+                                for k, v in match.items()):
+            out.append(art)
+    return out
+
+
+def labelled_split(args) -> tuple:
+    """(dataset, image ids in manifest order) of ``--eval-split``, from the cached manifest."""
+    from usseg_core.datasets import get_dataset
+    from usseg_core.datasets.manifest import Manifest
+
+    ds = get_dataset(args.dataset, args.data_root, args.eval_split)
+    manifest = next(a for a in cached_artifacts(args.storage, "manifest", split=args.eval_split))
+    return ds, Manifest.from_json(manifest.file("manifest.json")).ids
 
 
 class Timer:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import write_json  # noqa: E402
-from bench.tune_shifts import _artifacts, evaluate_codes  # noqa: E402
+from bench._common import cached_artifacts, cached_storage_arguments, labelled_split, write_json  # noqa: E402
+from bench.tune_shifts import evaluate_codes  # noqa: E402
 
 
 def _value(text: str):
@@ -68,10 +68,7 @@ def _linear_probe_miou(codes_fn, feats, ds, ids, n: int, epochs: int = 10) -> tu
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--storage", required=True)
-    ap.add_argument("--dataset", default="camvid11")
-    ap.add_argument("--data-root", required=True)
-    ap.add_argument("--eval-split", default="val")
+    cached_storage_arguments(ap)
     ap.add_argument("--variant", action="append", default=[], help="PicieConfig overrides, comma-separated")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -82,28 +79,24 @@ def main() -> None:
 
     from tasks.heads import open_features
     from usseg_core.cluster import spherical_kmeans
-    from usseg_core.datasets import get_dataset
-    from usseg_core.datasets.manifest import Manifest
     from usseg_core.features import FeatureStore
     from usseg_core.heads import HeadInputs, get_head
     from usseg_core.heads.picie_train import train_picie_head
     from usseg_core.viewbank import ViewBank
 
-    banks = [ViewBank(a.path) for a in sorted(_artifacts(args.storage, "views"), key=lambda a: a.meta["split"])]
+    banks = [ViewBank(a.path) for a in sorted(cached_artifacts(args.storage, "views"), key=lambda a: a.meta["split"])]
     for b in banks:
         b.load_all()
-    base_arts = [a for a in _artifacts(args.storage, "features") if a.meta["view"]["policy"] != "five_crop"
+    base_arts = [a for a in cached_artifacts(args.storage, "features") if a.meta["view"]["policy"] != "five_crop"
                  and a.meta["view"]["resolution"] is not None and not a.meta["view"]["flip"]]
     base = open_features([{"path": str(a.file("features.zarr"))} for a in sorted(base_arts, key=lambda a: a.meta["split"])])
     base.load_all()
-    evals = [a for a in _artifacts(args.storage, "features", split=args.eval_split)
+    evals = [a for a in cached_artifacts(args.storage, "features", split=args.eval_split)
              if a.meta["view"]["policy"] != "five_crop" and a.meta["view"]["resolution"] is None]
     ev = FeatureStore(next(a for a in evals if not a.meta["view"]["flip"]).file("features.zarr"))
     fl = FeatureStore(next(a for a in evals if a.meta["view"]["flip"]).file("features.zarr"))
     ev.load_all(), fl.load_all()
-    ds = get_dataset(args.dataset, args.data_root, args.eval_split)
-    manifest = next(a for a in _artifacts(args.storage, "manifest", split=args.eval_split))
-    ids = Manifest.from_json(manifest.file("manifest.json")).ids
+    ds, ids = labelled_split(args)
     n = ds.n_classes
 
     def pixels(codes_fn):

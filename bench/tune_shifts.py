@@ -15,18 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import write_json  # noqa: E402
-
-
-def _artifacts(storage, stage, **match):
-    from usseg_core.store import ArtifactStore
-
-    out = []
-    for art in ArtifactStore(storage).iter_artifacts(stage):
-        if art.complete and all(art.meta.get(k) == v or art.meta.get("params", {}).get(k) == v
-                                for k, v in match.items()):
-            out.append(art)
-    return out
+from bench._common import cached_artifacts, cached_storage_arguments, labelled_split, write_json  # noqa: E402
 
 
 def evaluate_codes(head, centroids_or_probe, feats, flips, ds, ids, n_classes, kind):
@@ -54,10 +43,7 @@ def evaluate_codes(head, centroids_or_probe, feats, flips, ds, ids, n_classes, k
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--storage", required=True)
-    ap.add_argument("--dataset", default="camvid11")
-    ap.add_argument("--data-root", required=True)
-    ap.add_argument("--eval-split", default="val")
+    cached_storage_arguments(ap)
     ap.add_argument("--targets", nargs="+", default=["0.3333,0.3333,0.15"])
     ap.add_argument("--shifts", nargs="*", default=[], help="fixed shifts to compare, e.g. 0.33,0.26,0.30")
     ap.add_argument("--steps", type=int, default=1500)
@@ -69,25 +55,21 @@ def main() -> None:
 
     from tasks.heads import open_features
     from usseg_core.cluster import spherical_kmeans
-    from usseg_core.datasets import get_dataset
-    from usseg_core.datasets.manifest import Manifest
     from usseg_core.features import FeatureStore
 
-    knn_art = _artifacts(args.storage, "knn")[0]
+    knn_art = cached_artifacts(args.storage, "knn")[0]
     train_keys = [v for k, v in sorted(knn_art.meta["upstream"].items())]
     train_infos = [{"key": k, "path": str(Path(args.storage) / "features" / k / "features.zarr")} for k in train_keys]
     feats = open_features(train_infos)
     feats.load_all()
     knn = np.load(knn_art.file("knn.npy"))
-    evals = [a for a in _artifacts(args.storage, "features", split=args.eval_split)
+    evals = [a for a in cached_artifacts(args.storage, "features", split=args.eval_split)
              if a.meta["view"]["policy"] != "five_crop"]
     plain = next(a for a in evals if not a.meta["view"]["flip"])
     flip = next(a for a in evals if a.meta["view"]["flip"])
     ev, fl = FeatureStore(plain.file("features.zarr")), FeatureStore(flip.file("features.zarr"))
     ev.load_all(), fl.load_all()
-    ds = get_dataset(args.dataset, args.data_root, args.eval_split)
-    manifest = next(a for a in _artifacts(args.storage, "manifest", split=args.eval_split))
-    ids = Manifest.from_json(manifest.file("manifest.json")).ids
+    ds, ids = labelled_split(args)
     n = ds.n_classes
 
     def pixels():
