@@ -1,4 +1,4 @@
-"""``usseg run``, ``usseg demo`` and ``usseg segment``."""
+"""``usseg run``, ``usseg oversegment`` and ``usseg segment``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -100,30 +100,6 @@ def register(app: typer.Typer) -> None:
         if results:
             write_results_csv(ev["rows"], results)
             console.print(f"results written to {results}")
-
-    @app.command()
-    def demo(
-        storage: Optional[Path] = typer.Option(None, "--storage"),
-        steps: int = typer.Option(600, help="STEGO training steps."),
-        n_train: int = typer.Option(40, help="Synthetic training images."),
-        n_val: int = typer.Option(12, help="Synthetic validation images."),
-        results: Optional[Path] = typer.Option(None, help="Write the results table as CSV here."),
-    ) -> None:
-        """The main job on the embedded default: synthetic scenes -> STEGO pipeline vs raw k-means."""
-        from usseg_core.datasets.synthetic import ensure_synthetic
-
-        root = storage_root(storage)
-        data_root = ensure_synthetic(root / "data" / f"synthetic-{n_train}-{n_val}", n_train=n_train,
-                                     n_val=n_val)
-        console.print(f"synthetic dataset: {data_root}")
-        out = run_pipeline("stego", "synthetic", str(data_root), "train", "val", "tf_efficientnet_lite0",
-                           None, False, root, {"steps": steps}, "threads", resolution=128)
-        ev = out["evaluation"]
-        print_results(ev["rows"], "usseg demo: STEGO vs raw-feature k-means on synthetic/val")
-        console.print(f"artifacts under {root} (try `usseg storage ls --storage {root}`)")
-        console.print(f"results table, confusion matrix and overlays: {ev['path']}")
-        if results:
-            write_results_csv(ev["rows"], results)
 
     @app.command()
     def oversegment(

@@ -90,6 +90,11 @@ class RunSpec:
     def head_overrides(self) -> dict:
         return {k: v for k, v in (self.overrides or {}).items() if not k.startswith(STAGE_PREFIXES)}
 
+    def seed(self) -> int:
+        """The run's seed: the head's primary section ``seed`` (``--set seed=S``), 0 for a head without one."""
+        spec = get_head(self.head)
+        return int(getattr(spec.config(self.dataset, self.head_overrides())[spec.primary], "seed", 0))
+
     def views_config(self) -> ViewBankConfig:
         return _prefixed(self.overrides, VIEWS_PREFIX, ViewBankConfig, "view-bank")
 
@@ -117,14 +122,14 @@ def eval_view(dataset_obj, resolution: int | None) -> ViewSpec:
     return ViewSpec("center_crop", resolution or 320)
 
 
-def train_stages(run: RunSpec) -> dict:
-    """The head's cached inputs, the head, and k-means over its codes and over the raw features."""
+def train_inputs(run: RunSpec) -> dict:
+    """The head's cached inputs (shared by every seed): ``inputs``, ``cluster_on`` (the features both
+    k-means are fitted on), ``n_classes``, ``k`` and the head's own ``clusterer`` name."""
     spec = get_head(run.head)
     storage, ref = run.storage, run.backbone_ref()
     datas = [DataRef(run.dataset, run.data_root, s, run.dataset_options or {}) for s in run.splits]
     ds = datas[0].dataset()
     n_classes = ds.n_classes
-    k = run.n_clusters or n_classes
     inputs: dict = {}
     cluster_on = None  # the features k-means (codes and raw) is fitted on
     if spec.needs & {"five_crop", "knn"}:
@@ -143,14 +148,32 @@ def train_stages(run: RunSpec) -> dict:
                            for d, b in zip(datas, cluster_on)]
     if cluster_on is None:
         raise ConfigError(f"head {run.head!r} declares no feature input ({sorted(spec.needs)})")
-    head = ensure_head(storage, run.head, run.dataset, n_classes, inputs, run.head_overrides(), run.device)
-    kmeans = ensure_kmeans(storage, head, cluster_on, k)
-    raw_kmeans = ensure_kmeans(storage, None, cluster_on, k)
-    return {**inputs, "head": head, "kmeans": kmeans, "raw_kmeans": raw_kmeans, "n_classes": n_classes, "k": k,
-            "clusterer": spec.clusterer}
+    return {"inputs": inputs, "cluster_on": cluster_on, "n_classes": n_classes,
+            "k": run.n_clusters or n_classes, "clusterer": spec.clusterer}
 
 
-def evaluate_stages(trained: dict, run: RunSpec) -> dict:
+def trained_stages(prepared: dict, head: dict, kmeans: dict, raw_kmeans: dict) -> dict:
+    """What evaluation needs of a trained run (the result of :func:`train_stages`)."""
+    return {**prepared["inputs"], "head": head, "kmeans": kmeans, "raw_kmeans": raw_kmeans,
+            "n_classes": prepared["n_classes"], "k": prepared["k"], "clusterer": prepared["clusterer"],
+            "cluster_on": prepared["cluster_on"]}
+
+
+def train_stages(run: RunSpec) -> dict:
+    """The head's cached inputs, the head, and k-means over its codes and over the raw features."""
+    prepared = train_inputs(run)
+    storage, cluster_on, k = run.storage, prepared["cluster_on"], prepared["k"]
+    head = ensure_head(storage, run.head, run.dataset, prepared["n_classes"], prepared["inputs"],
+                       run.head_overrides(), run.device)
+    seed = run.seed()  # one run seed: the head's and both k-means inits (the baseline varies with it too)
+    kmeans = ensure_kmeans(storage, head, cluster_on, k, seed=seed)
+    raw_kmeans = ensure_kmeans(storage, None, cluster_on, k, seed=seed)
+    return trained_stages(prepared, head, kmeans, raw_kmeans)
+
+
+def evaluation_plan(trained: dict, run: RunSpec) -> dict:
+    """Everything :func:`tasks.evaluate.run_evaluation` is called with: the labelled split, its manifest,
+    the evaluation view, features (+ flipped) and the predictor groups (raw baseline first, the head last)."""
     storage, ref = run.storage, run.backbone_ref()
     data = DataRef(run.dataset, run.data_root, run.eval_split, run.dataset_options or {})
     ds = data.dataset()
@@ -186,8 +209,13 @@ def evaluate_stages(trained: dict, run: RunSpec) -> dict:
     elif retrieval:
         logger().warning("segment retrieval needs a labelled training split other than %s; rows skipped",
                          run.eval_split)
-    return run_evaluation(storage, data, manifest, view, feats, flips, groups, list(ds.class_names),
-                          run_crf=run.run_crf, crf=CRFParams())
+    return {"data": data, "manifest": manifest, "view": view, "feats": feats, "flips": flips, "groups": groups,
+            "class_names": list(ds.class_names)}
+
+
+def evaluate_stages(trained: dict, run: RunSpec) -> dict:
+    plan = evaluation_plan(trained, run)
+    return run_evaluation(storage=run.storage, run_crf=run.run_crf, crf=CRFParams(), **plan)
 
 
 def _publish(result: dict, title: str) -> None:

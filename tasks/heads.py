@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 
 import numpy as np
 from prefect import task
@@ -14,6 +15,10 @@ from usseg_core.store import ArtifactStore, artifact_key
 
 KNN_VERSION = 1
 HEAD_VERSION = 2  # 2: registry head.pt (format 2), config by section, inputs as upstream
+# One training at a time per process. Heads draw their initialisation and dropout from torch's global RNG
+# (and a linear probe's fork_rng restores it), so two trainings in threads of one process would interleave
+# their draws and neither would reproduce. Trainings run in parallel across processes (Dask workers).
+_TRAINING = threading.Lock()
 
 
 def open_features(infos: list[dict]) -> ConcatFeatures:
@@ -103,6 +108,14 @@ def open_head_inputs(inputs: dict, n_classes: int):
     return out
 
 
+def head_artifact_key(method: str, dataset: str, n_classes: int, inputs: dict,
+                      overrides: dict | None = None) -> tuple[str, dict, dict]:
+    """(key, params, upstream) of the head artifact :func:`ensure_head` writes for these arguments."""
+    from usseg_core.heads import config_to_dict, get_head
+
+    return head_key(method, n_classes, config_to_dict(get_head(method).config(dataset, overrides)), inputs)
+
+
 @task(name="train-head", cache_policy=NO_CACHE)
 def ensure_head(storage: str, method: str, dataset: str, n_classes: int, inputs: dict,
                 overrides: dict | None = None, device: str = "auto") -> dict:
@@ -112,11 +125,11 @@ def ensure_head(storage: str, method: str, dataset: str, n_classes: int, inputs:
     feature refs), ``knn``, ``views`` (list of view-bank refs, one per training split), ``oversegment``
     (list of oversegment refs, one per training split, as ``views``). Each becomes an upstream key.
     """
-    from usseg_core.heads import config_to_dict, get_head, save_head
+    from usseg_core.heads import get_head, save_head
 
     spec = get_head(method)
     config = spec.config(dataset, overrides)
-    key, params, upstream = head_key(method, n_classes, config_to_dict(config), inputs)
+    key, params, upstream = head_artifact_key(method, dataset, n_classes, inputs, overrides)
     store = ArtifactStore(storage)
     art = store.get("head", key)
     if art is not None:
@@ -127,8 +140,9 @@ def ensure_head(storage: str, method: str, dataset: str, n_classes: int, inputs:
     art = store.begin("head", key, version=HEAD_VERSION, params=params, upstream=upstream,
                       dataset=dataset, backbone=meta0.get("backbone"),
                       backbone_fingerprint=meta0.get("backbone_fingerprint"), method=method)
-    trained = spec.train(open_head_inputs(inputs, n_classes), config, checkpoint_path=art.file("checkpoint.pt"),
-                         device=device, progress=True)
+    with _TRAINING:
+        trained = spec.train(open_head_inputs(inputs, n_classes), config,
+                             checkpoint_path=art.file("checkpoint.pt"), device=device, progress=True)
     save_head(art.file("head.pt"), method, n_classes, config, trained.payload)
     store.finish(art, **trained.meta, history=trained.history[-20:], steps=trained.steps_done,
                  seconds_per_step=trained.seconds_per_step)

@@ -1,6 +1,7 @@
 """Pictures people look at: colour palettes, segmentation overlays, confusion-matrix plots."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -140,4 +141,36 @@ def hierarchy_grid(path: str | Path, rows: Sequence[dict], title: str = "") -> N
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def iou_bars(path: str | Path, class_names: Sequence[str], series: Sequence[dict], title: str = "") -> None:
+    """Grouped bar chart of per-class IoU (%): one group per class, one bar per series, std as error bars.
+
+    ``series``: dicts with ``label``, ``mean`` and ``std`` (sequences over classes; None = no value).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n, m = len(class_names), max(len(series), 1)
+    width = 0.8 / m
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * n * m + 2.0), 3.8))
+    cols = palette(m + 1)[1:] / 255.0
+    for s, ser in enumerate(series):
+        xs = np.arange(n) + (s - (m - 1) / 2) * width
+        mean = np.array([np.nan if v is None else v for v in ser["mean"]], dtype=float)
+        std = np.array([0.0 if v is None else v for v in ser["std"]], dtype=float)
+        ax.bar(xs, np.nan_to_num(mean), width, yerr=np.where(np.isnan(mean), 0, std), label=ser["label"],
+               color=cols[s], capsize=2, error_kw={"elinewidth": 0.8})
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("IoU (%)")
+    ax.set_ylim(0, 100 + 6 * math.ceil(m / 4))  # room above the bars for the legend
+    ax.set_yticks(range(0, 101, 20))
+    ax.legend(fontsize=7, ncol=min(m, 4), loc="upper center", frameon=False)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
