@@ -6,7 +6,7 @@
 Everything above the ``deployments:`` line (comments, pool, schedules, triggers, shared parameters) is
 hand-written and kept as it is. Below it: ``train-<head>/<dataset>`` and ``evaluate-<head>/<dataset>``
 for every registered head and every dataset of ``flows.settings.DATASET_FOLDERS``, then
-``extract-features/<dataset>`` and ``watch-backbones/default``. A test checks that the shipped file is
+``compare/<dataset>``, ``extract-features/<dataset>`` and ``watch-backbones/default``. A test checks that the shipped file is
 exactly this output, so a new head or dataset cannot miss its deployments.
 """
 from __future__ import annotations
@@ -57,6 +57,26 @@ def _evaluate(head: str, dataset: str, folder: str) -> str:
 """
 
 
+def _compare(dataset: str, folder: str) -> str:
+    return f"""  - name: {folder}
+    entrypoint: flows.compare.compare
+    description: "compare on {dataset}: every registered head x seeds 0, 1, 2 on one feature cache, one protocol, one report (storage/compare/<key>/report.html)"
+    tags: [usseg, compare, {folder}]
+    parameters:
+      <<: [*backbone, *common]
+      dataset: {dataset}
+      resolution: {_resolution(dataset)}
+      heads: null          # null = every registered head
+      seeds: [0, 1, 2]
+      overrides: {{}}       # routed per head: stego.steps (STEGO and OMH), picie.epochs, hsg.epochs, views.*
+      train_split: train
+      eval_split: val
+      run_crf: true
+    work_pool: *pool
+    triggers: [*on_lite0_changed]   # no schedule: finished runs are cache hits, a new backbone retrains all
+"""
+
+
 def _extract(dataset: str, folder: str) -> str:
     return f"""  - name: {folder}
     entrypoint: flows.extract.extract_features
@@ -102,6 +122,8 @@ def render(header: str) -> str:
     for head in list_heads():
         parts.append(_rule(f"evaluate-{head}"))
         parts += [_evaluate(head, ds, folder) for ds, folder in DATASET_FOLDERS.items()]
+    parts.append(_rule("compare"))
+    parts += [_compare(ds, folder) for ds, folder in DATASET_FOLDERS.items()]
     parts.append(_rule("extract-features"))
     parts += [_extract(ds, folder) for ds, folder in DATASET_FOLDERS.items()]
     parts.append(WATCH)

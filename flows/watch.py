@@ -28,7 +28,8 @@ def watched_flows() -> tuple[str, ...]:
     """Flows whose deployments name the backbones to watch when no explicit list is given (from the registry)."""
     from usseg_core.heads import list_heads
 
-    return (*(f"{kind}-{h}" for kind in ("train", "evaluate") for h in list_heads()), "extract-features")
+    heads = (f"{kind}-{h}" for kind in ("train", "evaluate") for h in list_heads())
+    return (*heads, "compare", "extract-features")
 
 
 WATCHED_FLOWS = watched_flows()

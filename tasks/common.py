@@ -33,6 +33,13 @@ def logger():
         return logging.getLogger("usseg")
 
 
+def worker_id() -> str:
+    """``host:pid`` of the process running a task (recorded by shards and trainings: where work ran)."""
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 @dataclass(frozen=True)
 class DataRef:
     """Which data: a registry name, a root folder, a split and dataset options."""

@@ -219,8 +219,10 @@ def summary_markdown(params: dict, summary: list[dict], runs: list[dict]) -> str
 
 
 def _html(params, summary, runs, art, pictures) -> str:
-    configs = "".join(f"<h3>{r['head']} seed {r['seed']} — head {r['head_key']}</h3><pre>"
-                      f"{html.escape(json.dumps(r.get('config'), indent=1))}</pre>" for r in runs)
+    configs = "".join(f"<details><summary>{html.escape(r['head'])} seed {r['seed']} — head {r['head_key']}</summary>"
+                      "<pre>" + html.escape("\n".join(f"{section}: {json.dumps(fields)}" for section, fields in
+                                                      (r.get("config") or {}).items())) + "</pre></details>"
+                      for r in runs)
     captions = {"per_class_iou.png": "Per-class IoU of each head's main predictor and the baselines (mean ± std)",
                 "overlays.png": f"The same images, one column per head (seed {runs[0]['seed']}, main predictor, "
                                 f"CRF {'on' if params['run_crf'] else 'off'}); label = ground truth"}

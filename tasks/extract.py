@@ -6,7 +6,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.common import (BackboneRef, DataRef, backbone_fingerprint, ensure_manifest, input_multiple,
-                          load_backbone, load_manifest, logger)
+                          load_backbone, load_manifest, logger, worker_id)
 from usseg_core.features import FeatureStore, extract_into
 from usseg_core.store import ArtifactStore, artifact_key
 from usseg_core.views import ViewSpec, prepare_item, resolve_full_size
@@ -26,13 +26,10 @@ def feature_params(data: DataRef, view: ViewSpec, precision: str, device: str) -
 def extract_shard(storage: str, key: str, data: DataRef, manifest_path: str, view: dict,
                   backbone: BackboneRef, start: int, stop: int, batch_size: int, precision: str) -> dict:
     """Embed the missing items of one shard ``[start, stop)`` and write them (one writer per shard)."""
-    import os
-    import socket
-
     art = ArtifactStore(storage).open("features", key)
     fstore = FeatureStore(art.file("features.zarr"), mode="r+")
     todo = fstore.missing(start, stop)
-    worker = f"{socket.gethostname()}:{os.getpid()}"
+    worker = worker_id()
     if not todo:
         return {"start": start, "written": 0, "worker": worker}
     from usseg_core.datasets.manifest import Manifest

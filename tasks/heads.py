@@ -8,7 +8,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.common import logger
+from tasks.common import logger, worker_id
 from usseg_core.errors import ConfigError
 from usseg_core.features import ConcatFeatures, FeatureStore
 from usseg_core.store import ArtifactStore, artifact_key
@@ -19,6 +19,12 @@ HEAD_VERSION = 2  # 2: registry head.pt (format 2), config by section, inputs as
 # (and a linear probe's fork_rng restores it), so two trainings in threads of one process would interleave
 # their draws and neither would reproduce. Trainings run in parallel across processes (Dask workers).
 _TRAINING = threading.Lock()
+
+
+def training_slot() -> threading.Lock:
+    """The process's training lock (a function, not the global itself, in the task: Dask pickles tasks by
+    value, and a lock does not pickle)."""
+    return _TRAINING
 
 
 def open_features(infos: list[dict]) -> ConcatFeatures:
@@ -140,12 +146,12 @@ def ensure_head(storage: str, method: str, dataset: str, n_classes: int, inputs:
     art = store.begin("head", key, version=HEAD_VERSION, params=params, upstream=upstream,
                       dataset=dataset, backbone=meta0.get("backbone"),
                       backbone_fingerprint=meta0.get("backbone_fingerprint"), method=method)
-    with _TRAINING:
+    with training_slot():
         trained = spec.train(open_head_inputs(inputs, n_classes), config,
                              checkpoint_path=art.file("checkpoint.pt"), device=device, progress=True)
     save_head(art.file("head.pt"), method, n_classes, config, trained.payload)
     store.finish(art, **trained.meta, history=trained.history[-20:], steps=trained.steps_done,
-                 seconds_per_step=trained.seconds_per_step)
+                 seconds_per_step=trained.seconds_per_step, worker=worker_id())
     return {"key": key, "path": str(art.file("head.pt")), "method": method}
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.common import DataRef, ensure_manifest, logger
+from tasks.common import DataRef, ensure_manifest, logger, worker_id
 from usseg_core.overseg import OversegSchedule, oversegment, segment_stem
 from usseg_core.store import ArtifactStore, artifact_key
 
@@ -31,8 +31,6 @@ def _detector(name: str, weights: str | None):
 @task(name="oversegment-shard", cache_policy=NO_CACHE, retries=1)
 def oversegment_shard(folder: str, data: DataRef, ids: list[str], detector: str, weights: str | None,
                       schedule: dict) -> dict:
-    import os
-    import socket
     from pathlib import Path
 
     from PIL import Image
@@ -41,7 +39,7 @@ def oversegment_shard(folder: str, data: DataRef, ids: list[str], detector: str,
     from usseg_core.ucm import save_ucm2_mat
 
     root = Path(folder)
-    worker = f"{socket.gethostname()}:{os.getpid()}"
+    worker = worker_id()
     det = _detector(detector, weights)
     sched = OversegSchedule(**schedule)
     ds = data.dataset()

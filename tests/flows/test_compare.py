@@ -145,3 +145,50 @@ def test_one_more_seed_trains_only_that_seed_and_a_rerun_is_a_lookup(two_seeds, 
     assert again["cache_hit"] and again["key"] == out["key"] and again["trained"] == []
     assert artifact_mtimes(storage) == settled  # every stage and the report itself: look-ups
     assert [r["seed"] for r in json.loads((Path(out["path"]) / "runs.json").read_text())] == [0, 1, 2] * 2
+
+
+# --- the page in a real browser ------------------------------------------------------------------------
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars")
+
+
+def chromium() -> str:
+    """Debian's chromium, installed with apt-get where absent (root only); skip when it cannot be had."""
+    import os
+    import shutil
+    import subprocess
+
+    path = shutil.which("chromium")
+    if path is None and shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], capture_output=True, timeout=1200,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        path = shutil.which("chromium")
+    if path is None:
+        pytest.skip("Debian's chromium is absent and could not be installed (apt-get install chromium)")
+    return path
+
+
+@pytest.mark.slow  # installs chromium on a fresh machine
+def test_the_page_renders_its_table_and_pictures_in_headless_chromium(two_seeds, tmp_path):
+    import subprocess
+
+    from usseg_core.viz import palette
+
+    _, out = two_seeds
+    shot = tmp_path / "report.png"
+    cmd = [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,2400",
+           f"--screenshot={shot}", (Path(out["path"]) / "report.html").as_uri()]
+    subprocess.run(cmd, capture_output=True, timeout=120, check=True)
+    pic = np.asarray(Image.open(shot).convert("RGB")).astype(int)  # (2400, 1400, 3)
+    assert pic.shape[:2] == (2400, 1400)
+    header = (pic == 240).all(axis=2)  # the tables' header cells (#f0f0f0)
+    assert header.sum() > 5000
+    bars = palette(5)[1:]  # the bar chart's series colours (viz.iou_bars), as filled areas
+    for colour in bars[:4]:
+        assert (np.abs(pic - colour).max(axis=2) <= 2).sum() > 500, colour
+    top_of_pictures = np.argmax((np.abs(pic - bars[0]).max(axis=2) <= 2).any(axis=1))
+    assert header[:top_of_pictures].any()  # the results table comes first, then the pictures
+    overlay_rows = pic[top_of_pictures + 400:]
+    assert len(np.unique(overlay_rows.reshape(-1, 3), axis=0)) > 5000  # photographs, not flat colours

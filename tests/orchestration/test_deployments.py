@@ -23,10 +23,13 @@ from flows import service
 from usseg_core.store import MARKER
 
 VIT = "vit_small_patch16_224.dino"
-SYNTHETIC_FLOWS = ("train-stego", "train-picie", "evaluate-stego", "extract-features", "watch-backbones")
+SYNTHETIC_FLOWS = ("train-stego", "train-picie", "evaluate-stego", "compare", "extract-features", "watch-backbones")
 BELOW_BACKBONE = {"features", "knn", "views", "head", "kmeans", "linear-probe", "evaluation"}
 # Test-sized head configurations (as `prefect deployment run --param overrides=...` would pass them).
 TOY_OVERRIDES = {"stego": {"steps": 30}, "picie": {"epochs": 1, "batch_size": 4, "views.n_views": 2}}
+# The same sizes for `compare`, namespaced (its --set keys are routed to the heads that have them).
+COMPARE_PARAMS = {"heads": ["stego", "picie"], "seeds": [0], "run_crf": False,
+                  "overrides": {"stego.steps": 30, "picie.epochs": 1, "picie.batch_size": 4, "views.n_views": 2}}
 
 
 def flow_of(entrypoint: str) -> str:
@@ -54,6 +57,9 @@ def test_yaml(source: Path, target: Path, weights: Path) -> Path:
         params = dep["parameters"]
         if flow == "watch-backbones":
             params["backbones"] = [{"name": VIT, "weights": str(weights)}]
+        elif flow == "compare":  # run by hand below; not triggered (the backbone test counts 3 triggered runs)
+            params.update(backbone=VIT, weights=str(weights), resolution=64, **COMPARE_PARAMS)
+            dep["triggers"] = []
         else:
             params.update(backbone=VIT, weights=str(weights), resolution=64)
             if flow != "extract-features":
@@ -153,6 +159,18 @@ def test_picie_deployment_trains_on_the_view_bank(svc):
     heads = [json.loads(p.read_text()) for p in (svc["storage"] / "head").glob("*/meta.json")]
     (picie,) = [m for m in heads if m["method"] == "picie"]
     assert any(k.startswith("views") for k in picie["upstream"]) and "knn" not in picie["upstream"]
+
+
+def test_compare_deployment_reports_over_the_heads_the_train_deployments_made(svc):
+    heads_before = {k for s, k in snapshot(svc["storage"]) if s == "head"}
+    run_deployment(svc, "compare/synthetic")
+    after = snapshot(svc["storage"])
+    assert {k for s, k in after if s == "head"} == heads_before  # train-stego's and train-picie's heads, reused
+    (key,) = [k for s, k in after if s == "compare"]
+    folder = svc["storage"] / "compare" / key
+    assert {"report.html", "summary.csv", "per_class_iou.png", "overlays.png"} <= {p.name for p in folder.iterdir()}
+    runs = json.loads((folder / "runs.json").read_text())
+    assert [(r["head"], r["seed"], r["trained_now"]) for r in runs] == [("stego", 0, False), ("picie", 0, False)]
 
 
 def test_backbone_change_reruns_exactly_the_stages_below_it(svc):
