@@ -14,7 +14,7 @@ from usseg_core.heads import list_heads
 
 console = Console()
 # The demo's test-sized lengths: every head learns something on 40 synthetic images in about a minute each.
-DEMO_OVERRIDES = {"stego.steps": 400, "picie.epochs": 4, "hsg.epochs": 4}
+DEMO_OVERRIDES = {"stego.steps": 200, "picie.epochs": 4, "hsg.epochs": 4}
 
 
 def demo_overrides(heads: list[str]) -> dict:

@@ -37,7 +37,7 @@ def baseline_name(view_params: dict) -> str:
 
 def training_record(storage: str, head_key: str) -> dict:
     """Steps, seconds per step and wall seconds of a head artifact's training (from its metadata)."""
-    meta = ArtifactStore(storage).find(head_key).meta
+    meta = ArtifactStore(storage).open("head", head_key).meta
     wall = None
     if meta.get("created") and meta.get("completed"):
         wall = (datetime.fromisoformat(meta["completed"]) - datetime.fromisoformat(meta["created"])).total_seconds()

@@ -146,3 +146,28 @@ def test_camvid_hsg_two_seeds_both_protocols(camvid_storage, results_dir, prefec
                      f"{rr.miou:.2f} (acc / mIoU, no CRF)")
     print("\n".join(lines))
     assert sum(margins) / len(margins) >= 0, margins
+
+
+def test_camvid_compare_every_head_over_the_seeds(camvid_storage, results_dir, prefect_harness):
+    """`usseg compare` over the runs above: every head x seed is a cache hit (same keys as `usseg run`), the
+    table holds every head with one row per seed behind each mean, and each run's numbers are its own
+    evaluation's. The README's comparison table is this command's output."""
+    root = shared_path("data", "camvid")
+    args = ["compare", "--dataset", "camvid11", "--data-root", str(root), "--train-split", "train,val",
+            "--eval-split", "val", "--storage", str(camvid_storage), "--seeds", ",".join(map(str, SEEDS)),
+            "--set", f"stego.steps={STEPS}", "--set", f"picie.epochs={PICIE_EPOCHS}",
+            "--set", f"hsg.epochs={HSG_EPOCHS}"]
+    res = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    folder = Path(next(line.split("report: ")[1] for line in res.output.splitlines() if "report: " in line)).parent
+    summary = pd.read_csv(folder / "summary.csv")
+    assert {"stego", "omh", "picie", "hsg"} <= set(summary.method)
+    assert set(summary[~summary.method.str.startswith("raw")].n) == {len(SEEDS)}
+    rows = pd.read_csv(folder / "rows.csv")
+    for seed in SEEDS:  # the compare's rows are the per-head runs' rows
+        own = pd.read_csv(results_dir / f"picie_seed{seed}.csv")
+        a = _score(own, "picie", "centroids", False)
+        b = rows[(rows.method == "picie") & (rows.clusterer == "centroids") & ~rows.crf & (rows.seed == seed)]
+        assert (b.miou.item(), b.accuracy.item()) == (a.miou, a.accuracy)
+    (results_dir / "compare_summary.md").write_text((folder / "report.md").read_text())
+    print((folder / "report.md").read_text())

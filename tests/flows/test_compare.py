@@ -192,3 +192,23 @@ def test_the_page_renders_its_table_and_pictures_in_headless_chromium(two_seeds,
     assert header[:top_of_pictures].any()  # the results table comes first, then the pictures
     overlay_rows = pic[top_of_pictures + 400:]
     assert len(np.unique(overlay_rows.reshape(-1, 3), axis=0)) > 5000  # photographs, not flat colours
+
+
+def test_demo_is_the_comparison_on_synthetic_scenes_and_reruns_as_a_lookup(tmp_path, monkeypatch, prefect_harness):
+    import re
+
+    from typer.testing import CliRunner
+
+    import flows.cli_compare as cli_compare
+    from flows.cli import app
+
+    monkeypatch.setattr(cli_compare, "DEMO_OVERRIDES", {"stego.steps": 4, "picie.epochs": 1})
+    args = ["demo", "--storage", str(tmp_path / "s"), "--heads", "stego", "--seeds", "0", "--n-train", "8",
+            "--n-val", "2"]
+    first = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert first.exit_code == 0, first.output
+    assert "raw-features (five-crops)" in first.output and "cluster-probe" in first.output
+    page = Path(re.search(r"report: (\S+report\.html)", first.output).group(1))
+    assert page.exists() and "stego" in page.read_text()
+    again = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert again.exit_code == 0 and "cache hit" in again.output
