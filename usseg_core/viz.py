@@ -156,7 +156,7 @@ def iou_bars(path: str | Path, class_names: Sequence[str], series: Sequence[dict
 
     n, m = len(class_names), max(len(series), 1)
     width = 0.8 / m
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * n * m + 2.0), 3.8))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.2 * n * m + 2.0)), 4.5))
     cols = palette(m + 1)[1:] / 255.0
     for s, ser in enumerate(series):
         xs = np.arange(n) + (s - (m - 1) / 2) * width
