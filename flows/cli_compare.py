@@ -7,6 +7,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from flows.settings import storage_root
 from usseg_core.config import parse_set_options
@@ -42,7 +43,7 @@ def print_summary(result: dict, title: str) -> None:
     for col in report.COMPACT_COLUMNS:
         table.add_column(col, justify="left" if col in ("method", "clusterer", "CRF") else "right")
     for row in result["summary"]:
-        table.add_row(*report.compact_cells(row))
+        table.add_row(*(Text(cell) for cell in report.compact_cells(row)))  # literal: no markup in values
     console.print(table)
 
 
@@ -67,10 +68,10 @@ def _report_lines(result: dict) -> None:
     elif result["trained"]:
         n_runs, n_new = len(result["runs"]), len(result["trained"])
         cached = f"; the other {n_runs - n_new} were cache hits" if n_new < n_runs else ""
-        console.print(f"trained in this run: {', '.join(result['trained'])}{cached}")
-    console.print(f"report: {result['path']}/report.html", soft_wrap=True)
+        console.print(f"trained in this run: {', '.join(result['trained'])}{cached}", markup=False)
+    console.print(f"report: {result['path']}/report.html", soft_wrap=True, markup=False)
     console.print(f"  tables summary.csv, rows.csv, runs.json; pictures per_class_iou.png, overlays.png; "
-                  f"`usseg storage lineage {result['key']}` lists every run behind it", soft_wrap=True)
+                  f"`usseg storage lineage {result['key']}` lists every run behind it", soft_wrap=True, markup=False)
 
 
 def register(app: typer.Typer) -> None:
@@ -128,10 +129,10 @@ def register(app: typer.Typer) -> None:
         root = storage_root(storage)
         data_root = ensure_synthetic(root / "data" / f"synthetic-{n_train}-{n_val}", n_train=n_train,
                                      n_val=n_val)
-        console.print(f"synthetic dataset: {data_root}")
+        console.print(f"synthetic dataset: {data_root}", markup=False)
         names = _csv_list(heads, "--heads") or list_heads()
         result = run_compare("synthetic", str(data_root), names, _csv_list(seeds, "--seeds", int), root,
                              demo_overrides(names), "threads", resolution=128)
         print_summary(result, "usseg demo: every head vs raw-feature k-means on synthetic/val (mean ± std)")
         _report_lines(result)
-        console.print(f"all artifacts under {root} (try `usseg storage ls --storage {root}`)")
+        console.print(f"all artifacts under {root} (try `usseg storage ls --storage {root}`)", markup=False)
