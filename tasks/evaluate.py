@@ -24,7 +24,7 @@ from usseg_core.metrics import ConfusionMatrix, hungarian_scores, identity_score
 from usseg_core.store import ArtifactStore, artifact_key
 from usseg_core.views import ViewSpec, prepare_image_for_label, prepare_label
 
-EVAL_VERSION = 1
+EVAL_VERSION = 2  # 2: a group's head is its key (head_key), not its folder: keys survive a moved store
 N_EXAMPLES = 6
 # Predictor kinds whose outputs are class ids: scored as they are, no Hungarian matching.
 CLASS_KINDS = frozenset({"linear", "retrieval"})
@@ -166,7 +166,7 @@ def run_evaluation(storage: str, data: DataRef, manifest: dict, view: ViewSpec, 
     """The evaluation artifact: results table (parquet, CSV, markdown), confusion PNG, overlays PNG."""
     store = ArtifactStore(storage)
     params = {"run_crf": run_crf, "crf": asdict(crf), "view": view.params(),
-              "groups": [{k: v for k, v in g.items() if k != "predictors"} | {
+              "groups": [{k: v for k, v in g.items() if k not in ("predictors", "head")} | {
                   "predictors": [{k: v for k, v in p.items() if k not in _PATH_FIELDS}
                                  for p in g["predictors"]]} for g in groups]}
     upstream = {"features": feats["key"], "flips": flips["key"] if flips else "none",
