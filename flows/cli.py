@@ -16,7 +16,7 @@ import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from flows.cli_common import StorageOpt, human  # noqa: E402
+from flows.cli_common import RunnerOpt, StorageOpt, human  # noqa: E402
 from flows.settings import storage_root  # noqa: E402
 from usseg_core.errors import UssegError  # noqa: E402
 
@@ -25,11 +25,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 storage_app = typer.Typer(no_args_is_help=True, help="Inspect the artifact store.")
 app.add_typer(storage_app, name="storage")
 console = Console()
-
-RunnerOpt = typer.Option("threads", "--runner", "--dask-address",
-                         help="Task runner: threads[:N] | dask[:N] (local cluster) | tcp://host:port "
-                         "(existing Dask cluster)")
-
 
 @app.command()
 def extract(

@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from flows.cli_common import (BackboneOpt, CrfOpt, DataRootOpt, DatasetOpt, EvalResolutionOpt, RandomWeightsOpt,
+                               ResolutionOpt, RunnerOpt, StorageOpt, TrainSplitOpt, WeightsOpt)
 from flows.settings import storage_root
 from usseg_core.config import parse_set_options
 from usseg_core.heads import list_heads
@@ -77,29 +79,27 @@ def _report_lines(result: dict) -> None:
 def register(app: typer.Typer) -> None:
     @app.command()
     def compare(
-        dataset: str = typer.Option(..., help="Dataset registry name."),
-        data_root: Optional[Path] = typer.Option(
-            None, "--data-root", help="Dataset root folder (default: $USSEG_DATA_ROOT/<dataset folder>)."),
+        dataset: str = DatasetOpt,
+        data_root: Optional[Path] = DataRootOpt,
         heads: Optional[str] = typer.Option(None, help="Comma-separated heads (default: every registered head: "
                                                        + ",".join(list_heads()) + ")."),
         seeds: str = typer.Option("0,1,2", help="Comma-separated seeds (each seeds a head and its k-means)."),
-        train_split: str = typer.Option("train", help="Training split(s), comma-separated (labels unused)."),
+        train_split: str = TrainSplitOpt,
         eval_split: str = typer.Option("val", help="Labelled split every head is evaluated on."),
-        backbone: str = typer.Option("tf_efficientnet_lite0"),
-        weights: Optional[Path] = typer.Option(None, help="Local backbone weights file."),
-        random_weights: bool = typer.Option(False, "--random-weights"),
-        resolution: int = typer.Option(224, help="Training resolution (five-crops, view-bank frame)."),
-        eval_resolution: Optional[int] = typer.Option(None, help="Override the eval protocol's resolution."),
-        crf: bool = typer.Option(True, "--crf/--no-crf", help="Dense CRF refinement rows."),
+        backbone: str = BackboneOpt,
+        weights: Optional[Path] = WeightsOpt,
+        random_weights: bool = RandomWeightsOpt,
+        resolution: int = ResolutionOpt,
+        eval_resolution: Optional[int] = EvalResolutionOpt,
+        crf: bool = CrfOpt,
         retrieval: bool = typer.Option(False, "--retrieval/--no-retrieval",
                                        help="Add HSG's segment-retrieval rows for every head (and the raw features)."),
         set_: Optional[List[str]] = typer.Option(
             None, "--set", help="Config override key=value (repeatable), routed to the heads that have it: "
                                 "stego.steps=1000 (STEGO and OMH), picie.epochs=5, hsg.epochs=5, bare names to "
                                 "every head whose main section has them, views.* / overseg.* to all."),
-        runner: str = typer.Option("threads", "--runner", "--dask-address",
-                                   help="threads[:N] | dask[:N] | tcp://host:port (dask: trainings in parallel)"),
-        storage: Optional[Path] = typer.Option(None, "--storage"),
+        runner: str = RunnerOpt,
+        storage: Optional[Path] = StorageOpt,
     ) -> None:
         """Every head x seed on one cached feature set, under one protocol: mean ± std table, per-class IoU
         bars, side-by-side overlays and an HTML report (cached runs are reused; new seeds/heads train only
@@ -116,7 +116,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def demo(
-        storage: Optional[Path] = typer.Option(None, "--storage"),
+        storage: Optional[Path] = StorageOpt,
         seeds: str = typer.Option("0,1", help="Seeds of every head."),
         heads: Optional[str] = typer.Option(None, help="Heads (default: every registered head)."),
         n_train: int = typer.Option(40, help="Synthetic training images."),

@@ -8,6 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.cli_common import (BackboneOpt, CrfOpt, DataRootOpt, DatasetOpt, EvalResolutionOpt, RandomWeightsOpt,
+                               ResolutionOpt, RunnerOpt, StorageOpt, TrainSplitOpt, WeightsOpt)
 from flows.settings import storage_root
 from usseg_core.config import parse_set_options
 from usseg_core.heads import get_head, list_heads
@@ -59,17 +61,16 @@ def register(app: typer.Typer) -> None:
     @app.command(help=_run_help())
     def run(
         method: str = typer.Argument(..., help="Head: " + " | ".join(list_heads()) + " (the head registry)."),
-        dataset: str = typer.Option(..., help="Dataset registry name."),
-        data_root: Optional[Path] = typer.Option(
-            None, "--data-root", help="Dataset root folder (default: $USSEG_DATA_ROOT/<dataset folder>)."),
-        train_split: str = typer.Option("train", help="Training split(s), comma-separated (labels unused)."),
+        dataset: str = DatasetOpt,
+        data_root: Optional[Path] = DataRootOpt,
+        train_split: str = TrainSplitOpt,
         eval_split: str = typer.Option("val", help="Labelled split to evaluate on."),
-        backbone: str = typer.Option("tf_efficientnet_lite0"),
-        weights: Optional[Path] = typer.Option(None, help="Local backbone weights file."),
-        random_weights: bool = typer.Option(False, "--random-weights"),
-        resolution: int = typer.Option(224, help="Training (five-crop) resolution."),
-        eval_resolution: Optional[int] = typer.Option(None, help="Override the eval protocol's resolution."),
-        crf: bool = typer.Option(True, "--crf/--no-crf", help="Dense CRF refinement rows."),
+        backbone: str = BackboneOpt,
+        weights: Optional[Path] = WeightsOpt,
+        random_weights: bool = RandomWeightsOpt,
+        resolution: int = ResolutionOpt,
+        eval_resolution: Optional[int] = EvalResolutionOpt,
+        crf: bool = CrfOpt,
         retrieval: Optional[bool] = typer.Option(
             None, "--retrieval/--no-retrieval", help="Segment-retrieval rows (HSG's kNN label transfer from "
                                                      "the labelled training split; default: on for hsg)."),
@@ -83,9 +84,8 @@ def register(app: typer.Typer) -> None:
                                 "views.field the view bank (views.n_views=8), overseg.field the "
                                 "oversegmentation (overseg.detector, overseg.weights, overseg.t0, "
                                 "overseg.max_regions)."),
-        runner: str = typer.Option("threads", "--runner", "--dask-address",
-                                   help="threads[:N] | dask[:N] | tcp://host:port"),
-        storage: Optional[Path] = typer.Option(None, "--storage"),
+        runner: str = RunnerOpt,
+        storage: Optional[Path] = StorageOpt,
     ) -> None:
         if method not in list_heads():
             raise typer.BadParameter(f"unknown head {method!r}; registered heads: {', '.join(list_heads())}")
@@ -111,7 +111,7 @@ def register(app: typer.Typer) -> None:
         t0: Optional[float] = typer.Option(None, help="Initial UCM threshold (default: dataset schedule)."),
         max_regions: Optional[int] = typer.Option(None, help="Region cap (default: dataset schedule)."),
         runner: str = typer.Option("threads", help="threads[:N] | dask[:N] | tcp://host:port"),
-        storage: Optional[Path] = typer.Option(None, "--storage"),
+        storage: Optional[Path] = StorageOpt,
     ) -> None:
         """Edges + OWT-UCM + HSG threshold schedule for every image of a split (flow `oversegment`)."""
         from flows.oversegment import oversegment_flow
@@ -132,7 +132,7 @@ def register(app: typer.Typer) -> None:
         clusterer: str = typer.Option("own", help="own (the head's: STEGO cluster probe, PiCIE centroids; k-means for HSG) | kmeans"),
         crf: bool = typer.Option(True, "--crf/--no-crf"),
         long_side: int = typer.Option(480, help="Images are resized to this long side for the backbone."),
-        storage: Optional[Path] = typer.Option(None, "--storage"),
+        storage: Optional[Path] = StorageOpt,
     ) -> None:
         """Label PNGs and colour overlays for new images with a trained head (+ clusterer, + CRF); HSG heads
         also write their hierarchy (one PNG per level, coarse to fine, and a strip)."""
