@@ -147,10 +147,15 @@ def _train_all(runs: list[RunSpec], prepared: dict[str, dict]) -> list[dict]:
              "trained_now": now} for run, h, km, rk, now in submitted]
 
 
+def _head_group(plan: dict, head: str) -> dict:
+    """The head's predictor group of an evaluation plan (the other group is the raw-feature baseline)."""
+    return next(g for g in plan["groups"] if g.get("head_key") and g["method"] == head)
+
+
 def _main_predictor(group: dict) -> dict:
     """A head's main unsupervised predictor: its own clusterer, else k-means on its codes."""
-    preds = group["predictors"]
-    return next((p for p in preds if p["kind"] == "own"), next(p for p in preds if p["kind"] == "kmeans"))
+    by_kind = {p["kind"]: p for p in group["predictors"]}
+    return by_kind.get("own") or by_kind["kmeans"]
 
 
 def _overlay_plan(first: dict[str, tuple], run_crf: bool) -> dict:
@@ -159,7 +164,7 @@ def _overlay_plan(first: dict[str, tuple], run_crf: bool) -> dict:
     for head, (plan, evaluation, baseline) in first.items():
         raw = plan["groups"][0]
         baselines.setdefault(baseline, _column(baseline, raw, raw["predictors"][0], evaluation))
-        group = next(g for g in plan["groups"] if g.get("head_key") and g["method"] == head)
+        group = _head_group(plan, head)
         heads.append(_column(head, group, _main_predictor(group), evaluation))
     columns = [*baselines.values(), *heads]
     plan = next(iter(first.values()))[0]  # every head is evaluated on the same features
@@ -192,8 +197,9 @@ def compare_runs(spec: CompareSpec) -> dict:
         evaluation = run_evaluation(storage=storage, run_crf=run.run_crf, crf=CRFParams(), **plan)
         baseline = baseline_name(trained["cluster_on"][0]["view"])
         first.setdefault(run.head, (plan, evaluation, baseline))
+        main = _main_predictor(_head_group(plan, run.head))  # its row label, as the results table writes it
         records.append({"head": run.head, "seed": run.seed(), "baseline": baseline,
-                        "main": trained["clusterer"] or "kmeans", "head_key": trained["head"]["key"],
+                        "main": main.get("label", main["kind"]), "head_key": trained["head"]["key"],
                         "evaluation_key": evaluation["key"], "evaluation_path": evaluation["path"],
                         "kmeans_key": trained["kmeans"]["key"], "raw_kmeans_key": trained["raw_kmeans"]["key"],
                         "trained_now": t["trained_now"]})
