@@ -7,6 +7,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.common import (BackboneRef, DataRef, backbone_fingerprint, ensure_manifest, input_multiple,
                           load_backbone, load_manifest, logger, worker_id)
+from usseg_core.device import PRECISIONS, resolve_precision
 from usseg_core.features import FeatureStore, extract_into
 from usseg_core.store import ArtifactStore, artifact_key
 from usseg_core.views import ViewSpec, prepare_item, resolve_full_size
@@ -14,10 +15,10 @@ from usseg_core.views import ViewSpec, prepare_item, resolve_full_size
 FEATURES_VERSION = 1
 
 
-def feature_params(data: DataRef, view: ViewSpec, precision: str, device: str) -> dict:
-    """Parameters that decide the feature values (part of the key)."""
-    if precision == "auto":
-        precision = "bf16" if (device == "cuda" or (device == "auto" and torch.cuda.is_available())) else "fp32"
+def feature_params(data: DataRef, view: ViewSpec, precision: str) -> dict:
+    """Parameters that decide the feature values (part of the key); ``precision`` is already resolved."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"feature_params takes a resolved precision, got {precision!r}")
     return {"dataset": data.name, "split": data.split, "options": data.options, "view": view.params(),
             "precision": precision}
 
@@ -69,7 +70,8 @@ def ensure_features(storage: str, data: DataRef, backbone: BackboneRef, view: Vi
     manifest = manifest or ensure_manifest(data, storage)
     view = resolve_view(view, data, manifest, backbone)
     fingerprint = backbone_fingerprint(backbone, storage)
-    params = feature_params(data, view, precision, backbone.device)
+    precision = resolve_precision(precision, backbone.device)  # once, here: the key and every shard get it
+    params = feature_params(data, view, precision)
     params["backbone"] = backbone.name
     key = artifact_key("features", FEATURES_VERSION, params,
                        {"manifest": manifest["hash"], "backbone": fingerprint})

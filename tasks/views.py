@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks.common import (BackboneRef, DataRef, backbone_fingerprint, ensure_manifest, load_backbone,
                           load_manifest, logger)
 from tasks.extract import feature_params, resolve_view
+from usseg_core.device import resolve_precision
 from usseg_core.errors import ConfigError
 from usseg_core.features import FeatureStore, extract_into
 from usseg_core.store import ArtifactStore, artifact_key
@@ -82,7 +83,8 @@ def ensure_views(storage: str, data: DataRef, backbone: BackboneRef, base_view: 
     view = resolve_view(base_view, data, manifest, backbone)
     check_base_view(view)
     fingerprint = backbone_fingerprint(backbone, storage)
-    params = feature_params(data, view, precision, backbone.device)
+    precision = resolve_precision(precision, backbone.device)  # once, here: the key and every shard get it
+    params = feature_params(data, view, precision)
     params.update(backbone=backbone.name, views=config.params())
     key = artifact_key("views", VIEWS_VERSION, params, {"manifest": manifest["hash"], "backbone": fingerprint})
     out = {"key": key, "view": view.params(), "manifest": manifest, "n_views": config.n_views}

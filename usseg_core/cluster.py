@@ -13,13 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from usseg_core.device import resolve_device
 from usseg_core.errors import ConfigError
-
-
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def _normalise_rows(x: torch.Tensor) -> torch.Tensor:
@@ -130,7 +125,7 @@ def spherical_kmeans(
     """
     if k < 1:
         raise ConfigError(f"spherical_kmeans: k must be >= 1, got {k}")
-    device = _resolve_device(device)
+    device = str(resolve_device(device))
     if init_centroids is not None:
         centroids = _normalise_rows(torch.as_tensor(np.asarray(init_centroids))).to(device)  # (k, D)
         if centroids.shape[0] != k:

@@ -22,6 +22,7 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec
 
+from usseg_core.device import autocast_for, resolve_precision  # noqa: F401  (the one precision policy)
 from usseg_core.errors import ConfigError
 
 DENSE, POOLED, DONE = "dense", "pooled", "done"
@@ -112,17 +113,6 @@ class FeatureStore:
 
     def is_complete(self) -> bool:
         return bool(np.asarray(self.done[:]).all())
-
-
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPU by default, fp32 on CPU unless asked (ARCHITECTURE.md)."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    raise ConfigError(f"precision {precision!r} unknown; choose auto, fp32 or bf16")
 
 
 def _prefetch(batches: Iterable, depth: int = 2) -> Iterable:

@@ -13,13 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from usseg_core.device import resolve_device
 from usseg_core.errors import ConfigError
-
-
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def _faiss_available() -> bool:
@@ -120,7 +115,7 @@ def mine_knn(
         raise ConfigError(f"mine_knn: block must be >= 1, got {block}")
     if backend == "auto":
         backend = "faiss" if _faiss_available() else "torch"
-    device = _resolve_device(device)
+    device = str(resolve_device(device))
     if backend == "faiss":
         candidates = _knn_faiss(x, k + 1, block, device)
     elif backend == "torch":

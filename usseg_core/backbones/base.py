@@ -4,6 +4,7 @@ from __future__ import annotations
 import timm
 import torch
 
+from usseg_core.device import resolve_device  # noqa: F401  (re-exported: the one device policy)
 from usseg_core.errors import ConfigError
 
 
@@ -56,23 +57,6 @@ class Backbone(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, stride={self.stride}, dim={self.dim}, "
                 f"weights_source={self.weights_source!r}, fingerprint={self.fingerprint[:24]!r}")
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` -> cuda if available else cpu; otherwise the named device, validated.
-
-    Raises:
-        ConfigError: for an unparseable device string or a CUDA device when CUDA is unavailable.
-    """
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"device {device!r}: not a valid torch device ({exc})") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r}: CUDA is not available on this machine; use 'cpu' or 'auto'")
-    return resolved
 
 
 def create_seeded(name: str, seed: int, **timm_kwargs: object) -> torch.nn.Module:
