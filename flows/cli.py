@@ -45,12 +45,15 @@ def extract(
 ) -> None:
     """Extract dense features of a dataset split into the Zarr feature store (cached)."""
     from flows.extract import extract_features
+    from flows.fastpath import run_flow
 
-    result = extract_features(
+    root = storage_root(storage)
+    params = dict(
         dataset=dataset, data_root=str(data_root) if data_root else None, split=split, backbone=backbone,
         weights=str(weights) if weights else None, random_weights=random_weights,
-        policy=policy, resolution=resolution, flip=flip, storage=str(storage_root(storage)),
+        policy=policy, resolution=resolution, flip=flip, storage=str(root),
         batch_size=batch_size, on_error=on_error, task_runner=runner)
+    result = run_flow(extract_features, params, say=lambda line: print(line, flush=True))
     if result["cache_hit"]:
         console.print(f"[green]cache hit[/]: features/{result['key']} ({result['n']} items) - "
                       "no backbone work done")

@@ -52,6 +52,7 @@ def print_summary(result: dict, title: str) -> None:
 def run_compare(dataset: str, data_root: str | None, heads: list[str], seeds: list[int], storage: Path,
                 sets: dict, runner: str, **kw) -> dict:
     from flows.compare import CompareSpec, compare
+    from flows.fastpath import run_flow
 
     dataset_options = sets.pop("dataset_options", None)
     n_clusters = sets.pop("n_clusters", None)
@@ -59,9 +60,10 @@ def run_compare(dataset: str, data_root: str | None, heads: list[str], seeds: li
                        storage=str(storage), overrides=sets, dataset_options=dataset_options, n_clusters=n_clusters,
                        **kw)
     spec.validate()  # every head and routed --set before any server starts
-    return compare(dataset=dataset, data_root=data_root, heads=list(spec.heads) or None, seeds=list(spec.seeds),
-                   storage=str(storage), overrides=sets, dataset_options=dataset_options, n_clusters=n_clusters,
-                   task_runner=runner, **kw)
+    params = dict(dataset=dataset, data_root=data_root, heads=list(spec.heads) or None, seeds=list(spec.seeds),
+                  storage=str(storage), overrides=sets, dataset_options=dataset_options, n_clusters=n_clusters,
+                  task_runner=runner, **kw)
+    return run_flow(compare, params, say=lambda line: print(line, flush=True))
 
 
 def _report_lines(result: dict) -> None:

@@ -38,18 +38,20 @@ def run_pipeline(method: str, dataset: str, data_root: str | None, train_split: 
                  backbone: str, weights: str | None, random_weights: bool, storage: Path, sets: dict, runner: str,
                  resolution: int = 224, eval_resolution: int | None = None, crf: bool = True,
                  retrieval: bool | None = None, retrieval_k: int = 20, retrieval_vote: str = "majority") -> dict:
+    from flows.fastpath import run_flow
     from flows.train import RunSpec, pipeline
 
     dataset_options = sets.pop("dataset_options", None)
     n_clusters = sets.pop("n_clusters", None)
     spec = RunSpec(method, dataset, overrides=sets, retrieval_k=retrieval_k, retrieval_vote=retrieval_vote)
     spec.validate()  # a bad --set (head section, views.*, overseg.*) fails before any server starts
-    return pipeline(
+    params = dict(
         task_runner=runner, dataset=dataset, data_root=data_root, train_split=train_split,
         eval_split=eval_split, method=method, backbone=backbone, weights=weights, random_weights=random_weights,
         storage=str(storage), overrides=sets, resolution=resolution, eval_resolution=eval_resolution,
         run_crf=crf, dataset_options=dataset_options, n_clusters=n_clusters, retrieval=retrieval,
         retrieval_k=retrieval_k, retrieval_vote=retrieval_vote)
+    return run_flow(pipeline, params, say=lambda line: print(line, flush=True))
 
 
 def _run_help() -> str:

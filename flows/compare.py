@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.publish import publish_run
+from flows.publish import in_flow_run, publish_run
 from flows.runner import SettingTaskRunner
 from flows.settings import data_root as resolve_data_root
 from flows.settings import storage_root
@@ -210,6 +210,8 @@ def compare_runs(spec: CompareSpec) -> dict:
 
 
 def _publish(result: dict, spec: CompareSpec) -> None:
+    if not in_flow_run():  # the look-up pass: the run record (publish_run) is all there is
+        return
     summary = result["summary"]
     create_table_artifact(key="compare", description=f"compare on {spec.dataset}/{spec.eval_split}", table=[
         dict(zip(report.SUMMARY_COLUMNS, report.summary_cells(s))) for s in summary])

@@ -44,8 +44,18 @@ def runs_folder(storage: str | Path) -> Path:
     return Path(storage) / RUNS_FOLDER
 
 
+def in_flow_run() -> bool:
+    """Whether this code runs inside a Prefect flow run (not the CLI's look-up pass, see flows/fastpath.py)."""
+    from prefect.context import FlowRunContext
+
+    return FlowRunContext.get() is not None
+
+
 def publish_run(storage: str, flow_name: str, result: Any) -> list[dict]:
-    """Write the run record and the Prefect artifacts of one flow run; returns the produced artifacts."""
+    """Write the run record and the Prefect artifacts of one flow run; returns the produced artifacts.
+
+    Outside a flow run (the CLI's look-up pass) the run record is written with a timestamp id and
+    there are no Prefect artifacts."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
     from prefect.context import FlowRunContext
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.publish import publish_run
+from flows.publish import in_flow_run, publish_run
 from flows.runner import SettingTaskRunner
 from flows.settings import data_root as resolve_data_root
 from flows.settings import storage_root
@@ -219,6 +219,8 @@ def evaluate_stages(trained: dict, run: RunSpec) -> dict:
 
 
 def _publish(result: dict, title: str) -> None:
+    if not in_flow_run():  # the look-up pass: the run record (publish_run) is all there is
+        return
     rows = [{k: v for k, v in r.items() if not k.startswith("iou_")} for r in result["rows"]]
     create_table_artifact(key="results", table=rows, description=title)
     create_markdown_artifact(key="results-summary", markdown=(

@@ -6,10 +6,8 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from tasks.common import DataRef, load_manifest, logger
+from tasks.common import DataRef, load_manifest, logger, stage_task
 from tasks.heads import load_head, open_features
 from usseg_core.store import ArtifactStore, artifact_key
 from usseg_core.views import ViewSpec, prepare_label
@@ -31,7 +29,7 @@ def _pixels(codes: torch.Tensor) -> np.ndarray:
     return codes.permute(0, 2, 3, 1).reshape(-1, codes.shape[1]).numpy()  # (B*h*w, D)
 
 
-@task(name="kmeans", cache_policy=NO_CACHE)
+@stage_task("kmeans")
 def ensure_kmeans(storage: str, head: dict | None, feature_infos: list[dict], k: int,
                   seed: int = 0, n_epochs: int = 2) -> dict:
     """Cosine mini-batch k-means over the codes of the training set, streamed from the store.
@@ -92,7 +90,7 @@ def labelled_code_batches(head_path: str | None, feature_info: dict, data: DataR
         yield emit(idx, labels)
 
 
-@task(name="linear-probe", cache_policy=NO_CACHE)
+@stage_task("linear-probe")
 def ensure_linear_probe(storage: str, head: dict | None, feature_info: dict, data: DataRef,
                         view: dict, n_classes: int, epochs: int = 3, seed: int = 0) -> dict:
     """A 1x1 conv on detached codes trained with cross-entropy on ground-truth labels.

@@ -13,14 +13,51 @@ import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import Task, get_run_logger
 from prefect.cache_policies import NO_CACHE
 
 from usseg_core.datasets import get_dataset
 from usseg_core.datasets.manifest import Manifest, build_manifest
-from usseg_core.store import ArtifactStore, artifact_key, atomic_write_json, canonical_json
+from usseg_core.store import ArtifactStore, artifact_key, atomic_write_json, canonical_json, lookups_only_active
 
 MANIFEST_VERSION = 1
+
+
+class Done:
+    """The already-computed result of a stage task called under ``lookups_only`` (a future's API)."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def result(self, *args, **kwargs):
+        return self.value
+
+    def wait(self, *args, **kwargs) -> None:
+        return None
+
+
+class StageTask(Task):
+    """A stage's Prefect task (``ensure_*``: find the artifact or compute it).
+
+    Under :func:`usseg_core.store.lookups_only` it runs inline, without Prefect: a look-up needs no task
+    run, and a miss raises ``NotCached`` before any work. Otherwise it is an ordinary task.
+    """
+
+    def __call__(self, *args, **kwargs):
+        if lookups_only_active():
+            return self.fn(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def submit(self, *args, **kwargs):
+        if lookups_only_active():
+            return Done(self.fn(*args, **kwargs))
+        return super().submit(*args, **kwargs)
+
+
+def stage_task(name: str, **options):
+    """``@stage_task("kmeans")``: the :class:`StageTask` of an ``ensure_*`` function (never Prefect-cached:
+    the artifact store is the cache)."""
+    return lambda fn: StageTask(fn=fn, name=name, cache_policy=NO_CACHE, **options)
 
 
 def logger():
@@ -74,7 +111,7 @@ def _listing_signature(ds) -> str:
     return h.hexdigest()
 
 
-@task(name="manifest", cache_policy=NO_CACHE)
+@stage_task("manifest")
 def ensure_manifest(data: DataRef, storage: str) -> dict:
     """The split's manifest (id, path, size, sha256 per file); rebuilt only when the files changed."""
     store = ArtifactStore(storage)

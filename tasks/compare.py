@@ -13,10 +13,8 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from tasks.common import DataRef, logger
+from tasks.common import DataRef, logger, stage_task
 from tasks.evaluate import evaluate_shard, predictor_scores
 from usseg_core import report
 from usseg_core.store import ArtifactStore, artifact_key
@@ -80,7 +78,7 @@ def comparison_key(params: dict, runs: list[dict]) -> tuple[str, dict]:
     return artifact_key("compare", COMPARE_VERSION, params, upstream), upstream
 
 
-@task(name="compare-report", cache_policy=NO_CACHE)
+@stage_task("compare-report")
 def ensure_comparison(storage: str, params: dict, runs: list[dict], class_names: list[str],
                       overlay: dict | None) -> dict:
     """The comparison artifact over finished runs (cached by their keys); writes every file users look at.

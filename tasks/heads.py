@@ -5,10 +5,8 @@ import functools
 import threading
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from tasks.common import logger, worker_id
+from tasks.common import logger, stage_task, worker_id
 from usseg_core.errors import ConfigError
 from usseg_core.features import ConcatFeatures, FeatureStore
 from usseg_core.store import ArtifactStore, artifact_key
@@ -35,7 +33,7 @@ def _feature_upstream(infos: list[dict]) -> dict:
     return head_inputs_upstream({"features": infos})
 
 
-@task(name="mine-knn", cache_policy=NO_CACHE)
+@stage_task("mine-knn")
 def ensure_knn(storage: str, feature_infos: list[dict], k: int = 30) -> dict:
     """Cosine top-k over the pooled, L2-normalised features of the crop set (column 0 = self).
 
@@ -122,7 +120,7 @@ def head_artifact_key(method: str, dataset: str, n_classes: int, inputs: dict,
     return head_key(method, n_classes, config_to_dict(get_head(method).config(dataset, overrides)), inputs)
 
 
-@task(name="train-head", cache_policy=NO_CACHE)
+@stage_task("train-head")
 def ensure_head(storage: str, method: str, dataset: str, n_classes: int, inputs: dict,
                 overrides: dict | None = None, device: str = "auto") -> dict:
     """Train (or find) a registered head on its cached inputs; resumes from its checkpoint after a crash.

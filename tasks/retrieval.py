@@ -12,10 +12,8 @@ import functools
 
 import numpy as np
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from tasks.common import DataRef, load_manifest, logger
+from tasks.common import DataRef, load_manifest, logger, stage_task
 from usseg_core.features import FeatureStore
 from usseg_core.retrieval import (K_DEFAULT, KMEANS_ITERS, VOTE_DEFAULT, SegmentMemory, build_memory,
                                   check_options, dataset_grid)
@@ -34,7 +32,7 @@ def memory_key(head: dict | None, feats: dict, view_params: dict, n_classes: int
     return artifact_key("segment-memory", MEMORY_VERSION, params, upstream), params, upstream
 
 
-@task(name="segment-memory", cache_policy=NO_CACHE)
+@stage_task("segment-memory")
 def ensure_segment_memory(storage: str, head: dict | None, feats: dict, data: DataRef, view_params: dict,
                           n_classes: int, grid: tuple[int, int], iters: int = KMEANS_ITERS) -> dict:
     """Segment prototypes of a labelled split with their majority ground-truth labels.

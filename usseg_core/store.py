@@ -10,6 +10,8 @@ This module decides nothing about *which* artifacts exist; the tasks layer does.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import datetime as _dt
 import hashlib
 import json
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from usseg_core.errors import ConfigError, InputError
+from usseg_core.errors import ConfigError, InputError, UssegError
 
 KEY_LENGTH = 16
 MARKER = "_COMPLETE"
@@ -104,6 +106,33 @@ def folder_size(path: Path) -> int:
     return total
 
 
+class NotCached(UssegError):
+    """Raised by :meth:`ArtifactStore.begin` under :func:`lookups_only`: this artifact would be computed."""
+
+    def __init__(self, stage: str, key: str) -> None:
+        super().__init__(f"{stage}/{key} is not in the store")
+        self.stage, self.key = stage, key
+
+
+_LOOKUPS_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("usseg_lookups_only", default=False)
+
+
+@contextlib.contextmanager
+def lookups_only() -> Iterator[None]:
+    """Within this block no artifact may be begun: the first one that would be computed raises
+    :class:`NotCached` before any of its work. The CLI runs a command's plan this way first, so that a
+    command whose every artifact is cached answers from the store without starting a flow run."""
+    token = _LOOKUPS_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _LOOKUPS_ONLY.reset(token)
+
+
+def lookups_only_active() -> bool:
+    return _LOOKUPS_ONLY.get()
+
+
 @dataclass
 class Artifact:
     """One artifact folder and its metadata."""
@@ -165,7 +194,10 @@ class ArtifactStore:
         """Create (or reopen, to resume) the folder of an artifact being computed.
 
         An incomplete folder left by a crashed run is kept: the stage decides what of it to reuse.
+        Under :func:`lookups_only` nothing is created and :class:`NotCached` is raised.
         """
+        if lookups_only_active():
+            raise NotCached(stage, key)
         path = self.path(stage, key)
         path.mkdir(parents=True, exist_ok=True)
         art = Artifact(stage, key, path, _read_meta(path) if (path / META).exists() else {})

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from flows.compare import CompareSpec, compare, route_overrides
+from flows.fastpath import cached_result
 from tests.conftest import artifact_mtimes
 from usseg_core import report
 from usseg_core.catalog import lineage
@@ -21,10 +22,14 @@ VIT = "vit_small_patch16_224.dino"
 TOY = {"stego.steps": 8, "picie.epochs": 1, "picie.batch_size": 4, "views.n_views": 2}
 
 
+def _compare_params(data_root: Path, storage: Path, seeds: list[int], **kw) -> dict:
+    return dict(dataset="synthetic", data_root=str(data_root), heads=["stego", "picie"], seeds=seeds,
+                backbone=VIT, random_weights=True, storage=str(storage), overrides=dict(TOY), resolution=32,
+                run_crf=False, **kw)
+
+
 def _compare(data_root: Path, storage: Path, seeds: list[int], **kw) -> dict:
-    return compare(dataset="synthetic", data_root=str(data_root), heads=["stego", "picie"], seeds=seeds,
-                   backbone=VIT, random_weights=True, storage=str(storage), overrides=dict(TOY), resolution=32,
-                   run_crf=False, **kw)
+    return compare(**_compare_params(data_root, storage, seeds, **kw))
 
 
 # --- pure parts -------------------------------------------------------------------------------------
@@ -144,6 +149,10 @@ def test_one_more_seed_trains_only_that_seed_and_a_rerun_is_a_lookup(two_seeds, 
     again = _compare(synthetic_small, storage, [0, 1, 2])
     assert again["cache_hit"] and again["key"] == out["key"] and again["trained"] == []
     assert artifact_mtimes(storage) == settled  # every stage and the report itself: look-ups
+    # The CLI's no-work path: the same body under lookups_only, no flow run, the same answer.
+    looked = cached_result(compare, **_compare_params(synthetic_small, storage, [0, 1, 2]))
+    assert looked is not None and looked["key"] == out["key"] and looked["summary"] == again["summary"]
+    assert artifact_mtimes(storage) == settled
     assert [r["seed"] for r in json.loads((Path(out["path"]) / "runs.json").read_text())] == [0, 1, 2] * 2
 
 

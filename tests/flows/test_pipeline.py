@@ -63,6 +63,17 @@ def test_run_stego_end_to_end_then_all_cache_hits(tmp_path, synthetic_root, pref
     after = {k: (storage / k / "meta.json").stat().st_mtime_ns for k in _keys(storage)}
     assert before == after  # every stage was a cache hit: nothing rewritten, nothing added
     pd.testing.assert_frame_equal(pd.read_csv(results), pd.read_csv(tmp_path / "again.csv"))
+    # The CLI's no-work path (no flow run): the same body under lookups_only gives the same rows.
+    from flows.fastpath import cached_result
+    from flows.train import pipeline
+
+    looked = cached_result(pipeline, dataset="synthetic", data_root=str(synthetic_root), train_split="train",
+                           eval_split="val", method="stego", resolution=64, storage=str(storage),
+                           overrides={"steps": 30, "batch_size": 4})
+    assert looked is not None
+    assert pd.DataFrame(looked["evaluation"]["rows"]).equals(pd.read_parquet(next(
+        (storage / "evaluation").iterdir()) / "results.parquet"))
+    assert {k: (storage / k / "meta.json").stat().st_mtime_ns for k in _keys(storage)} == after
 
     # segment new images with the trained head
     img = np.asarray(Image.open(sorted((synthetic_root / "val" / "images").iterdir())[0]).convert("RGB"))
