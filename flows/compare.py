@@ -138,10 +138,11 @@ def _train_all(runs: list[RunSpec], prepared: dict[str, dict]) -> list[dict]:
         head = ensure_head.submit(storage, run.head, run.dataset, p["n_classes"], p["inputs"],
                                   run.head_overrides(), run.device)
         seed = run.seed()
-        km = ensure_kmeans.submit(storage, head, p["cluster_on"], p["k"], seed=seed)
+        km = ensure_kmeans.submit(storage, head, p["cluster_on"], p["k"], seed=seed, device=run.device)
         ident = (tuple(f["key"] for f in p["cluster_on"]), p["k"], seed)  # STEGO and OMH share theirs
         if ident not in raw:
-            raw[ident] = ensure_kmeans.submit(storage, None, p["cluster_on"], p["k"], seed=seed)
+            raw[ident] = ensure_kmeans.submit(storage, None, p["cluster_on"], p["k"], seed=seed,
+                                              device=run.device)
         submitted.append((run, head, km, raw[ident], not cached))
     return [{"run": run, "trained": trained_stages(prepared[run.head], h.result(), km.result(), rk.result()),
              "trained_now": now} for run, h, km, rk, now in submitted]
@@ -194,7 +195,8 @@ def compare_runs(spec: CompareSpec) -> dict:
     for t in _train_all(runs, prepared):
         run, trained = t["run"], t["trained"]
         plan = evaluation_plan(trained, run)
-        evaluation = run_evaluation(storage=storage, run_crf=run.run_crf, crf=CRFParams(), **plan)
+        evaluation = run_evaluation(storage=storage, run_crf=run.run_crf, crf=CRFParams(), device=run.device,
+                                    **plan)
         baseline = baseline_name(trained["cluster_on"][0]["view"])
         first.setdefault(run.head, (plan, evaluation, baseline))
         main = _main_predictor(_head_group(plan, run.head))  # its row label, as the results table writes it

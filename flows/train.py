@@ -166,8 +166,8 @@ def train_stages(run: RunSpec) -> dict:
     head = ensure_head(storage, run.head, run.dataset, prepared["n_classes"], prepared["inputs"],
                        run.head_overrides(), run.device)
     seed = run.seed()  # one run seed: the head's and both k-means inits (the baseline varies with it too)
-    kmeans = ensure_kmeans(storage, head, cluster_on, k, seed=seed)
-    raw_kmeans = ensure_kmeans(storage, None, cluster_on, k, seed=seed)
+    kmeans = ensure_kmeans(storage, head, cluster_on, k, seed=seed, device=run.device)
+    raw_kmeans = ensure_kmeans(storage, None, cluster_on, k, seed=seed, device=run.device)
     return trained_stages(prepared, head, kmeans, raw_kmeans)
 
 
@@ -193,7 +193,7 @@ def evaluation_plan(trained: dict, run: RunSpec) -> dict:
     if labelled:
         pdata = DataRef(run.dataset, run.data_root, labelled[0], run.dataset_options or {})
         pfeats = ensure_features(storage, pdata, ref, view)
-        probe = ensure_linear_probe(storage, head, pfeats, pdata, view.params(), n_classes)
+        probe = ensure_linear_probe(storage, head, pfeats, pdata, view.params(), n_classes, device=run.device)
         method_preds.append({"name": "linear", "kind": "linear", "n_pred": n_classes, "key": probe["key"],
                              "probe": probe["path"], "n_classes": n_classes})
     groups = [
@@ -215,7 +215,7 @@ def evaluation_plan(trained: dict, run: RunSpec) -> dict:
 
 def evaluate_stages(trained: dict, run: RunSpec) -> dict:
     plan = evaluation_plan(trained, run)
-    return run_evaluation(storage=run.storage, run_crf=run.run_crf, crf=CRFParams(), **plan)
+    return run_evaluation(storage=run.storage, run_crf=run.run_crf, crf=CRFParams(), device=run.device, **plan)
 
 
 def _publish(result: dict, title: str) -> None:

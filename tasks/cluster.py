@@ -9,30 +9,34 @@ import torch.nn.functional as F
 
 from tasks.common import DataRef, load_manifest, logger, stage_task
 from tasks.heads import load_head, open_features
+from usseg_core.device import resolve_device, to_device
 from usseg_core.store import ArtifactStore, artifact_key
 from usseg_core.views import ViewSpec, prepare_label
 
+CPU = torch.device("cpu")
 KMEANS_VERSION = 1
 PROBE_VERSION = 1
 
 
 @torch.no_grad()
-def code_batches(head_path: str | None, feats, batch: int = 16) -> Iterator[torch.Tensor]:
-    """Codes ``(B, D, h, w)`` of every item of ``feats``, streamed in batches."""
-    head = load_head(head_path)
+def code_batches(head_path: str | None, feats, batch: int = 16, device: torch.device = CPU) -> Iterator[torch.Tensor]:
+    """Codes ``(B, D, h, w)`` of every item of ``feats`` on ``device``, streamed in batches."""
+    head = load_head(head_path, str(device))
     for a in range(0, len(feats), batch):
-        x = torch.from_numpy(np.stack([feats[i] for i in range(a, min(a + batch, len(feats)))]).astype(np.float32))
-        yield head.codes(x)
+        x = np.stack([feats[i] for i in range(a, min(a + batch, len(feats)))]).astype(np.float32)
+        yield head.codes(to_device(x, device))
 
 
-def _pixels(codes: torch.Tensor) -> np.ndarray:
-    return codes.permute(0, 2, 3, 1).reshape(-1, codes.shape[1]).numpy()  # (B*h*w, D)
+def _pixels(codes: torch.Tensor) -> torch.Tensor:
+    return codes.permute(0, 2, 3, 1).reshape(-1, codes.shape[1])  # (B*h*w, D), on the codes' device
 
 
 @stage_task("kmeans")
 def ensure_kmeans(storage: str, head: dict | None, feature_infos: list[dict], k: int,
-                  seed: int = 0, n_epochs: int = 2) -> dict:
+                  seed: int = 0, n_epochs: int = 2, device: str = "auto") -> dict:
     """Cosine mini-batch k-means over the codes of the training set, streamed from the store.
+
+    Codes and k-means run on ``device`` (resolved here, where the task runs; not part of the key).
 
     ``head`` None clusters the raw backbone features (the baseline). K may exceed the number of classes
     (over-clustering); evaluation then keeps every pixel (see metrics.hungarian_scores).
@@ -51,9 +55,9 @@ def ensure_kmeans(storage: str, head: dict | None, feature_infos: list[dict], k:
                           dataset=meta0.get("dataset"), backbone=meta0.get("backbone"),
                           backbone_fingerprint=meta0.get("backbone_fingerprint"))
         feats = open_features(feature_infos)
-        head_path = head["path"] if head else None
-        centroids = spherical_kmeans(lambda: (_pixels(c) for c in code_batches(head_path, feats)), k,
-                                     n_epochs=n_epochs, seed=seed)
+        head_path, dev = head["path"] if head else None, resolve_device(device)
+        centroids = spherical_kmeans(lambda: (_pixels(c) for c in code_batches(head_path, feats, device=dev)), k,
+                                     n_epochs=n_epochs, seed=seed, device=str(dev))
         np.save(art.file("centroids.npy"), centroids.astype(np.float32))
         store.finish(art, k=k)
         logger().info("k-means/%s: K=%d over %d items", key, k, len(feats))
@@ -61,7 +65,7 @@ def ensure_kmeans(storage: str, head: dict | None, feature_infos: list[dict], k:
 
 
 def labelled_code_batches(head_path: str | None, feature_info: dict, data: DataRef, view: ViewSpec,
-                          batch: int = 4) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                          batch: int = 4, device: torch.device = CPU) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(codes upsampled to the label grid (B, D, H, W), labels (B, H, W)) of a labelled split.
 
     Full-frame views keep each label at its own size, so a folder of mixed image sizes gives labels of
@@ -70,13 +74,13 @@ def labelled_code_batches(head_path: str | None, feature_info: dict, data: DataR
     feats = open_features([feature_info])
     ids = load_manifest(feature_info["manifest"]).ids
     ds = data.dataset()
-    head = load_head(head_path)
+    head = load_head(head_path, str(device))
 
     def emit(idx: list[int], labels: list[np.ndarray]):
         with torch.no_grad():
-            codes = head.codes(torch.from_numpy(np.stack([feats[i] for i in idx]).astype(np.float32)))
+            codes = head.codes(to_device(np.stack([feats[i] for i in idx]).astype(np.float32), device))
             codes = F.interpolate(codes, size=labels[0].shape, mode="bilinear", align_corners=False)
-        return codes, torch.from_numpy(np.stack(labels))
+        return codes, to_device(np.stack(labels), device)
 
     idx, labels = [], []
     for i in range(len(ids)):
@@ -92,7 +96,7 @@ def labelled_code_batches(head_path: str | None, feature_info: dict, data: DataR
 
 @stage_task("linear-probe")
 def ensure_linear_probe(storage: str, head: dict | None, feature_info: dict, data: DataRef,
-                        view: dict, n_classes: int, epochs: int = 3, seed: int = 0) -> dict:
+                        view: dict, n_classes: int, epochs: int = 3, seed: int = 0, device: str = "auto") -> dict:
     """A 1x1 conv on detached codes trained with cross-entropy on ground-truth labels.
 
     Labels are used here and only here, to report the linear-probe metric (STEGO's protocol); the head
@@ -108,10 +112,10 @@ def ensure_linear_probe(storage: str, head: dict | None, feature_info: dict, dat
     if art is None:
         art = store.begin("linear-probe", key, version=PROBE_VERSION, params=params, upstream=upstream,
                           dataset=data.name, split=data.split)
-        vs = ViewSpec.from_params(view)
+        vs, dev = ViewSpec.from_params(view), resolve_device(device)
         probe = train_linear_probe(
-            lambda: labelled_code_batches(head["path"] if head else None, feature_info, data, vs),
-            n_classes, epochs=epochs, seed=seed)
-        torch.save(probe.state_dict(), art.file("probe.pt"))
+            lambda: labelled_code_batches(head["path"] if head else None, feature_info, data, vs, device=dev),
+            n_classes, epochs=epochs, lr=params["lr"], seed=seed, device=dev)
+        torch.save({k: v.cpu() for k, v in probe.state_dict().items()}, art.file("probe.pt"))
         store.finish(art)
     return {"key": key, "path": str(art.file("probe.pt"))}

@@ -19,11 +19,13 @@ from prefect.cache_policies import NO_CACHE
 from tasks.common import DataRef, load_manifest, logger
 from tasks.heads import load_head
 from usseg_core.crf import CRFParams, dense_crf
+from usseg_core.device import resolve_device, to_device
 from usseg_core.features import FeatureStore
 from usseg_core.metrics import ConfusionMatrix, hungarian_scores, identity_scores
 from usseg_core.store import ArtifactStore, artifact_key
 from usseg_core.views import ViewSpec, prepare_image_for_label, prepare_label
 
+CPU = torch.device("cpu")
 EVAL_VERSION = 2  # 2: a group's head is its key (head_key), not its folder: keys survive a moved store
 N_EXAMPLES = 6
 # Predictor kinds whose outputs are class ids: scored as they are, no Hungarian matching.
@@ -33,17 +35,17 @@ _PATH_FIELDS = ("centroids", "probe", "head", "memory")
 
 
 @functools.lru_cache(maxsize=16)
-def _centroids(path: str) -> torch.Tensor:
-    return torch.from_numpy(np.load(path))
+def _centroids(path: str, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.load(path)).to(device)
 
 
 @functools.lru_cache(maxsize=8)
-def _linear(path: str, dim: int, n_classes: int):
+def _linear(path: str, dim: int, n_classes: int, device: torch.device):
     from usseg_core.heads.probes import LinearProbe
 
     probe = LinearProbe(dim, n_classes)
     probe.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return probe.eval()
+    return probe.to(device).eval()
 
 
 def _memory(path: str, n_classes: int):
@@ -53,23 +55,24 @@ def _memory(path: str, n_classes: int):
 
 
 def _own_logits(p: dict, codes: torch.Tensor) -> torch.Tensor:
-    return load_head(p["head"]).cluster_logits(codes)  # STEGO's cluster probe, PiCIE's centroids
+    return load_head(p["head"], str(codes.device)).cluster_logits(codes)  # STEGO's probe, PiCIE's centroids
 
 
 def _kmeans_logits(p: dict, codes: torch.Tensor) -> torch.Tensor:
     from usseg_core.cluster import cluster_logits
 
-    return cluster_logits(codes, _centroids(p["centroids"]), alpha=2.0)
+    return cluster_logits(codes, _centroids(p["centroids"], codes.device), alpha=2.0)
 
 
 def _linear_logits(p: dict, codes: torch.Tensor) -> torch.Tensor:
-    return _linear(p["probe"], codes.shape[1], p["n_classes"])(codes)
+    return _linear(p["probe"], codes.shape[1], p["n_classes"], codes.device)(codes)
 
 
 def _retrieval_logits(p: dict, codes: torch.Tensor) -> torch.Tensor:  # HSG's kNN label transfer
     from usseg_core.retrieval import retrieval_logits
 
-    return retrieval_logits(codes, _memory(p["memory"], p["n_classes"]), tuple(p["grid"]), p["iters"],
+    # The segment memory is a faiss-cpu index: retrieval runs on the host whatever the codes' device.
+    return retrieval_logits(codes.cpu(), _memory(p["memory"], p["n_classes"]), tuple(p["grid"]), p["iters"],
                             p["k"], p["vote"], pool_to=tuple(p["pool_to"]))
 
 
@@ -89,12 +92,12 @@ def predictor_logits(predictor: dict, codes: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def image_codes(head_path: str | None, feats: FeatureStore, flips: FeatureStore | None, i: int,
-                size: tuple[int, int]) -> torch.Tensor:
-    """Flip-averaged codes of item i, bilinearly upsampled to ``size`` -> (1, D, H, W)."""
-    head = load_head(head_path)
-    codes = head.codes(torch.from_numpy(feats[i].astype(np.float32))[None])
+                size: tuple[int, int], device: torch.device = CPU) -> torch.Tensor:
+    """Flip-averaged codes of item i on ``device``, bilinearly upsampled to ``size`` -> (1, D, H, W)."""
+    head = load_head(head_path, str(device))
+    codes = head.codes(to_device(feats[i].astype(np.float32)[None], device))
     if flips is not None:  # flip-TTA: average with the mirrored-back codes of the mirrored image
-        codes = (codes + head.codes(torch.from_numpy(flips[i].astype(np.float32))[None]).flip(-1)) / 2
+        codes = (codes + head.codes(to_device(flips[i].astype(np.float32)[None], device)).flip(-1)) / 2
     return F.interpolate(codes, size=size, mode="bilinear", align_corners=False)
 
 
@@ -102,30 +105,34 @@ def image_codes(head_path: str | None, feats: FeatureStore, flips: FeatureStore 
 def hierarchy_maps(head, feats: torch.Tensor, size: tuple[int, int]) -> list[np.ndarray]:
     """A hierarchical head's levels of features (1, C, h, w): fine to coarse, (H, W) int32 at ``size``."""
     levels = head.levels(head.codes(feats))  # (1, h, w) each, at feature resolution
-    return [F.interpolate(lv[None].float(), size=size, mode="nearest")[0, 0].to(torch.int32).numpy()
+    return [F.interpolate(lv[None].float(), size=size, mode="nearest")[0, 0].to(torch.int32).cpu().numpy()
             for lv in levels]
 
 
-def image_hierarchy(head_path: str, feats: FeatureStore, i: int, size: tuple[int, int]) -> list[np.ndarray] | None:
+def image_hierarchy(head_path: str, feats: FeatureStore, i: int, size: tuple[int, int],
+                    device: torch.device = CPU) -> list[np.ndarray] | None:
     """:func:`hierarchy_maps` of item i when the head has a hierarchy (HSG), else None."""
-    head = load_head(head_path)
+    head = load_head(head_path, str(device))
     if not hasattr(head, "levels"):
         return None
-    return hierarchy_maps(head, torch.from_numpy(feats[i].astype(np.float32))[None], size)
+    return hierarchy_maps(head, to_device(feats[i].astype(np.float32)[None], device), size)
 
 
 @task(name="evaluate-shard", cache_policy=NO_CACHE)
 def evaluate_shard(data: DataRef, manifest_path: str, view: dict, feats_path: str, flips_path: str | None,
                    groups: list[dict], n_classes: int, start: int, stop: int, run_crf: bool,
-                   crf: dict, examples: list[int]) -> dict:
-    """Confusion matrices of every predictor (with and without CRF) on items [start, stop)."""
+                   crf: dict, examples: list[int], device: str = "auto") -> dict:
+    """Confusion matrices of every predictor (with and without CRF) on items [start, stop).
+
+    Codes and logits run on ``device`` (resolved here, on the worker); each predictor's logits of an
+    image come to the host once, for the argmax, the CRF (pydensecrf is CPU code) and the counts."""
     from usseg_core.datasets.manifest import Manifest
 
     ids = Manifest.from_json(manifest_path).ids
     ds = data.dataset()
     vs = ViewSpec.from_params(view)
     feats, flips = FeatureStore(feats_path), FeatureStore(flips_path) if flips_path else None
-    params = CRFParams(**crf)
+    params, dev = CRFParams(**crf), resolve_device(device)
     cms: dict[str, np.ndarray] = {}
     kept: dict[int, dict] = {}
     for i in range(start, stop):
@@ -135,13 +142,13 @@ def evaluate_shard(data: DataRef, manifest_path: str, view: dict, feats_path: st
         if i in examples:
             kept[i] = {"image": rgb, "label": label, "pred": {}}
         for group in groups:
-            codes = image_codes(group["head"], feats, flips, i, label.shape)
+            codes = image_codes(group["head"], feats, flips, i, label.shape, dev)
             if i in kept and group["head"] is not None:
-                levels = image_hierarchy(group["head"], feats, i, label.shape)
+                levels = image_hierarchy(group["head"], feats, i, label.shape, dev)
                 if levels is not None:
                     kept[i]["levels"] = levels
             for pred in group["predictors"]:
-                logits = predictor_logits(pred, codes)[0]  # (K, H, W)
+                logits = predictor_logits(pred, codes)[0].cpu()  # (K, H, W)
                 outs = {"no": logits.argmax(0).numpy()}
                 if run_crf:
                     outs["yes"] = dense_crf(rgb, logits.numpy(), params).argmax(0)
@@ -162,8 +169,10 @@ def eval_key(params: dict, upstream: dict) -> str:
 def run_evaluation(storage: str, data: DataRef, manifest: dict, view: ViewSpec, feats: dict,
                    flips: dict | None, groups: list[dict], class_names: list[str], *,
                    run_crf: bool = True, crf: CRFParams = CRFParams(), shard_size: int = 16,
-                   title: str = "") -> dict:
-    """The evaluation artifact: results table (parquet, CSV, markdown), confusion PNG, overlays PNG."""
+                   title: str = "", device: str = "auto") -> dict:
+    """The evaluation artifact: results table (parquet, CSV, markdown), confusion PNG, overlays PNG.
+
+    ``device`` is where each shard computes codes and logits (resolved on its worker; not in the key)."""
     store = ArtifactStore(storage)
     params = {"run_crf": run_crf, "crf": asdict(crf), "view": view.params(),
               "groups": [{k: v for k, v in g.items() if k not in ("predictors", "head")} | {
@@ -186,7 +195,7 @@ def run_evaluation(storage: str, data: DataRef, manifest: dict, view: ViewSpec, 
     examples = list(np.linspace(0, n - 1, min(N_EXAMPLES, n)).astype(int))
     futures = [evaluate_shard.submit(data, manifest["path"], view.params(), feats["path"],
                                      flips["path"] if flips else None, groups, n_classes, a,
-                                     min(a + shard_size, n), run_crf, asdict(crf), examples)
+                                     min(a + shard_size, n), run_crf, asdict(crf), examples, device)
                for a in range(0, n, shard_size)]
     cms: dict[str, np.ndarray] = {}
     kept: dict[int, dict] = {}

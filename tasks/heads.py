@@ -154,9 +154,10 @@ def ensure_head(storage: str, method: str, dataset: str, n_classes: int, inputs:
 
 
 @functools.lru_cache(maxsize=8)
-def load_head(path: str | None):
-    """The trained head of a head artifact (cached per process); None -> the raw-feature baseline."""
+def load_head(path: str | None, device: str = "cpu"):
+    """The trained head of a head artifact on ``device`` (cached per process and device); None -> the
+    raw-feature baseline."""
     from usseg_core.heads import RawHead
     from usseg_core.heads import load_head as load
 
-    return RawHead().eval() if path is None else load(path)
+    return RawHead().eval() if path is None else load(path, device)

@@ -21,13 +21,20 @@ def _normalise_rows(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1, eps=1e-12)
 
 
+def _as_tensor(batch) -> torch.Tensor:
+    """A batch of rows as a tensor, where it is (a device tensor stays on its device)."""
+    return batch if isinstance(batch, torch.Tensor) else torch.as_tensor(np.asarray(batch))
+
+
 def _reservoir(batches: Iterable[np.ndarray], size: int, rng: np.random.Generator) -> np.ndarray:
     """Uniform sample of up to ``size`` unit rows from one pass (Vitter's algorithm R, vectorised)."""
     store: np.ndarray | None = None
     filled = 0
     seen = 0
     for batch in batches:
-        x = _normalise_rows(torch.as_tensor(np.asarray(batch))).numpy()  # (n, D)
+        # The seeded reservoir runs on the host, so the sample (hence the init) does not depend on the
+        # device; only this init pass copies batches back; the update passes stay on the device.
+        x = _normalise_rows(_as_tensor(batch).cpu()).numpy()  # (n, D)
         if store is None:
             store = np.empty((size, x.shape[1]), dtype=np.float32)  # (S, D)
         take = min(size - filled, x.shape[0])
@@ -109,8 +116,8 @@ def spherical_kmeans(
     received no point are re-seeded with the points farthest from their centroid.
 
     Args:
-        batches: callable returning a fresh iterable of (n, D) float arrays per call (one pass each);
-            rows need not be unit norm.
+        batches: callable returning a fresh iterable of (n, D) float arrays or tensors (on any device)
+            per call (one pass each); rows need not be unit norm.
         k: number of clusters.
         n_epochs: update passes after the init pass.
         init_samples: reservoir size for the init.
@@ -142,7 +149,7 @@ def spherical_kmeans(
         far_sim = torch.empty(0, device=device)  # best-cosine of the k worst-fit points so far
         far_pts = torch.empty(0, centroids.shape[1], device=device)
         for batch in batches():
-            x = _normalise_rows(torch.as_tensor(np.asarray(batch)).to(device))  # (n, D)
+            x = _normalise_rows(_as_tensor(batch).to(device))  # (n, D)
             best_sim, labels = (x @ centroids.T).max(dim=1)  # (n,), (n,)
             batch_counts = torch.bincount(labels, minlength=k)  # (k,)
             sums = torch.zeros_like(centroids).index_add_(0, labels, x)  # (k, D)

@@ -59,6 +59,14 @@ def resolve_precision(precision: str, device: str | torch.device = "auto") -> st
     return precision
 
 
+def to_device(array, device: torch.device) -> torch.Tensor:
+    """A host array or tensor on ``device``: through pinned memory and a non-blocking copy on CUDA."""
+    x = torch.from_numpy(array) if not isinstance(array, torch.Tensor) else array
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """The autocast context of a resolved (or ``"auto"``) precision on ``device``."""
     precision = resolve_precision(precision, device)

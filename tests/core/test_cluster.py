@@ -90,3 +90,13 @@ def test_cluster_logits_are_scaled_cosines():
     cos = v @ c / np.linalg.norm(v) / np.linalg.norm(c)
     assert z[1, 4, 2, 3].item() == pytest.approx(2 * cos, abs=1e-5)
     assert z.abs().max() <= 2.0 + 1e-5
+
+
+def test_kmeans_takes_device_tensors_and_gives_the_numpy_result():
+    """Batches may be tensors where the codes were computed (GPU codes are never copied per batch)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((600, 8)).astype(np.float32)
+    as_numpy = spherical_kmeans(lambda: (x[a:a + 100] for a in range(0, 600, 100)), 4, seed=1, device="cpu")
+    as_tensor = spherical_kmeans(lambda: (torch.from_numpy(x[a:a + 100]) for a in range(0, 600, 100)), 4, seed=1,
+                                 device="cpu")
+    np.testing.assert_array_equal(as_numpy, as_tensor)

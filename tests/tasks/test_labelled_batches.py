@@ -30,7 +30,7 @@ def test_mixed_label_sizes_are_batched_by_shape(monkeypatch):
     feats = [np.full((5, 4, 4), float(i), dtype=np.float16) for i in range(len(shapes))]
     monkeypatch.setattr(cluster, "open_features", lambda infos: feats)
     monkeypatch.setattr(cluster, "load_manifest", lambda path: _Manifest(list(labels)))
-    monkeypatch.setattr(cluster, "load_head", lambda path: RawHead())
+    monkeypatch.setattr(cluster, "load_head", lambda path, device="cpu": RawHead())
     view = ViewSpec(policy="full", resolution=None, size=(32, 32))
     batches = list(cluster.labelled_code_batches(None, {"manifest": "m"}, _Data(labels), view, batch=2))
     # consecutive same-shape items share a batch of at most 2; every item appears once, in order

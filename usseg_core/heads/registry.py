@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from usseg_core.device import resolve_device
 from usseg_core.errors import ConfigError, InputError
 
 # Cached inputs a head may declare (each is an upstream stage of the pipeline).
@@ -226,7 +227,7 @@ def save_head(path: str | Path, method: str, n_classes: int, config: Mapping[str
                 "config": config_to_dict(config), **payload}, Path(path))
 
 
-def load_head(path: str | Path) -> TrainedHead:
+def load_head(path: str | Path, device: str | torch.device = "cpu") -> TrainedHead:
     """A trained head from its artifact folder (``storage/head/<key>``) or its ``head.pt``; no Prefect.
 
     Example (a notebook)::
@@ -249,4 +250,4 @@ def load_head(path: str | Path) -> TrainedHead:
         raise InputError(path, f"head checkpoint format {ckpt.get('format')} != {HEAD_FORMAT}; "
                                "re-run training to rewrite it")
     head = get_head(ckpt["method"]).load(ckpt)
-    return head.eval()
+    return head.to(resolve_device(device)).eval()
