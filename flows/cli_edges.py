@@ -10,14 +10,10 @@ from typing import Optional
 
 import numpy as np
 import typer
-from PIL import Image
-from rich.progress import Progress
 
-from usseg_core.edges import get_edge_detector, list_edge_detectors
-from usseg_core.imageio import read_rgb
+from usseg_core.edges import BUILTIN_DETECTORS
 from usseg_core.errors import ConfigError, UssegError
-from usseg_core.overseg import SCHEDULES, choose_level
-from usseg_core.ucm import owt_ucm, save_ucm2_mat, ucm_labels
+from usseg_core.overseg import SCHEDULES
 
 
 def _parse_levels(levels: Optional[str]) -> list[float]:
@@ -35,6 +31,8 @@ def _parse_levels(levels: Optional[str]) -> list[float]:
 
 def save_labels_png(path: Path, labels: np.ndarray) -> None:
     """Label map as PNG: 8-bit when it fits (<= 256 regions), else 16-bit."""
+    from PIL import Image
+
     arr = labels.astype(np.uint8 if labels.max() <= 255 else np.uint16)
     Image.fromarray(arr).save(path)
 
@@ -46,12 +44,18 @@ def _fail(exc: UssegError) -> None:
 
 def edges_command(
     images: list[Path] = typer.Argument(..., help="Image files (any format PIL reads)."),
-    detector: str = typer.Option("pidinet", "--detector", help=f"Edge detector: {', '.join(list_edge_detectors())}."),
+    detector: str = typer.Option("pidinet", "--detector", help=f"Edge detector: {', '.join(BUILTIN_DETECTORS)}."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Model file for learned detectors."),
     out: Path = typer.Option(..., "--out", help="Output folder; writes <stem>.png (255 = strongest edge)."),
     device: str = typer.Option("cpu", "--device", help="torch device for learned detectors."),
 ) -> None:
     """Write an 8-bit edge-strength PNG per image, at the image's size."""
+    from PIL import Image
+    from rich.progress import Progress
+
+    from usseg_core.edges import get_edge_detector
+    from usseg_core.imageio import read_rgb
+
     try:
         det = get_edge_detector(detector, weights=weights, device=device)
         out.mkdir(parents=True, exist_ok=True)
@@ -68,7 +72,7 @@ def edges_command(
 
 def ucm_command(
     images: list[Path] = typer.Argument(..., help="Image files."),
-    detector: str = typer.Option("pidinet", "--detector", help=f"Edge detector: {', '.join(list_edge_detectors())}."),
+    detector: str = typer.Option("pidinet", "--detector", help=f"Edge detector: {', '.join(BUILTIN_DETECTORS)}."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Model file for learned detectors."),
     levels: Optional[str] = typer.Option(None, "--levels", help="Comma-separated UCM levels, e.g. 0.1,0.3."),
     schedule: Optional[str] = typer.Option(None, "--schedule", help=f"HSG schedule: {', '.join(SCHEDULES)}."),
@@ -76,6 +80,13 @@ def ucm_command(
     device: str = typer.Option("cpu", "--device", help="torch device for learned detectors."),
 ) -> None:
     """Write the ucm2 (.mat, key "ucm2") and region label PNGs at the requested / scheduled levels."""
+    from rich.progress import Progress
+
+    from usseg_core.edges import get_edge_detector
+    from usseg_core.imageio import read_rgb
+    from usseg_core.overseg import choose_level
+    from usseg_core.ucm import owt_ucm, save_ucm2_mat, ucm_labels
+
     try:
         lv = _parse_levels(levels)
         if schedule is not None and schedule not in SCHEDULES:

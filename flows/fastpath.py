@@ -13,7 +13,8 @@ that only to find there is nothing to do. So, in this order:
    ``NotCached`` before any of its work. If nothing was missing, that pass *is* the answer: the same
    result dict, the same cache-hit lines, and the run record under ``storage/_runs/`` (without Prefect
    artifacts, since no flow run exists). If something was missing, the flow runs as usual, on a
-   temporary server; the look-up pass cost only reads.
+   temporary server; the look-up pass cost only reads. ``USSEG_FLOW_RUN=always`` skips this pass, for
+   users who want every command recorded as a flow run.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Any
 from usseg_core.store import NotCached, lookups_only
 
 log = logging.getLogger("usseg")
+FLOW_RUN_ENV = "USSEG_FLOW_RUN"  # "always": skip the look-up pass (every command is a Prefect flow run)
 
 
 def api_configured() -> bool:
@@ -56,7 +58,7 @@ def run_flow(flow, params: dict[str, Any], *, say: Callable[[str], None] = print
     """Run ``flow(**params)`` the cheapest way that keeps its records (see the module docstring).
 
     ``params["storage"]`` (resolved) names the store whose ``usseg up`` service is looked for."""
-    if api_configured():
+    if api_configured() or os.environ.get(FLOW_RUN_ENV) == "always":
         return flow(**params)
     api = service_api(params.get("storage"))
     if api:

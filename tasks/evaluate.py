@@ -8,6 +8,7 @@ small confusion matrices that are summed, so memory stays bounded and no multipr
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import asdict
 
 import numpy as np
@@ -193,6 +194,7 @@ def run_evaluation(storage: str, data: DataRef, manifest: dict, view: ViewSpec, 
     n = manifest["n"]
     n_classes = len(class_names)
     examples = list(np.linspace(0, n - 1, min(N_EXAMPLES, n)).astype(int))
+    started = time.perf_counter()
     futures = [evaluate_shard.submit(data, manifest["path"], view.params(), feats["path"],
                                      flips["path"] if flips else None, groups, n_classes, a,
                                      min(a + shard_size, n), run_crf, asdict(crf), examples, device)
@@ -206,7 +208,8 @@ def run_evaluation(storage: str, data: DataRef, manifest: dict, view: ViewSpec, 
         kept.update(res["examples"])
     rows = _score_rows(cms, groups, class_names)
     _write_outputs(art, rows, cms, groups, class_names, kept, title or f"{data.name}/{data.split}")
-    store.finish(art, rows=rows, n_images=n)
+    seconds = time.perf_counter() - started
+    store.finish(art, rows=rows, n_images=n, seconds=round(seconds, 3), images_per_s=round(n / seconds, 3))
     return {"key": key, "path": str(art.path), "rows": rows, "cache_hit": False}
 
 

@@ -21,7 +21,6 @@ import numpy as np
 
 from usseg_core.edges import EdgeDetector, EdgeMap
 from usseg_core.errors import ConfigError, InputError
-from usseg_core.ucm import owt_ucm, ucm_labels
 
 __all__ = ["OversegSchedule", "SCHEDULES", "schedule_for_dataset", "OversegSettings", "OversegResult",
            "oversegment", "choose_level", "segment_stem", "SegmentFolder"]
@@ -132,6 +131,8 @@ def choose_level(ucm2: np.ndarray, schedule: OversegSchedule) -> tuple[float, np
 
     def labels_at(k: int) -> np.ndarray:
         if k not in cache:
+            from usseg_core.ucm import ucm_labels  # lazy: scipy / scikit-image only where a UCM is cut
+
             cache[k] = ucm_labels(ucm2, schedule.t0 + k * schedule.step)
         return cache[k]
 
@@ -153,6 +154,8 @@ def choose_level(ucm2: np.ndarray, schedule: OversegSchedule) -> tuple[float, np
 def oversegment(image: np.ndarray, detector: EdgeDetector, schedule: OversegSchedule) -> OversegResult:
     """Edges -> OWT-UCM -> labels at the schedule's level, for one (H, W, 3) uint8 RGB image."""
     edges = detector(image)
+    from usseg_core.ucm import owt_ucm
+
     ucm2 = owt_ucm(edges)
     t, labels = choose_level(ucm2, schedule)
     return OversegResult(edges=edges, ucm2=ucm2, labels=labels, threshold=t, n_regions=int(labels.max()) + 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from usseg_core.edges import EdgeMap, get_edge_detector, list_edge_detectors
+from usseg_core.edges import BUILTIN_DETECTORS, EdgeMap, get_edge_detector, list_edge_detectors
 from usseg_core.edges.orientation import edge_nms, ridge_tangent
 from usseg_core.errors import ConfigError, WeightsError
 
@@ -21,6 +21,7 @@ def _step_image(vertical: bool = True) -> np.ndarray:
 def test_registry_lists_all_and_rejects_unknown():
     names = list_edge_detectors()
     assert {"pidinet", "pidinet-tiny", "classical", "hed", "sed"} <= set(names)
+    assert set(BUILTIN_DETECTORS) == set(names)  # the torch-free list the CLI help shows
     with pytest.raises(ConfigError, match="known: .*classical"):
         get_edge_detector("canny-9000")
 

@@ -25,6 +25,7 @@ __all__ = [
     "EdgeDetector",
     "get_edge_detector",
     "list_edge_detectors",
+    "BUILTIN_DETECTORS",
     "register_edge_detector",
     "check_image",
 ]
@@ -106,6 +107,9 @@ def resolve_weights(name: str, weights: str | Path | None, hint: str) -> Path:
 
 
 Factory = Callable[..., EdgeDetector]
+# The built-in detectors' names, known without importing them (help texts stay torch-free); a test pins
+# them to the registry.
+BUILTIN_DETECTORS = ("classical", "hed", "pidinet", "pidinet-tiny", "sed")
 _REGISTRY: dict[str, Factory] = {}
 
 
