@@ -13,7 +13,7 @@ from flows.cli_common import (BackboneOpt, CrfOpt, DataRootOpt, DatasetOpt, Eval
                                ResolutionOpt, RunnerOpt, StorageOpt, TrainSplitOpt, WeightsOpt)
 from flows.settings import storage_root
 from usseg_core.config import parse_set_options
-from usseg_core.heads import list_heads
+from usseg_core.head_names import BUILTIN_HEADS
 
 console = Console()
 # The demo's test-sized lengths: every head learns something on 40 synthetic images in about a minute each.
@@ -84,7 +84,7 @@ def register(app: typer.Typer) -> None:
         dataset: str = DatasetOpt,
         data_root: Optional[Path] = DataRootOpt,
         heads: Optional[str] = typer.Option(None, help="Comma-separated heads (default: every registered head: "
-                                                       + ",".join(list_heads()) + ")."),
+                                                       + ",".join(BUILTIN_HEADS) + ")."),
         seeds: str = typer.Option("0,1,2", help="Comma-separated seeds (each seeds a head and its k-means)."),
         train_split: str = TrainSplitOpt,
         eval_split: str = typer.Option("val", help="Labelled split every head is evaluated on."),
@@ -132,6 +132,8 @@ def register(app: typer.Typer) -> None:
         data_root = ensure_synthetic(root / "data" / f"synthetic-{n_train}-{n_val}", n_train=n_train,
                                      n_val=n_val)
         console.print(f"synthetic dataset: {data_root}", markup=False)
+        from usseg_core.heads import list_heads
+
         names = _csv_list(heads, "--heads") or list_heads()
         result = run_compare("synthetic", str(data_root), names, _csv_list(seeds, "--seeds", int), root,
                              demo_overrides(names), "threads", resolution=128)

@@ -12,7 +12,7 @@ from flows.cli_common import (BackboneOpt, CrfOpt, DataRootOpt, DatasetOpt, Eval
                                ResolutionOpt, RunnerOpt, StorageOpt, TrainSplitOpt, WeightsOpt)
 from flows.settings import storage_root
 from usseg_core.config import parse_set_options
-from usseg_core.heads import get_head, list_heads
+from usseg_core.head_names import BUILTIN_HEADS
 
 console = Console()
 
@@ -55,14 +55,14 @@ def run_pipeline(method: str, dataset: str, data_root: str | None, train_split: 
 
 
 def _run_help() -> str:
-    heads = "\n\n".join(f"{h}: {get_head(h).summary}" for h in list_heads())
+    heads = "\n\n".join(f"{h}: {summary}" for h, summary in BUILTIN_HEADS.items())
     return f"Run the whole pipeline (train + evaluate) for one head and print the results table.\n\n{heads}"
 
 
 def register(app: typer.Typer) -> None:
     @app.command(help=_run_help())
     def run(
-        method: str = typer.Argument(..., help="Head: " + " | ".join(list_heads()) + " (the head registry)."),
+        method: str = typer.Argument(..., help="Head: " + " | ".join(BUILTIN_HEADS) + " (the head registry)."),
         dataset: str = DatasetOpt,
         data_root: Optional[Path] = DataRootOpt,
         train_split: str = TrainSplitOpt,
@@ -89,6 +89,8 @@ def register(app: typer.Typer) -> None:
         runner: str = RunnerOpt,
         storage: Optional[Path] = StorageOpt,
     ) -> None:
+        from usseg_core.heads import list_heads
+
         if method not in list_heads():
             raise typer.BadParameter(f"unknown head {method!r}; registered heads: {', '.join(list_heads())}")
         out = run_pipeline(method, dataset, str(data_root) if data_root else None, train_split, eval_split,

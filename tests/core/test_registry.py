@@ -64,3 +64,21 @@ def _random_stego_states() -> dict:
 
     torch.manual_seed(0)
     return {"head": StegoHead(6, 4).state_dict(), "cluster": ClusterProbe(4, 3).state_dict()}
+
+
+def test_the_torch_free_head_names_are_the_registry():
+    """The CLI's help reads usseg_core/head_names.py (no torch import); it must list the registered heads."""
+    from usseg_core.head_names import BUILTIN_HEADS
+    from usseg_core.heads import get_head, list_heads
+
+    assert sorted(BUILTIN_HEADS) == sorted(list_heads())
+    assert all(get_head(h).summary == s for h, s in BUILTIN_HEADS.items())
+
+
+def test_the_cli_starts_without_torch_or_prefect():
+    import subprocess
+    import sys
+
+    code = "import sys, flows.cli; print(sorted({'torch', 'prefect'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

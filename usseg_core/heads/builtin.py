@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 
+from usseg_core.head_names import BUILTIN_HEADS
 from usseg_core.heads.hsg import HsgConfig, HsgTrained, hsg_presets
 from usseg_core.heads.omh import OMHConfig
 from usseg_core.heads.picie import PicieConfig, PicieTrained, picie_presets
@@ -78,20 +79,20 @@ def _lazy(module: str, name: str) -> Callable[..., TrainedState]:
 
 
 register_head(HeadSpec(
-    name="stego", summary="STEGO: correspondence distillation on five-crops + KNN (Hamilton et al. 2022)",
+    name="stego", summary=BUILTIN_HEADS["stego"],
     sections=(("stego", StegoConfig),), presets=_stego_presets, needs=frozenset({"five_crop", "knn"}),
     train=_train_stego, load=_loader("stego"), clusterer="cluster-probe"))
 register_head(HeadSpec(
-    name="omh", summary="OMH: STEGO + optimally matched cluster hierarchy (Sinkhorn between levels)",
+    name="omh", summary=BUILTIN_HEADS["omh"],
     sections=(("stego", StegoConfig), ("omh", OMHConfig)), presets=_stego_presets,
     needs=frozenset({"five_crop", "knn"}), train=_train_stego, load=_loader("omh"), clusterer="cluster-probe"))
 register_head(HeadSpec(
-    name="picie", summary="PiCIE: clustering with photometric invariance and geometric equivariance (Cho et al. 2021)",
+    name="picie", summary=BUILTIN_HEADS["picie"],
     sections=(("picie", PicieConfig),), presets=picie_presets, needs=frozenset({"views"}),
     train=_lazy("usseg_core.heads.picie_train", "train_picie_head"),
     load=PicieTrained.from_checkpoint, clusterer="centroids"))
 register_head(HeadSpec(
-    name="hsg", summary="HSG: multiview segment grouping with clustering transformers on UCM segments (Ke et al. 2022)",
+    name="hsg", summary=BUILTIN_HEADS["hsg"],
     sections=(("hsg", HsgConfig),), presets=hsg_presets, needs=frozenset({"views", "oversegment"}),
     train=_lazy("usseg_core.heads.hsg_train", "train_hsg_head"),
     load=HsgTrained.from_checkpoint, clusterer=None, retrieval=True))
