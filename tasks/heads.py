@@ -82,21 +82,24 @@ def head_key(method: str, n_classes: int, config: dict, inputs: dict) -> tuple[s
 
 
 def open_head_inputs(inputs: dict, n_classes: int):
-    """The core's HeadInputs from the task references (features loaded into memory when they fit)."""
+    """The core's HeadInputs from the task references. Dense features (five-crop features, view banks) are
+    held in memory when together they fit the memory budget ($USSEG_FEATURE_MEMORY, default 8G), else
+    streamed from Zarr batch by batch; the same batches either way (usseg_core.features.choose_read_mode)."""
+    from usseg_core.features import choose_read_mode
     from usseg_core.heads import HeadInputs
 
     out = HeadInputs(n_classes=n_classes)
     if "features" in inputs:
         out.features = open_features(inputs["features"])
-        out.features.load_all()
     if "knn" in inputs:
         out.knn = np.load(inputs["knn"]["path"])
     if "views" in inputs:
         from usseg_core.viewbank import ViewBank
 
         out.views = [ViewBank(ref["path"]) for ref in inputs["views"]]
-        for bank in out.views:
-            bank.load_all()
+    dense = ([out.features] if out.features is not None else []) + list(out.views or [])
+    if dense:
+        logger().info("head inputs: features %s", choose_read_mode(dense))
     if "oversegment" in inputs:  # one SegmentFolder per split, in its manifest's order = its view bank's
         from usseg_core.datasets.manifest import Manifest
         from usseg_core.overseg import SegmentFolder

@@ -8,28 +8,72 @@ Layout of one feature artifact (ARCHITECTURE.md, "Feature store"): a Zarr v3 gro
 
 ``pooled`` and ``done`` are chunked by *shard* (``shard_size`` items): a shard is written by exactly one
 worker, so workers never touch each other's chunks, and a killed run resumes item by item from ``done``.
+
+Training reads batches of dense maps (:meth:`FeatureStore.read_batch`) in one of two modes, chosen once by
+:func:`choose_read_mode`: **in-memory** (every map decoded once into RAM) when the features fit the memory
+budget (:func:`memory_budget`: ``$USSEG_FEATURE_MEMORY``, default 8 GiB), **streamed** otherwise (every
+batch's chunks read from Zarr concurrently, nothing kept). Both give the same values bit for bit.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
+import os
 import queue
+import re
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 import zarr
 from zarr.codecs import BloscCodec
+from zarr.core.sync import sync as zarr_sync
 
 from usseg_core.device import autocast_for, resolve_precision  # noqa: F401  (the one precision policy)
 from usseg_core.errors import ConfigError
 
 DENSE, POOLED, DONE = "dense", "pooled", "done"
+MEMORY_ENV = "USSEG_FEATURE_MEMORY"  # bytes of dense features training may hold in RAM: "8G", "512M", "0"
+DEFAULT_MEMORY_BUDGET = 8 << 30
+IN_MEMORY, STREAMED = "in-memory", "streamed"
+_log = logging.getLogger("usseg")
 
 
 def _compressor() -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+
+
+def memory_budget() -> int:
+    """Bytes of dense features that training keeps in memory: ``$USSEG_FEATURE_MEMORY`` or 8 GiB.
+
+    The variable takes bytes with an optional binary suffix: ``16G``, ``512M``, ``0`` (always stream).
+    """
+    raw = os.environ.get(MEMORY_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MEMORY_BUDGET
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?", raw, flags=re.IGNORECASE)
+    if m is None:
+        raise ConfigError(f"${MEMORY_ENV}={raw!r}: expected bytes with an optional K/M/G/T suffix, e.g. 8G")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def _read_chunks(dense: zarr.Array, items: np.ndarray) -> list[np.ndarray]:
+    """Items ``dense[i]`` for i in ``items``, one chunk each, all read and decoded concurrently.
+
+    One ``getitem`` per chunk gathered in one call: Zarr's orthogonal indexing (``oindex``) reads the same
+    chunks but builds an ``np.ix_`` index over every element of each chunk, about 3x slower here (measured:
+    32 chunks of 384x28x28 float16, 2 cores: per item 105 ms, oindex 196 ms, gathered 52 ms).
+    """
+    arr = dense.async_array
+
+    async def gather() -> list:
+        return await asyncio.gather(*(arr.getitem(int(i)) for i in items))
+
+    return [np.asarray(a) for a in zarr_sync(gather())]
 
 
 class FeatureStore:
@@ -95,18 +139,52 @@ class FeatureStore:
         self.pooled[a:b] = pooled.astype(np.float32)
         self.done[a:b] = True  # last: done implies the data is there
 
-    def load_all(self, max_bytes: int = 8 << 30) -> bool:
-        """Keep every dense map in memory when they fit in ``max_bytes`` (fast training reads)."""
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all dense maps in memory (float16)."""
         n, c, h, w = self.shape
-        if n * c * h * w * 2 > max_bytes:
+        return n * c * h * w * 2
+
+    def load_all(self, max_bytes: int | None = None) -> bool:
+        """Keep every dense map in memory when they fit in ``max_bytes`` (default :func:`memory_budget`)."""
+        if self.nbytes > (memory_budget() if max_bytes is None else max_bytes):
             return False
-        self._cache = np.asarray(self.dense[:])
+        if self._cache is None:
+            self._cache = np.asarray(self.dense[:])
         return True
+
+    def unload(self) -> None:
+        """Drop the in-memory copy: reads stream from the Zarr store again."""
+        self._cache = None
+
+    @property
+    def in_memory(self) -> bool:
+        return self._cache is not None
 
     def __getitem__(self, i: int) -> np.ndarray:
         if self._cache is not None:
             return self._cache[i]
         return np.asarray(self.dense[int(i)])
+
+    def read_batch(self, indices: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
+        """``store[i]`` for every i in ``indices`` (any order, repeats allowed): ``(B, C, h, w)``.
+
+        Streamed, each distinct chunk is read once and all of them in one concurrent Zarr call; in memory,
+        a copy out of the cache. ``out`` (shape ``(B, C, h, w)``, any float dtype, e.g. float32 or a pinned
+        buffer's view) receives the values (cast once); default a new float16 array. Same values either way.
+        """
+        idx = _check_indices(indices, len(self))
+        if out is None:
+            out = np.empty((len(idx), *self.shape[1:]), dtype=np.float16)
+        if self._cache is not None:
+            for j, i in enumerate(idx):
+                out[j] = self._cache[i]
+            return out
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        chunks = _read_chunks(self.dense, uniq)
+        for j, k in enumerate(inverse):
+            out[j] = chunks[k]
+        return out
 
     def pooled_all(self) -> np.ndarray:
         return np.asarray(self.pooled[:], dtype=np.float32)
@@ -115,29 +193,44 @@ class FeatureStore:
         return bool(np.asarray(self.done[:]).all())
 
 
-def _prefetch(batches: Iterable, depth: int = 2) -> Iterable:
-    """Decode the next batches in a background thread while the backbone runs."""
+def prefetch_iter(items: Iterable, depth: int = 2) -> Iterator:
+    """Iterate ``items``, producing the next ``depth`` of them in a background thread (decoding, reading)
+    while the consumer works on the current one. Errors re-raise in the consumer; abandoning the iteration
+    stops the thread."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     sentinel = object()
+    stop = threading.Event()
     failure: list[BaseException] = []
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def work() -> None:
         try:
-            for item in batches:
-                q.put(item)
+            for item in items:
+                if not put(item):
+                    return
         except BaseException as exc:  # re-raised in the consumer, with its traceback
             failure.append(exc)
-        finally:
-            q.put(sentinel)
+        put(sentinel)
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
-    while True:
-        item = q.get()
-        if item is sentinel:
-            break
-        yield item
-    thread.join()
+    try:
+        while True:
+            item = q.get()
+            if item is sentinel:
+                break
+            yield item
+    finally:
+        stop.set()
+        thread.join()
     if failure:
         raise failure[0]
 
@@ -168,7 +261,7 @@ def extract_into(store: FeatureStore, backbone: torch.nn.Module, load_item: Call
             yield run, torch.stack([load_item(i) for i in run])
 
     written = 0
-    for run, images in _prefetch(batches()):
+    for run, images in prefetch_iter(batches()):
         dense, pooled = embed(backbone, images, precision)
         store.write(run, dense, pooled)
         written += len(run)
@@ -211,8 +304,92 @@ class ConcatFeatures:
         s = int(np.searchsorted(self.offsets, i, side="right") - 1)
         return self.stores[s][int(i - self.offsets[s])]
 
+    def read_batch(self, indices: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`FeatureStore.read_batch` over the concatenation (one read per store touched)."""
+        idx = _check_indices(indices, len(self))
+        if out is None:
+            out = np.empty((len(idx), *self.shape[1:]), dtype=np.float16)
+        which = np.searchsorted(self.offsets, idx, side="right") - 1
+        if len(self.stores) == 1 or (len(idx) and (which == which[0]).all()):
+            s = int(which[0]) if len(idx) else 0
+            return self.stores[s].read_batch(idx - self.offsets[s], out=out)
+        for s in np.unique(which):
+            pos = np.flatnonzero(which == s)
+            out[pos] = self.stores[s].read_batch(idx[pos] - self.offsets[s])
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.stores)
+
+    @property
+    def in_memory(self) -> bool:
+        return all(s.in_memory for s in self.stores)
+
     def pooled_all(self) -> np.ndarray:
         return np.concatenate([s.pooled_all() for s in self.stores])
 
-    def load_all(self, max_bytes: int = 8 << 30) -> bool:
-        return all(s.load_all(max_bytes // len(self.stores)) for s in self.stores)
+    def load_all(self, max_bytes: int | None = None) -> bool:
+        """Every store in memory when together they fit ``max_bytes`` (default :func:`memory_budget`)."""
+        if self.nbytes > (memory_budget() if max_bytes is None else max_bytes):
+            return False
+        return all(s.load_all(self.nbytes) for s in self.stores)
+
+    def unload(self) -> None:
+        for s in self.stores:
+            s.unload()
+
+
+def _check_indices(indices: Sequence[int], n: int) -> np.ndarray:
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if len(idx) and (idx.min() < 0 or idx.max() >= n):
+        raise IndexError(f"item indices must lie in [0, {n}), got [{idx.min()}, {idx.max()}]")
+    return idx
+
+
+def read_items(features: Sequence, indices: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
+    """``features[i]`` for i in ``indices`` as one ``(B, C, h, w)`` array (into ``out`` when given).
+
+    Uses ``features.read_batch`` where the source has one (feature stores: one concurrent read), else
+    indexes item by item (a list of arrays, a source that computes its items).
+    """
+    if hasattr(features, "read_batch"):
+        return features.read_batch(indices, out=out)
+    items = [np.asarray(features[int(i)]) for i in indices]
+    if out is None:
+        return np.stack(items)
+    for j, item in enumerate(items):
+        out[j] = item
+    return out
+
+
+@dataclass(frozen=True)
+class ReadMode:
+    """How training reads its dense features: :data:`IN_MEMORY` or :data:`STREAMED`, and why."""
+
+    mode: str
+    nbytes: int  # dense features of every source together (float16)
+    budget: int  # the memory budget they were compared with
+
+    def __str__(self) -> str:
+        return (f"{self.mode} ({self.nbytes / 2**30:.2f} GiB of dense features, "
+                f"budget {self.budget / 2**30:.2f} GiB, ${MEMORY_ENV})")
+
+
+def choose_read_mode(sources: Sequence, max_bytes: int | None = None) -> ReadMode:
+    """Load every source into memory when together they fit ``max_bytes``, else stream them all.
+
+    ``sources`` have ``nbytes``, ``load_all`` and ``unload`` (feature stores, :class:`ConcatFeatures`,
+    view banks). ``max_bytes`` defaults to :func:`memory_budget`. The choice is logged.
+    """
+    budget = memory_budget() if max_bytes is None else int(max_bytes)
+    total = sum(int(s.nbytes) for s in sources)
+    fits = total <= budget
+    for s in sources:
+        if fits:
+            s.load_all(total)
+        else:
+            s.unload()
+    choice = ReadMode(IN_MEMORY if fits else STREAMED, total, budget)
+    _log.debug("training reads features %s", choice)
+    return choice

@@ -4,23 +4,29 @@ No backbone runs here: ``features[i]`` is a cached (C, h, w) map (METHODS.md §5
 seeded from ``config.seed`` and checkpointed (model and optimiser states, the global torch RNG that drives
 dropout, the CPU generator that draws sample points and derangements, the numpy generator and the current
 epoch order), so an interrupted run resumed from its checkpoint ends bit-identical to an uninterrupted one.
+
+The numpy generator and the epoch order only *plan* batches (which items, which KNN positive): they run
+ahead of the step in the loop's prefetcher, and a checkpoint stores them as of the last step computed
+(``usseg_core.trainer``). Features held in memory or streamed from Zarr give the same batches.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from usseg_core.errors import ConfigError
+from usseg_core.features import read_items
 from usseg_core.heads.probes import ClusterProbe
 from usseg_core.heads.stego import StegoConfig, StegoHead, StegoLoss
 from usseg_core.shifts import choose_shifts, measure_correlations
 from usseg_core.backbones.base import resolve_device
-from usseg_core.trainer import TrainingMethod, load_checkpoint, run_training, to_float
+from usseg_core.trainer import TrainingMethod, host_batch, load_checkpoint, run_training, to_device
 
 
 
@@ -57,10 +63,12 @@ def _validate(features: Sequence, knn: np.ndarray, config: StegoConfig) -> tuple
     return n, int(first.shape[0])
 
 
-def stack_items(features: Sequence, indices: np.ndarray, device: torch.device) -> torch.Tensor:
-    """``features[i]`` for i in ``indices`` as one fp32 batch (B, C, h, w) on ``device``."""
-    arr = np.stack([np.asarray(features[int(i)], dtype=np.float32) for i in indices])  # (B, C, h, w)
-    return torch.from_numpy(arr).to(device)
+def read_host_batch(features: Sequence, indices: np.ndarray, item_shape: tuple[int, ...],
+                    device: torch.device) -> torch.Tensor:
+    """``features[i]`` (each ``item_shape``) for i in ``indices``: one float32 host batch, pinned for CUDA."""
+    out = host_batch((len(indices), *item_shape), device)  # (B, C, h, w)
+    read_items(features, indices, out=out.numpy())
+    return out
 
 
 class EpochOrder:
@@ -81,11 +89,19 @@ class EpochOrder:
         return idx
 
     def state(self) -> dict:
-        return {"order": torch.from_numpy(self.order.astype(np.int64)), "cursor": self.cursor}
+        # the order array is replaced, never changed in place: the snapshot may share it
+        return {"order": torch.from_numpy(np.asarray(self.order, dtype=np.int64)), "cursor": self.cursor}
 
     def load_state(self, state: dict) -> None:
         self.order = state["order"].numpy().copy()
         self.cursor = int(state["cursor"])
+
+
+class StegoPlan(NamedTuple):
+    """What one STEGO step reads: its images and their KNN positives."""
+
+    idx: np.ndarray  # (B,) items of the batch
+    pos: np.ndarray  # (B,) one KNN neighbour of each (rank 1..num_neighbors, never self)
 
 
 class StegoMethod(TrainingMethod):
@@ -96,7 +112,8 @@ class StegoMethod(TrainingMethod):
     def __init__(self, features: Sequence, knn: np.ndarray, n_classes: int, config: StegoConfig, shifts,
                  device: torch.device, aux: nn.Module | None) -> None:
         self.features, self.knn, self.config, self.device = features, np.asarray(knn), config, device
-        in_dim = int(np.asarray(features[0]).shape[0])
+        self.item_shape = tuple(np.asarray(features[0]).shape)  # (C, h, w)
+        in_dim = self.item_shape[0]
         torch.manual_seed(config.seed)  # initialisation and dropout draw from the global torch RNG
         self.head = StegoHead(in_dim, config.dim, config.dropout).to(device)
         self.cluster = ClusterProbe(config.dim, n_classes).to(device)
@@ -107,7 +124,7 @@ class StegoMethod(TrainingMethod):
         aux_params = list(self.aux.parameters()) if self.aux is not None else []
         self.opt_aux = torch.optim.Adam(aux_params, lr=config.probe_lr) if aux_params else None
         self.sampler = torch.Generator().manual_seed(config.seed)  # loss sample points + derangements
-        self.rng = np.random.default_rng(config.seed)  # epoch orders + KNN rank picks
+        self.rng = np.random.default_rng(config.seed)  # plans: epoch orders + KNN rank picks
         self.epochs = EpochOrder(len(features), self.rng)
 
     def modules(self) -> dict[str, nn.Module]:
@@ -120,21 +137,32 @@ class StegoMethod(TrainingMethod):
         return [o for o in (self.opt_head, self.opt_cluster, self.opt_aux) if o is not None]
 
     def state(self) -> dict:
-        return {"sampler": self.sampler.get_state(), "numpy_rng": self.rng.bit_generator.state,
-                **self.epochs.state()}
+        return {"sampler": self.sampler.get_state()}
 
     def load_state(self, state: dict) -> None:
         self.sampler.set_state(state["sampler"])
+
+    def plan_state(self) -> dict:
+        return {"numpy_rng": self.rng.bit_generator.state, **self.epochs.state()}
+
+    def load_plan_state(self, state: dict) -> None:
         self.rng.bit_generator.state = state["numpy_rng"]
         self.epochs.load_state(state)
 
-    def step(self) -> dict:
-        """One optimisation step of head, cluster probe and aux; returns float stats."""
-        config, dev = self.config, self.device
-        idx = self.epochs.next_batch(config.batch_size)  # (B,)
-        ranks = self.rng.integers(1, config.num_neighbors + 1, size=len(idx))  # KNN rank 1..k, never self
-        feats = stack_items(self.features, idx, dev)  # (B, C, h, w)
-        feats_pos = stack_items(self.features, self.knn[idx, ranks], dev)  # (B, C, h, w)
+    def plan(self, step: int) -> StegoPlan:
+        idx = self.epochs.next_batch(self.config.batch_size)  # (B,)
+        ranks = self.rng.integers(1, self.config.num_neighbors + 1, size=len(idx))  # KNN rank 1..k, never self
+        return StegoPlan(idx, self.knn[idx, ranks])
+
+    def read(self, plan: StegoPlan) -> torch.Tensor:
+        """Images then positives, one read: (2B, C, h, w) float32 on the host."""
+        return read_host_batch(self.features, np.concatenate([plan.idx, plan.pos]), self.item_shape,
+                               self.device)
+
+    def step(self, plan: StegoPlan, batch: torch.Tensor) -> dict:
+        """One optimisation step of head, cluster probe and aux; returns detached 0-d tensor stats."""
+        both = to_device(batch, self.device)  # (2B, C, h, w)
+        feats, feats_pos = both[:len(plan.idx)], both[len(plan.idx):]  # (B, C, h, w) each
 
         self.head.train()
         dropped, codes = self.head(feats)  # (B, C, h, w), (B, D, h, w)
@@ -143,20 +171,20 @@ class StegoMethod(TrainingMethod):
         # The probe sees detached codes: it must not shape the head ([code:STEGO]).
         cluster_loss, _ = self.cluster(codes.detach())
         total = stego_loss + cluster_loss
-        out = {"loss": to_float(stego_loss), "cluster_loss": to_float(cluster_loss)}
+        out = {"loss": stego_loss, "cluster_loss": cluster_loss}
         if self.aux is not None:
             aux_loss, aux_stats = self.aux(codes)  # undetached: OMH shapes the codes
             total = total + aux_loss
-            out["aux_loss"] = to_float(aux_loss)
-            out.update({f"aux_{k}": to_float(v) for k, v in aux_stats.items()})
+            out["aux_loss"] = aux_loss
+            out.update({f"aux_{k}": v for k, v in aux_stats.items()})
 
         for opt in self.optimisers():
             opt.zero_grad(set_to_none=True)
         total.backward()
         for opt in self.optimisers():
             opt.step()
-        out.update({k: to_float(v) for k, v in stats.items()})
-        return out
+        out.update(stats)
+        return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
 
 
 def train_stego(features: Sequence, knn: np.ndarray, n_classes: int, config: StegoConfig, *,

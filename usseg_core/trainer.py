@@ -9,15 +9,27 @@ progress bar, and the refusal to resume a checkpoint written with another config
 Bit-identical resume is a contract between the two: the loop checkpoints the global torch / CUDA RNGs, the
 module and optimiser states and whatever ``method.state()`` returns; a method must put every other piece of
 mutable state it reads (generators, epoch order, pseudo-labels, centroids) into ``state()``.
+
+Batches are read ahead of the step that uses them. A method splits its step in three: :meth:`~TrainingMethod.plan`
+decides what step ``s`` reads (item indices, views) from the method's *planning* generators alone, never from
+the model; :meth:`~TrainingMethod.read` does the IO for a plan (in a background thread, :class:`Prefetcher`);
+:meth:`~TrainingMethod.step` computes on the plan and its batch. The loop plans up to ``prefetch`` steps ahead,
+and keeps, with every plan, the planning state right after it was drawn: a checkpoint after step ``s`` stores
+the planning state as of step ``s`` (the last one *consumed*), not that of the plans drawn ahead, so a resumed
+run plans step ``s + 1`` exactly as the uninterrupted run did.
 """
 from __future__ import annotations
 
+import collections
 import os
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -27,6 +39,7 @@ from usseg_core.errors import InputError
 CHECKPOINT_VERSION = 2
 # Fields that may change between an interrupted run and its resumption without changing its result.
 RESUMABLE_FIELDS = frozenset({"steps", "checkpoint_every", "log_every"})
+PREFETCH = 3  # batches read ahead of the step being computed
 
 
 class TrainingMethod:
@@ -35,6 +48,7 @@ class TrainingMethod:
     name: str = "head"
     # When set, :meth:`begin_epoch` runs before the first step of every epoch (step % steps_per_epoch == 0).
     steps_per_epoch: int | None = None
+    device: torch.device = torch.device("cpu")  # where the step computes (batches are pinned for CUDA)
 
     def modules(self) -> dict[str, nn.Module]:
         """Named trainable modules; their state dicts are checkpointed and returned."""
@@ -44,19 +58,95 @@ class TrainingMethod:
         return []
 
     def state(self) -> dict:
-        """Everything else that must survive a resume (generators, epoch order, pseudo-labels)."""
+        """Everything else the *step* reads that must survive a resume (sampling generators, pseudo-labels)."""
         return {}
 
     def load_state(self, state: dict) -> None:
-        """Inverse of :meth:`state`."""
+        """Inverse of :meth:`state` (``state`` also holds :meth:`plan_state`'s keys)."""
 
-    def begin_epoch(self, epoch: int) -> dict[str, float] | None:
-        """A pass before epoch ``epoch`` (0-based), e.g. PiCIE's clustering; returns stats for the history."""
+    def plan(self, step: int) -> Any:
+        """What step ``step`` reads (indices, views), drawn from the planning state alone; runs ahead of
+        the step being computed, so it must never read the model or anything :meth:`step` changes."""
         return None
 
-    def step(self) -> dict[str, float]:
-        """One optimisation step; returns float stats (``loss`` at least)."""
+    def plan_state(self) -> dict:
+        """The state :meth:`plan` advances (its generator, the epoch order); keys distinct from :meth:`state`.
+
+        Called after every plan and kept until that step is consumed: return values that later plans
+        do not change in place (a generator's ``bit_generator.state`` dict, arrays that are replaced).
+        """
+        return {}
+
+    def load_plan_state(self, state: dict) -> None:
+        """Inverse of :meth:`plan_state`."""
+
+    def read(self, plan: Any) -> Any:
+        """The batch of ``plan`` on the host (IO only: no model, no generator); runs in the prefetch thread."""
+        return None
+
+    def begin_epoch(self, epoch: int, plan: Any) -> dict[str, float] | None:
+        """A pass before epoch ``epoch`` (0-based), e.g. PiCIE's clustering; ``plan`` is the epoch's first
+        step's plan. Returns stats for the history."""
+        return None
+
+    def step(self, plan: Any, batch: Any) -> dict[str, float | torch.Tensor]:
+        """One optimisation step on ``plan``'s ``batch``; returns stats (``loss`` at least): floats or
+        detached 0-d tensors, which the loop turns into floats only when it logs them."""
         raise NotImplementedError
+
+
+class Prefetcher:
+    """Plans steps in the caller's thread and reads their batches in a background thread, ``depth`` ahead.
+
+    :attr:`consumed_state` is the method's planning state as of the last step handed out by :meth:`next`
+    (before any, as of construction): what a checkpoint stores.
+    """
+
+    def __init__(self, method: TrainingMethod, first_step: int, steps: int, depth: int = PREFETCH) -> None:
+        self.method, self.next_step, self.steps, self.depth = method, first_step, steps, max(1, depth)
+        self.pending: collections.deque[tuple[Any, dict, Future]] = collections.deque()
+        self.consumed_state = method.plan_state()
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usseg-prefetch")
+
+    def _fill(self) -> None:
+        while len(self.pending) < self.depth and self.next_step < self.steps:
+            plan = self.method.plan(self.next_step)
+            self.pending.append((plan, self.method.plan_state(), self.pool.submit(self.method.read, plan)))
+            self.next_step += 1
+
+    def peek(self) -> Any:
+        """The next step's plan (its batch may still be loading)."""
+        self._fill()
+        return self.pending[0][0]
+
+    def next(self) -> tuple[Any, Any]:
+        """The next step's plan and batch (waits for the read; re-raises its error)."""
+        self._fill()
+        plan, state, future = self.pending.popleft()
+        self._fill()  # keep ``depth`` reads in flight while this step computes
+        batch = future.result()
+        self.consumed_state = state
+        return plan, batch
+
+    def close(self) -> None:
+        """Drop the reads ahead (waits for the one running)."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pending.clear()
+
+
+def host_batch(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """An empty float32 CPU batch to read into: in pinned memory when the step runs on CUDA."""
+    return torch.empty(shape, dtype=torch.float32, pin_memory=device.type == "cuda")
+
+
+def pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` in pinned memory when the step runs on CUDA (copied in the prefetch thread), else ``t``."""
+    return t.pin_memory() if device.type == "cuda" and not t.is_pinned() else t
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on ``device``; asynchronous from pinned memory (a no-op on the CPU)."""
+    return t.to(device, non_blocking=True)
 
 
 @dataclass
@@ -122,7 +212,8 @@ def _changed_fields(saved: dict, now: dict, resumable: set[str]) -> list[str]:
 
 def run_training(method: TrainingMethod, config: dict, *, steps: int, checkpoint_every: int, log_every: int,
                  checkpoint_path: Path | None = None, checkpoint: dict | None = None, context: dict | None = None,
-                 progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> LoopResult:
+                 progress: bool = True, on_step: Callable[[int, dict], None] | None = None,
+                 prefetch: int = PREFETCH) -> LoopResult:
     """Run ``method`` to ``steps`` steps, resuming from ``checkpoint`` (see :func:`load_checkpoint`).
 
     Args:
@@ -133,7 +224,8 @@ def run_training(method: TrainingMethod, config: dict, *, steps: int, checkpoint
         checkpoint: a loaded checkpoint to continue from (the caller loads it first when building the
             method needs something stored in it, e.g. STEGO's measured shifts in ``context``).
         context: JSON-able values stored with every checkpoint and returned (e.g. measured shifts).
-        on_step: ``on_step(step, stats)`` after every step (step counts from 1).
+        on_step: ``on_step(step, stats)`` after every step (step counts from 1; stats are floats).
+        prefetch: batches read ahead in a background thread (:class:`Prefetcher`).
     """
     modules, opts = method.modules(), method.optimisers()
     step, history = 0, []
@@ -147,6 +239,7 @@ def run_training(method: TrainingMethod, config: dict, *, steps: int, checkpoint
         if checkpoint["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
         method.load_state(checkpoint["method_state"])
+        method.load_plan_state(checkpoint["method_state"])
         step, history = int(checkpoint["step"]), list(checkpoint["history"])
         context = dict(checkpoint.get("context") or {})
 
@@ -157,34 +250,50 @@ def run_training(method: TrainingMethod, config: dict, *, steps: int, checkpoint
                 "optimisers": [o.state_dict() for o in opts],
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "method_state": method.state()}
+                "method_state": _merged(method.state(), feed.consumed_state)}
 
     first_step, t0 = step, time.perf_counter()
     spe = method.steps_per_epoch
     has_pass = type(method).begin_epoch is not TrainingMethod.begin_epoch  # say so only when one runs
     bar = tqdm(total=steps, initial=step, disable=not progress, desc=method.name, dynamic_ncols=True)
-    while step < steps:
-        if spe and step % spe == 0:
-            if has_pass:
-                bar.set_postfix_str(f"epoch {step // spe}: per-epoch pass (e.g. clustering)")
-            epoch_stats = method.begin_epoch(step // spe)
-            if epoch_stats:
-                history.append({"step": step, "epoch": step // spe, **epoch_stats})
-        stats = method.step()
-        step += 1
-        bar.update(1)
-        if step % log_every == 0 or step == steps:
-            history.append({"step": step, **stats})
-            bar.set_postfix(loss=f"{stats.get('loss', float('nan')):.4f}")
-        if checkpoint_path is not None and (step % checkpoint_every == 0 or step == steps):
-            save_atomic(snapshot(), Path(checkpoint_path))
-        if on_step is not None:
-            on_step(step, stats)
-    bar.close()
+    feed = Prefetcher(method, step, steps, prefetch)
+    try:
+        while step < steps:
+            if spe and step % spe == 0:
+                if has_pass:
+                    bar.set_postfix_str(f"epoch {step // spe}: per-epoch pass (e.g. clustering)")
+                epoch_stats = method.begin_epoch(step // spe, feed.peek())
+                if epoch_stats:
+                    history.append({"step": step, "epoch": step // spe, **epoch_stats})
+            plan, batch = feed.next()
+            stats = method.step(plan, batch)
+            del batch
+            step += 1
+            bar.update(1)
+            logged = step % log_every == 0 or step == steps
+            if logged or on_step is not None:  # floats only when needed: each one waits for the device
+                stats = {k: _number(v) for k, v in stats.items()}
+            if logged:
+                history.append({"step": step, **stats})
+                bar.set_postfix(loss=f"{stats.get('loss', float('nan')):.4f}")
+            if checkpoint_path is not None and (step % checkpoint_every == 0 or step == steps):
+                save_atomic(snapshot(), Path(checkpoint_path))
+            if on_step is not None:
+                on_step(step, stats)
+    finally:
+        feed.close()
+        bar.close()
     ran = step - first_step
     return LoopResult(states={n: cpu_state(m) for n, m in modules.items()}, history=list(history),
                       steps_done=step, seconds_per_step=(time.perf_counter() - t0) / ran if ran else None,
                       context=context)
+
+
+def _merged(state: dict, plan_state: dict) -> dict:
+    clash = set(state) & set(plan_state)
+    if clash:
+        raise ValueError(f"method state and plan state share keys {sorted(clash)}")
+    return {**state, **plan_state}
 
 
 def cpu_state(module: nn.Module) -> dict:
@@ -193,3 +302,10 @@ def cpu_state(module: nn.Module) -> dict:
 
 def to_float(v) -> float:
     return float(v.item()) if isinstance(v, torch.Tensor) else float(v)
+
+
+def _number(v):
+    # a stat for the history: tensors become floats (one device sync each), numpy scalars Python numbers
+    if isinstance(v, torch.Tensor):
+        return float(v.item())
+    return v.item() if isinstance(v, np.generic) else v

@@ -42,11 +42,12 @@ import torchvision.transforms.functional as TF
 
 from usseg_core.crops import center_crop_box
 from usseg_core.errors import ConfigError, InputError
-from usseg_core.features import FeatureStore
+from usseg_core.features import FeatureStore, memory_budget
 from usseg_core.store import atomic_write_json
 from usseg_core.views import ViewSpec, _resize
 
 PLAIN, WARPED, DRAWS_FILE = "plain.zarr", "warped.zarr", "draws.json"  # files of a view-bank artifact
+PLAIN_KIND, WARPED_KIND = "plain", "warped"  # the two renderings of a view
 BASE_POLICIES = ("center_crop", "full")  # one item per image: the base frame is one region
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")  # torchvision ColorJitter's op indices
 _IDENTITY = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0}
@@ -410,18 +411,31 @@ class ViewBank:
         """Features of ``G_v(P_v(base(x_i)))``: (C, h, w) float16."""
         return self.warped_store[i * self.n_views + v]
 
-    def _batch(self, store: FeatureStore, idx: Sequence[int], vs: int | Sequence[int]) -> torch.Tensor:
-        vs = [vs] * len(idx) if isinstance(vs, int) else list(vs)
+    def read_batch(self, kind: str, idx: Sequence[int], vs: int | Sequence[int],
+                   out: np.ndarray | None = None) -> np.ndarray:
+        """Features of images ``idx``, views ``vs`` (one or one per image); kind "plain" | "warped".
+
+        ``(B, C, h, w)``, float16 or into ``out`` (any float dtype): one concurrent read of the distinct
+        chunks (:meth:`FeatureStore.read_batch`), or a copy when the bank is in memory.
+        """
+        if kind not in (PLAIN_KIND, WARPED_KIND):
+            raise ConfigError(f"view-bank features are {PLAIN_KIND!r} or {WARPED_KIND!r}, not {kind!r}")
+        store = self.plain_store if kind == PLAIN_KIND else self.warped_store
+        vs = [vs] * len(idx) if isinstance(vs, (int, np.integer)) else list(vs)
         items = [int(i) * self.n_views + int(v) for i, v in zip(idx, vs, strict=True)]
-        return torch.from_numpy(np.stack([store[k] for k in items]).astype(np.float32))  # (B, C, h, w)
+        return store.read_batch(items, out=out)
+
+    def _batch(self, kind: str, idx: Sequence[int], vs: int | Sequence[int]) -> torch.Tensor:
+        out = np.empty((len(idx), *self.shape), dtype=np.float32)
+        return torch.from_numpy(self.read_batch(kind, idx, vs, out=out))  # (B, C, h, w)
 
     def plain_batch(self, idx: Sequence[int], vs: int | Sequence[int]) -> torch.Tensor:
         """(B, C, h, w) float32 plain features of images ``idx``, views ``vs`` (one or one per image)."""
-        return self._batch(self.plain_store, idx, vs)
+        return self._batch(PLAIN_KIND, idx, vs)
 
     def warped_batch(self, idx: Sequence[int], vs: int | Sequence[int]) -> torch.Tensor:
         """(B, C, h, w) float32 warped features of images ``idx``, views ``vs``."""
-        return self._batch(self.warped_store, idx, vs)
+        return self._batch(WARPED_KIND, idx, vs)
 
     def draw(self, i: int, v: int) -> ViewDraw:
         return self.draws[i][v]
@@ -429,6 +443,21 @@ class ViewBank:
     def geometry(self, i: int, v: int) -> Geometry:
         return self.draws[i][v].geometry
 
-    def load_all(self, max_bytes: int = 8 << 30) -> bool:
-        """Keep both stores in memory when together they fit in ``max_bytes``."""
-        return self.plain_store.load_all(max_bytes // 2) and self.warped_store.load_all(max_bytes // 2)
+    @property
+    def nbytes(self) -> int:
+        """Bytes of both stores' dense maps in memory (float16)."""
+        return self.plain_store.nbytes + self.warped_store.nbytes
+
+    @property
+    def in_memory(self) -> bool:
+        return self.plain_store.in_memory and self.warped_store.in_memory
+
+    def load_all(self, max_bytes: int | None = None) -> bool:
+        """Keep both stores in memory when together they fit ``max_bytes`` (default: the memory budget)."""
+        if self.nbytes > (memory_budget() if max_bytes is None else max_bytes):
+            return False
+        return self.plain_store.load_all(self.nbytes) and self.warped_store.load_all(self.nbytes)
+
+    def unload(self) -> None:
+        self.plain_store.unload()
+        self.warped_store.unload()

@@ -1,6 +1,9 @@
 """What the heads trained on the view bank (PiCIE, HSG) share: the banks of several training splits seen as
 one list of images, and a :class:`~usseg_core.trainer.TrainingMethod` base that owns that list, the numpy
 generator of the batch order and their checkpointed state.
+
+The generator and the epoch order are *planning* state (``usseg_core.trainer``): they decide which images
+(and views) a step reads, ahead of the step, and are checkpointed as of the last step computed.
 """
 from __future__ import annotations
 
@@ -34,11 +37,18 @@ class BankIndex:
         return [(int(s), np.flatnonzero(which == s), idx[which == s] - self.offsets[s]) for s in np.unique(which)]
 
     def batch(self, kind: str, idx: np.ndarray, views: np.ndarray) -> Tensor:
-        """(B, C, h, w) float32 features of image ``idx[j]``'s view ``views[j]``; kind "plain" | "warped"."""
+        """(B, C, h, w) float32 features of image ``idx[j]``'s view ``views[j]``; kind "plain" | "warped".
+
+        One read per bank touched (a view bank reads its chunks concurrently, ``ViewBank.read_batch``).
+        """
+        parts = self._split(np.asarray(idx))
+        views = np.asarray(views)
+        if len(parts) == 1:  # one bank: its batch as it comes, no copy
+            s, pos, local = parts[0]
+            return getattr(self.banks[s], f"{kind}_batch")(local, views[pos])
         out = torch.empty((len(idx), *self.shape), dtype=torch.float32)
-        for s, pos, local in self._split(np.asarray(idx)):
-            get = getattr(self.banks[s], f"{kind}_batch")
-            out[torch.from_numpy(pos)] = get(local, np.asarray(views)[pos])
+        for s, pos, local in parts:
+            out[torch.from_numpy(pos)] = getattr(self.banks[s], f"{kind}_batch")(local, views[pos])
         return out
 
     def geometries(self, idx: np.ndarray, views: np.ndarray) -> list:
@@ -69,9 +79,13 @@ class BankMethod(TrainingMethod):
         self.epochs = EpochOrder(self.bank.n, self.rng)
         self.steps_per_epoch = max(1, self.bank.n // self.batch_size)
 
-    def state(self) -> dict:
+    def plan_state(self) -> dict:
         return {"numpy_rng": self.rng.bit_generator.state, **self.epochs.state()}
 
-    def load_state(self, state: dict) -> None:
+    def load_plan_state(self, state: dict) -> None:
         self.rng.bit_generator.state = state["numpy_rng"]
         self.epochs.load_state(state)
+
+    def next_images(self) -> np.ndarray:
+        """The next batch of images of the epoch order, sorted (the order within a batch is irrelevant)."""
+        return np.sort(self.epochs.next_batch(self.batch_size))  # (B,)

@@ -9,6 +9,7 @@ transformers over each image's V x K0 centroids; losses of Eq. 9 (``usseg_core.h
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from usseg_core.heads.hsg import (HsgConfig, HsgHead, Hierarchy, contrast_denomi
 from usseg_core.heads.bank_training import BankMethod
 from usseg_core.heads.registry import HeadInputs, TrainedState, config_to_dict
 from usseg_core.segsort import compact_ids, grid_kmeans, segment_means
-from usseg_core.trainer import RESUMABLE_FIELDS, load_checkpoint, run_training
+from usseg_core.trainer import RESUMABLE_FIELDS, load_checkpoint, pinned, run_training, to_device
 from usseg_core.viewbank import base_region, warp_labels
 from usseg_core.views import ViewSpec
 
@@ -50,6 +51,13 @@ def view_regions(banks: Sequence, segments: Sequence, grid_hw: tuple[int, int]) 
             geoms = [bank.geometry(i, v) for v in range(bank.n_views)]
             out.append(torch.from_numpy(warp_labels(frame, geoms, grid_hw)))
     return torch.stack(out)
+
+
+class HsgPlan(NamedTuple):
+    """What one HSG step reads: every view of B images, views of an image consecutive."""
+
+    img: np.ndarray  # (B*V,) image of each item
+    views: np.ndarray  # (B*V,) its view
 
 
 class HsgMethod(BankMethod):
@@ -88,23 +96,27 @@ class HsgMethod(BankMethod):
         passed = sum(t >= round(f * self.total_steps) for f in self.config.decay_at)
         return self.config.lr * self.config.decay_factor ** passed
 
-    def step(self) -> dict:
+    def plan(self, step: int) -> HsgPlan:
+        idx = self.next_images()  # (B,)
+        V = self.bank.n_views
+        return HsgPlan(np.repeat(idx, V), np.tile(np.arange(V), len(idx)))
+
+    def read(self, plan: HsgPlan) -> Tensor:
+        return pinned(self.bank.batch("warped", plan.img, plan.views), self.device)  # (B*V, C, h, w)
+
+    def step(self, plan: HsgPlan, batch: Tensor) -> dict:
         cfg, V = self.config, self.bank.n_views
-        idx = np.sort(self.epochs.next_batch(self.batch_size))  # (B,)
-        B = len(idx)
-        img = np.repeat(idx, V)
-        views = np.tile(np.arange(V), B)
-        feats = self.bank.batch("warped", img, views).to(self.device)  # (B*V, C, h, w)
+        feats = to_device(batch, self.device)  # (B*V, C, h, w)
         emb = self.head(feats)  # (B*V, m, h, w)
-        regions = self.regions[torch.from_numpy(img), torch.from_numpy(views)].to(self.device).long()
-        loss, stats = hsg_loss(emb, regions, self.hier, cfg, V)
+        regions = self.regions[torch.from_numpy(plan.img), torch.from_numpy(plan.views)]
+        loss, stats = hsg_loss(emb, to_device(regions, self.device).long(), self.hier, cfg, V)
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.t)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         self.t += 1
-        return {"loss": float(loss.detach()), "lr": self.lr_at(self.t - 1), **stats}
+        return {"loss": loss.detach(), "lr": self.lr_at(self.t - 1), **stats}
 
 
 def hsg_loss(emb: Tensor, regions: Tensor, hier: Hierarchy, cfg: HsgConfig, n_views: int) -> tuple[Tensor, dict]:

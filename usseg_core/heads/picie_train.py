@@ -1,11 +1,14 @@
 """PiCIE training on the view bank: a per-epoch clustering pass and a training step on the shared loop.
 
 Everything that makes an epoch (the view pairing, both views' centroids, pseudo-labels and weights) is
-method state, checkpointed with the loop's: a run interrupted mid-epoch resumes bit-identically.
+method state, checkpointed with the loop's: a run interrupted mid-epoch resumes bit-identically. The view
+pairing is drawn with the batch order, by the planner (``usseg_core.trainer``): at an epoch's first step the
+pairs (a, b), then the epoch's order, the same draws in the same order as one generator always made them.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -15,15 +18,25 @@ from torch import Tensor
 from usseg_core.backbones.base import resolve_device
 from usseg_core.cluster import spherical_kmeans
 from usseg_core.errors import ConfigError
+from usseg_core.features import prefetch_iter
 from usseg_core.heads.picie import (PicieConfig, PicieHead, cluster_weights, over_clustering_weights,
                                     picie_loss)
 from usseg_core.heads.bank_training import BankMethod
 from usseg_core.heads.registry import HeadInputs, TrainedState, config_to_dict
-from usseg_core.trainer import RESUMABLE_FIELDS, load_checkpoint, run_training
+from usseg_core.trainer import RESUMABLE_FIELDS, load_checkpoint, pinned, run_training, to_device
 from usseg_core.viewbank import warp_maps
 
 PICIE_RESUMABLE = RESUMABLE_FIELDS | {"epochs"}
 _CLUSTER_BATCH = 32  # images per forward in the clustering pass
+
+
+class PiciePlan(NamedTuple):
+    """What one PiCIE step reads: images, view 1 = warped ``a``, view 2 = plain ``b`` of each."""
+
+    idx: np.ndarray  # (B,) sorted images
+    a: np.ndarray  # (B,) view of view 1 (its geometry G_a also warps view 2's codes)
+    b: np.ndarray  # (B,) view of view 2, != a
+    pairs: np.ndarray  # (N, 2) the epoch's (a, b) of every image (the clustering pass reads them)
 
 
 class PicieMethod(BankMethod):
@@ -50,38 +63,63 @@ class PicieMethod(BankMethod):
         return [self.opt]
 
     def state(self) -> dict:
-        return {**super().state(), "pairs": torch.from_numpy(self.pairs), "clusterings": self.clusterings}
+        return {"clusterings": self.clusterings}
 
     def load_state(self, state: dict) -> None:
-        super().load_state(state)
-        self.pairs = state["pairs"].numpy().copy()
         self.clusterings = list(state["clusterings"])
 
-    # --- the two views ---------------------------------------------------------------------------------
-    def _views(self, idx: np.ndarray, train: bool) -> tuple[Tensor, Tensor]:
-        """Unit codes (B, D, h, w) of view 1 = f(G_a P_a x) and view 2 = G_a(f(P_b x)) for images ``idx``."""
-        a, b = self.pairs[idx, 0], self.pairs[idx, 1]
-        f1 = self.bank.batch("warped", idx, a).to(self.device)  # (B, C, h, w)
-        f2 = self.bank.batch("plain", idx, b).to(self.device)
-        embed = self.head.embed if train else self.head.codes
-        z1 = embed(f1)  # (B, D, h, w)
-        # Equivariance: view 2 is embedded on the whole frame, then its *code map* is warped by G_a.
-        z2 = warp_maps(embed(f2), self.bank.geometries(idx, a), out_size=tuple(z1.shape[-2:]))
-        return z1, F.normalize(z2, dim=1)
+    def plan_state(self) -> dict:
+        return {**super().plan_state(), "pairs": torch.from_numpy(self.pairs)}
 
-    def _codes(self, view: int) -> Iterator[tuple[np.ndarray, Tensor]]:
-        with torch.no_grad():
+    def load_plan_state(self, state: dict) -> None:
+        super().load_plan_state(state)
+        self.pairs = state["pairs"].numpy().copy()
+
+    # --- the plan: view pairs at the start of an epoch, then its batches -------------------------------
+    def plan(self, step: int) -> PiciePlan:
+        if step % self.steps_per_epoch == 0:  # new view pairs: a replaced array, never changed in place
+            n, v = self.bank.n, self.bank.n_views
+            a = self.rng.integers(0, v, size=n)
+            b = (a + self.rng.integers(1, v, size=n)) % v  # a different view: P² ≠ P¹
+            self.pairs = np.stack([a, b], axis=1).astype(np.int64)
+        idx = self.next_images()  # (B,)
+        return PiciePlan(idx, self.pairs[idx, 0], self.pairs[idx, 1], self.pairs)
+
+    def read(self, plan: PiciePlan) -> tuple[Tensor, Tensor]:
+        """Warped view ``a`` and plain view ``b`` features of the plan's images: (B, C, h, w) each."""
+        return (pinned(self.bank.batch("warped", plan.idx, plan.a), self.device),
+                pinned(self.bank.batch("plain", plan.idx, plan.b), self.device))
+
+    # --- the two views ---------------------------------------------------------------------------------
+    def _view1(self, f1: Tensor, train: bool) -> Tensor:
+        """Unit codes (B, D, h, w) of view 1 = f(G_a P_a x) from its features (B, C, h, w)."""
+        return (self.head.embed if train else self.head.codes)(to_device(f1, self.device))
+
+    def _view2(self, f2: Tensor, idx: np.ndarray, a: np.ndarray, train: bool, out_hw) -> Tensor:
+        """Unit codes of view 2 = G_a(f(P_b x)): embedded on the whole frame, then its *code map* warped by G_a."""
+        z2 = (self.head.embed if train else self.head.codes)(to_device(f2, self.device))
+        return F.normalize(warp_maps(z2, self.bank.geometries(idx, a), out_size=tuple(out_hw)), dim=1)
+
+    def _codes(self, view: int, pairs: np.ndarray) -> Iterator[tuple[np.ndarray, Tensor]]:
+        """Eval codes of one view of every image, in batches (read one batch ahead)."""
+        def batches() -> Iterator[tuple[np.ndarray, Tensor]]:
             for start in range(0, self.bank.n, _CLUSTER_BATCH):
                 idx = np.arange(start, min(start + _CLUSTER_BATCH, self.bank.n))
-                yield idx, self._views(idx, train=False)[view - 1]
+                kind, v = ("warped", pairs[idx, 0]) if view == 1 else ("plain", pairs[idx, 1])
+                yield idx, self.bank.batch(kind, idx, v)
+
+        with torch.no_grad():
+            for idx, f in prefetch_iter(batches()):
+                if view == 1:
+                    yield idx, self._view1(f, train=False)
+                else:
+                    yield idx, self._view2(f, idx, pairs[idx, 0], train=False, out_hw=self.bank.shape[1:])
 
     # --- the clustering pass ---------------------------------------------------------------------------
-    def begin_epoch(self, epoch: int) -> dict:
-        """New view pairs, then k-means on each view separately and the epoch's fixed pseudo-labels."""
-        n, v = self.bank.n, self.bank.n_views
-        a = self.rng.integers(0, v, size=n)
-        b = (a + self.rng.integers(1, v, size=n)) % v  # a different view: P² ≠ P¹
-        self.pairs = np.stack([a, b], axis=1).astype(np.int64)
+    def begin_epoch(self, epoch: int, plan: PiciePlan) -> dict:
+        """k-means on each view separately (the epoch's view pairs, ``plan.pairs``) and the epoch's fixed
+        pseudo-labels."""
+        pairs = plan.pairs
         self.head.eval()
         stats: dict[str, float] = {}
         self.clusterings = []
@@ -89,7 +127,7 @@ class PicieMethod(BankMethod):
             c: dict = {"lam": float(lam), "k": int(k)}
             for view in (1, 2):
                 def pixels() -> Iterator[np.ndarray]:
-                    for _, z in self._codes(view):
+                    for _, z in self._codes(view, pairs):
                         yield z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float().cpu().numpy()  # (B*h*w, D)
 
                 seed = int(self.config.seed * 100_003 + epoch * 101 + ci * 11 + view)
@@ -97,7 +135,7 @@ class PicieMethod(BankMethod):
                                                        init_samples=self.config.kmeans_samples,
                                                        n_init_iter=self.config.kmeans_iters, seed=seed,
                                                        device=self.device.type))
-                labels, counts, fit = self._assign(view, mu)
+                labels, counts, fit = self._assign(view, mu, pairs)
                 c[f"mu{view}"], c[f"y{view}"] = mu, labels
                 c[f"w{view}"] = cluster_weights(counts, self.config.balance)
                 tag = f"{k}_v{view}"
@@ -108,13 +146,13 @@ class PicieMethod(BankMethod):
         self.head.train()
         return stats
 
-    def _assign(self, view: int, mu: Tensor) -> tuple[Tensor, Tensor, float]:
+    def _assign(self, view: int, mu: Tensor, pairs: np.ndarray) -> tuple[Tensor, Tensor, float]:
         """Pseudo-labels (N, h, w) int16, cluster pixel counts (K,), mean cosine to the assigned centroid."""
         labels = torch.empty((self.bank.n, *self.bank.shape[1:]), dtype=torch.int16)
         counts = torch.zeros(mu.shape[0], dtype=torch.float64)
         cos_sum, n_pix = 0.0, 0
         centres = F.normalize(mu.to(self.device), dim=1)
-        for idx, z in self._codes(view):
+        for idx, z in self._codes(view, pairs):
             best, lab = torch.einsum("bdhw,kd->bkhw", z, centres).max(dim=1)  # (B, h, w)
             labels[torch.from_numpy(idx)] = lab.to(torch.int16).cpu()
             counts += torch.bincount(lab.flatten().cpu(), minlength=mu.shape[0]).double()
@@ -122,18 +160,18 @@ class PicieMethod(BankMethod):
         return labels, counts, cos_sum / max(n_pix, 1)
 
     # --- the training step -----------------------------------------------------------------------------
-    def step(self) -> dict:
-        idx = np.sort(self.epochs.next_batch(self.batch_size))  # (B,)
-        z1, z2 = self._views(idx, train=True)
-        t = torch.from_numpy(idx)
-        batch = [{**{k: c[k].to(self.device) for k in ("mu1", "mu2", "w1", "w2")}, "lam": c["lam"],
-                  "y1": c["y1"][t].long().to(self.device), "y2": c["y2"][t].long().to(self.device)}
-                 for c in self.clusterings]
-        loss, stats = picie_loss(z1, z2, batch)
+    def step(self, plan: PiciePlan, batch: tuple[Tensor, Tensor]) -> dict:
+        z1 = self._view1(batch[0], train=True)  # (B, D, h, w)
+        z2 = self._view2(batch[1], plan.idx, plan.a, train=True, out_hw=z1.shape[-2:])
+        t = torch.from_numpy(plan.idx)
+        labels = [{**{k: c[k].to(self.device) for k in ("mu1", "mu2", "w1", "w2")}, "lam": c["lam"],
+                   "y1": to_device(c["y1"][t], self.device).long(), "y2": to_device(c["y2"][t], self.device).long()}
+                  for c in self.clusterings]
+        loss, stats = picie_loss(z1, z2, labels)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        return {"loss": float(loss.detach()), **stats}
+        return {"loss": loss.detach(), **stats}
 
 
 def train_picie_head(inputs: HeadInputs, config: dict, *, checkpoint_path=None, device: str = "auto",
