@@ -1,0 +1,223 @@
+"""The GPU check: one table of what runs on the accelerator, and CUDA-equals-CPU checks on small inputs.
+
+Run on a GPU machine with ``bench/gpu_check.sh`` (about 5 minutes on one H200); ``--smoke`` runs the same
+code at toy sizes on whatever device there is (the test suite runs it on CPU). Sections:
+
+1. extraction: ViT-S/8 (``vit_small_patch8_224.dino``, random weights: DINO's compute) at 224, img/s in
+   bf16 and fp32 on the same batches, and the bf16-vs-fp32 feature difference (max abs, relative L2).
+2. knn: ``mine_knn`` at N = 250k pooled features (dim 384, k 30) on the device, with the method it chose.
+3. pipeline: ``compare`` of every head (seed 0, short training) on synthetic scenes with ViT-S/8 at 224
+   on the device: training steps/s per head (the head artifact's s/step) and evaluation img/s (the
+   evaluation artifact's), i.e. the real flow, tasks and stores.
+4. equal: the same inputs on CUDA and on CPU: backbone features (fp32), head codes, exact KNN ids,
+   k-means centroids from one init, cluster-probe / k-means labels, linear-probe logits, each against a
+   stated tolerance; a failure exits 1.
+
+    bash bench/gpu_check.sh            # = python bench/gpu_check.py --out gpu_check.json
+    python bench/gpu_check.py --smoke  # toy sizes, any device
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import quiet_prefect, write_json  # noqa: E402
+
+VIT8 = "vit_small_patch8_224.dino"
+# name -> (check, tolerance): relative L2 error unless the name says agreement (a fraction, >= tolerance)
+TOLERANCES = {
+    "features fp32 rel L2": 1e-3,  # TF32 is off for the check; reduction order differs
+    "head codes rel L2": 1e-4,
+    "knn exact id agreement": 0.999,  # ties between equal similarities may swap
+    "k-means centroids rel L2": 1e-4,
+    "cluster-probe label agreement": 0.999,
+    "k-means label agreement": 0.999,
+    "linear-probe logits rel L2": 1e-4,
+}
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def extraction(device, batches: int, batch: int, side: int) -> dict:
+    """img/s of the backbone in bf16 and fp32 on the same batches, and the bf16 vs fp32 difference."""
+    import torch
+
+    from tasks.common import BackboneRef, load_backbone
+    from usseg_core.features import embed
+
+    backbone = load_backbone(BackboneRef(VIT8, random_weights=True, device=str(device)))
+    images = torch.rand(batches, batch, 3, side, side, generator=torch.Generator().manual_seed(0))
+    out, feats = {}, {}
+    for precision in ("bf16", "fp32"):
+        embed(backbone, images[0], precision)  # warm-up (kernels, autotuning)
+        _sync(device)
+        start = time.perf_counter()
+        for b in range(batches):
+            dense, _ = embed(backbone, images[b], precision)
+        _sync(device)
+        out[f"{precision} img/s"] = round(batches * batch / (time.perf_counter() - start), 1)
+        feats[precision] = dense
+    out["bf16 vs fp32 max abs"] = round(float(np.abs(feats["bf16"] - feats["fp32"]).max()), 4)
+    out["bf16 vs fp32 rel L2"] = round(_rel(feats["bf16"], feats["fp32"]), 4)
+    out["bf16 speed-up"] = round(out["bf16 img/s"] / out["fp32 img/s"], 2)
+    return out
+
+
+def knn(device, n: int) -> dict:
+    from usseg_core.knn import mine_knn
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((max(n // 500, 2), 384)).astype(np.float32)
+    x = centres[rng.integers(0, len(centres), n)] + 0.5 * rng.standard_normal((n, 384)).astype(np.float32)
+    start = time.perf_counter()
+    mine_knn(x, 30, device=str(device))
+    return {"N": n, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def pipeline(device, storage: Path, data: Path, smoke: bool) -> dict:
+    """Every head through the real compare flow on the device; per head its s/step and evaluation img/s."""
+    from flows.compare import compare
+    from usseg_core.datasets.synthetic import ensure_synthetic
+    from usseg_core.store import ArtifactStore
+
+    n_train, n_val = (8, 3) if smoke else (40, 12)
+    root = ensure_synthetic(data, n_train=n_train, n_val=n_val)
+    overrides = {"stego.steps": 4 if smoke else 100, "picie.epochs": 1, "hsg.epochs": 1}
+    backbone = "vit_small_patch16_224.dino" if smoke else VIT8
+    result = compare(dataset="synthetic", data_root=str(root), seeds=[0], backbone=backbone, random_weights=True,
+                     storage=str(storage), overrides=overrides, resolution=64 if smoke else 224, run_crf=False,
+                     device=str(device))
+    store, rows = ArtifactStore(storage), {}
+    for r in json.loads((Path(result["path"]) / "runs.json").read_text()):
+        head, ev = store.find(r["head_key"]).meta, store.find(r["evaluation_key"]).meta
+        rows[r["head"]] = {"train steps/s": round(1 / head["seconds_per_step"], 2) if head.get("seconds_per_step")
+                           else None, "eval img/s": ev.get("images_per_s"), "steps": head.get("steps")}
+    return {"backbone": backbone, "heads": rows, "storage": str(storage), "head_keys": {
+        r["head"]: r["head_key"] for r in json.loads((Path(result["path"]) / "runs.json").read_text())}}
+
+
+def equal(device, storage: Path, head_keys: dict) -> dict:
+    """CUDA vs CPU on the same small inputs; each value against TOLERANCES."""
+    import torch
+
+    from tasks.common import BackboneRef, load_backbone
+    from usseg_core.cluster import cluster_logits, spherical_kmeans
+    from usseg_core.features import embed
+    from usseg_core.heads import load_head
+    from usseg_core.heads.probes import LinearProbe
+    from usseg_core.knn import mine_knn
+    from usseg_core.store import ArtifactStore
+
+    cpu = torch.device("cpu")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    got = {}
+    images = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    ref = BackboneRef(VIT8, random_weights=True)
+    on = {d: embed(load_backbone(BackboneRef(ref.name, random_weights=True, device=str(d))), images, "fp32")[0]
+          for d in (cpu, device)}
+    got["features fp32 rel L2"] = _rel(on[device], on[cpu])
+    feats = torch.from_numpy(on[cpu])  # (2, 384, 28, 28)
+
+    store = ArtifactStore(storage)
+    stego = load_head(store.find(head_keys["stego"]).path)
+    heads = {d: load_head(store.find(head_keys["stego"]).path, d) for d in (cpu, device)}
+    with torch.no_grad():
+        codes = {d: heads[d].codes(torch.randn(2, stego.in_dim, 28, 28, generator=torch.Generator().manual_seed(2))
+                                   .to(d)) for d in (cpu, device)}
+        got["head codes rel L2"] = _rel(codes[device].cpu(), codes[cpu])
+        labels = {d: heads[d].cluster_logits(codes[cpu].to(d)).argmax(1).cpu() for d in (cpu, device)}
+        got["cluster-probe label agreement"] = float((labels[device] == labels[cpu]).float().mean())
+
+    x = np.random.default_rng(3).standard_normal((5000, 384)).astype(np.float32)
+    ids = {d: mine_knn(x, 30, device=str(d)) for d in (cpu, device)}
+    got["knn exact id agreement"] = float(np.mean([len(set(a) & set(b)) / len(a)
+                                                   for a, b in zip(ids[device][:, 1:8], ids[cpu][:, 1:8])]))
+
+    pixels = feats.permute(0, 2, 3, 1).reshape(-1, 384).numpy()
+    init = pixels[:: len(pixels) // 8][:8]
+    cents = {d: spherical_kmeans(lambda: (pixels[a:a + 256] for a in range(0, len(pixels), 256)), 8,
+                                 init_centroids=init, device=str(d)) for d in (cpu, device)}
+    got["k-means centroids rel L2"] = _rel(cents[device], cents[cpu])
+    km = {d: cluster_logits(feats.to(d), torch.from_numpy(cents[cpu]), alpha=2.0).argmax(1).cpu() for d in (cpu, device)}
+    got["k-means label agreement"] = float((km[device] == km[cpu]).float().mean())
+
+    probe = LinearProbe(384, 5)
+    with torch.no_grad():
+        logits = {d: probe.to(d)(feats.to(d)).cpu() for d in (cpu, device)}
+    got["linear-probe logits rel L2"] = _rel(logits[device], logits[cpu])
+
+    out = {}
+    for name, value in got.items():
+        tol = TOLERANCES[name]
+        ok = value >= tol if "agreement" in name else value <= tol
+        out[name] = {"value": float(f"{value:.3g}"), "tolerance": tol, "ok": bool(ok)}
+    return out
+
+
+def _table(result: dict) -> str:
+    lines = ["| section | measure | value |", "|---|---|---|"]
+    for k, v in result["extraction"].items():
+        lines.append(f"| extraction ViT-S/8 @{result['side']}, batch {result['batch']} | {k} | {v} |")
+    lines.append(f"| knn | N = {result['knn']['N']}, dim 384, k 30 | {result['knn']['seconds']} s |")
+    for head, row in result["pipeline"]["heads"].items():
+        lines.append(f"| pipeline ({result['pipeline']['backbone']}) | {head}: train steps/s | {row['train steps/s']} |")
+        lines.append(f"| pipeline ({result['pipeline']['backbone']}) | {head}: eval img/s | {row['eval img/s']} |")
+    for name, row in result.get("equal", {}).items():
+        lines.append(f"| {result['device']} = cpu | {name} (tol {row['tolerance']}) | {row['value']} {'ok' if row['ok'] else 'FAIL'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--smoke", action="store_true", help="toy sizes on any device (tests)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    quiet_prefect()
+    import torch
+
+    from usseg_core.device import resolve_device
+
+    device = resolve_device(args.device)
+    tmp = Path(tempfile.mkdtemp(prefix="usseg-gpucheck-"))
+    os.environ.setdefault("USSEG_STORAGE", str(tmp / "storage"))
+    batch, side = (2, 64) if args.smoke else (64, 224)
+    result = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+              "torch": torch.__version__, "batch": batch, "side": side}
+    t0 = time.perf_counter()
+    result["extraction"] = extraction(device, 2 if args.smoke else 8, batch, side)
+    result["knn"] = knn(device, 3000 if args.smoke else 250_000)
+    result["pipeline"] = pipeline(device, tmp / "storage", tmp / "data", args.smoke)
+    if device.type == "cuda" or args.smoke:  # smoke on CPU: CPU against CPU, the code path only
+        result["equal"] = equal(device, tmp / "storage", result["pipeline"]["head_keys"])
+    if device.type != "cuda":
+        result["equal_note"] = "no CUDA device: the CUDA = CPU checks compared CPU with CPU"
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    print(_table(result))
+    write_json(args.out, result)
+    if any(not row["ok"] for row in result.get("equal", {}).values()):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
