@@ -59,12 +59,21 @@ def resolve_precision(precision: str, device: str | torch.device = "auto") -> st
     return precision
 
 
-def to_device(array, device: torch.device) -> torch.Tensor:
-    """A host array or tensor on ``device``: through pinned memory and a non-blocking copy on CUDA."""
-    x = torch.from_numpy(array) if not isinstance(array, torch.Tensor) else array
-    if device.type == "cuda" and x.device.type == "cpu":
-        return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device)
+def host_batch(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """An empty float32 CPU batch to read into: in pinned memory when the work runs on CUDA."""
+    return torch.empty(shape, dtype=torch.float32, pin_memory=device.type == "cuda")
+
+
+def pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` in pinned memory when the work runs on CUDA (and ``t`` is not already), else ``t``."""
+    return t.pin_memory() if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned() else t
+
+
+def to_device(x, device: torch.device) -> torch.Tensor:
+    """A host array or tensor on ``device``: from pinned memory with a non-blocking copy on CUDA (a
+    no-op for a CPU tensor on the CPU)."""
+    t = torch.from_numpy(x) if not isinstance(x, torch.Tensor) else x
+    return pinned(t, device).to(device, non_blocking=True)
 
 
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -25,8 +25,8 @@ from usseg_core.features import read_items
 from usseg_core.heads.probes import ClusterProbe
 from usseg_core.heads.stego import StegoConfig, StegoHead, StegoLoss
 from usseg_core.shifts import choose_shifts, measure_correlations
-from usseg_core.backbones.base import resolve_device
-from usseg_core.trainer import TrainingMethod, host_batch, load_checkpoint, run_training, to_device
+from usseg_core.device import host_batch, resolve_device, to_device
+from usseg_core.trainer import TrainingMethod, load_checkpoint, run_training
 
 
 

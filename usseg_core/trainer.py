@@ -134,21 +134,6 @@ class Prefetcher:
         self.pending.clear()
 
 
-def host_batch(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """An empty float32 CPU batch to read into: in pinned memory when the step runs on CUDA."""
-    return torch.empty(shape, dtype=torch.float32, pin_memory=device.type == "cuda")
-
-
-def pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` in pinned memory when the step runs on CUDA (copied in the prefetch thread), else ``t``."""
-    return t.pin_memory() if device.type == "cuda" and not t.is_pinned() else t
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host batch on ``device``; asynchronous from pinned memory (a no-op on the CPU)."""
-    return t.to(device, non_blocking=True)
-
-
 @dataclass
 class LoopResult:
     """What the loop did: states are on the CPU, everything else JSON-able."""

@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from usseg_core.backbones.base import resolve_device
 from usseg_core.errors import ConfigError
 from usseg_core.heads.hsg import (HsgConfig, HsgHead, Hierarchy, contrast_denominator, knn_graph,
                                   modularity_terms, pixel_segment_loss, separation_term)
 from usseg_core.heads.bank_training import BankMethod
 from usseg_core.heads.registry import HeadInputs, TrainedState, config_to_dict
 from usseg_core.segsort import compact_ids, grid_kmeans, segment_means
-from usseg_core.trainer import RESUMABLE_FIELDS, load_checkpoint, pinned, run_training, to_device
+from usseg_core.device import pinned, resolve_device, to_device
+from usseg_core.trainer import RESUMABLE_FIELDS, load_checkpoint, run_training
 from usseg_core.viewbank import base_region, warp_labels
 from usseg_core.views import ViewSpec
 

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from usseg_core.backbones.base import resolve_device
 from usseg_core.cluster import spherical_kmeans
 from usseg_core.errors import ConfigError
 from usseg_core.features import prefetch_iter
@@ -23,7 +22,8 @@ from usseg_core.heads.picie import (PicieConfig, PicieHead, cluster_weights, ove
                                     picie_loss)
 from usseg_core.heads.bank_training import BankMethod
 from usseg_core.heads.registry import HeadInputs, TrainedState, config_to_dict
-from usseg_core.trainer import RESUMABLE_FIELDS, load_checkpoint, pinned, run_training, to_device
+from usseg_core.device import pinned, resolve_device, to_device
+from usseg_core.trainer import RESUMABLE_FIELDS, load_checkpoint, run_training
 from usseg_core.viewbank import warp_maps
 
 PICIE_RESUMABLE = RESUMABLE_FIELDS | {"epochs"}
