@@ -99,7 +99,7 @@ def register(app: typer.Typer) -> None:
         set_: Optional[List[str]] = typer.Option(
             None, "--set", help="Config override key=value (repeatable), routed to the heads that have it: "
                                 "stego.steps=1000 (STEGO and OMH), picie.epochs=5, hsg.epochs=5, bare names to "
-                                "every head whose main section has them, views.* / overseg.* to all."),
+                                "every head whose main section has them, views.* / overseg.* / knn.* to all."),
         runner: str = RunnerOpt,
         storage: Optional[Path] = StorageOpt,
     ) -> None:

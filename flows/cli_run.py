@@ -44,7 +44,7 @@ def run_pipeline(method: str, dataset: str, data_root: str | None, train_split: 
     dataset_options = sets.pop("dataset_options", None)
     n_clusters = sets.pop("n_clusters", None)
     spec = RunSpec(method, dataset, overrides=sets, retrieval_k=retrieval_k, retrieval_vote=retrieval_vote)
-    spec.validate()  # a bad --set (head section, views.*, overseg.*) fails before any server starts
+    spec.validate()  # a bad --set (head section, views.*, overseg.*, knn.*) fails before any server starts
     params = dict(
         task_runner=runner, dataset=dataset, data_root=data_root, train_split=train_split,
         eval_split=eval_split, method=method, backbone=backbone, weights=weights, random_weights=random_weights,
@@ -85,7 +85,8 @@ def register(app: typer.Typer) -> None:
                                 "(steps=2000), SECTION.field another (omh.w_match=0.1, picie.k_over=100), "
                                 "views.field the view bank (views.n_views=8), overseg.field the "
                                 "oversegmentation (overseg.detector, overseg.weights, overseg.t0, "
-                                "overseg.max_regions)."),
+                                "overseg.max_regions), knn.field the KNN search (knn.method=exact|ivf|hnsw|auto, "
+                                "knn.nprobe, knn.nlist, knn.ef_search, knn.m, knn.recall_floor)."),
         runner: str = RunnerOpt,
         storage: Optional[Path] = StorageOpt,
     ) -> None:

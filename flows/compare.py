@@ -39,7 +39,7 @@ DEFAULT_SEEDS = (0, 1, 2)
 def route_overrides(heads: list[str], overrides: dict | None) -> dict[str, dict]:
     """Per head, the ``--set`` keys that apply to it.
 
-    ``views.*`` / ``overseg.*`` go to every head (heads that do not use the stage ignore them);
+    ``views.*`` / ``overseg.*`` / ``knn.*`` go to every head (heads that do not use the stage ignore them);
     ``SECTION.field`` to the heads with that section (``stego.steps`` sets STEGO's and OMH's length, OMH's
     primary section being STEGO's); a bare field to the heads whose primary section has it. A key that no
     compared head takes fails before any work, and so does ``seed`` (the comparison sets it per run).

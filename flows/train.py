@@ -28,6 +28,7 @@ from tasks.views import ensure_views
 from usseg_core.crf import CRFParams
 from usseg_core.errors import ConfigError
 from usseg_core.heads import get_head, list_heads
+from usseg_core.knn import KnnSettings
 from usseg_core.overseg import OversegSettings
 from usseg_core.retrieval import K_DEFAULT as RETRIEVAL_K
 from usseg_core.retrieval import VOTE_DEFAULT as RETRIEVAL_VOTE
@@ -38,7 +39,8 @@ from usseg_core.viewbank import ViewBankConfig
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 VIEWS_PREFIX = "views."  # --set views.n_views=8: view-bank fields, shared by every head that uses it
 OVERSEG_PREFIX = "overseg."  # --set overseg.t0=0.1: oversegmentation settings (heads that need "oversegment")
-STAGE_PREFIXES = (VIEWS_PREFIX, OVERSEG_PREFIX)  # overrides of shared input stages, not of the head's config
+KNN_PREFIX = "knn."  # --set knn.method=hnsw: the KNN search (heads that need "knn")
+STAGE_PREFIXES = (VIEWS_PREFIX, OVERSEG_PREFIX, KNN_PREFIX)  # overrides of shared input stages, not of the head's config
 
 
 def _prefixed(overrides: dict | None, prefix: str, cls: type, what: str):
@@ -101,11 +103,15 @@ class RunSpec:
     def overseg_config(self) -> OversegSettings:
         return _prefixed(self.overrides, OVERSEG_PREFIX, OversegSettings, "oversegmentation")
 
+    def knn_config(self) -> KnnSettings:
+        return _prefixed(self.overrides, KNN_PREFIX, KnnSettings, "KNN search")
+
     def validate(self) -> None:
-        """Every override checked (head sections, views.*, overseg.*) before any work starts."""
+        """Every override checked (head sections, views.*, overseg.*, knn.*) before any work starts."""
         get_head(self.head).config(self.dataset, self.head_overrides())
         self.views_config()
         self.overseg_config().schedule(self.dataset)
+        self.knn_config()
         try:
             check_retrieval_options(self.retrieval_k, self.retrieval_vote)
         except ValueError as exc:
@@ -136,7 +142,7 @@ def train_inputs(run: RunSpec) -> dict:
         crops = ViewSpec("five_crop", run.resolution)
         inputs["features"] = cluster_on = [ensure_features(storage, d, ref, crops) for d in datas]
         if "knn" in spec.needs:
-            inputs["knn"] = ensure_knn(storage, inputs["features"], k=30)
+            inputs["knn"] = ensure_knn(storage, inputs["features"], k=30, settings=run.knn_config())
     if "oversegment" in spec.needs:  # before the views: a detector that cannot be built fails early
         ocfg = run.overseg_config()  # same DataRefs, hence same manifests and image order, as the views
         inputs["oversegment"] = [ensure_oversegmentation(storage, d, ocfg.detector, ocfg.weights,

@@ -9,9 +9,10 @@ import numpy as np
 from tasks.common import logger, stage_task, worker_id
 from usseg_core.errors import ConfigError
 from usseg_core.features import ConcatFeatures, FeatureStore
+from usseg_core.knn import KnnSettings
 from usseg_core.store import ArtifactStore, artifact_key
 
-KNN_VERSION = 1
+KNN_VERSION = 2  # 2: the search method and its parameters in the key (knn.*), what ran in meta
 HEAD_VERSION = 2  # 2: registry head.pt (format 2), config by section, inputs as upstream
 # One training at a time per process. Heads draw their initialisation and dropout from torch's global RNG
 # (and a linear probe's fork_rng restores it), so two trainings in threads of one process would interleave
@@ -34,30 +35,38 @@ def _feature_upstream(infos: list[dict]) -> dict:
 
 
 @stage_task("mine-knn")
-def ensure_knn(storage: str, feature_infos: list[dict], k: int = 30) -> dict:
+def ensure_knn(storage: str, feature_infos: list[dict], k: int = 30, settings: KnnSettings | None = None) -> dict:
     """Cosine top-k over the pooled, L2-normalised features of the crop set (column 0 = self).
 
-    The key covers every feature artifact (hence backbone fingerprint, resolution and crop set) and k;
-    they are also written out in the metadata: no key part is silently ignored (unlike STEGO's
-    ``nns_*_224.npz``, whose name ignores the configured resolution).
+    The key covers every feature artifact (hence backbone fingerprint, resolution and crop set), k and the
+    requested search (``settings.key_params()``: the method and the parameters it reads); they are also
+    written out in the metadata: no key part is silently ignored (unlike STEGO's ``nns_*_224.npz``, whose
+    name ignores the configured resolution). What ran (the method auto chose, effective nprobe / efSearch,
+    the recall of ranks 1..7 measured on a sample, a fallback to exact) is the metadata's ``search``.
     """
-    from usseg_core.knn import mine_knn
+    from usseg_core.knn import search_knn
 
+    settings = settings or KnnSettings()
     store = ArtifactStore(storage)
     upstream = _feature_upstream(feature_infos)
-    key = artifact_key("knn", KNN_VERSION, {"k": k}, upstream)
+    params = {"k": k, **settings.key_params()}
+    key = artifact_key("knn", KNN_VERSION, params, upstream)
     art = store.get("knn", key)
     if art is None:
         feats = open_features(feature_infos)
         metas = [store.find(i["key"]).meta for i in feature_infos]
-        art = store.begin("knn", key, version=KNN_VERSION, params={"k": k}, upstream=upstream,
+        art = store.begin("knn", key, version=KNN_VERSION, params=params, upstream=upstream,
                           dataset=metas[0].get("dataset"), backbone=metas[0].get("backbone"),
                           backbone_fingerprint=metas[0].get("backbone_fingerprint"),
                           views=[m.get("view") for m in metas])
-        knn = mine_knn(feats.pooled_all(), k)
-        np.save(art.file("knn.npy"), knn)
-        store.finish(art, n_items=int(knn.shape[0]), k=k)
-        logger().info("mined knn/%s: %d items, top-%d", key, knn.shape[0], k)
+        result = search_knn(feats.pooled_all(), k, settings)
+        np.save(art.file("knn.npy"), result.table)
+        store.finish(art, n_items=int(result.table.shape[0]), k=k, search=result.meta)
+        if result.meta.get("fallback"):
+            logger().warning("knn/%s: %s search missed recall floor %.3f; fell back to %s", key,
+                             result.meta["method"], settings.recall_floor, result.meta["fallback"])
+        logger().info("mined knn/%s: %d items, top-%d, %s, recall@7 %.4f, %.1f s", key, result.table.shape[0],
+                      k, result.meta["method"], result.meta["recall_at_7"], result.meta["seconds"])
     else:
         logger().info("cache hit: knn/%s", key)
     return {"key": key, "path": str(art.file("knn.npy"))}
