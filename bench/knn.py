@@ -12,9 +12,9 @@ Two kinds of features (N, dim), both L2-normalised, top-(k+1) cosine neighbours 
 * ``random``: i.i.d. Gaussian directions, no structure at all: the worst case of approximate search
   (every approximate method must fall back to exact there, or miss its recall floor).
 
-Each method runs in a fresh subprocess on the same saved features, so that peak memory (``ru_maxrss``)
-belongs to that method alone; reported memory is the peak resident set minus the resident set just
-before the call (features already loaded). ``recall@7`` is over every row against ``exact`` in the same
+Each method runs in a fresh subprocess on the same saved features, so that peak memory (VmHWM, reset
+just before the call) belongs to that method alone; reported memory is the peak resident set minus the
+resident set just before the call (features already loaded). ``recall@7`` is over every row against ``exact`` in the same
 run: the mean fraction of each row's exact ranks 1..7 (self excluded, STEGO's positives) found among the
 method's ranks 1..7. Speed ratios are against ``stego`` at the same N and data in the same run.
 
@@ -88,6 +88,26 @@ def _rss_mib() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def _reset_peak() -> bool:
+    """Reset the process's peak resident set (VmHWM) to the current one; False where Linux does not allow it.
+
+    ``ru_maxrss`` cannot be used alone: Linux keeps it across fork and execve, so a worker would start
+    with the parent's peak (the bench process holding every method's table).
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB -> MiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _worker(args: argparse.Namespace) -> None:
     """Run one method once on the saved features and print a JSON line; called in a fresh interpreter."""
     import torch
@@ -100,6 +120,8 @@ def _worker(args: argparse.Namespace) -> None:
 
         faiss.omp_set_num_threads(args.threads)
     x = np.load(args.features)
+    if not _reset_peak():
+        raise RuntimeError("bench/knn.py needs Linux's /proc/self/clear_refs to measure each method's peak")
     before = _rss_mib()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
@@ -115,7 +137,7 @@ def _worker(args: argparse.Namespace) -> None:
     end = resource.getrusage(resource.RUSAGE_SELF)
     # CPU seconds are less sensitive than wall time to other processes sharing the cores.
     cpu_seconds = (end.ru_utime + end.ru_stime) - (usage.ru_utime + usage.ru_stime)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
+    peak = _peak_mib()
     np.save(args.save, knn)
     print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_extra_mib": peak - before,
                       "peak_mib": peak, "meta": meta}))

@@ -40,7 +40,8 @@ DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 VIEWS_PREFIX = "views."  # --set views.n_views=8: view-bank fields, shared by every head that uses it
 OVERSEG_PREFIX = "overseg."  # --set overseg.t0=0.1: oversegmentation settings (heads that need "oversegment")
 KNN_PREFIX = "knn."  # --set knn.method=hnsw: the KNN search (heads that need "knn")
-STAGE_PREFIXES = (VIEWS_PREFIX, OVERSEG_PREFIX, KNN_PREFIX)  # overrides of shared input stages, not of the head's config
+# overrides of shared input stages, not of the head's config
+STAGE_PREFIXES = (VIEWS_PREFIX, OVERSEG_PREFIX, KNN_PREFIX)
 
 
 def _prefixed(overrides: dict | None, prefix: str, cls: type, what: str):

@@ -272,25 +272,34 @@ def _ivf_ladder(db: torch.Tensor, width: int, s: KnnSettings, sample: np.ndarray
     return table, {**meta, "recall_at_7": recall}
 
 
-def _hnsw(x: np.ndarray, width: int, s: KnnSettings, sample: np.ndarray, truth: np.ndarray, block: int):
-    """faiss HNSW with efSearch doubled until the sample recall reaches the floor: (table or None, meta)."""
+def _hnsw(x: np.ndarray, width: int, s: KnnSettings, sample: np.ndarray, truth: np.ndarray, block: int,
+          exact_seconds: float):
+    """faiss HNSW with efSearch doubled until the sample recall reaches the floor: (table or None, meta).
+
+    Doubling stops (and exact search takes over) when the next search, about twice the last, would take
+    the time spent past ``exact_seconds`` (exact search's estimated cost), or when a doubling did not halve
+    the shortfall (the floor is then several ever dearer doublings away).
+    """
     if not _faiss_available():
         raise ConfigError("knn.method=hnsw needs faiss (pip install faiss-cpu)")
     from usseg_core.knn_approx import HnswSearch
 
+    start = time.perf_counter()
     search = HnswSearch(x, width, s.m, s.ef_construction)
     ranks = min(RECALL_RANKS, width - 1)
     ef, ladder, shortfall = s.ef_search, [], 1.0
     while True:
+        begun = time.perf_counter()
         table = search.search(ef)
         recall = recall_at(_self_first(table[sample], sample), truth, ranks)
-        ladder.append({"ef_search": ef, "recall": recall})
-        # A doubling that does not halve the shortfall leaves the floor several doublings (each a full
-        # search costing twice the last) away: exact search is then the cheaper way to it.
-        if recall >= s.recall_floor or ef >= HNSW_MAX_EF or s.recall_floor - recall > shortfall / 2:
+        now = time.perf_counter()
+        ladder.append({"ef_search": ef, "recall": recall, "seconds": now - begun})
+        if (recall >= s.recall_floor or ef >= HNSW_MAX_EF or s.recall_floor - recall > shortfall / 2
+                or now - start + 2 * (now - begun) > exact_seconds):
             break
         shortfall, ef = s.recall_floor - recall, min(2 * ef, HNSW_MAX_EF)
-    meta = {"m": s.m, "ef_construction": s.ef_construction, "ef_search": ef, "effort": ladder}
+    meta = {"m": s.m, "ef_construction": s.ef_construction, "ef_search": ef, "effort": ladder,
+            "exact_seconds_estimate": exact_seconds}
     if recall < s.recall_floor:
         return None, meta
     meta["rows_redone_exactly"] = _fill_missing(table, torch.from_numpy(x), block)
@@ -333,9 +342,13 @@ def search_knn(features: np.ndarray, k: int = 30, settings: KnnSettings | None =
     if method in ("ivf", "hnsw"):
         sample = recall_sample(n, settings.recall_sample, settings.seed)
         db = torch.from_numpy(x).to(dev)
+        begun = time.perf_counter()
         truth = _self_first(_topk_torch(db, torch.from_numpy(sample).to(dev), width, block), sample)
-        search = _ivf if method == "ivf" else _hnsw
-        table, meta[method] = search(db if method == "ivf" else x, width, settings, sample, truth, block)
+        exact_seconds = (time.perf_counter() - begun) * n / len(sample)  # what exact search would cost
+        if method == "ivf":
+            table, meta[method] = _ivf(db, width, settings, sample, truth, block)
+        else:
+            table, meta[method] = _hnsw(x, width, settings, sample, truth, block, exact_seconds)
         del db
         meta["recall_at_7"] = meta[method].get("recall_at_7")
         if table is None:

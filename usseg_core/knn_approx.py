@@ -4,21 +4,23 @@ Both search every row of ``x`` among all rows (queries = database) and return (N
 by decreasing cosine; ``knn.mine_knn`` measures their recall on a sample against exact search and raises
 the effort (``IvfSearch.scan`` / ``HnswSearch.search``) until the sample recall reaches its floor.
 
-Why our own IVF rather than ``faiss.IndexIVFFlat``: measured at N = 100k, dim 384, k 31, 2 threads, on
-clustered features (bench/knn.py), faiss IVF1024 at nprobe 8 spends 18 cpu-s training (its k-means runs
-on the wheel's OpenBLAS, see knn.py), 4 cpu-s adding and 18 cpu-s searching (recall@7 0.998): it scans
-one query at a time, reading ~1.5 KB per candidate from memory, ~190 ns per candidate. Here the search is
-*list-major*: all queries that probe list c are one matrix product with c's members (MKL or cuBLAS), and a
-candidate only enters the top-k merge when it beats the query's current k-th similarity, so the selection
-touches few elements. Same inverted-file idea (Jegou et al., PAMI 2011), same recall at equal nprobe,
-~5x less CPU. faiss HNSW (M 16, efConstruction 40) needed 11 cpu-s to build and reached only 0.93
-recall@7 at efSearch 128 (26 cpu-s) on the same data, hence IVF is the default approximate method.
+Why our own IVF rather than ``faiss.IndexIVFFlat`` (measured at N = 100k, dim 384, k 31, 2 threads, on
+bench/knn.py's clustered features): faiss IVF1024 at nprobe 8 spent 18 CPU-s training (its k-means runs
+on the wheel's OpenBLAS, see knn.py), 4 adding and 18 searching (recall@7 0.998): it scans one query at
+a time, reading ~1.5 KB per candidate from memory, ~190 ns per candidate. Here the search is
+*list-major*: all queries that probe list c are one matrix product with c's members (MKL or cuBLAS), and
+a candidate only enters the top-k merge when it beats the query's current k-th similarity, so the
+selection touches few elements: the same inverted file and the same recall at equal nprobe, ~5 CPU-s in
+all (nlist 494, nprobe 4, recall@7 0.998). faiss HNSW is slower still on these data: M 16 /
+efConstruction 40 built in 11 CPU-s and reached 0.93 recall@7 at efSearch 128 (26 CPU-s); M 32 /
+efConstruction 80 built in 23 CPU-s, 0.988 at efSearch 64 (20 CPU-s), 0.995 at 128 (33 CPU-s). Hence
+IVF is the approximate method of ``auto``.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -151,7 +153,8 @@ class IvfSearch:
         keep = counts.double() * (n / sample) >= width
         self.centroids = cent[keep] if keep.any() else cent
         self.nlist = self.centroids.shape[0]
-        self._near: torch.Tensor | None = nearest_centroids(x, self.centroids, max(1, min(nprobe, self.nlist)), self.workers)  # (N, P) by row
+        first = max(1, min(nprobe, self.nlist))
+        self._near: torch.Tensor | None = nearest_centroids(x, self.centroids, first, self.workers)  # (N, P) by row
         self.list_of_row = self._near[:, 0]  # (N,) a row's list is its probe rank 0
         self.order = torch.argsort(self.list_of_row, stable=True)  # (N,) position -> row
         self.x = x[self.order]  # (N, C) rows sorted by list
