@@ -36,6 +36,18 @@ class Done:
         return None
 
 
+def _resolved(obj):
+    """``obj`` with every :class:`Done` in it (nested in lists, tuples, dicts) replaced by its value, as
+    Prefect resolves futures passed to a task."""
+    if isinstance(obj, Done):
+        return obj.value
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_resolved(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _resolved(v) for k, v in obj.items()}
+    return obj
+
+
 class StageTask(Task):
     """A stage's Prefect task (``ensure_*``: find the artifact or compute it).
 
@@ -45,12 +57,12 @@ class StageTask(Task):
 
     def __call__(self, *args, **kwargs):
         if lookups_only_active():
-            return self.fn(*args, **kwargs)
+            return self.fn(*_resolved(args), **_resolved(kwargs))
         return super().__call__(*args, **kwargs)
 
     def submit(self, *args, **kwargs):
         if lookups_only_active():
-            return Done(self.fn(*args, **kwargs))
+            return Done(self.fn(*_resolved(args), **_resolved(kwargs)))
         return super().submit(*args, **kwargs)
 
 
@@ -194,7 +206,12 @@ def backbone_fingerprint(ref: BackboneRef, storage: str) -> str:
 
 
 def input_multiple(name: str) -> int:
-    """Input-size multiple of a backbone, known from its registry name without building it."""
+    """Input-size multiple of a backbone, known from its registry name without building it (nor, for a
+    built-in backbone, importing timm)."""
+    from usseg_core.backbone_names import BUILTIN_INPUT_MULTIPLES
+
+    if name in BUILTIN_INPUT_MULTIPLES:
+        return BUILTIN_INPUT_MULTIPLES[name]
     from usseg_core.backbones.registry import backbone_input_multiple
 
     return backbone_input_multiple(name)

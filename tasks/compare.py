@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.common import DataRef, logger, stage_task
-from tasks.evaluate import evaluate_shard, predictor_scores
+from tasks.evaluate import evaluate_shard, evaluation_rows, predictor_scores
 from usseg_core import report
 from usseg_core.store import ArtifactStore, artifact_key
 
@@ -45,9 +45,7 @@ def training_record(storage: str, head_key: str) -> dict:
 
 def run_rows(run: dict) -> list[dict]:
     """The evaluation rows of one run, baseline rows renamed after their features, tagged with the seed."""
-    import pandas as pd
-
-    rows = pd.read_parquet(Path(run["evaluation_path"]) / "results.parquet").to_dict("records")
+    rows = evaluation_rows(run["evaluation_path"])
     out = []
     for r in rows:
         base = r["method"] == "raw-features"
@@ -123,11 +121,8 @@ def ensure_comparison(storage: str, params: dict, runs: list[dict], class_names:
 
 
 def _load(art) -> dict:
-    import pandas as pd
-
     runs = json.loads(art.file("runs.json").read_text())
-    return {"summary": art.meta["summary"], "runs": runs,
-            "rows": pd.read_csv(art.file("rows.csv")).to_dict("records")}
+    return {"summary": art.meta["summary"], "runs": runs, "rows": collect_rows(runs)}
 
 
 def _write_tables(art, rows: list[dict], summary: list[dict], runs: list[dict]) -> None:

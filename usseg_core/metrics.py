@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 OVERCLUSTER_MODES = ("unmatched-wrong", "majority")
 
@@ -140,6 +139,8 @@ def hungarian_scores(cm: np.ndarray, *, overcluster: str = "unmatched-wrong") ->
     if overcluster not in OVERCLUSTER_MODES:
         raise ValueError(f"overcluster must be one of {OVERCLUSTER_MODES}, got {overcluster!r}")
     cm = np.asarray(cm, dtype=np.int64)
+    from scipy.optimize import linear_sum_assignment  # lazy: scipy.optimize is slow to import
+
     rows, cols = linear_sum_assignment(cm, maximize=True)  # min(n_pred, n_classes) pairs
     assignment = np.full(cm.shape[0], -1, dtype=np.int64)  # (n_pred,)
     assignment[rows] = cols

@@ -87,9 +87,10 @@ class OversegSettings:
         m = self.max_regions
         if m is not None and (isinstance(m, bool) or not isinstance(m, int)):
             raise ConfigError(f"overseg.max_regions must be an integer >= 2, got {self.max_regions!r}")
-        from usseg_core.edges import list_edge_detectors
+        from usseg_core.edges import BUILTIN_DETECTORS, list_edge_detectors
 
-        if self.detector not in list_edge_detectors():
+        # a built-in name is valid without importing the detectors (torch, scipy, scikit-image)
+        if self.detector not in BUILTIN_DETECTORS and self.detector not in list_edge_detectors():
             raise ConfigError(f"overseg.detector={self.detector!r}: unknown edge detector; known: "
                               f"{', '.join(list_edge_detectors())}")
         if self.weights is not None and not Path(self.weights).is_file():

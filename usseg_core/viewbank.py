@@ -38,7 +38,6 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.functional as TF
 
 from usseg_core.crops import center_crop_box
 from usseg_core.errors import ConfigError, InputError
@@ -252,13 +251,21 @@ def _cut(image: np.ndarray, base_view: ViewSpec, geom: Geometry) -> torch.Tensor
     return x.clamp_(0.0, 1.0).contiguous()
 
 
+def _tf():
+    """torchvision's functional transforms, imported where views are rendered (importing torchvision
+    costs seconds: a cached command never needs it)."""
+    import torchvision.transforms.functional as TF
+
+    return TF
+
+
 def _contrast(img: torch.Tensor, factor: float, reference: torch.Tensor) -> torch.Tensor:
     # torchvision adjust_contrast, except that the mean grey comes from ``reference`` (the base frame)
-    mean = TF.rgb_to_grayscale(reference).mean()
+    mean = _tf().rgb_to_grayscale(reference).mean()
     return (factor * img + (1.0 - factor) * mean).clamp(0.0, 1.0)
 
 
-_JITTER_FN = {"brightness": TF.adjust_brightness, "saturation": TF.adjust_saturation, "hue": TF.adjust_hue}
+_JITTER_FN = {"brightness": "adjust_brightness", "saturation": "adjust_saturation", "hue": "adjust_hue"}
 
 
 def apply_photometric(img: torch.Tensor, p: Photometric, *, reference: torch.Tensor | None = None,
@@ -268,7 +275,7 @@ def apply_photometric(img: torch.Tensor, p: Photometric, *, reference: torch.Ten
     For a warped view, ``reference`` is the base frame (its mean grey is contrast's) and ``zoom`` the
     box's (height, width) fractions: sigma in base-frame pixels becomes ``sigma / zoom`` view pixels.
     """
-    ref = reference
+    ref, TF = reference, _tf()
     if p.jitter is not None:
         for name in (JITTER_OPS[k] for k in p.jitter["order"]):
             f = float(p.jitter[name])
@@ -278,8 +285,9 @@ def apply_photometric(img: torch.Tensor, p: Photometric, *, reference: torch.Ten
                 img = _contrast(img, f, img if ref is None else ref)
                 ref = None  # later ops no longer read the base frame
             else:
-                img = _JITTER_FN[name](img, f)
-                ref = None if ref is None else _JITTER_FN[name](ref, f)
+                adjust = getattr(TF, _JITTER_FN[name])
+                img = adjust(img, f)
+                ref = None if ref is None else adjust(ref, f)
     if p.gray:
         img = TF.rgb_to_grayscale(img, num_output_channels=3)
     if p.blur_sigma is not None:

@@ -335,3 +335,10 @@ def test_effnet_default_weights_are_not_random(effnet):
     assert not effnet.fingerprint.startswith("random-init")
     x = effnet.normalize(_images(1, 32, 32))
     assert not np.allclose(_dense(effnet, x).numpy(), _dense(rand, x).numpy())
+
+
+def test_the_timm_free_input_multiples_are_the_registry():
+    from usseg_core.backbone_names import BUILTIN_INPUT_MULTIPLES
+    from usseg_core.backbones.registry import backbone_input_multiple, list_backbones
+
+    assert BUILTIN_INPUT_MULTIPLES == {n: backbone_input_multiple(n) for n in list_backbones()}

@@ -18,11 +18,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy import ndimage as ndi
-from skimage.color import rgb2lab
 
 from usseg_core.edges import EdgeDetector, EdgeMap, register_edge_detector
-from usseg_core.edges.orientation import structure_tensor_tangent
 
 
 @dataclass
@@ -45,6 +42,11 @@ class ClassicalDetector(EdgeDetector):
         self.fingerprint = f"classical-v1[{params}]"
 
     def detect(self, image: np.ndarray) -> EdgeMap:
+        from scipy import ndimage as ndi  # lazy: building the detector (its fingerprint keys a cache
+        from skimage.color import rgb2lab  # look-up) stays cheap; running it needs them
+
+        from usseg_core.edges.orientation import structure_tensor_tangent
+
         lab = rgb2lab(image).transpose(2, 0, 1)  # (3, H, W) L in [0,100], a/b ~[-128,127]
         w = np.asarray(self.cfg.channel_weights, dtype=np.float64)[:, None, None]
         mag = np.zeros(image.shape[:2])
