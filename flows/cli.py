@@ -40,6 +40,8 @@ def extract(
     flip: bool = typer.Option(False, help="Mirror images (flip-TTA features)."),
     batch_size: int = typer.Option(8),
     on_error: str = typer.Option("raise", help="raise | skip: what to do with invalid files."),
+    precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16: part of the key."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda[:i]: where the backbone runs."),
     runner: str = RunnerOpt,
     storage: Optional[Path] = StorageOpt,
 ) -> None:
@@ -52,7 +54,7 @@ def extract(
         dataset=dataset, data_root=str(data_root) if data_root else None, split=split, backbone=backbone,
         weights=str(weights) if weights else None, random_weights=random_weights,
         policy=policy, resolution=resolution, flip=flip, storage=str(root),
-        batch_size=batch_size, on_error=on_error, task_runner=runner)
+        batch_size=batch_size, on_error=on_error, precision=precision, device=device, task_runner=runner)
     result = run_flow(extract_features, params, say=lambda line: print(line, flush=True))
     if result["cache_hit"]:
         console.print(f"[green]cache hit[/]: features/{result['key']} ({result['n']} items) - "
