@@ -12,7 +12,7 @@ worker, so workers never touch each other's chunks, and a killed run resumes ite
 Training reads batches of dense maps (:meth:`FeatureStore.read_batch`) in one of two modes, chosen once by
 :func:`choose_read_mode`: **in-memory** (every map decoded once into RAM) when the features fit the memory
 budget (:func:`memory_budget`: ``$USSEG_FEATURE_MEMORY``, default 8 GiB), **streamed** otherwise (every
-batch's chunks read from Zarr concurrently, nothing kept). Both give the same values bit for bit.
+batch's chunks read and decoded when it is read, nothing kept). Both give the same values bit for bit.
 """
 from __future__ import annotations
 
@@ -22,11 +22,13 @@ import logging
 import os
 import queue
 import re
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
+import numcodecs.blosc
 import numpy as np
 import torch
 import zarr
@@ -61,33 +63,65 @@ def memory_budget() -> int:
     return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
 
 
-def read_concurrency() -> int:
-    """Chunks decoded at once by a streamed read: a quarter of the cores (at least one).
+class _ChunkFiles:
+    """Direct reads of a dense array's chunk files, when they are what :meth:`FeatureStore.create` writes:
+    a local store, one item per chunk, little-endian bytes then one Blosc codec, nothing else.
 
-    Training reads in the background while torch computes on every core; decoding on all of them would
-    preempt torch's threads, and a parallel region waits for its slowest thread. One decode at a time
-    still reads a batch of 32 ViT-S/8 maps in ~60 ms of one core, well under a training step.
+    A background reader next to a Python training loop must hold the GIL as little as possible. Zarr 3's
+    read path runs per chunk in Python (asyncio tasks, indexers, buffers: ~1.7 ms of one core per
+    384x28x28 float16 chunk, and it slows a concurrent op-by-op torch loop by 1.6x on 2 cores); a file
+    read plus ``numcodecs.blosc.decompress`` into the batch (both without the GIL) costs ~0.8 ms and
+    slows it by 1.15x (measured, see bench/scale.py). Any other layout reads through Zarr.
     """
-    return max(1, (os.cpu_count() or 1) // 4)
+
+    def __init__(self, dense: zarr.Array, root: Path, key: Callable[[int], str], fill: float) -> None:
+        self.dense, self.root, self.key, self.fill = dense, root, key, fill
+
+    @classmethod
+    def of(cls, dense: zarr.Array) -> "_ChunkFiles | None":
+        from zarr.codecs import BytesCodec
+        from zarr.storage import LocalStore
+
+        meta = dense.metadata
+        codecs = getattr(meta, "codecs", ())
+        plain = (len(codecs) == 2 and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], BloscCodec)
+                 and (codecs[0].endian is None or codecs[0].endian.value == sys.byteorder))
+        if (not plain or not isinstance(dense.store, LocalStore) or dense.chunks != (1, *dense.shape[1:])
+                or np.dtype(dense.dtype) != np.float16):
+            return None
+        ndim = len(dense.shape)
+        return cls(dense, Path(dense.store.root) / dense.path,
+                   lambda i: meta.encode_chunk_key((i,) + (0,) * (ndim - 1)), float(dense.fill_value))
+
+    def read_into(self, items: np.ndarray, out: np.ndarray, inverse: np.ndarray) -> None:
+        """``out[j] = dense[items[inverse[j]]]``: each distinct chunk read and decoded once."""
+        item = np.empty(self.dense.shape[1:], dtype=np.float16)
+        first = {}  # position in ``out`` of a distinct item's first copy
+        for j, k in enumerate(inverse):
+            if k in first:
+                out[j] = out[first[k]]
+                continue
+            first[k] = j
+            try:
+                data = (self.root / self.key(int(items[k]))).read_bytes()
+            except FileNotFoundError:  # a chunk never written holds the fill value
+                out[j] = self.fill
+                continue
+            numcodecs.blosc.decompress(data, item)
+            out[j] = item
 
 
 def _read_chunks(dense: zarr.Array, items: np.ndarray) -> list[np.ndarray]:
-    """Items ``dense[i]`` for i in ``items``, one chunk each, in one call, :func:`read_concurrency` at once.
+    """Items ``dense[i]`` for i in ``items`` through Zarr, in one call (any layout, any store).
 
-    One ``getitem`` per chunk gathered in one call: Zarr's orthogonal indexing (``oindex``) reads the same
-    chunks but builds an ``np.ix_`` index over every element of each chunk, about 3x slower here (measured:
-    32 chunks of 384x28x28 float16, 2 cores: per item 105 ms, oindex 196 ms, gathered 52 ms).
+    One ``getitem`` per chunk, gathered: Zarr's orthogonal indexing (``oindex``) reads the same chunks but
+    builds an ``np.ix_`` index over every element of each chunk, about 3x slower here (measured: 32 chunks
+    of 384x28x28 float16, 2 cores: per item 105 ms, oindex 196 ms, gathered 52 ms).
     """
     arr = dense.async_array
 
     async def gather() -> list:
-        limit = asyncio.Semaphore(read_concurrency())
-
-        async def one(i: int):
-            async with limit:
-                return await arr.getitem(i)
-
-        return await asyncio.gather(*(one(int(i)) for i in items))
+        return await asyncio.gather(*(arr.getitem(int(i)) for i in items))
 
     return [np.asarray(a) for a in zarr_sync(gather())]
 
@@ -105,6 +139,7 @@ class FeatureStore:
         self.pooled = self.group[POOLED]
         self.done = self.group[DONE]
         self._cache: np.ndarray | None = None
+        self._files = _ChunkFiles.of(self.dense)  # None: reads go through Zarr
 
     @classmethod
     def create(cls, path: str | Path, n: int, dim: int, h: int, w: int,
@@ -185,8 +220,8 @@ class FeatureStore:
     def read_batch(self, indices: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
         """``store[i]`` for every i in ``indices`` (any order, repeats allowed): ``(B, C, h, w)``.
 
-        Streamed, each distinct chunk is read once and all of them in one concurrent Zarr call; in memory,
-        a copy out of the cache. ``out`` (shape ``(B, C, h, w)``, any float dtype, e.g. float32 or a pinned
+        Streamed, each distinct chunk is read and decoded once (its file directly, see :class:`_ChunkFiles`,
+        or through Zarr for another layout); in memory, a copy out of the cache. ``out`` (shape ``(B, C, h, w)``, any float dtype, e.g. float32 or a pinned
         buffer's view) receives the values (cast once); default a new float16 array. Same values either way.
         """
         idx = _check_indices(indices, len(self))
@@ -197,6 +232,9 @@ class FeatureStore:
                 out[j] = self._cache[i]
             return out
         uniq, inverse = np.unique(idx, return_inverse=True)
+        if self._files is not None:
+            self._files.read_into(uniq, out, inverse)
+            return out
         chunks = _read_chunks(self.dense, uniq)
         for j, k in enumerate(inverse):
             out[j] = chunks[k]
@@ -366,7 +404,7 @@ def _check_indices(indices: Sequence[int], n: int) -> np.ndarray:
 def read_items(features: Sequence, indices: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
     """``features[i]`` for i in ``indices`` as one ``(B, C, h, w)`` array (into ``out`` when given).
 
-    Uses ``features.read_batch`` where the source has one (feature stores: one concurrent read), else
+    Uses ``features.read_batch`` where the source has one (feature stores: each distinct chunk once), else
     indexes item by item (a list of arrays, a source that computes its items).
     """
     if hasattr(features, "read_batch"):

@@ -7,8 +7,10 @@ RNG (initialisation is the method's business, dropout draws from it), atomic che
 progress bar, and the refusal to resume a checkpoint written with another configuration.
 
 Bit-identical resume is a contract between the two: the loop checkpoints the global torch / CUDA RNGs, the
-module and optimiser states and whatever ``method.state()`` returns; a method must put every other piece of
-mutable state it reads (generators, epoch order, pseudo-labels, centroids) into ``state()``.
+module and optimiser states and whatever ``method.state()`` and ``method.plan_state()`` return; a method must
+put every other piece of mutable state it reads into one of them: what decides the batches (the batch
+order's generator, the epoch order) into ``plan_state()``, the rest (sampling generators, pseudo-labels,
+centroids) into ``state()``.
 
 Batches are read ahead of the step that uses them. A method splits its step in three: :meth:`~TrainingMethod.plan`
 decides what step ``s`` reads (item indices, views) from the method's *planning* generators alone, never from

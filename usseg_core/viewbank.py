@@ -423,8 +423,8 @@ class ViewBank:
                    out: np.ndarray | None = None) -> np.ndarray:
         """Features of images ``idx``, views ``vs`` (one or one per image); kind "plain" | "warped".
 
-        ``(B, C, h, w)``, float16 or into ``out`` (any float dtype): one concurrent read of the distinct
-        chunks (:meth:`FeatureStore.read_batch`), or a copy when the bank is in memory.
+        ``(B, C, h, w)``, float16 or into ``out`` (any float dtype): one read of each distinct
+        chunk (:meth:`FeatureStore.read_batch`), or a copy when the bank is in memory.
         """
         if kind not in (PLAIN_KIND, WARPED_KIND):
             raise ConfigError(f"view-bank features are {PLAIN_KIND!r} or {WARPED_KIND!r}, not {kind!r}")

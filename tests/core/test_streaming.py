@@ -81,6 +81,18 @@ def test_read_batch_equals_item_reads_for_unsorted_indices_with_repeats(store, t
     assert np.array_equal(_bits(read_items([np.asarray(both[int(i)]) for i in range(42)], cat)), _bits(want))
 
 
+def test_direct_chunk_reads_equal_zarr_reads_and_unwritten_items_hold_the_fill_value(store, tmp_path):
+    assert store._files is not None  # the layout FeatureStore.create writes: chunk files decoded directly
+    idx = np.array([5, 1, 5, 22])
+    direct = store.read_batch(idx)
+    store._files = None  # any other layout reads through Zarr
+    assert np.array_equal(_bits(store.read_batch(idx)), _bits(direct))
+    partial = FeatureStore.create(tmp_path / "partial.zarr", 16, C, H, H, shard_size=8)
+    partial.write(list(range(8)), np.ones((8, C, H, H), np.float16), np.ones((8, C), np.float32))
+    got = FeatureStore(tmp_path / "partial.zarr").read_batch([3, 12])
+    assert (got[0] == 1).all() and (got[1] == 0).all()
+
+
 def test_view_bank_batches_read_the_recorded_items(tmp_path):
     bank = _bank(tmp_path / "bank")
     idx, vs = np.array([4, 1, 4, 9]), np.array([2, 0, 1, 2])

@@ -39,7 +39,7 @@ class BankIndex:
     def batch(self, kind: str, idx: np.ndarray, views: np.ndarray) -> Tensor:
         """(B, C, h, w) float32 features of image ``idx[j]``'s view ``views[j]``; kind "plain" | "warped".
 
-        One read per bank touched (a view bank reads its chunks concurrently, ``ViewBank.read_batch``).
+        One read per bank touched (``ViewBank.read_batch``: each distinct chunk once).
         """
         parts = self._split(np.asarray(idx))
         views = np.asarray(views)
