@@ -43,9 +43,9 @@ def training_record(storage: str, head_key: str) -> dict:
             "config": meta.get("params", {}).get("config")}
 
 
-def run_rows(run: dict) -> list[dict]:
+def run_rows(store: ArtifactStore, run: dict) -> list[dict]:
     """The evaluation rows of one run, baseline rows renamed after their features, tagged with the seed."""
-    rows = evaluation_rows(run["evaluation_path"])
+    rows = evaluation_rows(store.open("evaluation", run["evaluation_key"]))
     out = []
     for r in rows:
         base = r["method"] == "raw-features"
@@ -54,12 +54,12 @@ def run_rows(run: dict) -> list[dict]:
     return out
 
 
-def collect_rows(runs: list[dict]) -> list[dict]:
+def collect_rows(store: ArtifactStore, runs: list[dict]) -> list[dict]:
     """Every run's rows, the baselines first; a baseline shared by several heads (same features, same seed)
     is counted once."""
     seen, baselines, heads = set(), [], []
     for run in runs:
-        for r in run_rows(run):
+        for r in run_rows(store, run):
             ident = (r["method"], r["clusterer"], r["crf"], r["seed"])
             if r["head_key"] is None and ident in seen:
                 continue
@@ -91,12 +91,12 @@ def ensure_comparison(storage: str, params: dict, runs: list[dict], class_names:
     art = store.get("compare", key)
     if art is not None:
         logger().info("cache hit: compare/%s", key)
-        return {"key": key, "path": str(art.path), "cache_hit": True, **_load(art)}
+        return {"key": key, "path": str(art.path), "cache_hit": True, **_load(store, art)}
     art = store.begin("compare", key, version=COMPARE_VERSION, params=params, upstream=upstream,
                       dataset=params["dataset"], backbone=params.get("backbone"))
     for r in runs:
         r.update(training_record(storage, r["head_key"]))
-    rows = collect_rows(runs)
+    rows = collect_rows(store, runs)
     summary = report.summarise(rows)
     _write_tables(art, rows, summary, runs)
     series = _iou_series(summary, runs, class_names, params["run_crf"])
@@ -120,9 +120,9 @@ def ensure_comparison(storage: str, params: dict, runs: list[dict], class_names:
     return {"key": key, "path": str(art.path), "cache_hit": False, "summary": summary, "runs": runs, "rows": rows}
 
 
-def _load(art) -> dict:
+def _load(store: ArtifactStore, art) -> dict:
     runs = json.loads(art.file("runs.json").read_text())
-    return {"summary": art.meta["summary"], "runs": runs, "rows": collect_rows(runs)}
+    return {"summary": art.meta["summary"], "runs": runs, "rows": collect_rows(store, runs)}
 
 
 def _write_tables(art, rows: list[dict], summary: list[dict], runs: list[dict]) -> None:

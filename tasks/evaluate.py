@@ -185,7 +185,7 @@ def run_evaluation(storage: str, data: DataRef, manifest: dict, view: ViewSpec, 
     art = store.get("evaluation", key)
     if art is not None:
         logger().info("cache hit: evaluation/%s", key)
-        rows = evaluation_rows(art.path, art.meta)
+        rows = evaluation_rows(art)
         return {"key": key, "path": str(art.path), "rows": rows, "cache_hit": True}
     art = store.begin("evaluation", key, version=EVAL_VERSION, params=params, upstream=upstream,
                       dataset=data.name, split=data.split)
@@ -207,25 +207,22 @@ def run_evaluation(storage: str, data: DataRef, manifest: dict, view: ViewSpec, 
     rows = _score_rows(cms, groups, class_names)
     _write_outputs(art, rows, cms, groups, class_names, kept, title or f"{data.name}/{data.split}")
     seconds = time.perf_counter() - started
-    store.finish(art, rows=rows, columns=list(rows[0]) if rows else [], n_images=n, seconds=round(seconds, 3), images_per_s=round(n / seconds, 3))
+    store.finish(art, rows=rows, columns=list(rows[0]) if rows else [], n_images=n, seconds=round(seconds, 3),
+                 images_per_s=round(n / seconds, 3))
     return {"key": key, "path": str(art.path), "rows": rows, "cache_hit": False}
 
 
-def evaluation_rows(path, meta: dict | None = None) -> list[dict]:
-    """The results rows of an evaluation artifact folder, in the results table's column order.
+def evaluation_rows(art) -> list[dict]:
+    """The results rows of an evaluation artifact, in the results table's column order.
 
     Read from its meta (which also records the column order) without importing pandas, so that a cache
     hit stays cheap; an artifact written before the order was recorded is read from results.parquet.
     """
-    import json
-    from pathlib import Path
-
-    meta = meta if meta is not None else json.loads((Path(path) / "meta.json").read_text())
-    if "columns" in meta:
-        return [{c: r[c] for c in meta["columns"]} for r in meta["rows"]]
+    if "columns" in art.meta:
+        return [{c: r[c] for c in art.meta["columns"]} for r in art.meta["rows"]]
     import pandas as pd
 
-    return pd.read_parquet(Path(path) / "results.parquet").to_dict("records")
+    return pd.read_parquet(art.file("results.parquet")).to_dict("records")
 
 
 def predictor_scores(predictor: dict, cm: np.ndarray):

@@ -127,13 +127,13 @@ def choose_level(ucm2: np.ndarray, schedule: OversegSchedule) -> tuple[float, np
 
     At t >= max(ucm2) a single region remains, so the search ends by k = ceil((max - t0)/step).
     """
+    from usseg_core.ucm import ucm_labels  # lazy: scipy / scikit-image only where a UCM is cut
+
     k_hi = max(0, math.ceil((float(ucm2.max()) - schedule.t0) / schedule.step))
     cache: dict[int, np.ndarray] = {}
 
     def labels_at(k: int) -> np.ndarray:
         if k not in cache:
-            from usseg_core.ucm import ucm_labels  # lazy: scipy / scikit-image only where a UCM is cut
-
             cache[k] = ucm_labels(ucm2, schedule.t0 + k * schedule.step)
         return cache[k]
 

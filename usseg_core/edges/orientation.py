@@ -8,12 +8,6 @@ from __future__ import annotations
 import numpy as np
 
 
-def _ndi():
-    from scipy import ndimage  # lazy: importing the detectors (for a cache key) must stay cheap
-
-    return ndimage
-
-
 def ridge_tangent(strength: np.ndarray, sigma: float = 2.0) -> np.ndarray:
     """Tangent orientation of the ridges of a (H, W) edge map, radians in [0, pi).
 
@@ -23,10 +17,12 @@ def ridge_tangent(strength: np.ndarray, sigma: float = 2.0) -> np.ndarray:
     second-derivative orientation used by Structured Edges / PiDiNet post-processing, written in
     closed form. `sigma` (pixels) sets the scale at which the ridge direction is measured.
     """
+    from scipy import ndimage as ndi  # lazy: importing the detectors (for a cache key) stays cheap
+
     s = strength.astype(np.float64)
-    hxx = _ndi().gaussian_filter(s, sigma, order=(0, 2))  # d2/dx2 (x = columns = axis 1)
-    hyy = _ndi().gaussian_filter(s, sigma, order=(2, 0))
-    hxy = _ndi().gaussian_filter(s, sigma, order=(1, 1))
+    hxx = ndi.gaussian_filter(s, sigma, order=(0, 2))  # d2/dx2 (x = columns = axis 1)
+    hyy = ndi.gaussian_filter(s, sigma, order=(2, 0))
+    hxy = ndi.gaussian_filter(s, sigma, order=(1, 1))
     theta = 0.5 * np.arctan2(2.0 * hxy, hxx - hyy)
     return np.mod(theta, np.pi).astype(np.float32)
 
@@ -38,9 +34,11 @@ def structure_tensor_tangent(gx: np.ndarray, gy: np.ndarray, sigma: float = 1.0)
     (normal) direction 0.5 * atan2(2 Jxy, Jxx - Jyy); the tangent is perpendicular to it. Summing
     tensors (not gradients) lets opposite-signed channel gradients reinforce instead of cancel.
     """
-    jxx = _ndi().gaussian_filter((gx * gx).sum(0), sigma)
-    jyy = _ndi().gaussian_filter((gy * gy).sum(0), sigma)
-    jxy = _ndi().gaussian_filter((gx * gy).sum(0), sigma)
+    from scipy import ndimage as ndi  # lazy: importing the detectors (for a cache key) stays cheap
+
+    jxx = ndi.gaussian_filter((gx * gx).sum(0), sigma)
+    jyy = ndi.gaussian_filter((gy * gy).sum(0), sigma)
+    jxy = ndi.gaussian_filter((gx * gy).sum(0), sigma)
     normal = 0.5 * np.arctan2(2.0 * jxy, jxx - jyy)
     return np.mod(normal + np.pi / 2, np.pi).astype(np.float32)
 
@@ -65,6 +63,8 @@ def edge_nms(
     Returns:
         (H, W) float32 edge map with non-maxima set to 0.
     """
+    from scipy import ndimage as ndi  # lazy: importing the detectors (for a cache key) stays cheap
+
     e = strength.astype(np.float32)
     h, w = e.shape
     nx = np.cos(orientation + np.pi / 2).astype(np.float32)  # normal, x component (columns)
@@ -73,7 +73,7 @@ def edge_nms(
     keep = np.ones_like(e, dtype=bool)
     for sgn in (-1.0, 1.0):
         coords = np.stack([rows + sgn * radius * ny, cols + sgn * radius * nx])  # (2, H, W)
-        nb = _ndi().map_coordinates(e, coords, order=1, mode="nearest")
+        nb = ndi.map_coordinates(e, coords, order=1, mode="nearest")
         keep &= margin * e >= nb
     out = np.where(keep, e, 0.0).astype(np.float32)
     if border > 0:

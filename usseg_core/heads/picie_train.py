@@ -126,15 +126,15 @@ class PicieMethod(BankMethod):
         for ci, (k, lam) in enumerate(zip(self.ks, self.lams)):
             c: dict = {"lam": float(lam), "k": int(k)}
             for view in (1, 2):
-                def pixels() -> Iterator[np.ndarray]:
+                def pixels() -> Iterator[Tensor]:  # on the device: k-means takes them where they are
                     for _, z in self._codes(view, pairs):
-                        yield z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float().cpu().numpy()  # (B*h*w, D)
+                        yield z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float()  # (B*h*w, D)
 
                 seed = int(self.config.seed * 100_003 + epoch * 101 + ci * 11 + view)
                 mu = torch.from_numpy(spherical_kmeans(pixels, k, n_epochs=self.config.kmeans_epochs,
                                                        init_samples=self.config.kmeans_samples,
                                                        n_init_iter=self.config.kmeans_iters, seed=seed,
-                                                       device=self.device.type))
+                                                       device=str(self.device)))
                 labels, counts, fit = self._assign(view, mu, pairs)
                 c[f"mu{view}"], c[f"y{view}"] = mu, labels
                 c[f"w{view}"] = cluster_weights(counts, self.config.balance)
