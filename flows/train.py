@@ -26,6 +26,7 @@ from tasks.oversegment import ensure_oversegmentation
 from tasks.retrieval import add_retrieval
 from tasks.views import ensure_views
 from usseg_core.crf import CRFParams
+from usseg_core.datasets.registry import dataset_class
 from usseg_core.errors import ConfigError
 from usseg_core.heads import get_head, list_heads
 from usseg_core.knn import KnnSettings
@@ -33,15 +34,16 @@ from usseg_core.overseg import OversegSettings
 from usseg_core.retrieval import K_DEFAULT as RETRIEVAL_K
 from usseg_core.retrieval import VOTE_DEFAULT as RETRIEVAL_VOTE
 from usseg_core.retrieval import check_options as check_retrieval_options
-from usseg_core.views import ViewSpec
+from usseg_core.views import CropSettings, ViewSpec
 from usseg_core.viewbank import ViewBankConfig
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 VIEWS_PREFIX = "views."  # --set views.n_views=8: view-bank fields, shared by every head that uses it
 OVERSEG_PREFIX = "overseg."  # --set overseg.t0=0.1: oversegmentation settings (heads that need "oversegment")
 KNN_PREFIX = "knn."  # --set knn.method=hnsw: the KNN search (heads that need "knn")
+CROPS_PREFIX = "crops."  # --set crops.resize=squash: the five-crop heads' training view
 # overrides of shared input stages, not of the head's config
-STAGE_PREFIXES = (VIEWS_PREFIX, OVERSEG_PREFIX, KNN_PREFIX)
+STAGE_PREFIXES = (VIEWS_PREFIX, OVERSEG_PREFIX, KNN_PREFIX, CROPS_PREFIX)
 
 
 def _prefixed(overrides: dict | None, prefix: str, cls: type, what: str):
@@ -107,12 +109,16 @@ class RunSpec:
     def knn_config(self) -> KnnSettings:
         return _prefixed(self.overrides, KNN_PREFIX, KnnSettings, "KNN search")
 
+    def crops_config(self) -> CropSettings:
+        return _prefixed(self.overrides, CROPS_PREFIX, CropSettings, "training-crop")
+
     def validate(self) -> None:
         """Every override checked (head sections, views.*, overseg.*, knn.*) before any work starts."""
         get_head(self.head).config(self.dataset, self.head_overrides())
         self.views_config()
         self.overseg_config().schedule(self.dataset)
         self.knn_config()
+        self.crops_config().view(dataset_class(self.dataset), self.resolution)
         try:
             check_retrieval_options(self.retrieval_k, self.retrieval_vote)
         except ValueError as exc:
@@ -140,7 +146,7 @@ def train_inputs(run: RunSpec) -> dict:
     inputs: dict = {}
     cluster_on = None  # the features k-means (codes and raw) is fitted on
     if spec.needs & {"five_crop", "knn"}:
-        crops = ViewSpec("five_crop", run.resolution)
+        crops = run.crops_config().view(ds, run.resolution)  # the dataset's reference view, or --set crops.*
         inputs["features"] = cluster_on = [ensure_features(storage, d, ref, crops) for d in datas]
         if "knn" in spec.needs:
             inputs["knn"] = ensure_knn(storage, inputs["features"], k=30, settings=run.knn_config())

@@ -10,7 +10,16 @@ Policies (METHODS.md §5 S2, S4, S8):
   STEGO resizes *images* with nearest neighbour (REFERENCES.md §1.1, "resize quirk"); we use bilinear
   with antialiasing for images and nearest only for labels, and say so here because it moves numbers.
 - ``five_crop``: the 4 corner crops and the centre crop with side ``crop_ratio`` of each image side
-  (torchvision FiveCrop order), each resized to ``resolution`` x ``resolution`` (STEGO's crop set).
+  (torchvision FiveCrop order), each made ``resolution`` x ``resolution`` by ``crop_resize``:
+
+  - ``short_side`` (STEGO's training input): [code:STEGO] ``crop_datasets.py`` saves the five-crops at
+    native resolution, then trains (and mines KNN, ``precompute_knns.py``) through ``get_transform(224,
+    loader_crop_type="center")``, i.e. ``Resize(224)`` of the short side then ``CenterCrop(224)``: the
+    model sees the central square of each crop (75 % of a 240x320 COCO crop, 50 % of a 512x1024
+    Cityscapes crop), undistorted. The default of cocostuff27 / cityscapes27.
+  - ``squash``: the whole crop resized anisotropically to the square (every pixel of the crop seen,
+    aspect ratio changed). Ours, kept as an option; measured against ``short_side`` on CamVid val
+    (README, "Five-crop resize") to choose CamVid's default.
 - ``full``: the whole frame resized to a fixed ``size`` (H, W), a multiple of the backbone's input
   multiple. Labels are not resized: codes are upsampled to the label's own size (camvid11 protocol).
 
@@ -28,6 +37,7 @@ from usseg_core.crops import center_crop_box, five_crop_boxes, short_side_resize
 from usseg_core.errors import ConfigError
 
 POLICIES = ("center_crop", "five_crop", "full")
+CROP_RESIZES = ("short_side", "squash")  # five_crop: how a crop becomes the square input (above)
 
 
 @dataclass(frozen=True)
@@ -39,10 +49,13 @@ class ViewSpec:
     size: tuple[int, int] | None = None   # full: output (H, W); None until resolved from the data
     crop_ratio: float = 0.5               # five_crop: crop side / image side ([code:STEGO] crop_ratio)
     flip: bool = False                    # mirror horizontally (flip-TTA features)
+    crop_resize: str = "short_side"       # five_crop: "short_side" (STEGO) | "squash" (see the module doc)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ConfigError(f"view policy {self.policy!r} unknown; choose one of {', '.join(POLICIES)}")
+        if self.crop_resize not in CROP_RESIZES:
+            raise ConfigError(f"five-crop resize {self.crop_resize!r} unknown; choose one of {', '.join(CROP_RESIZES)}")
         if self.policy != "full" and (self.resolution is None or self.resolution <= 0):
             raise ConfigError(f"view policy {self.policy!r} needs a positive resolution")
         if self.size is not None:
@@ -57,6 +70,8 @@ class ViewSpec:
         """JSON-able description (part of every feature artifact key)."""
         d = asdict(self)
         d["size"] = list(self.size) if self.size else None
+        if self.policy != "five_crop":  # read by five_crop only: other views keep their keys
+            del d["crop_resize"]
         return d
 
     @classmethod
@@ -115,12 +130,28 @@ def prepare_item(image: np.ndarray, view: ViewSpec, item: int = 0) -> torch.Tens
         t = t[:, top:top + ch, left:left + cw]
     elif view.policy == "five_crop":
         top, left, ch, cw = five_crop_boxes(h, w, view.crop_ratio)[item]
-        t = _resize(t[:, top:top + ch, left:left + cw], (view.resolution, view.resolution))
+        t = t[:, top:top + ch, left:left + cw]
+        if view.crop_resize == "short_side":
+            t = _resize(t, short_side_resize_size(ch, cw, view.resolution))
+            top, left, ch, cw = center_crop_box(*t.shape[-2:], view.resolution)
+            t = t[:, top:top + ch, left:left + cw]
+        else:
+            t = _resize(t, (view.resolution, view.resolution))
     else:
         t = _resize(t, view.output_size())
     if view.flip:
         t = t.flip(-1)
     return t.clamp_(0.0, 1.0).contiguous()
+
+
+def _short_side_center_label(label: np.ndarray, resolution: int) -> np.ndarray:
+    # nearest-neighbour Resize(short side) then CenterCrop, the label twin of the image path
+    h, w = label.shape
+    nh, nw = short_side_resize_size(h, w, resolution)
+    t = torch.from_numpy(label.astype(np.float32))[None, None]
+    t = F.interpolate(t, size=(nh, nw), mode="nearest")[0, 0]
+    top, left, ch, cw = center_crop_box(nh, nw, resolution)
+    return t[top:top + ch, left:left + cw].numpy().astype(label.dtype)
 
 
 def prepare_label(label: np.ndarray, view: ViewSpec, item: int = 0) -> np.ndarray:
@@ -131,17 +162,16 @@ def prepare_label(label: np.ndarray, view: ViewSpec, item: int = 0) -> np.ndarra
     if view.policy == "full":
         out = label
     elif view.policy == "center_crop":
-        h, w = label.shape
-        nh, nw = short_side_resize_size(h, w, view.resolution)
-        t = torch.from_numpy(label.astype(np.float32))[None, None]
-        t = F.interpolate(t, size=(nh, nw), mode="nearest")[0, 0]
-        top, left, ch, cw = center_crop_box(nh, nw, view.resolution)
-        out = t[top:top + ch, left:left + cw].numpy().astype(label.dtype)
+        out = _short_side_center_label(label, view.resolution)
     else:
         top, left, ch, cw = five_crop_boxes(*label.shape, view.crop_ratio)[item]
-        t = torch.from_numpy(label[top:top + ch, left:left + cw].astype(np.float32))[None, None]
-        out = F.interpolate(t, size=(view.resolution,) * 2, mode="nearest")[0, 0].numpy()
-        out = out.astype(label.dtype)
+        crop = label[top:top + ch, left:left + cw]
+        if view.crop_resize == "short_side":
+            out = _short_side_center_label(crop, view.resolution)
+        else:
+            t = torch.from_numpy(crop.astype(np.float32))[None, None]
+            out = F.interpolate(t, size=(view.resolution,) * 2, mode="nearest")[0, 0].numpy()
+            out = out.astype(label.dtype)
     if view.flip:
         out = out[:, ::-1]
     return np.ascontiguousarray(out)
@@ -154,3 +184,36 @@ def prepare_image_for_label(image: np.ndarray, view: ViewSpec) -> np.ndarray:
     t = prepare_item(image, replace(view, flip=False))
     out = (t.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
     return out[:, ::-1] if view.flip else out
+
+
+@dataclass(frozen=True)
+class CropSettings:
+    """The five-crop heads' training view (``--set crops.<field>=...``); None takes the dataset's choice.
+
+    The dataset's defaults follow the reference (``usseg_core/datasets/base.py``); these overrides
+    keep the other behaviour available (``crops.resize=squash``, ``crops.policy=center_crop``).
+    """
+
+    policy: str | None = None   # "five_crop" | "center_crop"; None: dataset.train_policy
+    resize: str | None = None   # five_crop: "short_side" | "squash"; None: dataset.train_crop_resize
+    ratio: float = 0.5          # five_crop: crop side / image side ([code:STEGO] crop_ratio)
+
+    def __post_init__(self) -> None:
+        if self.policy is not None and self.policy not in ("five_crop", "center_crop"):
+            raise ConfigError(f"crops.policy={self.policy!r}: unknown; valid: five_crop, center_crop")
+        if self.resize is not None and self.resize not in CROP_RESIZES:
+            raise ConfigError(f"crops.resize={self.resize!r}: unknown; valid: {', '.join(CROP_RESIZES)}")
+        r = self.ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < r <= 1.0:
+            raise ConfigError(f"crops.ratio must be a number in (0, 1], got {r!r}")
+
+    def view(self, dataset, resolution: int) -> ViewSpec:
+        """The training view for ``dataset`` (an object with ``train_policy`` / ``train_crop_resize``)."""
+        policy = self.policy or dataset.train_policy
+        if policy == "center_crop":
+            if self.resize is not None or self.ratio != 0.5:
+                raise ConfigError("crops.resize / crops.ratio apply to five_crop training views only "
+                                  f"({dataset.name} trains on centre crops; set crops.policy=five_crop)")
+            return ViewSpec("center_crop", resolution)
+        return ViewSpec("five_crop", resolution, crop_ratio=float(self.ratio),
+                        crop_resize=self.resize or dataset.train_crop_resize)

@@ -22,6 +22,15 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".
 EVAL_CENTER_CROP_320 = "center_crop_320"
 EVAL_FULL = "full"
 
+# Training views of the five-crop heads (STEGO, OMH: features + KNN), as the reference builds them
+# ([code:STEGO] data.py ContrastiveSegDataset, crop_datasets.py, precompute_knns.py): cocostuff27 and
+# cityscapes27 train on five-crops (ratio 0.5) resized short side -> 224 + centre crop; Potsdam's crop
+# type is ignored by the reference (its class reads the 200x200 patches whatever crop_type says), so
+# potsdam3 trains on the whole patch, Resize(224) + CenterCrop(224); so does a user folder ("directory":
+# the reference's DirectoryDataset ignores crop_type too). See usseg_core/views.py for the two resizes.
+TRAIN_FIVE_CROP = "five_crop"
+TRAIN_CENTER_CROP = "center_crop"
+
 
 class Dataset:
     """A split of a segmentation dataset on disk.
@@ -35,11 +44,15 @@ class Dataset:
         split: split name as given by the user.
         class_names: class names in class-id order; empty when unlabelled and unknown.
         eval_policy: "center_crop_320" or "full" (METHODS.md §5 S8).
+        train_policy: the five-crop heads' training view, "five_crop" or "center_crop" (above).
+        train_crop_resize: how a five-crop becomes square, "short_side" (STEGO) or "squash".
         mapping: raw label value -> class id table, None when the dataset has no labels.
     """
 
     name: ClassVar[str] = ""
     eval_policy: ClassVar[str] = EVAL_FULL
+    train_policy: ClassVar[str] = TRAIN_FIVE_CROP
+    train_crop_resize: ClassVar[str] = "short_side"
 
     def __init__(self, root: str | Path, split: str) -> None:
         self.root = Path(root).expanduser().absolute()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from usseg_core.datasets.base import Dataset, paired_folder_index, require_dir
+from usseg_core.datasets.base import TRAIN_CENTER_CROP, Dataset, paired_folder_index, require_dir
 from usseg_core.datasets.mappings import identity_mapping
 from usseg_core.datasets.registry import register_dataset
 from usseg_core.errors import ConfigError, InputError
@@ -52,6 +52,9 @@ def _read_class_names(path: Path) -> tuple[str, ...]:
 class DirectoryDataset(Dataset):
     """A user folder of images (see the module docstring for the layout rules).
 
+    STEGO and OMH train on the whole image, short side resized then centre-cropped (the reference's
+    DirectoryDataset ignores crop_type); ``--set crops.policy=five_crop`` five-crops it instead.
+
     Args:
         root: the folder.
         split: a sub-folder name, or "all".
@@ -63,6 +66,8 @@ class DirectoryDataset(Dataset):
         ConfigError: labels exist but the class count is unknown, or ``n_classes`` disagrees with
             ``classes.txt``.
     """
+
+    train_policy = TRAIN_CENTER_CROP
 
     def __init__(
         self,

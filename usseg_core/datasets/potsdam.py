@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from usseg_core import imageio
-from usseg_core.datasets.base import EVAL_CENTER_CROP_320, Dataset, check_split, read_id_list, require_dir
+from usseg_core.datasets.base import EVAL_CENTER_CROP_320, TRAIN_CENTER_CROP, Dataset, check_split, read_id_list, require_dir
 from usseg_core.datasets.mappings import POTSDAM3, POTSDAM3_CLASS_NAMES
 from usseg_core.datasets.registry import register_dataset
 
@@ -37,6 +37,7 @@ class Potsdam3(Dataset):
     """
 
     eval_policy = EVAL_CENTER_CROP_320
+    train_policy = TRAIN_CENTER_CROP  # the reference ignores crop_type for Potsdam (base.py)
 
     def __init__(self, root: str | Path, split: str, include_unlabelled: bool = False) -> None:
         super().__init__(root, split)

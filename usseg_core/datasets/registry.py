@@ -32,6 +32,14 @@ def list_datasets() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def dataset_class(name: str) -> type[Dataset]:
+    """The class registered as ``name`` (its protocol attributes, without touching any folder)."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}") from None
+
+
 def get_dataset(name: str, root: str | Path, split: str, **options) -> Dataset:
     """Build the dataset ``name`` over ``root`` for ``split``.
 
@@ -46,10 +54,7 @@ def get_dataset(name: str, root: str | Path, split: str, **options) -> Dataset:
         ConfigError: unknown name (the message lists known names), unknown split or option.
         InputError: missing root/split folder, or no images (the message names the folder).
     """
-    try:
-        cls = _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}") from None
+    cls = dataset_class(name)
     params = inspect.signature(cls.__init__).parameters
     accepted = [p for p in params if p not in ("self", "root", "split")]
     unknown = sorted(set(options) - set(accepted))
