@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import shutil
 import threading
 
 import numpy as np
@@ -132,6 +133,48 @@ def head_artifact_key(method: str, dataset: str, n_classes: int, inputs: dict,
     return head_key(method, n_classes, config_to_dict(get_head(method).config(dataset, overrides)), inputs)
 
 
+def _steps(params: dict) -> int | None:
+    """``steps`` of the head's primary config section (the first section), None when it has none."""
+    sections = params["config"]
+    primary = next(iter(sections.values()), {})
+    steps = primary.get("steps") if isinstance(primary, dict) else None
+    return int(steps) if isinstance(steps, int) and not isinstance(steps, bool) else None
+
+
+def _shorter_run(store: ArtifactStore, params: dict, upstream: dict):
+    """The longest finished head whose params and upstream equal these except a smaller ``steps``.
+
+    Its final checkpoint is where this run would be after that many steps: ``steps`` is a resumable
+    field of every trainer (usseg_core.trainer.RESUMABLE_FIELDS), resume is bit-identical, and nothing a
+    step does depends on the total length (constant learning rates; tests/core/test_train.py pins the
+    equality for STEGO). So a length curve 250 / 500 / 1000 / ... costs the longest run's steps once.
+    """
+    steps = _steps(params)
+    if steps is None:
+        return None
+
+    def without_steps(p: dict) -> dict:
+        sections = {k: dict(v) if isinstance(v, dict) else v for k, v in p["config"].items()}
+        first = next(iter(sections))
+        if isinstance(sections[first], dict):
+            sections[first].pop("steps", None)
+        return {**p, "config": sections}
+
+    want, best = without_steps(params), None
+    for art in store.iter_artifacts("head"):
+        p, s = art.meta.get("params"), None
+        if not art.complete or not isinstance(p, dict) or art.meta.get("upstream") != upstream:
+            continue
+        try:
+            s = _steps(p)
+            same = s is not None and s < steps and without_steps(p) == want
+        except (KeyError, AttributeError, TypeError, StopIteration):
+            continue
+        if same and art.file("checkpoint.pt").exists() and (best is None or s > _steps(best.meta["params"])):
+            best = art
+    return best
+
+
 @stage_task("train-head")
 def ensure_head(storage: str, method: str, dataset: str, n_classes: int, inputs: dict,
                 overrides: dict | None = None, device: str = "auto") -> dict:
@@ -156,12 +199,22 @@ def ensure_head(storage: str, method: str, dataset: str, n_classes: int, inputs:
     art = store.begin("head", key, version=HEAD_VERSION, params=params, upstream=upstream,
                       dataset=dataset, backbone=meta0.get("backbone"),
                       backbone_fingerprint=meta0.get("backbone_fingerprint"), method=method)
+    ckpt, continued = art.file("checkpoint.pt"), art.meta.get("continued_from")
+    if not ckpt.exists():
+        shorter = _shorter_run(store, params, upstream)
+        if shorter is not None:  # a longer run of a finished one: continue from its last checkpoint
+            logger().info("head/%s continues head/%s from step %d (same config, steps %d -> %d)", key,
+                          shorter.key, shorter.meta.get("steps", 0), shorter.meta.get("steps", 0),
+                          _steps(params))
+            shutil.copyfile(shorter.file("checkpoint.pt"), ckpt)
+            continued = shorter.key
+            art.update_meta(continued_from=continued)
     with training_slot():
         trained = spec.train(open_head_inputs(inputs, n_classes), config,
-                             checkpoint_path=art.file("checkpoint.pt"), device=device, progress=True)
+                             checkpoint_path=ckpt, device=device, progress=True)
     save_head(art.file("head.pt"), method, n_classes, config, trained.payload)
     store.finish(art, **trained.meta, history=trained.history[-20:], steps=trained.steps_done,
-                 seconds_per_step=trained.seconds_per_step, worker=worker_id())
+                 seconds_per_step=trained.seconds_per_step, worker=worker_id(), continued_from=continued)
     return {"key": key, "path": str(art.file("head.pt")), "method": method}
 
 

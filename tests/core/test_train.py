@@ -156,6 +156,25 @@ def test_interrupted_run_resumes_bit_identical(data, tmp_path: Path):
     assert longer.steps_done == 9
 
 
+def test_a_longer_run_continued_from_a_finished_shorter_one_equals_the_direct_run(data, tmp_path: Path):
+    """What tasks.heads._shorter_run relies on: nothing a step does depends on the total ``steps``."""
+    feats, _, knn = data
+    torch.manual_seed(5)
+    direct = train_stego(feats, knn, 2, _config(steps=7), device="cpu", progress=False, aux=ToyAux())
+    ckpt = tmp_path / "short.pt"
+    torch.manual_seed(5)
+    short = train_stego(feats, knn, 2, _config(steps=3), checkpoint_path=ckpt, device="cpu", progress=False,
+                        aux=ToyAux())
+    assert short.steps_done == 3 and not torch.equal(short.head_state["linear.weight"],
+                                                    direct.head_state["linear.weight"])
+    longer = train_stego(feats, knn, 2, _config(steps=7), checkpoint_path=ckpt, device="cpu", progress=False,
+                         aux=ToyAux())
+    _assert_same_states(direct.head_state, longer.head_state)
+    _assert_same_states(direct.cluster_state, longer.cluster_state)
+    _assert_same_states(direct.aux_state, longer.aux_state)
+    assert direct.history == longer.history and direct.shifts == longer.shifts
+
+
 def test_resume_with_a_different_config_is_refused(data, tmp_path: Path):
     feats, _, knn = data
     ckpt = tmp_path / "ckpt.pt"
