@@ -22,6 +22,18 @@ def _resolution(dataset: str) -> int:
     return 128 if dataset == "synthetic" else 224
 
 
+def _overrides(dataset: str, heads: list[str] | None) -> str:
+    """Synthetic deployments train as long as ``usseg demo`` (its DEMO_OVERRIDES): that dataset exists to
+    try things quickly, and the heads' paper lengths (STEGO 5000 steps) take 15+ minutes on 2 cores there.
+    ``heads`` None: every head (the compare deployment, whose overrides are routed per head)."""
+    if dataset != "synthetic":
+        return "{}"
+    from flows.cli_compare import DEMO_OVERRIDES, demo_overrides
+
+    chosen = DEMO_OVERRIDES if heads is None else demo_overrides(heads)
+    return "{" + ", ".join(f"{k}: {v}" for k, v in chosen.items()) + "}"
+
+
 def _train(head: str, summary: str, dataset: str, folder: str) -> str:
     return f"""  - name: {folder}
     entrypoint: flows.train.train_{head}
@@ -31,7 +43,7 @@ def _train(head: str, summary: str, dataset: str, folder: str) -> str:
       <<: [*backbone, *common]
       dataset: {dataset}
       resolution: {_resolution(dataset)}
-      overrides: {{}}
+      overrides: {_overrides(dataset, [head])}
     work_pool: *pool
     schedules: [*training_weekly]
     triggers: [*on_lite0_changed]
@@ -47,7 +59,7 @@ def _evaluate(head: str, dataset: str, folder: str) -> str:
       <<: [*backbone, *common]
       dataset: {dataset}
       resolution: {_resolution(dataset)}
-      overrides: {{}}
+      overrides: {_overrides(dataset, [head])}
       train_split: train
       eval_split: val
       run_crf: true
@@ -68,7 +80,7 @@ def _compare(dataset: str, folder: str) -> str:
       resolution: {_resolution(dataset)}
       heads: null          # null = every registered head
       seeds: [0, 1, 2]
-      overrides: {{}}       # routed per head: stego.steps (STEGO and OMH), picie.epochs, hsg.epochs, views.*
+      overrides: {_overrides(dataset, None)}       # routed per head: stego.steps (STEGO and OMH), picie.epochs, hsg.epochs, views.*
       train_split: train
       eval_split: val
       run_crf: true

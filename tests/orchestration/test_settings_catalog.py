@@ -82,6 +82,36 @@ def test_prefect_yaml_has_every_head_dataset_with_schedules_and_triggers():
     assert len(watch) == 1 and watch[0]["schedules"][0]["cron"]
 
 
+def test_synthetic_deployments_train_as_long_as_the_demo():
+    """The synthetic deployments exist to try things quickly: the demo's lengths, the papers' elsewhere."""
+    from flows.cli_compare import DEMO_OVERRIDES
+    from flows.train import RunSpec
+    from usseg_core.heads import get_head
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[2] / "deployments" / "prefect.yaml").read_text())
+    seen = 0
+    for dep in spec["deployments"]:
+        params, entry = dep["parameters"], dep["entrypoint"]
+        if params.get("dataset") != "synthetic" or "overrides" not in params:
+            continue
+        seen += 1
+        if entry == "flows.compare.compare":
+            assert params["overrides"] == DEMO_OVERRIDES
+            continue
+        head = entry.rsplit("_", 1)[1]
+        cfg = get_head(head).config("synthetic", RunSpec(head, "synthetic", overrides=params["overrides"])
+                                    .head_overrides())
+        steps = getattr(cfg.get("stego"), "steps", None)
+        assert steps in (None, DEMO_OVERRIDES["stego.steps"]), (dep["name"], entry)
+        for section in ("picie", "hsg"):
+            if section in cfg:
+                assert cfg[section].epochs == DEMO_OVERRIDES[f"{section}.epochs"]
+    assert seen == 4 * 2 + 1  # train + evaluate per head, and compare
+    others = [d for d in spec["deployments"] if d["parameters"].get("dataset") == "camvid11"
+              and "overrides" in d["parameters"]]
+    assert others and all(d["parameters"]["overrides"] == {} for d in others)
+
+
 def _artifact(store, stage, params, upstream=None, complete=True):
     key = artifact_key(stage, 1, params, upstream)
     art = store.begin(stage, key, version=1, params=params, upstream=upstream)
