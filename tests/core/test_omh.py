@@ -40,6 +40,25 @@ def test_match_loss_hand_value() -> None:
     coarse = torch.tensor([0.6, 0.1]).reshape(1, 2, 1, 1)
     # joint rows: [0.2, 0.45, 0] -> 0.45 ; [0.02, 0, 0.5] -> 0.5 ; |0.45-0.6| + |0.5-0.1| = 0.55
     assert match_loss(coarse, fine, plan).item() == pytest.approx(0.55 / 2, abs=1e-7)
+    # the paper's scale: summed over the K_i = 2 coarse clusters at the one pixel
+    assert match_loss(coarse, fine, plan, "pixel_sum").item() == pytest.approx(0.55, abs=1e-7)
+
+
+def test_pixel_sum_reduction_sums_clusters_and_averages_pixels() -> None:
+    torch.manual_seed(0)
+    plan = torch.rand(3, 5)
+    fine, coarse = torch.rand(2, 5, 4, 3), torch.rand(2, 3, 4, 3)
+    # brute force: per image and pixel, sum over k of |max_l plan[k,l] fine[l,p] - coarse[k,p]|
+    total = 0.0
+    for b in range(2):
+        for y in range(4):
+            for x in range(3):
+                for k in range(3):
+                    total += abs(max(plan[k, l] * fine[b, l, y, x] for l in range(5)) - coarse[b, k, y, x])
+    assert match_loss(coarse, fine, plan, "pixel_sum").item() == pytest.approx(float(total) / 24, rel=1e-6)
+    assert match_loss(coarse, fine, plan).item() == pytest.approx(float(total) / 72, rel=1e-6)
+    with pytest.raises(ConfigError, match="match_reduction"):
+        OMHConfig(match_reduction="sum")
 
 
 def test_match_loss_gradient_equals_direct_max() -> None:

@@ -53,7 +53,12 @@ Method notes (gaps in the paper, METHODS.md §6.18–19, and how this implementa
    likewise the cluster loss over (B, h, w). Then the terms lie in [0, 1] whatever the batch size,
    the number of clusters and the resolution, and STEGO's own losses (code: means) are on the same
    scale. That keeps λ_structure = 0.3 and λ_sparsity = 0.01, borrowed unchanged from the paper,
-   meaningful at K = 3 (Potsdam) as at K = 27, and at 28×28 or 40×40 codes.
+   meaningful at K = 3 (Potsdam) as at K = 27, and at 28×28 or 40×40 codes. The paper's scale is
+   kept as an option, ``match_reduction="pixel_sum"``: the L1 summed over the K_i coarse clusters
+   and averaged over images and pixels (the paper's sum read per pixel, so that the weights do not
+   depend on batch size and resolution either), i.e. K_i times the default match term. The cluster
+   term is a per-pixel value in both readings (one arg-max per pixel) and is the same in both.
+   Measured on CamVid val (README, "OMH: loss scale"), which is what the default rests on.
 7. **Level sizes.** K_i = round(K·ρ^i): 27/54/108 for K = 27, 3/6/12 for K = 3 (Potsdam, inferred).
    Python rounds halves to even, so ρ = 1.5 gives 27/40/61.
 """
@@ -69,6 +74,7 @@ from usseg_core.errors import ConfigError
 from usseg_core.sinkhorn import marginal_error, sinkhorn_log
 
 _PLAN_SCALES = ("max", "row")
+_MATCH_REDUCTIONS = ("mean", "pixel_sum")
 
 
 @dataclass
@@ -90,6 +96,9 @@ class OMHConfig:
     # Whether the match loss reaches the centres through A (Sinkhorn unrolled by autograd). Not in
     # the paper; True lets L^match shape the hierarchy of centres itself (module docstring, note 4).
     grad_through_plan: bool = True
+    # L^match over (B, K_i, h, w): "mean" (ours) or "pixel_sum" (summed over K_i, the paper's scale per
+    # pixel); module docstring, note 6.
+    match_reduction: str = "mean"
 
     def __post_init__(self) -> None:
         if self.n_levels < 1:
@@ -104,6 +113,9 @@ class OMHConfig:
             raise ConfigError(
                 f"OMHConfig.plan_scale must be one of {_PLAN_SCALES}, got {self.plan_scale!r}"
             )
+        if self.match_reduction not in _MATCH_REDUCTIONS:
+            raise ConfigError(f"OMHConfig.match_reduction must be one of {_MATCH_REDUCTIONS}, "
+                              f"got {self.match_reduction!r}")
 
 
 def level_sizes(n_classes: int, n_levels: int, rho: float) -> list[int]:
@@ -150,7 +162,7 @@ def cluster_loss(act: Tensor) -> Tensor:
     return -act.max(dim=1).values.mean()  # (B, h, w) -> scalar
 
 
-def match_loss(act_coarse: Tensor, act_fine: Tensor, plan: Tensor) -> Tensor:
+def match_loss(act_coarse: Tensor, act_fine: Tensor, plan: Tensor, reduction: str = "mean") -> Tensor:
     """L1 between coarse activations and fine activations transported through the plan.
 
     M̂_{k,p} = max_l plan_{k,l} · act_fine_{l,p} (max-pool over fine clusters of the joint
@@ -160,6 +172,7 @@ def match_loss(act_coarse: Tensor, act_fine: Tensor, plan: Tensor) -> Tensor:
         act_coarse: (B, K_i, h, w) level-i activations.
         act_fine: (B, K_{i+1}, h, w) level-(i+1) activations.
         plan: (K_i, K_{i+1}) scaled transport plan (``level_plan``).
+        reduction: "mean" over (B, K_i, h, w), or "pixel_sum": summed over K_i, mean over (B, h, w).
 
     Returns:
         0-d tensor, >= 0.
@@ -178,7 +191,8 @@ def match_loss(act_coarse: Tensor, act_fine: Tensor, plan: Tensor) -> Tensor:
         )  # (B, K_i, P) index into K_{i+1}
     rows = torch.arange(plan.shape[0], device=plan.device)[None, :, None]  # (1, K_i, 1)
     transported = plan[rows, best] * fine.gather(1, best)  # (B, K_i, P)
-    return (transported - act_coarse.flatten(2)).abs().mean()
+    err = (transported - act_coarse.flatten(2)).abs()
+    return err.sum(dim=1).mean() if reduction == "pixel_sum" else err.mean()
 
 
 def plan_cost(centres_coarse: Tensor, centres_fine: Tensor) -> Tensor:
@@ -292,7 +306,7 @@ class OMHLoss(nn.Module):
             cluster_terms = [cluster_loss(a) for a in acts]
             match_terms = []
             for i, (raw, plan) in enumerate(self.plans()):
-                match_terms.append(match_loss(acts[i], acts[i + 1], plan))
+                match_terms.append(match_loss(acts[i], acts[i + 1], plan, cfg.match_reduction))
                 ent, children = _plan_stats(raw)
                 stats[f"plan_entropy_{i}"] = ent
                 stats[f"plan_children_{i}"] = children
