@@ -270,6 +270,7 @@ def test_config_defaults_and_presets():
     assert stego_config_for("potsdam3").shifts == (0.08, 0.02, 0.46)
     assert stego_config_for("reference-default").shifts == (0.18, 0.12, 0.46)
     assert stego_config_for("camvid11").shifts == "auto" and stego_config_for("camvid11").dim == 32
+    assert stego_config_for("camvid11").steps == 1000 and stego_config_for("cocostuff27").steps == 5000
     assert stego_config_for("camvid11", dim=70).dim == 70
     assert stego_config_for("directory").dim == 70  # no preset: reference code dimension, automatic shifts
     assert set(STEGO_PRESETS) >= {"cocostuff27", "cityscapes27", "potsdam3", "reference-default"}
