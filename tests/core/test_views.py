@@ -64,3 +64,69 @@ def test_from_params_inverts_params_through_json():
     for view in (ViewSpec("five_crop", 224), ViewSpec("full", None, size=(352, 480), flip=True),
                  ViewSpec("center_crop", 320, crop_ratio=0.25)):
         assert ViewSpec.from_params(json.loads(json.dumps(view.params()))) == view
+
+
+def test_five_crop_short_side_is_the_references_resize_then_centre_crop():
+    """STEGO saves each five-crop at native size, then loads it through Resize(res) + CenterCrop(res)."""
+    import torch
+    import torch.nn.functional as F
+
+    from usseg_core.crops import five_crop_boxes
+
+    img = _img(60, 90)  # crops 30 x 45: the short side (30) -> 16, the long side -> int(16 * 45 / 30) = 24
+    short, squash = ViewSpec("five_crop", 16), ViewSpec("five_crop", 16, crop_resize="squash")
+    assert short.crop_resize == "short_side"  # the reference's is the default
+    for item in range(5):
+        top, left, ch, cw = five_crop_boxes(60, 90)[item]
+        crop = torch.from_numpy(img[top:top + ch, left:left + cw].copy()).permute(2, 0, 1).float() / 255
+        resized = F.interpolate(crop[None], size=(16, 24), mode="bilinear", align_corners=False,
+                                antialias=True)[0]
+        expected = resized[:, :, 4:20]  # torchvision centre crop: round((24 - 16) / 2) = 4
+        assert torch.allclose(prepare_item(img, short, item), expected.clamp(0, 1), atol=1e-6)
+        squashed = F.interpolate(crop[None], size=(16, 16), mode="bilinear", align_corners=False,
+                                 antialias=True)[0]
+        assert torch.allclose(prepare_item(img, squash, item), squashed.clamp(0, 1), atol=1e-6)
+        assert not torch.allclose(prepare_item(img, short, item), prepare_item(img, squash, item))
+    label = (np.arange(60 * 90).reshape(60, 90) // 7) % 5
+    lab = prepare_label(label, short, 1)  # top-right crop: rows 0..29, columns 45..89
+    crop = label[0:30, 45:90]
+    rows = (np.arange(16) * 30 / 16).astype(int)  # nearest neighbour, as F.interpolate(mode="nearest")
+    cols = (np.arange(24) * 45 / 24).astype(int)
+    assert np.array_equal(lab, crop[rows][:, cols][:, 4:20])
+
+
+def test_crop_resize_is_in_five_crop_keys_only():
+    assert ViewSpec("five_crop", 224).params()["crop_resize"] == "short_side"
+    assert ViewSpec("five_crop", 224, crop_resize="squash").params() != ViewSpec("five_crop", 224).params()
+    assert "crop_resize" not in ViewSpec("center_crop", 320).params()
+    assert "crop_resize" not in ViewSpec("full", None, size=(352, 480)).params()
+    with pytest.raises(ConfigError, match="resize"):
+        ViewSpec("five_crop", 224, crop_resize="stretch")
+
+
+def test_training_views_follow_the_reference_per_dataset():
+    from usseg_core.datasets.registry import dataset_class
+    from usseg_core.views import CropSettings
+
+    default = CropSettings()
+    for name in ("cocostuff27", "cityscapes27"):
+        assert default.view(dataset_class(name), 224) == ViewSpec("five_crop", 224, crop_resize="short_side")
+    for name in ("potsdam3", "directory"):  # the reference ignores crop_type for these
+        assert default.view(dataset_class(name), 224) == ViewSpec("center_crop", 224)
+    assert CropSettings(resize="squash").view(dataset_class("cocostuff27"), 224).crop_resize == "squash"
+    assert CropSettings(policy="five_crop").view(dataset_class("potsdam3"), 224).policy == "five_crop"
+    with pytest.raises(ConfigError, match="five_crop"):
+        CropSettings(resize="squash").view(dataset_class("potsdam3"), 224)
+    with pytest.raises(ConfigError, match="crops.resize"):
+        CropSettings(resize="stretch")
+
+
+def test_crops_settings_reach_the_run_and_fail_before_any_work():
+    from flows.train import RunSpec
+
+    assert RunSpec("stego", "cocostuff27", overrides={"crops.resize": "squash"}).crops_config().resize == "squash"
+    assert RunSpec("stego", "cocostuff27", overrides={"crops.resize": "squash"}).head_overrides() == {}
+    with pytest.raises(ConfigError, match="crops.ratio"):
+        RunSpec("stego", "cocostuff27", overrides={"crops.bogus": 1}).validate()
+    with pytest.raises(ConfigError, match="five_crop"):
+        RunSpec("stego", "potsdam3", overrides={"crops.resize": "squash"}).validate()
