@@ -121,7 +121,7 @@ def _register_optional() -> None:
     """Commands of other areas register themselves here (one app, one help)."""
     import importlib
 
-    for module in ("flows.cli_edges", "flows.cli_run", "flows.cli_compare", "flows.cli_ops"):
+    for module in ("flows.cli_edges", "flows.cli_run", "flows.cli_compare", "flows.cli_ops", "flows.cli_import"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

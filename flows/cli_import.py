@@ -1,0 +1,135 @@
+"""``usseg import stego CKPT``: a published STEGO checkpoint as usseg artifacts.
+
+Writes, keyed by the checkpoint's sha256 (importing the same file twice is a cache hit):
+
+* ``backbone/<key>/backbone.safetensors`` — the DINO ViT, usable as ``--weights`` with its registry name;
+* ``head/<key>/head.pt`` — the STEGO code head and its cluster probe, as ``tasks.heads.ensure_head`` writes
+  it (``usseg_core.heads.save_head``), loadable by ``load_head``, evaluation and ``usseg segment --model``;
+* ``linear-probe/<key>/probe.pt`` — the checkpoint's linear probe, as ``tasks.cluster.ensure_linear_probe``
+  writes it (a ``LinearProbe`` state dict), when the checkpoint has one.
+
+The head's upstream ``features0`` is the backbone artifact: that is where ``usseg segment`` reads the
+backbone name and weights of a head (a trained head's ``features0`` is its feature artifact, whose metadata
+carries the same two fields).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from flows.cli_common import StorageOpt
+from flows.settings import storage_root
+from usseg_core.errors import UssegError
+
+IMPORT_VERSION = 1
+SOURCE = "stego-lightning"  # the format imported (params of every artifact written here)
+BACKBONE_FILE = "backbone.safetensors"
+
+
+@dataclass(frozen=True)
+class Imported:
+    """Keys and files of an import; ``cache_hit`` when every artifact was already in the store."""
+
+    backbone: str
+    weights: Path
+    head_key: str
+    head_path: Path
+    probe_key: str | None
+    probe_path: Path | None
+    backbone_key: str
+    cache_hit: bool
+
+
+def import_stego(ckpt_path: str | Path, storage: str | Path, name: str | None = None) -> Imported:
+    """Convert a STEGO Lightning checkpoint into backbone, head and linear-probe artifacts (see module doc)."""
+    from safetensors.torch import save_file
+
+    from tasks.cluster import PROBE_VERSION
+    from tasks.heads import HEAD_VERSION
+    from usseg_core.backbones import get_backbone
+    from usseg_core.heads import config_to_dict, save_head
+    from usseg_core.importers import file_sha256, parse_stego_checkpoint, stego_config
+    from usseg_core.store import ArtifactStore, artifact_key
+
+    store, ckpt_path = ArtifactStore(storage), Path(ckpt_path)
+    sha = file_sha256(ckpt_path) if ckpt_path.is_file() else None
+    source = {"format": SOURCE, "sha256": sha}
+    bkey = artifact_key("backbone", IMPORT_VERSION, source)
+    barts = store.get("backbone", bkey)
+    head_art = None
+    if barts is not None:
+        hkey = barts.meta.get("head_key")
+        head_art = store.get("head", hkey) if hkey else None
+    if barts is not None and head_art is not None:  # cache hit: nothing read but the file's hash
+        pkey = head_art.meta.get("linear_probe")
+        part = store.get("linear-probe", pkey) if pkey else None
+        return Imported(barts.meta["backbone"], Path(barts.meta["weights"]), head_art.key, head_art.file("head.pt"),
+                        part.key if part else None, part.file("probe.pt") if part else None, bkey, True)
+
+    ck = parse_stego_checkpoint(ckpt_path)  # every problem of the file is one InputError line
+    info = {"imported_from": {"path": str(ckpt_path.resolve()), "sha256": ck.sha256, "format": SOURCE,
+                              "name": name or ckpt_path.stem, "global_step": ck.global_step},
+            "dataset": ck.dataset, "backbone": ck.backbone}
+    barts = store.begin("backbone", bkey, version=IMPORT_VERSION, params=source, **info)
+    weights = barts.file(BACKBONE_FILE)
+    save_file({k: v.clone() for k, v in ck.backbone_state.items()}, str(weights))
+    # loading it exactly as `--weights` will: checks the layout strictly and gives the fingerprint
+    fingerprint = get_backbone(ck.backbone, weights=weights, device="cpu").fingerprint
+
+    config = {"stego": stego_config(ck)}
+    params = {"method": "stego", "n_classes": ck.n_clusters, "config": config_to_dict(config), "imported": source}
+    upstream = {"features0": bkey}
+    hkey = artifact_key("head", HEAD_VERSION, params, upstream)
+    head_art = store.begin("head", hkey, version=HEAD_VERSION, params=params, upstream=upstream, method="stego",
+                           backbone_fingerprint=fingerprint, **info)
+    save_head(head_art.file("head.pt"), "stego", ck.n_clusters, config,
+              {"in_dim": ck.in_dim, "code_dim": ck.code_dim, "head": ck.head_state,
+               "cluster": {"centroids": ck.centroids}})
+    part = None
+    if ck.linear_state is not None:
+        pparams = {"n_classes": ck.n_classes, "imported": source}
+        pupstream = {"head": hkey, "features": "imported"}
+        pkey = artifact_key("linear-probe", PROBE_VERSION, pparams, pupstream)
+        part = store.begin("linear-probe", pkey, version=PROBE_VERSION, params=pparams, upstream=pupstream,
+                           dataset=ck.dataset, split="imported", imported_from=info["imported_from"])
+        import torch
+
+        torch.save(ck.linear_state, part.file("probe.pt"))
+        store.finish(part, n_classes=ck.n_classes, code_dim=ck.code_dim)
+    store.finish(head_art, steps=ck.global_step, n_classes_dataset=ck.n_classes, projection=ck.projection,
+                 reference_config=ck.hparams, linear_probe=part.key if part else None)
+    # the backbone artifact is finished last: it names the head, so a complete one means a complete import
+    store.finish(barts, weights=str(weights), backbone_fingerprint=fingerprint, head_key=hkey)
+    return Imported(ck.backbone, weights, hkey, head_art.file("head.pt"), part.key if part else None,
+                    part.file("probe.pt") if part else None, bkey, False)
+
+
+import_app = typer.Typer(no_args_is_help=True, help="Import checkpoints of reference implementations.")
+
+
+@import_app.command("stego")
+def stego_command(
+    ckpt: Path = typer.Argument(..., help="STEGO PyTorch-Lightning checkpoint (.ckpt), e.g. "
+                                          "cocostuff27_vit_base_5.ckpt."),
+    name: Optional[str] = typer.Option(None, "--name", help="A name recorded in the metadata (default: file stem)."),
+    storage: Optional[Path] = StorageOpt,
+) -> None:
+    """Write the checkpoint's DINO ViT as a --weights file and its head + probes as store artifacts."""
+    try:
+        out = import_stego(ckpt, storage_root(storage), name)
+    except UssegError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(("cache hit: " if out.cache_hit else "imported: ") + str(ckpt))
+    typer.echo(f"backbone weights: {out.weights}")
+    typer.echo(f"  use: usseg run stego --backbone {out.backbone} --weights {out.weights} ...")
+    typer.echo(f"head artifact: {out.head_key}  (usseg segment --model {out.head_key} IMAGES --out DIR)")
+    if out.probe_key:
+        typer.echo(f"linear probe artifact: {out.probe_key}  ({out.probe_path})")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(import_app, name="import")
