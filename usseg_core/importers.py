@@ -228,6 +228,7 @@ def parse_stego_checkpoint(path: str | Path) -> StegoCheckpoint:
     Raises:
         InputError: one line naming the file and the problem (not a STEGO checkpoint, a missing key, a
             shape mismatch, an unsupported configuration).
+        WeightsError: one line naming the file, when the ``net.model.*`` tensors do not fit the DINO ViT.
     """
     path = Path(path)
     ckpt = read_lightning_checkpoint(path)
@@ -245,6 +246,7 @@ def parse_stego_checkpoint(path: str | Path) -> StegoCheckpoint:
                       for k, v in sd.items() if isinstance(k, str) and k.startswith(BACKBONE_PREFIX)
                       and isinstance(v, Tensor) and k[len(BACKBONE_PREFIX):] not in _DINO_IGNORED}
     backbone = _backbone_name(backbone_state, cfg, path)
+    _check_backbone_fits(backbone, backbone_state, path)
 
     w1 = _tensor(sd, HEAD_KEYS["linear.weight"], path)  # (D, C, 1, 1)
     if w1.ndim != 4 or w1.shape[2:] != (1, 1):
@@ -297,6 +299,18 @@ def parse_stego_checkpoint(path: str | Path) -> StegoCheckpoint:
         code_dim=code_dim, n_classes=int(n_classes), projection=projection, hparams=cfg,
         dataset=DATASETS.get(str(cfg.get("dataset_name"))),
         global_step=int(step) if isinstance(step, int) and not isinstance(step, bool) else None)
+
+
+def _check_backbone_fits(name: str, state: dict[str, Tensor], path: Path) -> None:
+    """Raise WeightsError naming ``path`` unless the ViT tensors fit ``name`` exactly (as ``--weights`` will)."""
+    import timm
+
+    from usseg_core.backbones.vit import adapt_vit_state_dict
+    from usseg_core.backbones.weights import check_state_dict_fits
+
+    with torch.device("meta"):  # shapes only: no init, no memory
+        model = timm.create_model(name, pretrained=False, dynamic_img_size=True, num_classes=0)
+    check_state_dict_fits(model, adapt_vit_state_dict(state, model), f"{path} (net.model.*)", name)
 
 
 def _backbone_name(state: dict[str, Tensor], cfg: dict, path: Path) -> str:
