@@ -35,6 +35,7 @@ probe is the arg-max of cosine similarity to normalised centroids, and the CRF u
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -151,13 +152,15 @@ def read_lightning_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "checkpoint file not found")
-    import argparse
-
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception as exc:  # noqa: BLE001 - not a zip checkpoint, truncated file, ...
         raise InputError(path, f"not a torch zip checkpoint ({_first_line(exc)})") from exc
-    allowed: list = [argparse.Namespace, *((_stand_in(name), name) for name in unsafe)]
+    allowed: list = [argparse.Namespace]
+    for name in unsafe:
+        # Lightning's AttributeDict (hparams, a dict subclass) is filled by SETITEMS, which torch's loader
+        # allows on plain dicts only: it is read as a plain dict
+        allowed.append((dict, name) if name.rsplit(".", 1)[-1] == "AttributeDict" else (_stand_in(name), name))
     try:
         with torch.serialization.safe_globals(allowed):
             obj = torch.load(path, map_location="cpu", weights_only=True)

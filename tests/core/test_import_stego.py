@@ -375,3 +375,35 @@ def test_unsupported_feature_type(tmp_path):
     path = tmp_path / "kk.ckpt"
     save_reference_checkpoint(path, None, {**REFERENCE_CFG, "dino_feat_type": "KK"}, state_dict=_small_stego_state())
     assert "dino_feat_type" in _one_line_error(path)
+
+
+def test_any_other_callable_becomes_an_inert_stand_in(tmp_path):
+    """A global outside torch's blocked modules (subprocess.call) is replaced, never called."""
+    import subprocess
+
+    marker = tmp_path / "ran"
+
+    class Sneaky:
+        def __reduce__(self):
+            return subprocess.call, (["touch", str(marker)],)
+
+    path = tmp_path / "sneaky.ckpt"
+    torch.save({"state_dict": _small_stego_state(), "hyper_parameters": {"cfg": Sneaky()}}, path)
+    ck = parse_stego_checkpoint(path)
+    assert not marker.exists() and ck.hparams == {} and ck.backbone == ARCH
+
+
+def test_lightning_attribute_dict_hparams(tmp_path):
+    attribute_dict = type("AttributeDict", (dict,), {})
+    mod = _fake_module("pytorch_lightning.utilities.parsing", AttributeDict=attribute_dict)
+    parents = {n: types.ModuleType(n) for n in ("pytorch_lightning", "pytorch_lightning.utilities")}
+    sys.modules.update({**parents, mod.__name__: mod})
+    try:
+        hp = attribute_dict(n_classes=N_CLASSES, cfg={"model_type": "vit_small", "dim": DIM})
+        path = tmp_path / "attr.ckpt"
+        torch.save({"state_dict": _small_stego_state(), "hyper_parameters": hp}, path)
+    finally:
+        for n in (*parents, mod.__name__):
+            sys.modules.pop(n, None)
+    ck = parse_stego_checkpoint(path)
+    assert ck.hparams == {"model_type": "vit_small", "dim": DIM} and ck.n_classes == N_CLASSES
