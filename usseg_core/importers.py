@@ -31,7 +31,13 @@ probe is the arg-max of cosine similarity to normalised centroids, and the CRF u
   tokens after the final LayerNorm, which is the reference's ``feat`` (its default);
 * positional embeddings at a non-square or non-224 input are resampled by timm (bicubic to the exact
   grid) where DINO interpolates with a ``+0.1`` scale-factor trick: features agree exactly at 224x224,
-  and up to interpolation rounding elsewhere.
+  and up to interpolation rounding elsewhere; timm's fused attention differs from DINO's explicit softmax
+  by float rounding only;
+* usseg evaluates codes of *cached* features: stored as float16, extracted in bf16 on CUDA by default
+  (``precision`` auto), where the reference runs the ViT and head in fp32 per batch — rounding-level
+  differences in codes;
+* the reference's feature normalisation and ``pointwise`` centering belong to the training loss only
+  (``ContrastiveCorrelationLoss``), as in usseg: they do not touch codes, so an imported head needs neither.
 """
 from __future__ import annotations
 
