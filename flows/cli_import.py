@@ -66,8 +66,10 @@ def import_stego(ckpt_path: str | Path, storage: str | Path, name: str | None = 
     if barts is not None and head_art is not None:  # cache hit: nothing read but the file's hash
         pkey = head_art.meta.get("linear_probe")
         part = store.get("linear-probe", pkey) if pkey else None
-        return Imported(barts.meta["backbone"], Path(barts.meta["weights"]), head_art.key, head_art.file("head.pt"),
-                        part.key if part else None, part.file("probe.pt") if part else None, bkey, True)
+        out = Imported(barts.meta["backbone"], Path(barts.meta["weights"]), head_art.key, head_art.file("head.pt"),
+                       part.key if part else None, part.file("probe.pt") if part else None, bkey, True)
+        _record(storage, sha, out)
+        return out
 
     ck = parse_stego_checkpoint(ckpt_path)  # every problem of the file is one InputError line
     info = {"imported_from": {"path": str(ckpt_path.resolve()), "sha256": ck.sha256, "format": SOURCE,
@@ -103,8 +105,23 @@ def import_stego(ckpt_path: str | Path, storage: str | Path, name: str | None = 
                  reference_config=ck.hparams, linear_probe=part.key if part else None)
     # the backbone artifact is finished last: it names the head, so a complete one means a complete import
     store.finish(barts, weights=str(weights), backbone_fingerprint=fingerprint, head_key=hkey)
-    return Imported(ck.backbone, weights, hkey, head_art.file("head.pt"), part.key if part else None,
-                    part.file("probe.pt") if part else None, bkey, False)
+    out = Imported(ck.backbone, weights, hkey, head_art.file("head.pt"), part.key if part else None,
+                   part.file("probe.pt") if part else None, bkey, False)
+    _record(storage, ck.sha256, out)
+    return out
+
+
+def _record(storage: str | Path, sha: str, out: Imported) -> None:
+    """A run record naming the imported keys, as flow runs leave (``usseg storage gc --unreferenced`` keeps
+    what a record names); one per checkpoint, rewritten by a re-import."""
+    from flows.publish import runs_folder
+    from usseg_core.store import atomic_write_json, now_iso
+
+    run_id = f"import-stego-{sha[:16]}"
+    keys = [k for k in (out.backbone_key, out.head_key, out.probe_key) if k]
+    atomic_write_json(runs_folder(storage) / f"{run_id}.json", {"flow": "import-stego", "flow_run_id": run_id,
+                                                                "created": now_iso(), "storage": str(storage),
+                                                                "keys": keys})
 
 
 import_app = typer.Typer(no_args_is_help=True, help="Import checkpoints of reference implementations.")

@@ -232,6 +232,9 @@ def test_artifacts_metadata_and_cache_hit(reference, imported):
     assert again.cache_hit and (again.head_key, again.probe_key, again.weights) == (out.head_key, out.probe_key,
                                                                                     out.weights)
     assert {p: p.stat().st_mtime_ns for p in Path(storage).glob("*/*/meta.json")} == mtimes
+    from flows.cli_ops import referenced_keys
+
+    assert {out.head_key, out.probe_key, out.backbone_key} <= referenced_keys(storage)  # gc keeps them
 
 
 def test_segment_with_imported_head(imported, tmp_path):
