@@ -58,25 +58,25 @@ def import_stego(ckpt_path: str | Path, storage: str | Path, name: str | None = 
     sha = file_sha256(ckpt_path) if ckpt_path.is_file() else None
     source = {"format": SOURCE, "sha256": sha}
     bkey = artifact_key("backbone", IMPORT_VERSION, source)
-    barts = store.get("backbone", bkey)
+    bart = store.get("backbone", bkey)
     head_art = None
-    if barts is not None:
-        hkey = barts.meta.get("head_key")
+    if bart is not None:
+        hkey = bart.meta.get("head_key")
         head_art = store.get("head", hkey) if hkey else None
-    if barts is not None and head_art is not None:  # cache hit: nothing read but the file's hash
+    if bart is not None and head_art is not None:  # cache hit: nothing read but the file's hash
         pkey = head_art.meta.get("linear_probe")
         part = store.get("linear-probe", pkey) if pkey else None
-        out = Imported(barts.meta["backbone"], Path(barts.meta["weights"]), head_art.key, head_art.file("head.pt"),
+        out = Imported(bart.meta["backbone"], Path(bart.meta["weights"]), head_art.key, head_art.file("head.pt"),
                        part.key if part else None, part.file("probe.pt") if part else None, bkey, True)
         _record(storage, sha, out)
         return out
 
-    ck = parse_stego_checkpoint(ckpt_path)  # every problem of the file is one InputError line
+    ck = parse_stego_checkpoint(ckpt_path, sha256=sha)  # any problem of the file: one line naming it
     info = {"imported_from": {"path": str(ckpt_path.resolve()), "sha256": ck.sha256, "format": SOURCE,
                               "name": name or ckpt_path.stem, "global_step": ck.global_step},
             "dataset": ck.dataset, "backbone": ck.backbone}
-    barts = store.begin("backbone", bkey, version=IMPORT_VERSION, params=source, **info)
-    weights = barts.file(BACKBONE_FILE)
+    bart = store.begin("backbone", bkey, version=IMPORT_VERSION, params=source, **info)
+    weights = bart.file(BACKBONE_FILE)
     save_file({k: v.clone() for k, v in ck.backbone_state.items()}, str(weights))
     # loading it exactly as `--weights` will: checks the layout strictly and gives the fingerprint
     fingerprint = get_backbone(ck.backbone, weights=weights, device="cpu").fingerprint
@@ -104,7 +104,7 @@ def import_stego(ckpt_path: str | Path, storage: str | Path, name: str | None = 
     store.finish(head_art, steps=ck.global_step, n_classes_dataset=ck.n_classes, projection=ck.projection,
                  reference_config=ck.hparams, linear_probe=part.key if part else None)
     # the backbone artifact is finished last: it names the head, so a complete one means a complete import
-    store.finish(barts, weights=str(weights), backbone_fingerprint=fingerprint, head_key=hkey)
+    store.finish(bart, weights=str(weights), backbone_fingerprint=fingerprint, head_key=hkey)
     out = Imported(ck.backbone, weights, hkey, head_art.file("head.pt"), part.key if part else None,
                    part.file("probe.pt") if part else None, bkey, False)
     _record(storage, ck.sha256, out)

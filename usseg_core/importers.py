@@ -231,8 +231,8 @@ def _check_shape(t: Tensor, shape: tuple, key: str, path: Path) -> None:
         raise InputError(path, f"shape mismatch: {key} is {tuple(t.shape)}, expected {tuple(shape)}")
 
 
-def parse_stego_checkpoint(path: str | Path) -> StegoCheckpoint:
-    """Read, validate and convert a STEGO Lightning checkpoint.
+def parse_stego_checkpoint(path: str | Path, sha256: str | None = None) -> StegoCheckpoint:
+    """Read, validate and convert a STEGO Lightning checkpoint (``sha256``: the file's, when already known).
 
     Raises:
         InputError: one line naming the file and the problem (not a STEGO checkpoint, a missing key, a
@@ -303,7 +303,7 @@ def parse_stego_checkpoint(path: str | Path) -> StegoCheckpoint:
                                f"n_classes + extra_clusters = {n_classes + extra}")
     step = ckpt.get("global_step")
     return StegoCheckpoint(
-        path=path, sha256=file_sha256(path), backbone=backbone, backbone_state=backbone_state,
+        path=path, sha256=sha256 or file_sha256(path), backbone=backbone, backbone_state=backbone_state,
         head_state=head_state, centroids=centroids, linear_state=linear_state, in_dim=in_dim,
         code_dim=code_dim, n_classes=int(n_classes), projection=projection, hparams=cfg,
         dataset=DATASETS.get(str(cfg.get("dataset_name"))),
