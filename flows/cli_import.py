@@ -8,9 +8,9 @@ Writes, keyed by the checkpoint's sha256 (importing the same file twice is a cac
 * ``linear-probe/<key>/probe.pt`` — the checkpoint's linear probe, as ``tasks.cluster.ensure_linear_probe``
   writes it (a ``LinearProbe`` state dict), when the checkpoint has one.
 
-The head's upstream ``features0`` is the backbone artifact: that is where ``usseg segment`` reads the
-backbone name and weights of a head (a trained head's ``features0`` is its feature artifact, whose metadata
-carries the same two fields).
+The head's upstream ``backbone`` is the backbone artifact: that is where ``usseg segment`` and
+``usseg evaluate --model`` read the backbone name and weights of a head (``tasks.segment._backbone_of``; a
+trained head's ``features0`` is its feature artifact, whose metadata carries the same two fields).
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def import_stego(ckpt_path: str | Path, storage: str | Path, name: str | None = 
 
     config = {"stego": stego_config(ck)}
     params = {"method": "stego", "n_classes": ck.n_clusters, "config": config_to_dict(config), "imported": source}
-    upstream = {"features0": bkey}
+    upstream = {"backbone": bkey}
     hkey = artifact_key("head", HEAD_VERSION, params, upstream)
     head_art = store.begin("head", hkey, version=HEAD_VERSION, params=params, upstream=upstream, method="stego",
                            backbone_fingerprint=fingerprint, **info)

@@ -20,8 +20,10 @@ from usseg_core.viz import colorize, hierarchy_strip, overlay, save_png
 
 
 def _backbone_of(store: ArtifactStore, head_meta: dict) -> BackboneRef:
+    """The backbone a head's codes come from: an imported head's ``backbone`` artifact, else the feature
+    artifact (``features0`` / ``views0``) it was trained on; both record the name and the weights."""
     upstream = head_meta["upstream"]
-    feats = store.find(upstream.get("features0") or upstream["views0"]).meta
+    feats = store.find(upstream.get("backbone") or upstream.get("features0") or upstream["views0"]).meta
     w = feats.get("weights")
     return BackboneRef(feats["backbone"], None if w in (None, "default", "random-init") else w,
                        random_weights=w == "random-init")
