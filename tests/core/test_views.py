@@ -111,6 +111,8 @@ def test_training_views_follow_the_reference_per_dataset():
     default = CropSettings()
     for name in ("cocostuff27", "cityscapes27"):
         assert default.view(dataset_class(name), 224) == ViewSpec("five_crop", 224, crop_resize="short_side")
+    for name in ("camvid11", "synthetic"):  # not reference datasets: chosen on CamVid val (README)
+        assert default.view(dataset_class(name), 224) == ViewSpec("five_crop", 224, crop_resize="squash")
     for name in ("potsdam3", "directory"):  # the reference ignores crop_type for these
         assert default.view(dataset_class(name), 224) == ViewSpec("center_crop", 224)
     assert CropSettings(resize="squash").view(dataset_class("cocostuff27"), 224).crop_resize == "squash"

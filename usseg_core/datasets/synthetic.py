@@ -283,6 +283,8 @@ class SyntheticDataset(PairedFolderDataset):
     Raw label 255 is ignored (-1); other values must be class ids.
     """
 
+    train_crop_resize = "squash"  # the street-like stand-in for CamVid trains as CamVid does (camvid.py)
+
     def __init__(self, root: str | Path, split: str) -> None:
         super().__init__(root, split)
         classes_file = self.root / CLASSES_FILE
