@@ -11,6 +11,9 @@ Writes, keyed by the checkpoint's sha256 (importing the same file twice is a cac
 The head's upstream ``backbone`` is the backbone artifact: that is where ``usseg segment`` and
 ``usseg evaluate --model`` read the backbone name and weights of a head (``tasks.segment._backbone_of``; a
 trained head's ``features0`` is its feature artifact, whose metadata carries the same two fields).
+
+``usseg evaluate --model HEAD_KEY`` (registered here too; flow ``evaluate-model`` in
+``flows/evaluate_model.py``) evaluates an existing head, imported or trained, without training anything.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from typing import Optional
 
 import typer
 
-from flows.cli_common import StorageOpt
+from flows.cli_common import RunnerOpt, StorageOpt
 from flows.settings import storage_root
 from usseg_core.errors import UssegError
 
@@ -148,5 +151,47 @@ def stego_command(
         typer.echo(f"linear probe artifact: {out.probe_key}  ({out.probe_path})")
 
 
+def evaluate_command(
+    model: str = typer.Option(..., "--model", help="Head artifact key, trained or imported (see `usseg storage "
+                                                   "ls --stage head`); a unique prefix is enough."),
+    dataset: str = typer.Option(..., help="Dataset registry name (its class count must be the head's)."),
+    data_root: Optional[Path] = typer.Option(
+        None, "--data-root", help="Dataset root folder (default: $USSEG_DATA_ROOT/<dataset folder>)."),
+    eval_split: str = typer.Option("val", help="Labelled split to evaluate on."),
+    crf: bool = typer.Option(True, "--crf/--no-crf", help="Dense CRF refinement rows."),
+    eval_resolution: Optional[int] = typer.Option(None, help="Override the eval protocol's resolution."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda[:i]: where the backbone and head run."),
+    results: Optional[Path] = typer.Option(None, help="Write the results table as CSV here."),
+    runner: str = RunnerOpt,
+    storage: Optional[Path] = StorageOpt,
+) -> None:
+    """Evaluate an existing head artifact (flow `evaluate-model`): its own clusterer, its linear probe and
+    k-means when the store has them, CRF on/off, under the dataset's evaluation protocol and with the head's
+    own backbone. Nothing is trained."""
+    from flows.cli_run import print_results, write_results_csv
+    from flows.evaluate_model import check_model, evaluate_model
+    from flows.fastpath import run_flow
+
+    root = storage_root(storage)
+    params = dict(model=model, dataset=dataset, data_root=str(data_root) if data_root else None,
+                  eval_split=eval_split, storage=str(root), run_crf=crf, eval_resolution=eval_resolution,
+                  device=device, task_runner=runner)
+    try:  # a bad key or a class-count mismatch: one line, before any flow run or server starts
+        plan = check_model(model, dataset, params["data_root"], eval_split, str(root))
+        for note in plan["notes"]:
+            typer.echo(note)
+        out = run_flow(evaluate_model, params, say=lambda line: print(line, flush=True))
+    except UssegError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    ev = out["evaluation"]
+    print_results(ev["rows"], f"{out['head']['method']} head {out['head']['key']} on {dataset}/{eval_split}")
+    typer.echo(f"evaluation artifact: {ev['path']}")
+    if results:
+        write_results_csv(ev["rows"], results)
+        typer.echo(f"results written to {results}")
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(import_app, name="import")
+    app.command("evaluate")(evaluate_command)
