@@ -53,12 +53,19 @@ def artifact_key(stage: str, version: int | str, params: Mapping[str, Any],
     return hashlib.sha256(payload.encode()).hexdigest()[:KEY_LENGTH]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: give it an ordinary file's mode
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

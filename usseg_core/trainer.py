@@ -23,6 +23,7 @@ run plans step ``s + 1`` exactly as the uninterrupted run did.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -229,6 +230,8 @@ def run_training(method: TrainingMethod, config: dict, *, steps: int, checkpoint
         method.load_plan_state(checkpoint["method_state"])
         step, history = int(checkpoint["step"]), list(checkpoint["history"])
         context = dict(checkpoint.get("context") or {})
+        logging.getLogger("usseg").info("%s: resuming from checkpoint %s at step %d of %d", method.name,
+                                        checkpoint_path or "(given)", step, steps)
 
     def snapshot() -> dict:
         return {"version": CHECKPOINT_VERSION, "method": method.name, "step": step, "config": config,
