@@ -111,25 +111,64 @@ def _dataset(name: str, root: str, split: str, options_json: str):
     return get_dataset(name, root, split, **json.loads(options_json))
 
 
-def _listing_signature(ds) -> str:
-    """Cheap identity of a split's files (paths, sizes, mtimes): decides whether a manifest is reused."""
+VERIFY_CONTENT_ENV = "USSEG_VERIFY_CONTENT"
+
+
+def verify_content() -> bool:
+    """True when ``USSEG_VERIFY_CONTENT`` is set to 1/true/yes: manifests are keyed by file contents."""
+    return os.environ.get(VERIFY_CONTENT_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _listing_signature(ds, *, content: bool = False) -> str:
+    """Identity of a split's files: decides whether a manifest (and everything keyed by it) is reused.
+
+    The rule: by default it covers every file's relative path, byte size and mtime (ns) — a stat() per
+    file. A file whose bytes change while its size and mtime stay the same (a tool restoring the mtime,
+    ``os.utime``) is therefore *not* noticed and the old manifest and features are reused. With
+    ``content=True`` (``USSEG_VERIFY_CONTENT=1``) it covers each file's sha256 instead, so changing any
+    byte changes the manifest hash and every downstream key, at the cost of reading every file.
+
+    A file that the index names but that does not exist (an image without its label) enters the
+    signature as missing instead of raising: :func:`build_manifest` then reports it as an InputError
+    naming the file, or lists it in ``skipped`` under ``on_error="skip"``.
+    """
+    from usseg_core.datasets.manifest import file_sha256
+    from usseg_core.errors import InputError
+
     h = hashlib.sha256()
+    if content:  # the default keeps the signature (and manifest keys) of earlier versions
+        h.update(b"content\n")
     for id_ in ds.ids():
         for rel in (ds.image_relpath(id_), ds.label_relpath(id_)):
             if rel is None:
                 continue
-            st = os.stat(Path(ds.root) / rel)
-            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            path = Path(ds.root) / rel
+            try:
+                if content:
+                    size, sha = file_sha256(path)
+                    h.update(f"{rel}\0{size}\0{sha}\n".encode())
+                else:
+                    st = os.stat(path)
+                    h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except (OSError, InputError) as err:
+                problem = err.problem if isinstance(err, InputError) else (err.strerror or str(err))
+                h.update(f"{rel}\0missing\0{problem}\n".encode())
     return h.hexdigest()
 
 
 @stage_task("manifest")
 def ensure_manifest(data: DataRef, storage: str) -> dict:
-    """The split's manifest (id, path, size, sha256 per file); rebuilt only when the files changed."""
+    """The split's manifest (id, path, size, sha256 per file); rebuilt only when the files changed.
+
+    "Changed" follows :func:`_listing_signature`: a path, byte size or mtime differs — or, with
+    ``USSEG_VERIFY_CONTENT=1``, any byte differs.
+    """
     store = ArtifactStore(storage)
     ds = data.dataset()
+    content = verify_content()
     params = {"dataset": data.name, "root": str(Path(data.root).resolve()), "split": data.split,
-              "options": data.options, "on_error": data.on_error, "listing": _listing_signature(ds)}
+              "options": data.options, "on_error": data.on_error,
+              "listing": _listing_signature(ds, content=content)}
     key = artifact_key("manifest", MANIFEST_VERSION, params)
     art = store.get("manifest", key)
     if art is None:

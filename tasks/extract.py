@@ -40,21 +40,67 @@ def extract_shard(storage: str, key: str, data: DataRef, manifest_path: str, vie
     vs = ViewSpec.from_params(view)
     ids = manifest.ids
 
+    log = logger()
+
     def load_item(i: int) -> torch.Tensor:
-        return prepare_item(ds.load_image(ids[i // vs.per_image]), vs, i % vs.per_image)
+        image = ds.load_image(ids[i // vs.per_image])
+        if i % vs.per_image == 0:  # once per image, not once per five-crop
+            warn_if_upscaled(image.shape[:2], vs, ds.image_path(ids[i // vs.per_image]), log)
+        return prepare_item(image, vs, i % vs.per_image)
 
     model = load_backbone(backbone)
     written = extract_into(fstore, model, load_item, todo, batch_size=batch_size, precision=precision)
     return {"start": start, "written": written, "worker": worker}
 
 
+UPSCALE_WARN_FACTOR = 2.0
+
+
+def upscale_factor(image_hw: tuple[int, int], view: ViewSpec) -> float:
+    """How much ``view`` enlarges an image of size ``image_hw`` (1.0 = no change, < 1 = shrinks).
+
+    center_crop: resolution / short side; five_crop: resolution / short side of a crop (``crop_ratio``
+    of each side); full: the larger of the two side ratios.
+    """
+    h, w = (max(1, int(v)) for v in image_hw)
+    if view.policy == "center_crop":
+        return view.resolution / min(h, w)
+    if view.policy == "five_crop":
+        return view.resolution / max(1.0, view.crop_ratio * min(h, w))
+    oh, ow = view.output_size()
+    return max(oh / h, ow / w)
+
+
+def warn_if_upscaled(image_hw: tuple[int, int], view: ViewSpec, path, log=None,
+                     factor: float = UPSCALE_WARN_FACTOR) -> bool:
+    """Log a warning naming ``path`` and its size when ``view`` upscales it more than ``factor`` times.
+
+    Features of a tiny image blown up (an 8x8 icon to 224x224) are mostly interpolation; the user should
+    know. Returns True when it warned.
+    """
+    f = upscale_factor(image_hw, view)
+    if f <= factor:
+        return False
+    (log or logger()).warning("%s: image is %dx%d (WxH), smaller than the view's input %dx%d; upscaled "
+                              "%.1fx, its features will be mostly interpolation", path, image_hw[1],
+                              image_hw[0], *reversed(view.output_size()), f)
+    return True
+
+
 def resolve_view(view: ViewSpec, data: DataRef, manifest: dict, backbone: BackboneRef) -> ViewSpec:
-    """Fix a full-frame view's size from the first image (rounded to the backbone's input multiple)."""
+    """Fix a full-frame view's size (rounded to the backbone's input multiple), one size for all images.
+
+    The rule (:func:`usseg_core.views.resolve_full_size`): the size comes from the *first* image of the
+    manifest (sorted ids), read from its header (no decode); with ``resolution`` None its long side is
+    capped at ``$USSEG_FULL_MAX_SIDE`` (1024), so one huge photo sorting first no longer sets a
+    4000x6016 input for every image. Images of other sizes are resized to that size (their aspect
+    ratio may change); labels keep their own size (codes are upsampled to them).
+    """
     if view.policy != "full" or view.size is not None:
         return view
     first = load_manifest(manifest).ids[0]
-    img = data.dataset().load_image(first)
-    return resolve_full_size(view, img.shape[:2], input_multiple(backbone.name))
+    hw = data.dataset().image_hw(first)
+    return resolve_full_size(view, hw, input_multiple(backbone.name))
 
 
 def ensure_features(storage: str, data: DataRef, backbone: BackboneRef, view: ViewSpec, *,

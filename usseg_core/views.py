@@ -27,6 +27,7 @@ Policies (METHODS.md §5 S2, S4, S8):
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -97,16 +98,68 @@ class ViewSpec:
                               f"{multiple}; choose a resolution divisible by {multiple}")
 
 
-def resolve_full_size(view: ViewSpec, image_hw: tuple[int, int], multiple: int) -> ViewSpec:
-    """Fix a full-frame view's size from an image size, rounded to the nearest multiple."""
+FULL_MAX_LONG_SIDE = 1024
+"""Default cap on the long side of a full-frame view whose size comes from the data (``resolution`` None).
+
+Why 1024: the backbones are trained at 224 (DINO) to 518 (DINOv2); at 1024 a ViT-S/8 already sees
+128 x 85 = 10.9k tokens per image (its attention is quadratic in that), and CamVid's 480 x 360 frames are
+unaffected. A 6000 x 4000 photo uncapped would be 750 x 500 = 375k tokens. Override with the environment
+variable ``USSEG_FULL_MAX_SIDE`` (an integer >= the backbone's input multiple) or the ``max_long_side``
+argument; an explicit ``resolution`` (the long side asked for) is never capped.
+"""
+FULL_MAX_LONG_SIDE_ENV = "USSEG_FULL_MAX_SIDE"
+
+
+def full_max_long_side() -> int:
+    """The long-side cap in force: ``$USSEG_FULL_MAX_SIDE`` if set, else :data:`FULL_MAX_LONG_SIDE`."""
+    raw = os.environ.get(FULL_MAX_LONG_SIDE_ENV, "").strip()
+    if not raw:
+        return FULL_MAX_LONG_SIDE
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ConfigError(f"{FULL_MAX_LONG_SIDE_ENV}={raw!r}: must be a positive integer (pixels)")
+    return value
+
+
+def resolve_full_size(view: ViewSpec, image_hw: tuple[int, int], multiple: int,
+                      max_long_side: int | None = None) -> ViewSpec:
+    """Fix a full-frame view's size from an image size, each side rounded to the nearest ``multiple``.
+
+    The rule:
+
+    - ``view.resolution`` set: the long side becomes ``resolution``, aspect ratio kept (never capped).
+    - ``view.resolution`` None: the image's own size, scaled down (aspect kept) so that the long side is
+      at most ``max_long_side`` (default :func:`full_max_long_side`, 1024); smaller images keep their size.
+      After rounding, a side never exceeds the cap by more than the rounding (it is floored when the
+      nearest multiple would pass the cap).
+
+    One view has one size for every image (features stack into one array): callers resolve it from one
+    image (``tasks.extract.resolve_view``: the first id of the manifest) and every image is resized to it.
+    """
     if view.policy != "full" or view.size is not None:
         return view
+    h, w = image_hw
+    cap = None
     if view.resolution:  # long side given: keep aspect ratio
-        h, w = image_hw
         scale = view.resolution / max(h, w)
         image_hw = (h * scale, w * scale)
-    size = tuple(max(multiple, int(round(s / multiple)) * multiple) for s in image_hw)
-    return replace(view, size=size)
+    else:
+        cap = full_max_long_side() if max_long_side is None else int(max_long_side)
+        if cap <= 0:
+            raise ConfigError(f"resolve_full_size: max_long_side must be positive, got {cap}")
+        if max(h, w) > cap:
+            scale = cap / max(h, w)
+            image_hw = (h * scale, w * scale)
+    size = []
+    for s in image_hw:
+        side = int(round(s / multiple)) * multiple
+        if cap is not None and side > cap:
+            side = (cap // multiple) * multiple
+        size.append(max(multiple, side))
+    return replace(view, size=tuple(size))
 
 
 def _resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -63,12 +63,14 @@ class Dataset:
         self._index: dict[str, tuple[str, str | None]] = {}
         self._ids: list[str] = []
         require_dir(self.root, "dataset root folder does not exist")
+        check_split_name(split, self.root)
 
     # ------------------------------------------------------------------ index
     def _set_index(self, index: dict[str, tuple[str, str | None]], labelled: bool, where: Path) -> None:
         """Install the id index; ``where`` names the folder reported when the index is empty."""
         if not index:
             raise InputError(where, f"no images found for {self.name} split {self.split!r}")
+        check_inside_root(self.root, index)
         self._index = index
         self._ids = sorted(index)
         self._labelled = labelled
@@ -173,6 +175,50 @@ def require_dir(path: Path, problem: str) -> Path:
     if not path.is_dir():
         raise InputError(path, problem if not path.exists() else "is not a folder")
     return path
+
+
+def check_split_name(split: str, root: Path) -> None:
+    """Refuse a split that names a folder outside the data root (absolute, or with a '..' part).
+
+    Raises:
+        ConfigError: e.g. "--split '../x' leaves the data root /data".
+    """
+    if not isinstance(split, str) or not split:
+        raise ConfigError(f"--split {split!r}: a split name is required")
+    posix = split.replace("\\", "/")
+    if PurePosixPath(posix).is_absolute() or Path(split).is_absolute() or ".." in PurePosixPath(posix).parts \
+            or ":" in split:
+        raise ConfigError(f"--split {split!r} leaves the data root {root}: a split is a name (or a "
+                          "relative folder) inside --data-root")
+
+
+def check_inside_root(root: Path, index: dict[str, tuple[str, str | None]]) -> None:
+    """Refuse an index whose files resolve outside ``root`` ('..' parts, or symlinks leaving it).
+
+    A symlink that stays inside the root is accepted; one whose target lies outside is refused here,
+    at dataset construction, as :func:`usseg_core.datasets.manifest.resolve_under` documents.
+
+    Raises:
+        InputError: naming the file (the link) and where it resolves to.
+    """
+    base = root.resolve()
+    checked_dirs: dict[Path, Path] = {}
+    for image_rel, label_rel in index.values():
+        for rel in (image_rel, label_rel):
+            if rel is None:
+                continue
+            if PurePosixPath(rel).is_absolute() or ".." in PurePosixPath(rel).parts:
+                raise InputError(root / rel, f"path leaves the data root {base}")
+            path = root / rel
+            parent = path.parent  # folders are resolved once: the common case costs one resolve per file
+            if parent not in checked_dirs:
+                checked_dirs[parent] = parent.resolve()
+                if not checked_dirs[parent].is_relative_to(base):
+                    raise InputError(parent, f"folder resolves to {checked_dirs[parent]}, outside the data root {base}")
+            if path.is_symlink():
+                target = path.resolve()
+                if not target.is_relative_to(base):
+                    raise InputError(path, f"is a symlink to {target}, outside the data root {base}")
 
 
 def list_image_files(folder: Path) -> list[Path]:

@@ -164,7 +164,11 @@ def _entry_for(dataset: Dataset, id: str, validate: bool) -> ManifestEntry:
     label_rel = dataset.label_relpath(id)
     label_sha = None
     if label_rel is not None:
-        _, label_sha = file_sha256(dataset.root / label_rel)
+        label_path = dataset.root / label_rel
+        if not label_path.exists():
+            raise InputError(label_path, f"label file does not exist (the image {dataset.image_relpath(id)} "
+                                         "has no label; add it, or pass --on-error skip to leave the image out)")
+        _, label_sha = file_sha256(label_path)
     if validate:
         dataset.check(id)
     return ManifestEntry(id, dataset.image_relpath(id), size, sha, label_rel, label_sha)
