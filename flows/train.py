@@ -83,6 +83,7 @@ class RunSpec:
     retrieval: bool | None = None  # segment-retrieval rows (HSG's protocol); None: the head's default
     retrieval_k: int = RETRIEVAL_K  # neighbours per test segment (twke18/HSG: 20)
     retrieval_vote: str = RETRIEVAL_VOTE  # "majority" (twke18/HSG) | "weighted" (ours)
+    overcluster: str = "unmatched-wrong"  # Hungarian protocol for extra clusters (metrics.OVERCLUSTER_MODES)
 
     @property
     def splits(self) -> list[str]:
@@ -228,7 +229,8 @@ def evaluation_plan(trained: dict, run: RunSpec) -> dict:
 
 def evaluate_stages(trained: dict, run: RunSpec) -> dict:
     plan = evaluation_plan(trained, run)
-    return run_evaluation(storage=run.storage, run_crf=run.run_crf, crf=CRFParams(), device=run.device, **plan)
+    return run_evaluation(storage=run.storage, run_crf=run.run_crf, crf=CRFParams(), device=run.device,
+                          overcluster=run.overcluster, **plan)
 
 
 def _publish(result: dict, title: str) -> None:

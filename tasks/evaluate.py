@@ -22,7 +22,7 @@ from tasks.heads import load_head
 from usseg_core.crf import CRFParams, dense_crf
 from usseg_core.device import resolve_device, to_device
 from usseg_core.features import FeatureStore
-from usseg_core.metrics import ConfusionMatrix, hungarian_scores, identity_scores
+from usseg_core.metrics import OVERCLUSTER_MODES, ConfusionMatrix, hungarian_scores, identity_scores
 from usseg_core.store import ArtifactStore, artifact_key
 from usseg_core.views import ViewSpec, prepare_image_for_label, prepare_label
 
@@ -170,15 +170,23 @@ def eval_key(params: dict, upstream: dict) -> str:
 def run_evaluation(storage: str, data: DataRef, manifest: dict, view: ViewSpec, feats: dict,
                    flips: dict | None, groups: list[dict], class_names: list[str], *,
                    run_crf: bool = True, crf: CRFParams = CRFParams(), shard_size: int = 16,
-                   title: str = "", device: str = "auto") -> dict:
+                   title: str = "", device: str = "auto", overcluster: str = "unmatched-wrong") -> dict:
     """The evaluation artifact: results table (parquet, CSV, markdown), confusion PNG, overlays PNG.
 
+    ``overcluster`` is the Hungarian protocol for clusters beyond the class count
+    (:data:`usseg_core.metrics.OVERCLUSTER_MODES`); every row's ``overcluster`` column names it. It enters
+    the key only when it is not the default, so artifacts written before the option keep their keys.
+
     ``device`` is where each shard computes codes and logits (resolved on its worker; not in the key)."""
+    if overcluster not in OVERCLUSTER_MODES:
+        raise ValueError(f"overcluster must be one of {OVERCLUSTER_MODES}, got {overcluster!r}")
     store = ArtifactStore(storage)
     params = {"run_crf": run_crf, "crf": asdict(crf), "view": view.params(),
               "groups": [{k: v for k, v in g.items() if k not in ("predictors", "head")} | {
                   "predictors": [{k: v for k, v in p.items() if k not in _PATH_FIELDS}
                                  for p in g["predictors"]]} for g in groups]}
+    if overcluster != "unmatched-wrong":
+        params["overcluster"] = overcluster
     upstream = {"features": feats["key"], "flips": flips["key"] if flips else "none",
                 **{f"{g['method']}.{p['name']}": p.get("key", "") for g in groups for p in g["predictors"]}}
     key = eval_key(params, upstream)
@@ -204,8 +212,8 @@ def run_evaluation(storage: str, data: DataRef, manifest: dict, view: ViewSpec, 
         for name, m in res["cms"].items():
             cms[name] = cms.get(name, 0) + m
         kept.update(res["examples"])
-    rows = _score_rows(cms, groups, class_names)
-    _write_outputs(art, rows, cms, groups, class_names, kept, title or f"{data.name}/{data.split}")
+    rows = _score_rows(cms, groups, class_names, overcluster)
+    _write_outputs(art, rows, cms, groups, class_names, kept, title or f"{data.name}/{data.split}", overcluster)
     seconds = time.perf_counter() - started
     store.finish(art, rows=rows, columns=list(rows[0]) if rows else [], n_images=n, seconds=round(seconds, 3),
                  images_per_s=round(n / seconds, 3))
@@ -219,18 +227,36 @@ def evaluation_rows(art) -> list[dict]:
     hit stays cheap; an artifact written before the order was recorded is read from results.parquet.
     """
     if "columns" in art.meta:
-        return [{c: r[c] for c in art.meta["columns"]} for r in art.meta["rows"]]
-    import pandas as pd
+        rows = [{c: r[c] for c in art.meta["columns"]} for r in art.meta["rows"]]
+    else:
+        import pandas as pd
 
-    return pd.read_parquet(art.file("results.parquet")).to_dict("records")
+        rows = pd.read_parquet(art.file("results.parquet")).to_dict("records")
+    # artifacts written before the option used the default protocol
+    mode = art.meta.get("params", {}).get("overcluster", "unmatched-wrong")
+    return [_with_overcluster(r, mode) if "overcluster" not in r else r for r in rows]
 
 
-def predictor_scores(predictor: dict, cm: np.ndarray):
+def _with_overcluster(row: dict, mode: str) -> dict:
+    """``row`` with an ``overcluster`` column right after ``crf``."""
+    out = {}
+    for k, v in row.items():
+        out[k] = v
+        if k == "crf":
+            out["overcluster"] = mode
+    out.setdefault("overcluster", mode)
+    return out
+
+
+def predictor_scores(predictor: dict, cm: np.ndarray, overcluster: str = "unmatched-wrong"):
     """Scores of one predictor's confusion matrix: identity for class outputs, Hungarian otherwise."""
-    return identity_scores(cm) if predictor["kind"] in CLASS_KINDS else hungarian_scores(cm)
+    if predictor["kind"] in CLASS_KINDS:
+        return identity_scores(cm)
+    return hungarian_scores(cm, overcluster=overcluster)
 
 
-def _score_rows(cms: dict, groups: list[dict], class_names: list[str]) -> list[dict]:
+def _score_rows(cms: dict, groups: list[dict], class_names: list[str],
+                overcluster: str = "unmatched-wrong") -> list[dict]:
     rows = []
     for g in groups:
         for p in g["predictors"]:
@@ -238,8 +264,9 @@ def _score_rows(cms: dict, groups: list[dict], class_names: list[str]) -> list[d
                 name = f"{p['name']}|{crf_flag}"
                 if name not in cms:
                     continue
-                sc = predictor_scores(p, cms[name])
+                sc = predictor_scores(p, cms[name], overcluster)
                 row = {"method": g["method"], "clusterer": p.get("label", p["kind"]), "crf": crf_flag == "yes",
+                       "overcluster": "n/a" if p["kind"] in CLASS_KINDS else overcluster,
                        "accuracy": round(100 * sc.accuracy, 2), "miou": round(100 * sc.miou, 2)}
                 row.update({f"iou_{c}": round(100 * float(v), 2) if np.isfinite(v) else None
                             for c, v in zip(class_names, sc.iou)})
@@ -247,7 +274,7 @@ def _score_rows(cms: dict, groups: list[dict], class_names: list[str]) -> list[d
     return rows
 
 
-def _write_outputs(art, rows, cms, groups, class_names, kept, title) -> None:
+def _write_outputs(art, rows, cms, groups, class_names, kept, title, overcluster="unmatched-wrong") -> None:
     import pandas as pd
 
     from usseg_core.viz import confusion_plot, hierarchy_grid, overlay_grid
@@ -258,7 +285,7 @@ def _write_outputs(art, rows, cms, groups, class_names, kept, title) -> None:
     art.file("results.md").write_text(results_markdown(rows))
     main = groups[-1]["predictors"][0]
     crf_flag = "yes" if f"{main['name']}|yes" in cms else "no"
-    sc = predictor_scores(main, cms[f"{main['name']}|{crf_flag}"])
+    sc = predictor_scores(main, cms[f"{main['name']}|{crf_flag}"], overcluster)
     confusion_plot(art.file("confusion.png"), sc.matrix, class_names,
                    f"{title}: {groups[-1]['method']} {main['kind']} (CRF {crf_flag})")
     grid = []

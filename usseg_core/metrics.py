@@ -10,7 +10,8 @@ image), then scored once:
 
 Unlike [code:STEGO], every valid pixel stays in the denominator: with more clusters than classes the
 reference drops pixels predicted as an extra cluster (REFERENCES.md §1.1, "mask bug"); here they count
-as errors ("unmatched-wrong") or go to their cluster's majority class ("majority").
+as errors ("unmatched-wrong", the default) or go to their cluster's majority class ("majority").
+"reference-drop" reproduces the reference protocol for comparison with published numbers.
 
 All values are fractions in [0, 1]; multiply by 100 only when printing a table.
 """
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-OVERCLUSTER_MODES = ("unmatched-wrong", "majority")
+OVERCLUSTER_MODES = ("unmatched-wrong", "majority", "reference-drop")
 
 
 def _to_numpy_int(a: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -133,7 +134,13 @@ def hungarian_scores(cm: np.ndarray, *, overcluster: str = "unmatched-wrong") ->
         cm: (n_pred, n_classes) confusion counts, rows = clusters, cols = ground-truth classes.
         overcluster: what to do with clusters left unmatched when n_pred > n_classes:
             "unmatched-wrong" -- their pixels count as errors (kept in the denominator);
-            "majority" -- each goes to its majority class (many-to-one).
+            "majority" -- each goes to its majority class (many-to-one);
+            "reference-drop" -- [code:STEGO] ``UnsupervisedMetrics``: pixels predicted as a cluster index
+            >= n_classes are dropped before anything else (its ``update`` mask), the assignment is computed
+            on the remaining (n_pred x n_classes) histogram, clusters < n_classes left unmatched are summed
+            into one extra row scored against an all-zero extra column (so when they hold pixels, an extra
+            IoU of 0 enters the mean, and their pixels are misses of their classes), and accuracy is over
+            the kept pixels only. ``iou`` stays per class (length n_classes).
             With n_pred < n_classes some classes get no cluster and IoU 0 (if present in gt).
     """
     if overcluster not in OVERCLUSTER_MODES:
@@ -141,6 +148,8 @@ def hungarian_scores(cm: np.ndarray, *, overcluster: str = "unmatched-wrong") ->
     cm = np.asarray(cm, dtype=np.int64)
     from scipy.optimize import linear_sum_assignment  # lazy: scipy.optimize is slow to import
 
+    if overcluster == "reference-drop":
+        return _reference_drop_scores(cm, linear_sum_assignment)
     rows, cols = linear_sum_assignment(cm, maximize=True)  # min(n_pred, n_classes) pairs
     assignment = np.full(cm.shape[0], -1, dtype=np.int64)  # (n_pred,)
     assignment[rows] = cols
@@ -148,6 +157,23 @@ def hungarian_scores(cm: np.ndarray, *, overcluster: str = "unmatched-wrong") ->
         unmatched = np.flatnonzero((assignment < 0) & (cm.sum(axis=1) > 0))
         assignment[unmatched] = cm[unmatched].argmax(axis=1)
     return _scores_from_assignment(cm, assignment)
+
+
+def _reference_drop_scores(cm: np.ndarray, linear_sum_assignment) -> Scores:
+    """[code:STEGO] ``UnsupervisedMetrics`` (update mask + compute) on a (n_pred, n_classes) matrix."""
+    n_pred, n_classes = cm.shape
+    kept = cm.copy()
+    kept[n_classes:] = 0  # update(): mask = ... & (preds < n_classes)
+    rows, cols = linear_sum_assignment(kept, maximize=True)
+    assignment = np.full(n_pred, -1, dtype=np.int64)
+    assignment[rows] = cols
+    sc = _scores_from_assignment(kept, assignment)
+    # compute(): unmatched rows summed into an extra row against a zero column -> IoU 0 when non-empty.
+    extra = kept[assignment < 0].sum()
+    iou_all = np.append(sc.iou, 0.0 if extra > 0 else np.nan)
+    present = ~np.isnan(iou_all)
+    miou = float(iou_all[present].mean()) if present.any() else float("nan")
+    return Scores(accuracy=sc.accuracy, miou=miou, iou=sc.iou, assignment=assignment, matrix=sc.matrix)
 
 
 def identity_scores(cm: np.ndarray) -> Scores:

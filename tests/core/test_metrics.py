@@ -114,3 +114,48 @@ def test_identity_scores_and_absent_class_is_nan():
 def test_bad_overcluster_mode():
     with pytest.raises(ValueError, match="overcluster"):
         hungarian_scores(OVER, overcluster="drop")
+
+
+def _reference_unsupervised_metrics(cm: np.ndarray) -> tuple[float, float]:
+    """[code:STEGO] src/utils.py UnsupervisedMetrics, transcribed literally, with a brute-force assignment.
+
+    ``cm`` is (n_pred, n_classes) = STEGO's ``stats`` before its update() mask; returns (mIoU, accuracy).
+    """
+    import itertools
+
+    n_pred, n_classes = cm.shape
+    stats = cm.astype(np.float64).copy()
+    stats[n_classes:] = 0  # update(): (preds >= 0) & (preds < n_classes)
+    # brute-force maximum-weight assignment of classes to distinct clusters (no ties in the fixtures)
+    best = max(itertools.permutations(range(n_pred), n_classes),
+               key=lambda perm: sum(stats[perm[c], c] for c in range(n_classes)))
+    matched_rows = list(best)  # assignments_t[1]: the cluster of each class
+    histogram = stats[matched_rows, :]
+    missing = sorted(set(range(n_pred)) - set(matched_rows))
+    new_row = stats[missing, :].sum(0, keepdims=True)
+    histogram = np.concatenate([histogram, new_row], axis=0)
+    histogram = np.concatenate([histogram, np.zeros((n_classes + 1, 1))], axis=1)
+    tp = np.diag(histogram)
+    fp = histogram.sum(0) - tp
+    fn = histogram.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = tp / (tp + fp + fn)
+    return float(iou[~np.isnan(iou)].mean()), float(tp.sum() / histogram.sum())
+
+
+@pytest.mark.parametrize("cm", [
+    # 4 clusters, 2 classes; cluster 3 (>= n_classes) holds pixels that the reference drops
+    np.array([[50, 4], [3, 40], [0, 0], [7, 9]]),
+    # the dropped clusters 2 and 3 would win class 1 under the default; the reference matches cluster 1
+    np.array([[60, 2], [20, 1], [1, 30], [5, 5]]),
+    # 3 classes, 5 clusters, every kind of leftover
+    np.array([[40, 2, 1], [3, 35, 2], [9, 1, 2], [2, 2, 30], [6, 7, 8]]),
+])
+def test_reference_drop_matches_stego_unsupervised_metrics(cm):
+    s = hungarian_scores(cm, overcluster="reference-drop")
+    miou, acc = _reference_unsupervised_metrics(cm)
+    assert s.miou == pytest.approx(miou, abs=1e-12)
+    assert s.accuracy == pytest.approx(acc, abs=1e-12)
+    # and it really differs from the stricter default on these inputs
+    d = hungarian_scores(cm, overcluster="unmatched-wrong")
+    assert (d.miou, d.accuracy) != pytest.approx((s.miou, s.accuracy))
