@@ -43,16 +43,53 @@ def test_begin_resumes_existing_folder(tmp_path):
 
 
 def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    import builtins
+    import io
+    import os
+
     target = tmp_path / "m.json"
     atomic_write_json(target, {"a": 1})
 
     class Boom(Exception):
         pass
 
-    def bad_default(obj):
-        raise Boom()
+    class HalfWriter:
+        """A file whose write() puts half the bytes on disk, then fails (a full disk, a kill)."""
 
-    with pytest.raises(TypeError):
+        def __init__(self, fh):
+            self._fh = fh
+
+        def write(self, data):
+            self._fh.write(data[: len(data) // 2])
+            self._fh.flush()
+            raise Boom()
+
+        def __getattr__(self, name):
+            return getattr(self._fh, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._fh.close()
+
+    def failing(opener):
+        def wrapped(*args, **kwargs):
+            fh = opener(*args, **kwargs)
+            mode = args[1] if len(args) > 1 else kwargs.get("mode", "r")
+            return HalfWriter(fh) if ("w" in mode or "a" in mode) else fh
+        return wrapped
+
+    # every way of opening a file for writing fails half-way (os.fdopen, open, io.open / Path.write_*)
+    monkeypatch.setattr(os, "fdopen", failing(os.fdopen))
+    monkeypatch.setattr(builtins, "open", failing(builtins.open))
+    monkeypatch.setattr(io, "open", failing(io.open))
+    with pytest.raises(Boom):
+        atomic_write_json(target, {"a": 2, "b": "x" * 1000})
+    monkeypatch.undo()
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+    with pytest.raises(TypeError):  # unserialisable: fails before writing, also leaves nothing
         atomic_write_json(target, {"a": object()})
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
