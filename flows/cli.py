@@ -14,14 +14,26 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
+from rich.text import Text  # noqa: E402
 
-from flows.cli_common import RunnerOpt, StorageOpt, human  # noqa: E402
+from flows.cli_common import (EXIT_CODES_HELP, OnErrorOpt, RunnerOpt, StorageOpt, error_exit,  # noqa: E402
+                               existing_storage, human, on_error_mode, quiet_prefect_console)
 from flows.settings import storage_root  # noqa: E402
-from usseg_core.errors import UssegError  # noqa: E402
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, epilog=EXIT_CODES_HELP,
                   help="usseg: unsupervised semantic segmentation on cached frozen features.")
+
+
+@app.callback()
+def _global(debug: bool = typer.Option(False, "--debug", help="Show Prefect's logs and tracebacks of "
+                                       "failed runs in the terminal (default: in <storage>/logs/).")) -> None:
+    from flows import cli_common
+
+    cli_common.DEBUG = debug
+
+
 storage_app = typer.Typer(no_args_is_help=True, help="Inspect the artifact store.")
 app.add_typer(storage_app, name="storage")
 console = Console()
@@ -39,7 +51,7 @@ def extract(
     policy: str = typer.Option("center_crop", help="center_crop | five_crop | full"),
     flip: bool = typer.Option(False, help="Mirror images (flip-TTA features)."),
     batch_size: int = typer.Option(8),
-    on_error: str = typer.Option("raise", help="raise | skip: what to do with invalid files."),
+    on_error: str = OnErrorOpt,
     precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16: part of the key."),
     device: str = typer.Option("auto", help="auto | cpu | cuda[:i]: where the backbone runs."),
     runner: str = RunnerOpt,
@@ -54,14 +66,16 @@ def extract(
         dataset=dataset, data_root=str(data_root) if data_root else None, split=split, backbone=backbone,
         weights=str(weights) if weights else None, random_weights=random_weights,
         policy=policy, resolution=resolution, flip=flip, storage=str(root),
-        batch_size=batch_size, on_error=on_error, precision=precision, device=device, task_runner=runner)
+        batch_size=batch_size, on_error=on_error_mode(on_error), precision=precision, device=device, task_runner=runner)
     result = run_flow(extract_features, params, say=lambda line: print(line, flush=True))
     if result["cache_hit"]:
-        console.print(f"[green]cache hit[/]: features/{result['key']} ({result['n']} items) - "
+        console.print(f"[green]cache hit[/]: features/{escape(result['key'])} ({result['n']} items) - "
                       "no backbone work done")
     else:
-        console.print(f"[green]extracted[/]: features/{result['key']} ({result['n']} items)")
-    console.print(f"store: {result['path']}")
+        console.print(f"[green]extracted[/]: features/{escape(result['key'])} ({result['n']} items)")
+    skipped = (result.get("manifest") or {}).get("skipped") or []
+    where = f"; {len(skipped)} files skipped (invalid; listed in {result['manifest']['path']})" if skipped else ""
+    print(f"store: {result['path']}{where}", flush=True)
 
 
 @storage_app.command("ls")
@@ -74,10 +88,11 @@ def storage_ls(
     """List artifacts: stage, key, dataset, backbone, size, created, complete or not."""
     from usseg_core.store import ArtifactStore, folder_size
 
-    store = ArtifactStore(storage_root(storage))
+    store = ArtifactStore(existing_storage(storage))
     table = Table(title=f"artifacts in {store.root}")
     for col in ("stage", "key", "dataset", "backbone", "size", "created", "complete"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col == "key", overflow="fold")  # keys are printed whole
+    rows = []
     for art in store.iter_artifacts(stage):
         meta = art.meta
         if dataset and meta.get("dataset") != dataset:
@@ -85,9 +100,16 @@ def storage_ls(
         if backbone and meta.get("backbone") != backbone:
             continue
         size = meta.get("size_bytes") if art.complete else folder_size(art.path)
-        table.add_row(art.stage, art.key, str(meta.get("dataset", "")), str(meta.get("backbone", "")),
-                      human(size or 0), str(meta.get("created", "")),
-                      "[green]yes[/]" if art.complete else "[yellow]no[/]")
+        rows.append((art.stage, art.key, str(meta.get("dataset", "")), str(meta.get("backbone", "")),
+                     human(size or 0), str(meta.get("created", "")), "yes" if art.complete else "no"))
+    if not sys.stdout.isatty():  # piped: tab-separated, whole keys, no colours
+        print("\t".join(("stage", "key", "dataset", "backbone", "size", "created", "complete")))
+        for row in rows:
+            print("\t".join(row))
+        return
+    for row in rows:
+        table.add_row(*(Text(cell, style={"yes": "green", "no": "yellow"}.get(cell, "") if i == 6 else "")
+                        for i, cell in enumerate(row)))
     console.print(table)
 
 
@@ -97,7 +119,7 @@ def storage_show(key: str = typer.Argument(..., help="Artifact key (a unique pre
     """Print an artifact's metadata (params, upstream keys, code version, created, files)."""
     from usseg_core.store import ArtifactStore
 
-    art = ArtifactStore(storage_root(storage)).find(key)
+    art = ArtifactStore(existing_storage(storage)).find(key)
     meta = dict(art.meta)
     meta["complete"] = art.complete
     meta["path"] = str(art.path)
@@ -135,12 +157,15 @@ _register_optional()
 
 
 def main() -> None:
-    """Console entry point: usseg errors print one clear line instead of a traceback."""
+    """Console entry point: a usseg error prints one plain line on stderr (last), with its exit code."""
+    from flows.fastpath import server_dies_with_parent
+
+    quiet_prefect_console()
+    server_dies_with_parent()
     try:
         app()
-    except UssegError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        sys.exit(2)
+    except Exception as exc:  # noqa: BLE001 - every failure ends in one line and a documented code
+        error_exit(exc)
 
 
 if __name__ == "__main__":

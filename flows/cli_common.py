@@ -1,6 +1,9 @@
 """Pieces shared by the CLI modules (options and formatting)."""
 from __future__ import annotations
 
+import logging
+import sys
+
 import typer
 
 StorageOpt = typer.Option(None, "--storage", help="Artifact root (default $USSEG_STORAGE, Prefect variable "
@@ -28,3 +31,172 @@ def human(n: float) -> str:
             return f"{n:.0f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+# --- bad input and errors: one spelling, one line, one exit code per kind ----------------------------
+
+DEBUG = False  # `usseg --debug`: Prefect's failure logs and tracebacks stay on the terminal
+EXIT_USAGE, EXIT_CONFIG, EXIT_INPUT, EXIT_UNEXPECTED = 2, 3, 4, 1
+EXIT_CODES_HELP = ("Exit codes: 0 ok; 1 unexpected error (traceback in <storage>/logs/usseg-errors.log; "
+                   "--debug shows it); 2 usage error (bad option or argument); 3 configuration error "
+                   "(unknown --set key, registry name, setting, missing storage or data root); 4 input or "
+                   "data error (unreadable or invalid image, label or weights file).")
+ON_ERROR_MODES = {"fail": "raise", "skip": "skip", "raise": "raise"}  # "raise": the earlier spelling
+OnErrorOpt = typer.Option("fail", "--on-error", help="fail | skip: stop at the first invalid image/label "
+                          "file, or leave invalid files out (listed in the manifest artifact).")
+
+
+def on_error_mode(value: str) -> str:
+    """``--on-error`` value -> the manifest's ``on_error`` ("raise" | "skip")."""
+    try:
+        return ON_ERROR_MODES[value]
+    except KeyError:
+        raise typer.BadParameter(f"--on-error {value!r}: use fail or skip") from None
+
+
+def reject_on_error_set(sets: dict) -> None:
+    """``--set on_error=...`` is not a config key: say so before any work (the option is ``--on-error``)."""
+    from usseg_core.errors import ConfigError
+
+    if "on_error" in sets:
+        raise ConfigError(f"--set on_error={sets['on_error']}: not a config setting; invalid files are "
+                          "handled by the --on-error fail|skip option of `usseg extract` (usseg run and usseg "
+                          "compare stop at the first invalid file)")
+
+
+def existing_storage(flag) -> "Path":
+    """The storage root of an inspecting command; a missing folder is a ConfigError, not an empty table."""
+    from flows.settings import storage_root
+    from usseg_core.errors import ConfigError
+
+    root = storage_root(flag)
+    if not root.is_dir():
+        raise ConfigError(f"storage {root} does not exist (pass --storage, or set $USSEG_STORAGE)")
+    return root
+
+
+class _HandledFailures(logging.Filter):
+    """Keeps Prefect's failure records (and their tracebacks) off the console unless ``--debug``; they go
+    to :data:`FAILURE_RECORDS` and, when the command fails, to ``<storage>/logs/usseg-errors.log``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if DEBUG or record.levelno < logging.ERROR:
+            return True
+        FAILURE_RECORDS.append(record)
+        return False
+
+
+FAILURE_RECORDS: list = []
+
+
+def quiet_prefect_console() -> None:
+    """Put :class:`_HandledFailures` in front of every Prefect console handler (class level: Prefect
+    (re)creates its handlers when a run or the temporary server configures logging)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    if getattr(PrefectConsoleHandler.handle, "_usseg_quiet", False):
+        return
+    flt, original = _HandledFailures(), PrefectConsoleHandler.handle
+
+    def handle(self, record):
+        return original(self, record) if flt.filter(record) else False
+
+    handle._usseg_quiet = True
+    PrefectConsoleHandler.handle = handle
+
+
+def stop_temporary_server() -> None:
+    """Stop Prefect's temporary server now (its "Stopping ..." line must come before the error line)."""
+    srv = sys.modules.get("prefect.server.api.server")
+    if srv is None:
+        return
+    try:  # send the buffered run logs while the server still listens
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)
+    except Exception:  # noqa: BLE001
+        pass
+    for server in list(srv.SubprocessASGIServer._instances.values()):
+        try:
+            server.stop()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+
+
+def _storage_from_argv() -> str | None:
+    args = sys.argv[1:]
+    for i, a in enumerate(args):
+        if a == "--storage" and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--storage="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def write_failure_log(exc: BaseException) -> "Path | None":
+    """Prefect's held-back failure records and ``exc``'s traceback, appended to ``<storage>/logs/``."""
+    import traceback
+
+    from flows.settings import storage_root
+
+    try:
+        root = storage_root(_storage_from_argv())
+        if not root.is_dir():  # never create a storage just to hold a log
+            return None
+        folder = root / "logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "usseg-errors.log"
+        fmt = logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
+        with open(path, "a") as fh:
+            fh.write(f"==== usseg {' '.join(sys.argv[1:])}\n")
+            for record in FAILURE_RECORDS:
+                fh.write(fmt.format(record) + "\n")
+            fh.write("".join(traceback.format_exception(exc)))
+        return path
+    except Exception:  # noqa: BLE001 - the log is a courtesy; the error line must still be printed
+        return None
+
+
+def exit_code(exc: BaseException) -> int:
+    from usseg_core.errors import ConfigError, InputError, UssegError, WeightsError
+
+    if isinstance(exc, (InputError, WeightsError)):
+        return EXIT_INPUT
+    if isinstance(exc, (ConfigError, UssegError)):
+        return EXIT_CONFIG
+    return EXIT_UNEXPECTED
+
+
+def handled(exc: BaseException) -> BaseException:
+    """The usseg error inside ``exc`` (Prefect may wrap it), else ``exc``."""
+    from usseg_core.errors import UssegError
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, UssegError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return exc
+
+
+def error_exit(exc: BaseException) -> None:
+    """One literal line on stderr (the last thing printed) and the exit code of the error's kind."""
+    if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+        raise exc
+    err = handled(exc)
+    code = exit_code(err)
+    log = write_failure_log(exc) if FAILURE_RECORDS or code == EXIT_UNEXPECTED else None
+    if code == EXIT_UNEXPECTED:
+        if DEBUG:
+            import traceback
+
+            traceback.print_exception(exc, file=sys.stderr)
+        where = f"; traceback in {log}" if log else ""
+        line = f"error: unexpected {type(err).__name__}: {err}{where}"
+    else:
+        line = f"error: {err}" + (f" (Prefect's log of the failed run: {log})" if log else "")
+    stop_temporary_server()
+    sys.stdout.flush()
+    sys.stderr.write(line.replace("\n", " ") + "\n")
+    sys.stderr.flush()
+    sys.exit(code)

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from flows.cli_common import (BackboneOpt, CrfOpt, DataRootOpt, DatasetOpt, EvalResolutionOpt, RandomWeightsOpt,
-                               ResolutionOpt, RunnerOpt, StorageOpt, TrainSplitOpt, WeightsOpt)
+                               ResolutionOpt, RunnerOpt, StorageOpt, TrainSplitOpt, WeightsOpt, reject_on_error_set)
 from flows.settings import storage_root
 from usseg_core.config import parse_set_options
 from usseg_core.head_names import BUILTIN_HEADS
@@ -54,6 +54,7 @@ def run_compare(dataset: str, data_root: str | None, heads: list[str], seeds: li
     from flows.compare import CompareSpec, compare
     from flows.fastpath import run_flow
 
+    reject_on_error_set(sets)
     dataset_options = sets.pop("dataset_options", None)
     n_clusters = sets.pop("n_clusters", None)
     spec = CompareSpec(dataset, tuple(heads), tuple(seeds) if seeds else CompareSpec.seeds, data_root,

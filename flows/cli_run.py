@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.cli_common import (BackboneOpt, CrfOpt, DataRootOpt, DatasetOpt, EvalResolutionOpt, RandomWeightsOpt,
-                               ResolutionOpt, RunnerOpt, StorageOpt, TrainSplitOpt, WeightsOpt)
+                               ResolutionOpt, RunnerOpt, StorageOpt, TrainSplitOpt, WeightsOpt, reject_on_error_set)
 from flows.settings import storage_root
 from usseg_core.config import parse_set_options
 from usseg_core.head_names import BUILTIN_HEADS
@@ -41,6 +41,7 @@ def run_pipeline(method: str, dataset: str, data_root: str | None, train_split: 
     from flows.fastpath import run_flow
     from flows.train import RunSpec, pipeline
 
+    reject_on_error_set(sets)
     dataset_options = sets.pop("dataset_options", None)
     n_clusters = sets.pop("n_clusters", None)
     spec = RunSpec(method, dataset, overrides=sets, retrieval_k=retrieval_k, retrieval_vote=retrieval_vote)
@@ -100,11 +101,12 @@ def register(app: typer.Typer) -> None:
                            retrieval_k, retrieval_vote)
         ev = out["evaluation"]
         print_results(ev["rows"], f"{method} on {dataset}/{eval_split}")
-        console.print(f"evaluation artifact: {ev['path']}")
-        console.print(f"head artifact: {out['trained']['head']['key']}  (use with `usseg segment --model`)")
+        console.print(f"evaluation artifact: {ev['path']}", markup=False, soft_wrap=True)
         if results:
             write_results_csv(ev["rows"], results)
-            console.print(f"results written to {results}")
+            console.print(f"results written to {results}", markup=False, soft_wrap=True)
+        console.print(f"head artifact: {out['trained']['head']['key']}  (use with `usseg segment --model`)",
+                      markup=False, soft_wrap=True)
 
     @app.command()
     def oversegment(
@@ -135,6 +137,8 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(..., "--model", help="Head artifact key (see `usseg storage ls --stage head`)."),
         out: Path = typer.Option(..., "--out", help="Output folder."),
         clusterer: str = typer.Option("own", help="own (the head's: STEGO cluster probe, PiCIE centroids; k-means for HSG) | kmeans"),
+        k: Optional[int] = typer.Option(None, "--k", help="K of the k-means clusterer (--clusterer kmeans; "
+                                                          "default: the number of classes of the head's dataset)."),
         crf: bool = typer.Option(True, "--crf/--no-crf"),
         long_side: int = typer.Option(480, help="Images are resized to this long side for the backbone."),
         storage: Optional[Path] = StorageOpt,
@@ -144,5 +148,5 @@ def register(app: typer.Typer) -> None:
         from tasks.segment import segment_images
 
         written = segment_images(images, model, out, clusterer=clusterer, crf=crf, long_side=long_side,
-                                 storage=str(storage_root(storage)))
-        console.print(f"wrote {len(written)} label maps and overlays to {out}")
+                                 storage=str(storage_root(storage)), k=k)
+        console.print(f"wrote {len(written)} label maps and overlays to {out}", markup=False, soft_wrap=True)

@@ -26,6 +26,52 @@ from typing import Any
 from usseg_core.store import NotCached, lookups_only
 
 log = logging.getLogger("usseg")
+
+# The temporary server's process: uvicorn behind a watchdog thread that stops it when its parent (the CLI
+# or flow process that started it) is gone, e.g. after ``kill -9`` - else it stays behind as an orphan.
+_WATCHDOG = (
+    "import os, sys, threading, time, signal, runpy\n"
+    "parent = os.getppid()\n"
+    "def watch():\n"
+    "    while os.getppid() == parent:\n"
+    "        time.sleep(0.5)\n"
+    "    os.kill(os.getpid(), signal.SIGTERM)\n"
+    "    time.sleep(10)\n"
+    "    os._exit(1)\n"
+    "threading.Thread(target=watch, daemon=True).start()\n"
+    "sys.argv = ['uvicorn'] + sys.argv[1:]\n"
+    "runpy.run_module('uvicorn', run_name='__main__', alter_sys=True)\n")
+
+
+def server_dies_with_parent() -> None:
+    """Make Prefect's temporary API server (``SubprocessASGIServer``) exit when its parent exits."""
+    import subprocess
+    import sys
+
+    from prefect.server.api import server as srv
+
+    cls = srv.SubprocessASGIServer
+    if getattr(cls._run_uvicorn_command, "_usseg_watchdog", False):
+        return
+    original = cls._run_uvicorn_command
+
+    def _run_uvicorn_command(self) -> subprocess.Popen:
+        import prefect
+        from prefect.settings import get_current_settings
+
+        if not sys.platform.startswith("linux"):
+            return original(self)
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+               "PREFECT__SERVER_FINAL": "1",
+               **get_current_settings().to_environment_variables(exclude_unset=True)}
+        return subprocess.Popen(
+            args=[sys.executable, "-c", _WATCHDOG, "--app-dir", str(prefect.__module_path__.parent),
+                  "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+                  "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
+            env=env)
+
+    _run_uvicorn_command._usseg_watchdog = True
+    cls._run_uvicorn_command = _run_uvicorn_command
 FLOW_RUN_ENV = "USSEG_FLOW_RUN"  # "always": skip the look-up pass (every command is a Prefect flow run)
 
 
@@ -58,6 +104,7 @@ def run_flow(flow, params: dict[str, Any], *, say: Callable[[str], None] = print
     """Run ``flow(**params)`` the cheapest way that keeps its records (see the module docstring).
 
     ``params["storage"]`` (resolved) names the store whose ``usseg up`` service is looked for."""
+    server_dies_with_parent()
     if api_configured() or os.environ.get(FLOW_RUN_ENV) == "always":
         return flow(**params)
     api = service_api(params.get("storage"))

@@ -29,11 +29,25 @@ def _backbone_of(store: ArtifactStore, head_meta: dict) -> BackboneRef:
                        random_weights=w == "random-init")
 
 
-def _kmeans_of(store: ArtifactStore, head_key: str) -> str:
+def _kmeans_of(store: ArtifactStore, head_key: str, k: int) -> str:
+    """The centroids of the head's k-means artifact with ``k`` clusters; none or several is a ConfigError
+    that lists the K values there are."""
+    by_k: dict[int, list] = {}
     for art in store.iter_artifacts("kmeans"):
         if art.complete and art.meta.get("upstream", {}).get("head") == head_key:
-            return str(art.file("centroids.npy"))
-    raise ConfigError(f"no k-means artifact for head {head_key}; run the train flow first")
+            kk = art.meta.get("k", (art.meta.get("params") or {}).get("k"))
+            by_k.setdefault(int(kk), []).append(art)
+    if not by_k:
+        raise ConfigError(f"no k-means artifact for head {head_key}; run the train flow first")
+    found = by_k.get(int(k), [])
+    available = ", ".join(str(x) for x in sorted(by_k))
+    if not found:
+        raise ConfigError(f"head {head_key} has no k-means artifact with K={k}; available K: {available} "
+                          "(pass --k K)")
+    if len(found) > 1:
+        raise ConfigError(f"head {head_key} has {len(found)} k-means artifacts with K={k} "
+                          f"({', '.join(a.key for a in found)}); available K: {available}")
+    return str(found[0].file("centroids.npy"))
 
 
 def _write_hierarchy(out: Path, stem: str, image: np.ndarray, head, dense: torch.Tensor) -> list[Path]:
@@ -49,7 +63,8 @@ def _write_hierarchy(out: Path, stem: str, image: np.ndarray, head, dense: torch
 
 
 def segment_images(images: list[Path], model: str, out: Path, *, clusterer: str = "own",
-                   crf: bool = True, long_side: int = 480, storage: str) -> list[Path]:
+                   crf: bool = True, long_side: int = 480, storage: str, k: int | None = None) -> list[Path]:
+    """``k``: the k-means K of ``clusterer="kmeans"`` (default: the head's number of classes)."""
     store = ArtifactStore(storage)
     head_art = store.find(model)
     if head_art.stage != "head" or not head_art.complete:
@@ -65,7 +80,7 @@ def segment_images(images: list[Path], model: str, out: Path, *, clusterer: str 
     if clusterer in ("own", head.clusterer):
         pred = {"kind": "own", "head": head_path}
     elif clusterer == "kmeans":
-        pred = {"kind": "kmeans", "centroids": _kmeans_of(store, head_art.key)}
+        pred = {"kind": "kmeans", "centroids": _kmeans_of(store, head_art.key, k or head.n_classes)}
     else:
         raise ConfigError(f"clusterer {clusterer!r}: use {head.clusterer or 'own'} (the head's own) or kmeans")
     out.mkdir(parents=True, exist_ok=True)
