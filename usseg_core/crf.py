@@ -35,7 +35,8 @@ def dense_crf(image: np.ndarray, logits: np.ndarray, params: CRFParams = CRFPara
     """Refine per-pixel class scores with a dense CRF.
 
     Args:
-        image: (H, W, 3) uint8 RGB image (the un-normalised pixels the kernels compare).
+        image: (H, W, 3) uint8 RGB image (the un-normalised pixels the kernels compare); it is handed
+            to pydensecrf as BGR, like [code:STEGO].
         logits: (K, H, W) float unnormalised scores, already at image size (e.g. 2 * cosine for the
             cluster probe, STEGO's convention).
         params: CRF parameters.
@@ -59,12 +60,15 @@ def dense_crf(image: np.ndarray, logits: np.ndarray, params: CRFParams = CRFPara
     crf = dcrf.DenseCRF2D(width, height, n_labels)
     crf.setUnaryEnergy(unary)
     crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
-    # [code:STEGO] passes BGR; the bilateral kernel uses one srgb for all channels, so channel order is
-    # irrelevant and we pass RGB as given.
+    # [code:STEGO] crf.py passes BGR (``np.array(to_pil_image(unnorm(img)))[:, :, ::-1]``), and so do we.
+    # It matters: the bilateral kernel's widths are the same for all channels, but pydensecrf's
+    # permutohedral lattice is an approximation that is not invariant to the order of the feature
+    # dimensions -- RGB instead of BGR changes 0.7-2.5 % of the refined labels.
+    bgr = np.ascontiguousarray(image[:, :, ::-1])  # a fresh, writeable C-contiguous copy (pydensecrf needs it)
     crf.addPairwiseBilateral(
         sxy=params.bilateral_sxy,
         srgb=params.bilateral_srgb,
-        rgbim=np.require(image, requirements=["C", "W"]),  # pydensecrf needs a writeable buffer
+        rgbim=bgr,
         compat=params.bilateral_compat,
     )
     q = crf.inference(params.iterations)  # pydensecrf matrix, (K, H*W)
