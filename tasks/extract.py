@@ -41,19 +41,26 @@ def extract_shard(storage: str, key: str, data: DataRef, manifest_path: str, vie
     ids = manifest.ids
 
     log = logger()
+    upscaled: list[str] = []
 
     def load_item(i: int) -> torch.Tensor:
         image = ds.load_image(ids[i // vs.per_image])
-        if i % vs.per_image == 0:  # once per image, not once per five-crop
-            warn_if_upscaled(image.shape[:2], vs, ds.image_path(ids[i // vs.per_image]), log)
+        if i % vs.per_image == 0 and upscale_factor(image.shape[:2], vs) > UPSCALE_WARN_FACTOR:
+            upscaled.append(ids[i // vs.per_image])  # once per image, not once per five-crop
+            if len(upscaled) <= UPSCALE_WARN_NAMED:
+                warn_if_upscaled(image.shape[:2], vs, ds.image_path(ids[i // vs.per_image]), log)
         return prepare_item(image, vs, i % vs.per_image)
 
     model = load_backbone(backbone)
     written = extract_into(fstore, model, load_item, todo, batch_size=batch_size, precision=precision)
+    if len(upscaled) > UPSCALE_WARN_NAMED:
+        log.warning("%d more images of items [%d, %d) are upscaled more than %gx (e.g. %s)",
+                    len(upscaled) - UPSCALE_WARN_NAMED, start, stop, UPSCALE_WARN_FACTOR, upscaled[-1])
     return {"start": start, "written": written, "worker": worker}
 
 
 UPSCALE_WARN_FACTOR = 2.0
+UPSCALE_WARN_NAMED = 5  # per shard: the first images are named, the rest counted in one line
 
 
 def upscale_factor(image_hw: tuple[int, int], view: ViewSpec) -> float:
