@@ -15,6 +15,54 @@ from usseg_core.edges import BUILTIN_DETECTORS
 from usseg_core.errors import ConfigError, UssegError
 from usseg_core.overseg import SCHEDULES
 
+AUTO = "auto"
+PIDINET_ENV = "USSEG_PIDINET_WEIGHTS"  # a PiDiNet .pth file (table5_pidinet.pth)
+_PIDINET_FILES = {"pidinet": "table5_pidinet.pth", "pidinet-tiny": "table5_pidinet-tiny.pth"}
+_DETECTOR_HELP = (f"Edge detector: {AUTO}, {', '.join(BUILTIN_DETECTORS)}. {AUTO} (default): PiDiNet when its "
+                  f"weights are found (--weights, ${PIDINET_ENV}, or $USSEG_DATA_ROOT/../weights/pidinet/), "
+                  "else the classical detector, which needs no file.")
+
+
+def _pidinet_weights(variant: str) -> Optional[Path]:
+    """Where the user keeps PiDiNet weights: ``$USSEG_PIDINET_WEIGHTS``, else the weights folder next to
+    the data root (``$USSEG_DATA_ROOT/../weights/pidinet/<file>``, the data README's layout); None if absent."""
+    import os
+
+    from usseg_core.config import DATA_ROOT_ENV
+
+    env = os.environ.get(PIDINET_ENV)
+    if env and Path(env).is_file():
+        return Path(env)
+    root = os.environ.get(DATA_ROOT_ENV)
+    if root:
+        for folder in (Path(root).parent / "weights" / "pidinet", Path(root) / "weights" / "pidinet"):
+            if (folder / _PIDINET_FILES[variant]).is_file():
+                return folder / _PIDINET_FILES[variant]
+    return None
+
+
+def resolve_detector(detector: str, weights: Optional[Path]) -> tuple[str, Optional[Path]]:
+    """(detector, weights) to build: ``auto`` picks PiDiNet with weights found, else ``classical``;
+    ``pidinet``/``pidinet-tiny`` without ``--weights`` look in the same places."""
+    if detector == AUTO:
+        if weights is not None:
+            return "pidinet", weights
+        found = _pidinet_weights("pidinet")
+        return ("pidinet", found) if found is not None else ("classical", None)
+    if detector in _PIDINET_FILES and weights is None:
+        return detector, _pidinet_weights(detector)
+    return detector, weights
+
+
+def _build_detector(detector: str, weights: Optional[Path], device: str):
+    from usseg_core.edges import get_edge_detector
+
+    name, w = resolve_detector(detector, weights)
+    det = get_edge_detector(name, weights=w, device=device)
+    typer.echo(f"edge detector: {name}" + (f" (weights {w})" if w is not None and name != "classical" else ""),
+               err=True)
+    return det
+
 
 def _parse_levels(levels: Optional[str]) -> list[float]:
     if not levels:
@@ -44,7 +92,7 @@ def _fail(exc: UssegError) -> None:
 
 def edges_command(
     images: list[Path] = typer.Argument(..., help="Image files (any format PIL reads)."),
-    detector: str = typer.Option("pidinet", "--detector", help=f"Edge detector: {', '.join(BUILTIN_DETECTORS)}."),
+    detector: str = typer.Option(AUTO, "--detector", help=_DETECTOR_HELP),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Model file for learned detectors."),
     out: Path = typer.Option(..., "--out", help="Output folder; writes <stem>.png (255 = strongest edge)."),
     device: str = typer.Option("cpu", "--device", help="torch device for learned detectors."),
@@ -53,11 +101,10 @@ def edges_command(
     from PIL import Image
     from rich.progress import Progress
 
-    from usseg_core.edges import get_edge_detector
     from usseg_core.imageio import read_rgb
 
     try:
-        det = get_edge_detector(detector, weights=weights, device=device)
+        det = _build_detector(detector, weights, device)
         out.mkdir(parents=True, exist_ok=True)
         with Progress() as progress:
             task = progress.add_task(f"edges ({det.name})", total=len(images))
@@ -72,7 +119,7 @@ def edges_command(
 
 def ucm_command(
     images: list[Path] = typer.Argument(..., help="Image files."),
-    detector: str = typer.Option("pidinet", "--detector", help=f"Edge detector: {', '.join(BUILTIN_DETECTORS)}."),
+    detector: str = typer.Option(AUTO, "--detector", help=_DETECTOR_HELP),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Model file for learned detectors."),
     levels: Optional[str] = typer.Option(None, "--levels", help="Comma-separated UCM levels, e.g. 0.1,0.3."),
     schedule: Optional[str] = typer.Option(None, "--schedule", help=f"HSG schedule: {', '.join(SCHEDULES)}."),
@@ -82,7 +129,6 @@ def ucm_command(
     """Write the ucm2 (.mat, key "ucm2") and region label PNGs at the requested / scheduled levels."""
     from rich.progress import Progress
 
-    from usseg_core.edges import get_edge_detector
     from usseg_core.imageio import read_rgb
     from usseg_core.overseg import choose_level
     from usseg_core.ucm import owt_ucm, save_ucm2_mat, ucm_labels
@@ -91,7 +137,7 @@ def ucm_command(
         lv = _parse_levels(levels)
         if schedule is not None and schedule not in SCHEDULES:
             raise ConfigError(f"--schedule: unknown {schedule!r}; known: {', '.join(SCHEDULES)}")
-        det = get_edge_detector(detector, weights=weights, device=device)
+        det = _build_detector(detector, weights, device)
         out.mkdir(parents=True, exist_ok=True)
         with Progress() as progress:
             task = progress.add_task(f"ucm ({det.name})", total=len(images))
