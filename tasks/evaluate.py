@@ -266,7 +266,7 @@ def _score_rows(cms: dict, groups: list[dict], class_names: list[str],
                     continue
                 sc = predictor_scores(p, cms[name], overcluster)
                 row = {"method": g["method"], "clusterer": p.get("label", p["kind"]), "crf": crf_flag == "yes",
-                       "overcluster": "n/a" if p["kind"] in CLASS_KINDS else overcluster,
+                       "overcluster": "identity" if p["kind"] in CLASS_KINDS else overcluster,  # class outputs: no matching
                        "accuracy": round(100 * sc.accuracy, 2), "miou": round(100 * sc.miou, 2)}
                 row.update({f"iou_{c}": round(100 * float(v), 2) if np.isfinite(v) else None
                             for c, v in zip(class_names, sc.iou)})

@@ -14,8 +14,9 @@ Skipped without ``../shared/data/camvid``. Knobs (environment):
 
 The assertions check what must hold on any honest run: every predictor row with and without CRF, scores
 in range, labels buying a clear margin (the linear probe above the cluster probe on the same codes and above
-raw k-means), clusterers far above chance, CRF not hurting raw k-means accuracy. The STEGO-vs-k-means margin is *measured and
-printed*, not asserted: on this data and backbone it is +1 to +2 mIoU (see the README's CamVid notes).
+raw k-means), clusterers far above chance, CRF not hurting raw k-means accuracy. The margins are printed and asserted at
+what the README's CamVid numbers support: STEGO's cluster probe above raw k-means on the mean of the seeds
+(+1.4 mIoU measured), STEGO above OMH, PiCIE above its raw k-means and above STEGO in accuracy.
 """
 from __future__ import annotations
 
@@ -95,6 +96,10 @@ def test_camvid_stego_two_seeds(camvid_storage, results_dir, prefect_harness):
         margins.append(_score(df, "stego", "cluster-probe", False).miou
                        - _score(df, "raw-features", "kmeans", False).miou)
     print(f"STEGO cluster probe − raw k-means, mIoU, per seed: {margins}; mean {sum(margins) / len(margins):.2f}")
+    # README (CamVid): +1.4 mIoU on average over the two seeds (+1.92 / +0.96); a seed moves k-means by a
+    # point or so, so the claim asserted is the sign of the mean, with no seed more than 2 points below it
+    assert sum(margins) / len(margins) > 0, margins
+    assert min(margins) > -2, margins
 
 
 def test_camvid_omh_vs_stego_same_seed(camvid_storage, results_dir, prefect_harness):
@@ -108,12 +113,14 @@ def test_camvid_omh_vs_stego_same_seed(camvid_storage, results_dir, prefect_harn
     for crf in (False, True):
         s, o = _score(stego, "stego", "cluster-probe", crf), _score(omh, "omh", "cluster-probe", crf)
         print(f"crf={crf}: STEGO {s.miou:.2f} mIoU / {s.accuracy:.2f} acc; OMH {o.miou:.2f} / {o.accuracy:.2f}")
+        # README: OMH's hierarchy costs 5.7 mIoU (6.6 with CRF) against STEGO alone on this data
+        assert s.miou > o.miou + 2, (crf, s.miou, o.miou)
 
 
 def test_camvid_picie_two_seeds_against_raw_kmeans_and_stego(camvid_storage, results_dir, prefect_harness):
     """PiCIE on the view bank of the same images; its own raw-feature k-means row (un-augmented frames) is
-    the floor the issue sets. Margins are printed; STEGO is read from the runs above (cache hits)."""
-    lines = []
+    the floor the issue sets. Margins are printed and asserted; STEGO is read from the runs above (cache hits)."""
+    lines, checks = [], []
     for seed in SEEDS:
         df = _run("picie", seed, camvid_storage, results_dir / f"picie_seed{seed}.csv")
         _check_common(df, "picie", own="centroids")
@@ -123,7 +130,14 @@ def test_camvid_picie_two_seeds_against_raw_kmeans_and_stego(camvid_storage, res
             s = _score(stego, "stego", "cluster-probe", crf)
             lines.append(f"seed {seed} crf={crf}: PiCIE {p.accuracy:.2f} / {p.miou:.2f}, raw k-means "
                          f"{r.accuracy:.2f} / {r.miou:.2f}, STEGO {s.accuracy:.2f} / {s.miou:.2f} (acc / mIoU)")
+            checks.append((seed, crf, p, r, s))
     print("\n".join(lines))
+    for seed, crf, p, r, s in checks:
+        # README: PiCIE's own centroids beat the raw k-means of the same frames by 6.2-7.2 mIoU (no CRF /
+        # CRF, both seeds) and STEGO's cluster probe by 15-18 points of accuracy; its mIoU against STEGO's
+        # (+0.9 / +1.8) is within the seed spread and is not asserted
+        assert p.miou > r.miou + 3, (seed, crf, p.miou, r.miou)
+        assert p.accuracy > s.accuracy + 5, (seed, crf, p.accuracy, s.accuracy)
 
 
 def test_camvid_hsg_two_seeds_both_protocols(camvid_storage, results_dir, prefect_harness):
