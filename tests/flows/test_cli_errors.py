@@ -1,0 +1,189 @@
+"""Bad input and errors at the command line: one literal line on stderr, last, with the exit code of its kind
+(2 usage, 3 configuration, 4 input/data, 1 unexpected); the temporary Prefect server dies with its parent."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _env(tmp_path: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "USSEG_STORAGE", "USSEG_STATE")}
+    env.update(PYTHONPATH=str(REPO), PREFECT_HOME=str(tmp_path / "prefect-home"), COLUMNS="80")
+    return env
+
+
+def usseg(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def _images(folder: Path, n: int) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"im{i:03d}.png")
+    return folder
+
+
+def test_set_on_error_is_rejected_before_any_work(tmp_path):
+    storage = tmp_path / "storage"
+    done = usseg(tmp_path, "run", "stego", "--dataset", "synthetic", "--set", "on_error=skip",
+                 "--storage", str(storage))
+    assert done.returncode == 3
+    assert done.stdout == ""
+    assert done.stderr.splitlines()[-1] == (
+        "error: --set on_error=skip: not a config setting; invalid files are handled by the --on-error "
+        "fail|skip option of `usseg extract` (usseg run and usseg compare stop at the first invalid file)")
+    assert not (storage / "features").exists() and not (storage / "data").exists()
+
+
+def test_unknown_set_key_lists_the_valid_ones_before_any_work(tmp_path):
+    storage = tmp_path / "storage"
+    done = usseg(tmp_path, "run", "stego", "--dataset", "synthetic", "--set", "stego.bogus=1",
+                 "--storage", str(storage))
+    assert done.returncode == 3, done.stderr
+    (line,) = done.stderr.splitlines()  # one line, no traceback
+    assert line.startswith("error: --set stego.bogus: unknown field 'bogus' of head 'stego'") and "valid: dim" in line
+    assert not (storage / "features").exists()
+
+
+def test_bad_on_error_value_is_a_usage_error(tmp_path):
+    done = usseg(tmp_path, "extract", "--dataset", "directory", "--data-root", str(tmp_path),
+                 "--on-error", "maybe", "--storage", str(tmp_path / "s"))
+    assert done.returncode == 2
+    assert "--on-error 'maybe': use fail or skip" in done.stderr
+
+
+def test_storage_ls_of_a_missing_storage_is_one_error_line(tmp_path):
+    missing = tmp_path / "nope"
+    done = usseg(tmp_path, "storage", "ls", "--storage", str(missing))
+    assert done.returncode == 3
+    assert done.stdout == ""
+    assert done.stderr == f"error: storage {missing} does not exist (pass --storage, or set $USSEG_STORAGE)\n"
+    assert not missing.exists()  # no log folder created either
+
+
+def test_storage_ls_piped_prints_whole_keys(tmp_path):
+    from usseg_core.store import ArtifactStore
+
+    store = ArtifactStore(tmp_path / "storage")
+    key = "k" * 64
+    art = store.begin("features", key, version=1, params={}, dataset="[weird]-dataset", backbone="b")
+    store.finish(art)
+    done = usseg(tmp_path, "storage", "ls", "--storage", str(tmp_path / "storage"))
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("\t") for line in done.stdout.splitlines()]
+    assert rows[0][:3] == ["stage", "key", "dataset"]
+    assert rows[1][:3] == ["features", key, "[weird]-dataset"] and rows[1][-1] == "yes"
+
+
+def test_invalid_image_with_brackets_is_one_literal_line_exit_4(tmp_path):
+    data = _images(tmp_path / "data", 2)
+    (data / "[bad].jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    done = usseg(tmp_path, "extract", "--dataset", "directory", "--data-root", str(data), "--random-weights",
+                 "--resolution", "64", "--storage", str(storage))
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    log = storage / "logs" / "usseg-errors.log"
+    assert done.stderr.splitlines()[-1] == (
+        f"error: {data / '[bad].jpg'}: image data is truncated or corrupt (Truncated File Read) "
+        f"(Prefect's log of the failed run: {log})")
+    assert "Traceback" in log.read_text()  # kept, out of the terminal
+
+
+def test_atomic_json_files_get_an_ordinary_mode(tmp_path):
+    from usseg_core.store import atomic_write_json
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "meta.json", {"a": 1})
+        (tmp_path / "data.bin").write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "meta.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "meta.json").stat().st_mode) == stat.S_IMODE(
+        (tmp_path / "data.bin").stat().st_mode)
+
+
+def test_segment_kmeans_is_chosen_by_k(tmp_path):
+    from tasks.segment import _kmeans_of
+    from usseg_core.errors import ConfigError
+    from usseg_core.store import ArtifactStore
+
+    store = ArtifactStore(tmp_path)
+    for key, k in (("kma", 27), ("kmb", 5), ("kmother", 5)):
+        art = store.begin("kmeans", key, version=1, params={"k": k},
+                          upstream={"head": "headkey" if key != "kmother" else "otherhead"})
+        store.finish(art, k=k)
+    assert _kmeans_of(store, "headkey", 5) == str(tmp_path / "kmeans" / "kmb" / "centroids.npy")
+    assert _kmeans_of(store, "headkey", 27).endswith("kma/centroids.npy")
+    with pytest.raises(ConfigError) as err:
+        _kmeans_of(store, "headkey", 11)
+    assert str(err.value) == "head headkey has no k-means artifact with K=11; available K: 5, 27 (pass --k K)"
+    art = store.begin("kmeans", "kmc", version=1, params={"k": 5}, upstream={"head": "headkey"})
+    store.finish(art, k=5)
+    with pytest.raises(ConfigError, match=r"2 k-means artifacts with K=5 \(kmb, kmc\); available K: 5, 27"):
+        _kmeans_of(store, "headkey", 5)
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    out = []
+    for st in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(st.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                cmd = (st.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                out.append((int(st.parent.name), cmd))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_temporary_server_dies_when_the_cli_is_killed(tmp_path):
+    data = _images(tmp_path / "data", 24)
+    cmd = [sys.executable, "-m", "flows.cli", "extract", "--dataset", "directory", "--data-root", str(data),
+           "--random-weights", "--resolution", "64", "--storage", str(tmp_path / "storage")]
+    env = {**_env(tmp_path), "USSEG_FLOW_RUN": "always"}
+    cli = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = None
+    try:
+        deadline = time.monotonic() + 180
+        while server is None and time.monotonic() < deadline and cli.poll() is None:
+            server = next((p for p, c in _children(cli.pid) if "prefect.server.api.server:create_app" in c), None)
+            time.sleep(0.1)
+        assert server is not None, "the CLI never started a temporary server"
+        os.kill(cli.pid, signal.SIGKILL)
+        cli.wait()
+        deadline = time.monotonic() + 15
+        while _alive(server) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(server), f"temporary server {server} outlived its killed parent"
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+        if server is not None and _alive(server):
+            os.kill(server, signal.SIGKILL)
