@@ -200,3 +200,12 @@ def error_exit(exc: BaseException) -> None:
     sys.stderr.write(line.replace("\n", " ") + "\n")
     sys.stderr.flush()
     sys.exit(code)
+
+
+def fail(exc: BaseException) -> None:
+    """For commands that catch their own usseg errors: the same line and exit code as :func:`error_exit`,
+    as a ``typer.Exit`` (so CliRunner tests see the code)."""
+    err = handled(exc)
+    sys.stdout.flush()
+    sys.stderr.write(f"error: {err}".replace("\n", " ") + "\n")
+    raise typer.Exit(code=exit_code(err))
