@@ -238,7 +238,10 @@ def evaluation_rows(art) -> list[dict]:
 
 
 def _with_overcluster(row: dict, mode: str) -> dict:
-    """``row`` with an ``overcluster`` column right after ``crf``."""
+    """``row`` with an ``overcluster`` column right after ``crf`` (class outputs: "identity")."""
+    clusterer = str(row.get("clusterer", ""))
+    if clusterer == "linear" or clusterer.startswith("retrieval"):
+        mode = "identity"
     out = {}
     for k, v in row.items():
         out[k] = v
