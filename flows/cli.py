@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 # The temporary local API server can take a while to start on a busy 2-core machine.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+logging.getLogger("usseg.trainer").setLevel(logging.INFO)  # "resuming from checkpoint ..." reaches the console
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402

@@ -230,8 +230,8 @@ def run_training(method: TrainingMethod, config: dict, *, steps: int, checkpoint
         method.load_plan_state(checkpoint["method_state"])
         step, history = int(checkpoint["step"]), list(checkpoint["history"])
         context = dict(checkpoint.get("context") or {})
-        logging.getLogger("usseg").info("%s: resuming from checkpoint %s at step %d of %d", method.name,
-                                        checkpoint_path or "(given)", step, steps)
+        logging.getLogger("usseg.trainer").info("%s: resuming from checkpoint %s at step %d of %d", method.name,
+                                                checkpoint_path or "(given)", step, steps)
 
     def snapshot() -> dict:
         return {"version": CHECKPOINT_VERSION, "method": method.name, "step": step, "config": config,
