@@ -7,11 +7,11 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
-from flows.cli_common import StorageOpt, human
-from flows.settings import storage_root
+from flows.cli_common import StorageOpt, existing_storage, human
 
 console = Console()
 
@@ -59,9 +59,10 @@ def register_service(app: typer.Typer) -> None:
         console.print("starting (server, work pool, deployments, worker) - this takes about a minute ...")
         state = service.up(storage, data_root, port, prefect_file or service.PREFECT_FILE,
                            schedules=schedules, concurrency=concurrency)
-        console.print(f"[green]up[/]: UI {state['ui_url']}  (API {state['api_url']})")
-        console.print(f"storage {state['storage']}; data root {state['data_root'] or '(unset: synthetic only)'}")
-        console.print(f"logs and state: {state['state_dir']}")
+        console.print(f"[green]up[/]: UI {escape(state['ui_url'])}  (API {escape(state['api_url'])})")
+        console.print(f"storage {state['storage']}; data root {state['data_root'] or '(unset: synthetic only)'}",
+                      markup=False, soft_wrap=True)
+        console.print(f"logs and state: {state['state_dir']}", markup=False, soft_wrap=True)
         console.print(f"use it from this shell: [bold]export PREFECT_API_URL={state['api_url']}[/]  then e.g. "
                       "`prefect deployment run train-stego/synthetic --watch`")
 
@@ -71,7 +72,7 @@ def register_service(app: typer.Typer) -> None:
         from flows import service
 
         stopped = service.down(storage)
-        console.print("stopped: " + ", ".join(stopped) if stopped else "nothing was running")
+        console.print("stopped: " + ", ".join(stopped) if stopped else "nothing was running", markup=False)
 
     @app.command()
     def status(storage: Optional[Path] = StorageOpt) -> None:
@@ -83,7 +84,7 @@ def register_service(app: typer.Typer) -> None:
             console.print(f"{name:8s} {'[green]yes[/]' if st[name] else '[red]no[/]'}")
         for name in ("ui_url", "api_url", "storage", "data_root", "state_dir", "deployments", "flow_runs"):
             if st.get(name) is not None:
-                console.print(f"{name:8s} {st[name]}")
+                console.print(f"{name:8s} {st[name]}", markup=False, soft_wrap=True)
 
 
 def register_storage(storage_app: typer.Typer) -> None:
@@ -94,7 +95,7 @@ def register_storage(storage_app: typer.Typer) -> None:
         from usseg_core.catalog import lineage as build
         from usseg_core.store import ArtifactStore
 
-        node = build(ArtifactStore(storage_root(storage)), key)
+        node = build(ArtifactStore(existing_storage(storage)), key)
         tree = Tree(_label(node))
         _grow(tree, node)
         console.print(tree)
@@ -105,8 +106,8 @@ def register_storage(storage_app: typer.Typer) -> None:
         from usseg_core.catalog import usage
         from usseg_core.store import ArtifactStore
 
-        store = ArtifactStore(storage_root(storage))
-        table = Table(title=f"disk use of {store.root}")
+        store = ArtifactStore(existing_storage(storage))
+        table = Table(title=f"disk use of {escape(str(store.root))}")
         for col in ("stage", "complete", "incomplete", "size"):
             table.add_column(col, justify="left" if col == "stage" else "right")
         total = 0
@@ -129,12 +130,12 @@ def register_storage(storage_app: typer.Typer) -> None:
         from usseg_core.catalog import gc_plan, remove
         from usseg_core.store import ArtifactStore
 
-        root = storage_root(storage)
+        root = existing_storage(storage)
         store = ArtifactStore(root)
         plan = gc_plan(store, referenced_keys(root), unreferenced=unreferenced, min_age_s=min_age_hours * 3600)
         for item in plan:
             console.print(f"{'remove' if delete else 'would remove'} {item.artifact.stage}/{item.artifact.key} "
-                          f"({item.reason}, {human(item.bytes)})")
+                          f"({item.reason}, {human(item.bytes)})", markup=False, soft_wrap=True)
         size = sum(i.bytes for i in plan)
         if delete:
             remove(store, plan)
@@ -145,11 +146,11 @@ def register_storage(storage_app: typer.Typer) -> None:
 
 def _label(node) -> str:
     if node.artifact is None:
-        return f"[dim]{node.role}: {node.value}[/] (external input)"
+        return f"[dim]{escape(str(node.role))}: {escape(str(node.value))}[/] (external input)"
     meta = node.artifact.meta
-    what = ", ".join(f"{k}={meta[k]}" for k in ("dataset", "split", "backbone", "method") if meta.get(k))
+    what = escape(", ".join(f"{k}={meta[k]}" for k in ("dataset", "split", "backbone", "method") if meta.get(k)))
     done = "" if node.artifact.complete else " [yellow](incomplete)[/]"
-    return f"{node.role}: [bold]{node.artifact.stage}/{node.value}[/] {what}{done}"
+    return f"{escape(str(node.role))}: [bold]{node.artifact.stage}/{escape(str(node.value))}[/] {what}{done}"
 
 
 def _grow(tree: Tree, node) -> None:
