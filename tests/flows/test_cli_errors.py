@@ -187,3 +187,38 @@ def test_temporary_server_dies_when_the_cli_is_killed(tmp_path):
             cli.kill()
         if server is not None and _alive(server):
             os.kill(server, signal.SIGKILL)
+
+
+def test_unexpected_error_is_exit_1_with_the_traceback_in_the_storage_log(tmp_path, monkeypatch, capsys):
+    from flows import cli_common
+
+    monkeypatch.setattr(sys, "argv", ["usseg", "run", "--storage", str(tmp_path)])
+    monkeypatch.setattr(cli_common, "FAILURE_RECORDS", [])
+    try:
+        raise RuntimeError("boom [x]")
+    except RuntimeError as exc:
+        with pytest.raises(SystemExit) as out:
+            cli_common.error_exit(exc)
+    assert out.value.code == 1
+    log = tmp_path / "logs" / "usseg-errors.log"
+    assert capsys.readouterr().err == f"error: unexpected RuntimeError: boom [x]; traceback in {log}\n"
+    assert "Traceback" in log.read_text() and "boom [x]" in log.read_text()
+
+
+def test_a_wrapped_usseg_error_keeps_its_exit_code(tmp_path, monkeypatch, capsys):
+    from flows import cli_common
+    from usseg_core.errors import InputError, WeightsError
+
+    monkeypatch.setattr(sys, "argv", ["usseg"])
+    monkeypatch.setattr(cli_common, "FAILURE_RECORDS", [])
+    try:
+        try:
+            raise WeightsError("missing keys: ['blocks.0.attn.qkv.weight']")
+        except WeightsError as inner:
+            raise RuntimeError("flow run failed") from inner
+    except RuntimeError as exc:
+        with pytest.raises(SystemExit) as out:
+            cli_common.error_exit(exc)
+    assert out.value.code == 4
+    assert capsys.readouterr().err == "error: missing keys: ['blocks.0.attn.qkv.weight']\n"
+    assert cli_common.exit_code(InputError("a.png", "bad")) == 4
