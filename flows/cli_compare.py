@@ -18,6 +18,12 @@ from usseg_core.head_names import BUILTIN_HEADS
 console = Console()
 # The demo's test-sized lengths: every head learns something on 40 synthetic images in about a minute each.
 DEMO_OVERRIDES = {"stego.steps": 200, "picie.epochs": 4, "hsg.epochs": 4}
+# The one line under the demo's table: what its numbers are and are not.
+DEMO_MEANING = ("What the numbers mean: pixel accuracy / mIoU (%) on the synthetic val scenes after Hungarian "
+                "matching of each head's clusters to the 5 classes (labels are used only to score); each head "
+                "must beat the raw-feature k-means rows of the features it trains on to have learned anything. "
+                "These are short demo trainings on easy scenes, not the papers' settings: the README's CamVid "
+                "tables are the real comparison.")
 
 
 def demo_overrides(heads: list[str]) -> dict:
@@ -139,5 +145,6 @@ def register(app: typer.Typer) -> None:
         result = run_compare("synthetic", str(data_root), names, _csv_list(seeds, "--seeds", int), root,
                              demo_overrides(names), "threads", resolution=128)
         print_summary(result, "usseg demo: every head vs raw-feature k-means on synthetic/val (mean ± std)")
+        console.print(DEMO_MEANING, soft_wrap=True, markup=False)
         _report_lines(result)
         console.print(f"all artifacts under {root} (try `usseg storage ls --storage {root}`)", markup=False)

@@ -217,6 +217,7 @@ def test_demo_is_the_comparison_on_synthetic_scenes_and_reruns_as_a_lookup(tmp_p
     first = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
     assert first.exit_code == 0, first.output
     assert "raw-features (five-crops)" in first.output and "cluster-probe" in first.output
+    assert cli_compare.DEMO_MEANING in " ".join(first.output.split("\n"))  # the one line saying what it means
     page = Path(re.search(r"report: (\S+report\.html)", first.output).group(1))
     assert page.exists() and "stego" in page.read_text()
     again = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
