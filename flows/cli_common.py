@@ -60,8 +60,8 @@ def reject_on_error_set(sets: dict) -> None:
 
     if "on_error" in sets:
         raise ConfigError(f"--set on_error={sets['on_error']}: not a config setting; invalid files are "
-                          "handled by the --on-error fail|skip option of `usseg extract` (usseg run and usseg "
-                          "compare stop at the first invalid file)")
+                          f"handled by the option --on-error fail|skip of every command that reads images "
+                          f"(here: --on-error {sets['on_error']})")
 
 
 def existing_storage(flag) -> "Path":

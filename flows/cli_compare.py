@@ -10,7 +10,8 @@ from rich.table import Table
 from rich.text import Text
 
 from flows.cli_common import (BackboneOpt, CrfOpt, DataRootOpt, DatasetOpt, EvalResolutionOpt, RandomWeightsOpt,
-                               ResolutionOpt, RunnerOpt, StorageOpt, TrainSplitOpt, WeightsOpt, reject_on_error_set)
+                               OnErrorOpt, ResolutionOpt, RunnerOpt, StorageOpt, TrainSplitOpt, WeightsOpt, on_error_mode,
+                               reject_on_error_set)
 from flows.settings import storage_root
 from usseg_core.config import parse_set_options
 from usseg_core.head_names import BUILTIN_HEADS
@@ -103,6 +104,7 @@ def register(app: typer.Typer) -> None:
         crf: bool = CrfOpt,
         retrieval: bool = typer.Option(False, "--retrieval/--no-retrieval",
                                        help="Add HSG's segment-retrieval rows for every head (and the raw features)."),
+        on_error: str = OnErrorOpt,
         set_: Optional[List[str]] = typer.Option(
             None, "--set", help="Config override key=value (repeatable), routed to the heads that have it: "
                                 "stego.steps=1000 (STEGO and OMH), picie.epochs=5, hsg.epochs=5, bare names to "
@@ -119,7 +121,7 @@ def register(app: typer.Typer) -> None:
                              train_split=train_split, eval_split=eval_split, backbone=backbone,
                              weights=str(weights) if weights else None, random_weights=random_weights,
                              resolution=resolution, eval_resolution=eval_resolution, run_crf=crf,
-                             retrieval=retrieval)
+                             retrieval=retrieval, on_error=on_error_mode(on_error))
         print_summary(result, f"usseg compare: {dataset}/{eval_split}, mean ± std over seeds {seeds}")
         _report_lines(result)
 

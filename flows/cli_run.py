@@ -9,7 +9,8 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.cli_common import (BackboneOpt, CrfOpt, DataRootOpt, DatasetOpt, EvalResolutionOpt, RandomWeightsOpt,
-                               ResolutionOpt, RunnerOpt, StorageOpt, TrainSplitOpt, WeightsOpt, reject_on_error_set)
+                               OnErrorOpt, ResolutionOpt, RunnerOpt, StorageOpt, TrainSplitOpt, WeightsOpt, on_error_mode,
+                               reject_on_error_set)
 from flows.settings import storage_root
 from usseg_core.config import parse_set_options
 from usseg_core.head_names import BUILTIN_HEADS
@@ -37,7 +38,8 @@ def write_results_csv(rows: list[dict], path: Path) -> None:
 def run_pipeline(method: str, dataset: str, data_root: str | None, train_split: str, eval_split: str,
                  backbone: str, weights: str | None, random_weights: bool, storage: Path, sets: dict, runner: str,
                  resolution: int = 224, eval_resolution: int | None = None, crf: bool = True,
-                 retrieval: bool | None = None, retrieval_k: int = 20, retrieval_vote: str = "majority") -> dict:
+                 retrieval: bool | None = None, retrieval_k: int = 20, retrieval_vote: str = "majority",
+                 on_error: str = "raise") -> dict:
     from flows.fastpath import run_flow
     from flows.train import RunSpec, pipeline
 
@@ -51,7 +53,7 @@ def run_pipeline(method: str, dataset: str, data_root: str | None, train_split: 
         eval_split=eval_split, method=method, backbone=backbone, weights=weights, random_weights=random_weights,
         storage=str(storage), overrides=sets, resolution=resolution, eval_resolution=eval_resolution,
         run_crf=crf, dataset_options=dataset_options, n_clusters=n_clusters, retrieval=retrieval,
-        retrieval_k=retrieval_k, retrieval_vote=retrieval_vote)
+        retrieval_k=retrieval_k, retrieval_vote=retrieval_vote, on_error=on_error)
     return run_flow(pipeline, params, say=lambda line: print(line, flush=True))
 
 
@@ -81,6 +83,7 @@ def register(app: typer.Typer) -> None:
                                                  "(twke18/HSG: 20)."),
         retrieval_vote: str = typer.Option("majority", help="Retrieval vote: majority (twke18/HSG) | weighted."),
         results: Optional[Path] = typer.Option(None, help="Write the results table as CSV here."),
+        on_error: str = OnErrorOpt,
         set_: Optional[List[str]] = typer.Option(
             None, "--set", help="Config override key=value (repeatable): bare names set the head's main section "
                                 "(steps=2000), SECTION.field another (omh.w_match=0.1, picie.k_over=100), "
@@ -98,7 +101,7 @@ def register(app: typer.Typer) -> None:
         out = run_pipeline(method, dataset, str(data_root) if data_root else None, train_split, eval_split,
                            backbone, str(weights) if weights else None, random_weights, storage_root(storage),
                            parse_set_options(set_), runner, resolution, eval_resolution, crf, retrieval,
-                           retrieval_k, retrieval_vote)
+                           retrieval_k, retrieval_vote, on_error_mode(on_error))
         ev = out["evaluation"]
         print_results(ev["rows"], f"{method} on {dataset}/{eval_split}")
         console.print(f"evaluation artifact: {ev['path']}", markup=False, soft_wrap=True)

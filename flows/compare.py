@@ -93,6 +93,7 @@ class CompareSpec:
     retrieval: bool = False  # the same protocol for every head: retrieval rows for all of them or none
     retrieval_k: int = RETRIEVAL_K
     retrieval_vote: str = RETRIEVAL_VOTE
+    on_error: str = "raise"  # invalid image/label files: "raise" | "skip" (--on-error skip)
 
     def head_names(self) -> list[str]:
         return list(self.heads) or list_heads()
@@ -105,7 +106,7 @@ class CompareSpec:
                         self.weights, self.random_weights, self.storage,
                         {**per_head[h], f"{get_head(h).primary}.seed": int(s)}, self.resolution,
                         self.eval_resolution, self.run_crf, self.dataset_options, self.n_clusters, self.device,
-                        self.retrieval, self.retrieval_k, self.retrieval_vote)
+                        self.retrieval, self.retrieval_k, self.retrieval_vote, on_error=self.on_error)
                 for h in heads for s in self.seeds]
 
     def validate(self) -> None:
@@ -232,13 +233,13 @@ def compare(dataset: str, data_root: str | None = None, heads: list[str] | None 
             eval_resolution: int | None = None, run_crf: bool = True, dataset_options: dict | None = None,
             n_clusters: int | None = None, device: str = "auto", retrieval: bool = False,
             retrieval_k: int = RETRIEVAL_K, retrieval_vote: str = RETRIEVAL_VOTE,
-            task_runner: str = "threads") -> dict:
+            task_runner: str = "threads", on_error: str = "raise") -> dict:
     """Every head (default: all registered) x seed (default 0, 1, 2) trained or found in the cache, evaluated
     under one protocol, and reported with mean ± std (``storage/compare/<key>/report.html``)."""
     spec = CompareSpec(dataset, tuple(heads or ()), tuple(DEFAULT_SEEDS if seeds is None else seeds), data_root,
                        train_split, eval_split, backbone, weights, random_weights, storage, overrides or {},
                        resolution, eval_resolution, run_crf, dataset_options, n_clusters, device, retrieval,
-                       retrieval_k, retrieval_vote)
+                       retrieval_k, retrieval_vote, on_error)
     result = compare_runs(spec)
     _publish(result, spec)
     publish_run(str(storage_root(storage)), "compare", result)

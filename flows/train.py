@@ -84,6 +84,7 @@ class RunSpec:
     retrieval_k: int = RETRIEVAL_K  # neighbours per test segment (twke18/HSG: 20)
     retrieval_vote: str = RETRIEVAL_VOTE  # "majority" (twke18/HSG) | "weighted" (ours)
     overcluster: str = "unmatched-wrong"  # Hungarian protocol for extra clusters (metrics.OVERCLUSTER_MODES)
+    on_error: str = "raise"  # invalid image/label files: "raise" (stop at the first) | "skip" (--on-error skip)
 
     @property
     def splits(self) -> list[str]:
@@ -141,7 +142,7 @@ def train_inputs(run: RunSpec) -> dict:
     k-means are fitted on), ``n_classes``, ``k`` and the head's own ``clusterer`` name."""
     spec = get_head(run.head)
     storage, ref = run.storage, run.backbone_ref()
-    datas = [DataRef(run.dataset, run.data_root, s, run.dataset_options or {}) for s in run.splits]
+    datas = [DataRef(run.dataset, run.data_root, s, run.dataset_options or {}, run.on_error) for s in run.splits]
     ds = datas[0].dataset()
     n_classes = ds.n_classes
     inputs: dict = {}
@@ -189,7 +190,7 @@ def evaluation_plan(trained: dict, run: RunSpec) -> dict:
     """Everything :func:`tasks.evaluate.run_evaluation` is called with: the labelled split, its manifest,
     the evaluation view, features (+ flipped) and the predictor groups (raw baseline first, the head last)."""
     storage, ref = run.storage, run.backbone_ref()
-    data = DataRef(run.dataset, run.data_root, run.eval_split, run.dataset_options or {})
+    data = DataRef(run.dataset, run.data_root, run.eval_split, run.dataset_options or {}, run.on_error)
     ds = data.dataset()
     view = eval_view(ds, run.eval_resolution)
     manifest = ensure_manifest(data, storage)
@@ -205,7 +206,7 @@ def evaluation_plan(trained: dict, run: RunSpec) -> dict:
                          "centroids": trained["kmeans"]["path"]})
     labelled = [s for s in run.splits if s != run.eval_split]
     if labelled:
-        pdata = DataRef(run.dataset, run.data_root, labelled[0], run.dataset_options or {})
+        pdata = DataRef(run.dataset, run.data_root, labelled[0], run.dataset_options or {}, run.on_error)
         pfeats = ensure_features(storage, pdata, ref, view)
         probe = ensure_linear_probe(storage, head, pfeats, pdata, view.params(), n_classes, device=run.device)
         method_preds.append({"name": "linear", "kind": "linear", "n_pred": n_classes, "key": probe["key"],
@@ -303,8 +304,8 @@ def pipeline(dataset: str, data_root: str | None = None, train_split: str = "tra
              resolution: int = 224, eval_resolution: int | None = None, run_crf: bool = True,
              dataset_options: dict | None = None, n_clusters: int | None = None, device: str = "auto",
              retrieval: bool | None = None, retrieval_k: int = RETRIEVAL_K, retrieval_vote: str = RETRIEVAL_VOTE,
-             task_runner: str = "threads") -> dict:
+             task_runner: str = "threads", on_error: str = "raise") -> dict:
     """train-<method> then evaluate, in one run (what `usseg run <head>` starts)."""
     return run(RunSpec(method, dataset, data_root, train_split, eval_split, backbone, weights, random_weights,
                        storage, overrides or {}, resolution, eval_resolution, run_crf, dataset_options,
-                       n_clusters, device, retrieval, retrieval_k, retrieval_vote))
+                       n_clusters, device, retrieval, retrieval_k, retrieval_vote, on_error=on_error))

@@ -45,9 +45,29 @@ def test_set_on_error_is_rejected_before_any_work(tmp_path):
     assert done.returncode == 3
     assert done.stdout == ""
     assert done.stderr.splitlines()[-1] == (
-        "error: --set on_error=skip: not a config setting; invalid files are handled by the --on-error "
-        "fail|skip option of `usseg extract` (usseg run and usseg compare stop at the first invalid file)")
+        "error: --set on_error=skip: not a config setting; invalid files are handled by the option --on-error "
+        "fail|skip of every command that reads images (here: --on-error skip)")
     assert not (storage / "features").exists() and not (storage / "data").exists()
+
+
+def test_on_error_reaches_the_manifests_of_run_and_compare():
+    """One spelling on every command that reads images: --on-error reaches every DataRef of the run."""
+    from flows.compare import CompareSpec
+    from flows.train import RunSpec, train_inputs  # noqa: F401  (the DataRefs are built from run.on_error)
+
+    run = RunSpec("stego", "synthetic", on_error="skip")
+    assert run.on_error == "skip"
+    assert {r.on_error for r in CompareSpec("synthetic", ("stego", "picie"), (0, 1), on_error="skip").runs()} == {"skip"}
+    import inspect
+
+    from flows.cli import app  # noqa: F401
+    from flows import cli_compare, cli_run, compare, train
+
+    assert "on_error" in inspect.signature(train.pipeline.fn).parameters
+    assert "on_error" in inspect.signature(compare.compare.fn).parameters
+    src = inspect.getsource(train)
+    assert src.count("run.dataset_options or {}, run.on_error)") == 3  # train, eval and probe splits
+    assert "on_error_mode(on_error)" in inspect.getsource(cli_run) and "on_error_mode(on_error)" in inspect.getsource(cli_compare)
 
 
 def test_unknown_set_key_lists_the_valid_ones_before_any_work(tmp_path):
