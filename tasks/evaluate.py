@@ -27,7 +27,7 @@ from usseg_core.store import ArtifactStore, artifact_key
 from usseg_core.views import ViewSpec, prepare_image_for_label, prepare_label
 
 CPU = torch.device("cpu")
-EVAL_VERSION = 2  # 2: a group's head is its key (head_key), not its folder: keys survive a moved store
+EVAL_VERSION = 3  # 2: a group's head is its key (head_key), not its folder: keys survive a moved store; 3: CRF on BGR
 N_EXAMPLES = 6
 # Predictor kinds whose outputs are class ids: scored as they are, no Hungarian matching.
 CLASS_KINDS = frozenset({"linear", "retrieval"})
