@@ -39,13 +39,17 @@ def run_pipeline(method: str, dataset: str, data_root: str | None, train_split: 
                  backbone: str, weights: str | None, random_weights: bool, storage: Path, sets: dict, runner: str,
                  resolution: int = 224, eval_resolution: int | None = None, crf: bool = True,
                  retrieval: bool | None = None, retrieval_k: int = 20, retrieval_vote: str = "majority",
-                 on_error: str = "raise") -> dict:
+                 on_error: str = "raise", overcluster: str = "unmatched-wrong") -> dict:
     from flows.fastpath import run_flow
     from flows.train import RunSpec, pipeline
 
     reject_on_error_set(sets)
     dataset_options = sets.pop("dataset_options", None)
     n_clusters = sets.pop("n_clusters", None)
+    from usseg_core.metrics import OVERCLUSTER_MODES
+
+    if overcluster not in OVERCLUSTER_MODES:
+        raise typer.BadParameter(f"--overcluster {overcluster!r}: use one of {', '.join(OVERCLUSTER_MODES)}")
     spec = RunSpec(method, dataset, overrides=sets, retrieval_k=retrieval_k, retrieval_vote=retrieval_vote)
     spec.validate()  # a bad --set (head section, views.*, overseg.*, knn.*) fails before any server starts
     params = dict(
@@ -53,7 +57,7 @@ def run_pipeline(method: str, dataset: str, data_root: str | None, train_split: 
         eval_split=eval_split, method=method, backbone=backbone, weights=weights, random_weights=random_weights,
         storage=str(storage), overrides=sets, resolution=resolution, eval_resolution=eval_resolution,
         run_crf=crf, dataset_options=dataset_options, n_clusters=n_clusters, retrieval=retrieval,
-        retrieval_k=retrieval_k, retrieval_vote=retrieval_vote, on_error=on_error)
+        retrieval_k=retrieval_k, retrieval_vote=retrieval_vote, on_error=on_error, overcluster=overcluster)
     return run_flow(pipeline, params, say=lambda line: print(line, flush=True))
 
 
@@ -84,6 +88,9 @@ def register(app: typer.Typer) -> None:
         retrieval_vote: str = typer.Option("majority", help="Retrieval vote: majority (twke18/HSG) | weighted."),
         results: Optional[Path] = typer.Option(None, help="Write the results table as CSV here."),
         on_error: str = OnErrorOpt,
+        overcluster: str = typer.Option("unmatched-wrong", help="With more clusters than classes (--set "
+                                        "n_clusters=K): unmatched-wrong (ours: unmatched clusters are errors) | "
+                                        "majority | reference-drop (STEGO's: drop pixels of clusters >= n_classes)."),
         set_: Optional[List[str]] = typer.Option(
             None, "--set", help="Config override key=value (repeatable): bare names set the head's main section "
                                 "(steps=2000), SECTION.field another (omh.w_match=0.1, picie.k_over=100), "
@@ -101,7 +108,7 @@ def register(app: typer.Typer) -> None:
         out = run_pipeline(method, dataset, str(data_root) if data_root else None, train_split, eval_split,
                            backbone, str(weights) if weights else None, random_weights, storage_root(storage),
                            parse_set_options(set_), runner, resolution, eval_resolution, crf, retrieval,
-                           retrieval_k, retrieval_vote, on_error_mode(on_error))
+                           retrieval_k, retrieval_vote, on_error_mode(on_error), overcluster)
         ev = out["evaluation"]
         print_results(ev["rows"], f"{method} on {dataset}/{eval_split}")
         console.print(f"evaluation artifact: {ev['path']}", markup=False, soft_wrap=True)

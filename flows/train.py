@@ -304,8 +304,9 @@ def pipeline(dataset: str, data_root: str | None = None, train_split: str = "tra
              resolution: int = 224, eval_resolution: int | None = None, run_crf: bool = True,
              dataset_options: dict | None = None, n_clusters: int | None = None, device: str = "auto",
              retrieval: bool | None = None, retrieval_k: int = RETRIEVAL_K, retrieval_vote: str = RETRIEVAL_VOTE,
-             task_runner: str = "threads", on_error: str = "raise") -> dict:
+             task_runner: str = "threads", on_error: str = "raise", overcluster: str = "unmatched-wrong") -> dict:
     """train-<method> then evaluate, in one run (what `usseg run <head>` starts)."""
     return run(RunSpec(method, dataset, data_root, train_split, eval_split, backbone, weights, random_weights,
                        storage, overrides or {}, resolution, eval_resolution, run_crf, dataset_options,
-                       n_clusters, device, retrieval, retrieval_k, retrieval_vote, on_error=on_error))
+                       n_clusters, device, retrieval, retrieval_k, retrieval_vote, overcluster=overcluster,
+                       on_error=on_error))

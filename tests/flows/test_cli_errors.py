@@ -70,6 +70,21 @@ def test_on_error_reaches_the_manifests_of_run_and_compare():
     assert "on_error_mode(on_error)" in inspect.getsource(cli_run) and "on_error_mode(on_error)" in inspect.getsource(cli_compare)
 
 
+def test_overcluster_option_reaches_the_evaluation_and_is_checked_first(tmp_path):
+    import inspect
+
+    from flows import train
+
+    assert "overcluster" in inspect.signature(train.pipeline.fn).parameters
+    assert train.RunSpec("stego", "synthetic", overcluster="reference-drop").overcluster == "reference-drop"
+    assert "overcluster=run.overcluster" in inspect.getsource(train)
+    done = usseg(tmp_path, "run", "stego", "--dataset", "synthetic", "--overcluster", "drop-all",
+                 "--storage", str(tmp_path / "s"))
+    flat = "".join(c for c in done.stderr if c.isalnum() or c in "-'")  # click's usage box wraps the line
+    assert done.returncode == 2 and "--overcluster'drop-all'useoneofunmatched-wrongmajorityreference-drop" in flat
+    assert not (tmp_path / "s" / "features").exists()
+
+
 def test_unknown_set_key_lists_the_valid_ones_before_any_work(tmp_path):
     storage = tmp_path / "storage"
     done = usseg(tmp_path, "run", "stego", "--dataset", "synthetic", "--set", "stego.bogus=1",
