@@ -229,6 +229,8 @@ def test_unexpected_error_is_exit_1_with_the_traceback_in_the_storage_log(tmp_pa
 
     monkeypatch.setattr(sys, "argv", ["usseg", "run", "--storage", str(tmp_path)])
     monkeypatch.setattr(cli_common, "FAILURE_RECORDS", [])
+    # in-process: error_exit would stop every Prefect server of this process, the test session's one too
+    monkeypatch.setattr(cli_common, "stop_temporary_server", lambda: None)
     try:
         raise RuntimeError("boom [x]")
     except RuntimeError as exc:
@@ -246,6 +248,8 @@ def test_a_wrapped_usseg_error_keeps_its_exit_code(tmp_path, monkeypatch, capsys
 
     monkeypatch.setattr(sys, "argv", ["usseg"])
     monkeypatch.setattr(cli_common, "FAILURE_RECORDS", [])
+    # in-process: error_exit would stop every Prefect server of this process, the test session's one too
+    monkeypatch.setattr(cli_common, "stop_temporary_server", lambda: None)
     try:
         try:
             raise WeightsError("missing keys: ['blocks.0.attn.qkv.weight']")
