@@ -21,13 +21,13 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.publish import in_flow_run, publish_run
+from flows.publish import publish_run
 from flows.runner import SettingTaskRunner
 from flows.settings import data_root as resolve_data_root
 from flows.settings import storage_root
-from flows.train import eval_view
+from flows.train import eval_view, publish_results
 from tasks.common import DataRef, ensure_manifest, logger
-from tasks.evaluate import results_markdown, run_evaluation
+from tasks.evaluate import run_evaluation
 from tasks.extract import ensure_features
 from usseg_core.crf import CRFParams
 from usseg_core.errors import ConfigError
@@ -140,24 +140,12 @@ def run_model_evaluation(model: str, dataset: str, data_root: str | None = None,
     result = run_evaluation(storage=storage, data=data, manifest=manifest, view=view, feats=feats, flips=flips,
                             groups=groups, class_names=list(ds.class_names), run_crf=run_crf, crf=CRFParams(),
                             title=f"{dataset}/{eval_split}", device=device)
-    _publish(result, title)
+    publish_results(result, title)
     out = {"head": {"key": plan["key"], "path": plan["path"], "method": plan["method"]},
            "backbone": ref.as_dict(), "features": feats, "flips": flips, "evaluation": result,
            "notes": plan["notes"]}
     publish_run(storage, FLOW_NAME, out)
     return out
-
-
-def _publish(result: dict, title: str) -> None:
-    if not in_flow_run():  # the look-up pass: the run record (publish_run) is all there is
-        return
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
-    rows = [{k: v for k, v in r.items() if not k.startswith("iou_")} for r in result["rows"]]
-    create_table_artifact(key="results", table=rows, description=title)
-    create_markdown_artifact(key="results-summary", markdown=(
-        f"# {title}\n\n{results_markdown(result['rows'])}\n\nEvaluation artifact: `{result['key']}` "
-        f"at `{result['path']}` (results.csv, results.parquet, confusion.png, overlays.png)"))
 
 
 @flow(name=FLOW_NAME, task_runner=SettingTaskRunner())

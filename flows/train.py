@@ -234,7 +234,8 @@ def evaluate_stages(trained: dict, run: RunSpec) -> dict:
                           overcluster=run.overcluster, **plan)
 
 
-def _publish(result: dict, title: str) -> None:
+def publish_results(result: dict, title: str) -> None:
+    """An evaluation's results as Prefect table + markdown artifacts (nothing outside a flow run)."""
     if not in_flow_run():  # the look-up pass: the run record (publish_run) is all there is
         return
     rows = [{k: v for k, v in r.items() if not k.startswith("iou_")} for r in result["rows"]]
@@ -253,7 +254,7 @@ def run(spec: RunSpec) -> dict:
     out = {"trained": trained}
     if spec.eval_split:
         result = evaluate_stages(trained, spec)
-        _publish(result, f"{spec.head} on {spec.dataset}/{spec.eval_split} ({spec.backbone})")
+        publish_results(result, f"{spec.head} on {spec.dataset}/{spec.eval_split} ({spec.backbone})")
         out["evaluation"] = result
     publish_run(storage, f"{'evaluate' if spec.eval_split else 'train'}-{spec.head}", out)
     return out

@@ -42,7 +42,6 @@ probe is the arg-max of cosine similarity to normalised centroids, and the CRF u
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +51,7 @@ import torch
 from torch import Tensor
 
 from usseg_core.errors import InputError
+from usseg_core.store import file_sha256
 
 BACKBONE_PREFIX = "net.model."  # DinoFeaturizer.model
 # StegoHead key <- reference key
@@ -134,15 +134,6 @@ class StegoCheckpoint:
     @property
     def n_clusters(self) -> int:
         return int(self.centroids.shape[0])
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 hex digest of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_lightning_checkpoint(path: str | Path) -> dict:

@@ -165,6 +165,15 @@ class Artifact:
         atomic_write_json(self.path / META, self.meta)
 
 
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (weights fingerprints, imported checkpoints)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class ArtifactStore:
     """The artifact root (``./storage`` by default): one folder per stage, one per key below it."""
 

@@ -11,7 +11,6 @@ So a vertical edge (a left/right colour change) has theta = pi/2, a horizontal o
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from usseg_core.errors import ConfigError
+from usseg_core.store import file_sha256  # noqa: F401  (detectors fingerprint weights with it)
 
 __all__ = [
     "EdgeMap",
@@ -84,14 +84,6 @@ def check_image(image: np.ndarray, what: str = "image") -> None:
     if image.shape[0] < 2 or image.shape[1] < 2:
         raise ConfigError(f"{what}: image of size {image.shape[:2]} is too small (need >= 2x2)")
 
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file (weights fingerprints)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resolve_weights(name: str, weights: str | Path | None, hint: str) -> Path:
