@@ -133,15 +133,20 @@ def head_artifact_key(method: str, dataset: str, n_classes: int, inputs: dict,
     return head_key(method, n_classes, config_to_dict(get_head(method).config(dataset, overrides)), inputs)
 
 
-def _steps(params: dict) -> int | None:
-    """``steps`` of the head's primary config section (the first section), None when it has none."""
-    sections = params["config"]
-    primary = next(iter(sections.values()), {})
-    steps = primary.get("steps") if isinstance(primary, dict) else None
+def _steps(params: dict, primary: str) -> int | None:
+    """``steps`` of the head's primary config section, None when it has none."""
+    section = params["config"].get(primary)
+    steps = section.get("steps") if isinstance(section, dict) else None
     return int(steps) if isinstance(steps, int) and not isinstance(steps, bool) else None
 
 
-def _shorter_run(store: ArtifactStore, params: dict, upstream: dict):
+def _without_steps(params: dict, primary: str) -> dict:
+    config = dict(params["config"])
+    config[primary] = {k: v for k, v in config[primary].items() if k != "steps"}
+    return {**params, "config": config}
+
+
+def _shorter_run(store: ArtifactStore, params: dict, upstream: dict, primary: str):
     """The longest finished head whose params and upstream equal these except a smaller ``steps``.
 
     Its final checkpoint is where this run would be after that many steps: ``steps`` is a resumable
@@ -149,29 +154,21 @@ def _shorter_run(store: ArtifactStore, params: dict, upstream: dict):
     step does depends on the total length (constant learning rates; tests/core/test_train.py pins the
     equality for STEGO). So a length curve 250 / 500 / 1000 / ... costs the longest run's steps once.
     """
-    steps = _steps(params)
+    steps = _steps(params, primary)
     if steps is None:
         return None
-
-    def without_steps(p: dict) -> dict:
-        sections = {k: dict(v) if isinstance(v, dict) else v for k, v in p["config"].items()}
-        first = next(iter(sections))
-        if isinstance(sections[first], dict):
-            sections[first].pop("steps", None)
-        return {**p, "config": sections}
-
-    want, best = without_steps(params), None
+    want, best, best_steps = _without_steps(params, primary), None, 0
     for art in store.iter_artifacts("head"):
-        p, s = art.meta.get("params"), None
+        p = art.meta.get("params")
         if not art.complete or not isinstance(p, dict) or art.meta.get("upstream") != upstream:
             continue
         try:
-            s = _steps(p)
-            same = s is not None and s < steps and without_steps(p) == want
-        except (KeyError, AttributeError, TypeError, StopIteration):
+            s = _steps(p, primary)
+            same = s is not None and best_steps < s < steps and _without_steps(p, primary) == want
+        except (KeyError, AttributeError, TypeError):
             continue
-        if same and art.file("checkpoint.pt").exists() and (best is None or s > _steps(best.meta["params"])):
-            best = art
+        if same and art.file("checkpoint.pt").exists():
+            best, best_steps = art, s
     return best
 
 
@@ -201,11 +198,10 @@ def ensure_head(storage: str, method: str, dataset: str, n_classes: int, inputs:
                       backbone_fingerprint=meta0.get("backbone_fingerprint"), method=method)
     ckpt, continued = art.file("checkpoint.pt"), art.meta.get("continued_from")
     if not ckpt.exists():
-        shorter = _shorter_run(store, params, upstream)
+        shorter = _shorter_run(store, params, upstream, spec.primary)
         if shorter is not None:  # a longer run of a finished one: continue from its last checkpoint
-            logger().info("head/%s continues head/%s from step %d (same config, steps %d -> %d)", key,
-                          shorter.key, shorter.meta.get("steps", 0), shorter.meta.get("steps", 0),
-                          _steps(params))
+            logger().info("head/%s continues head/%s from step %s (same config and inputs, %d steps)", key,
+                          shorter.key, shorter.meta.get("steps"), _steps(params, spec.primary))
             shutil.copyfile(shorter.file("checkpoint.pt"), ckpt)
             continued = shorter.key
             art.update_meta(continued_from=continued)
