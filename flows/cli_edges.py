@@ -11,6 +11,7 @@ from typing import Optional
 import numpy as np
 import typer
 
+from flows.cli_common import fail
 from usseg_core.edges import BUILTIN_DETECTORS
 from usseg_core.errors import ConfigError, UssegError
 from usseg_core.overseg import SCHEDULES
@@ -86,8 +87,7 @@ def save_labels_png(path: Path, labels: np.ndarray) -> None:
 
 
 def _fail(exc: UssegError) -> None:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(code=2)
+    fail(exc)  # one literal line on stderr, the exit code of the error's kind (3 config, 4 input)
 
 
 def edges_command(

@@ -23,7 +23,7 @@ from typing import Optional
 
 import typer
 
-from flows.cli_common import RunnerOpt, StorageOpt
+from flows.cli_common import RunnerOpt, StorageOpt, fail
 from flows.settings import storage_root
 from usseg_core.errors import UssegError
 
@@ -141,8 +141,7 @@ def stego_command(
     try:
         out = import_stego(ckpt, storage_root(storage), name)
     except UssegError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=2) from None
+        fail(exc)
     typer.echo(("cache hit: " if out.cache_hit else "imported: ") + str(ckpt))
     typer.echo(f"backbone weights: {out.weights}")
     typer.echo(f"  use: usseg run stego --backbone {out.backbone} --weights {out.weights} ...")
@@ -182,8 +181,7 @@ def evaluate_command(
             typer.echo(note)
         out = run_flow(evaluate_model, params, say=lambda line: print(line, flush=True))
     except UssegError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=2) from None
+        fail(exc)
     ev = out["evaluation"]
     print_results(ev["rows"], f"{out['head']['method']} head {out['head']['key']} on {dataset}/{eval_split}")
     typer.echo(f"evaluation artifact: {ev['path']}")

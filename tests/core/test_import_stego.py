@@ -359,7 +359,7 @@ def test_cli_import_and_bad_input(reference, tmp_path):
     bad = tmp_path / "bad.ckpt"
     bad.write_text("x")
     res = runner.invoke(app, ["import", "stego", str(bad), "--storage", str(tmp_path / "s")])
-    assert res.exit_code == 2
+    assert res.exit_code == 4  # a file that is not a checkpoint: EXIT_INPUT
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and str(bad) in lines[0] and lines[0].startswith("error:")
 

@@ -91,8 +91,8 @@ def test_cli_reports_bad_arguments(tmp_path):
     runner = CliRunner()
     Image.fromarray(_image(0, 20, 20)).save(tmp_path / "a.png")
     res = runner.invoke(_app(), ["ucm", str(tmp_path / "a.png"), "--detector", "classical", "--levels", "x", "--out", str(tmp_path)])
-    assert res.exit_code == 2 and "--levels" in res.output
+    assert res.exit_code == 3 and "--levels" in res.output  # a bad setting: EXIT_CONFIG
     res = runner.invoke(_app(), ["edges", str(tmp_path / "nope.png"), "--detector", "classical", "--out", str(tmp_path)])
-    assert res.exit_code == 2 and "nope.png" in res.output
+    assert res.exit_code == 4 and "nope.png" in res.output  # bad input: EXIT_INPUT
     res = runner.invoke(_app(), ["edges", str(tmp_path / "a.png"), "--detector", "pidinet", "--out", str(tmp_path)])
-    assert res.exit_code == 2 and "weights" in res.output
+    assert res.exit_code == 4 and "weights" in res.output  # missing weights: EXIT_INPUT

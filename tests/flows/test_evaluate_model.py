@@ -42,7 +42,7 @@ def _evaluate(storage, root, key, *extra):
 
 
 def _one_error_line(res) -> str:
-    assert res.exit_code == 2, res.output + repr(res.exception)
+    assert res.exit_code == 3, res.output + repr(res.exception)  # a key or class count that does not fit: EXIT_CONFIG
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), res.output
     return lines[0]
