@@ -31,9 +31,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, epilog=EXIT_CODES_
 @app.callback()
 def _global(debug: bool = typer.Option(False, "--debug", help="Show Prefect's logs and tracebacks of "
                                        "failed runs in the terminal (default: in <storage>/logs/).")) -> None:
+    import os
+
     from flows import cli_common
 
     cli_common.DEBUG = debug
+    if debug:  # local Dask workers read it (flows/dask_worker.py)
+        os.environ["USSEG_DEBUG"] = "1"
 
 
 storage_app = typer.Typer(no_args_is_help=True, help="Inspect the artifact store.")

@@ -28,7 +28,9 @@ def make_task_runner(spec: str | None = None, *, max_workers: int | None = None)
         n = int(spec.split(":", 1)[1]) if ":" in spec else 2
         return DaskTaskRunner(cluster_kwargs={"n_workers": n, "threads_per_worker": 1,
                                               "processes": True, "dashboard_address": "127.0.0.1:0",
-                                              "host": "127.0.0.1"})
+                                              "host": "127.0.0.1",
+                                              # failures on a worker stay off the terminal, as in the CLI
+                                              "preload": ["flows.dask_worker"]})
     if spec.startswith("tcp://") or spec.startswith("tls://"):
         from prefect_dask import DaskTaskRunner
 

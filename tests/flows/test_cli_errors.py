@@ -261,3 +261,41 @@ def test_a_wrapped_usseg_error_keeps_its_exit_code(tmp_path, monkeypatch, capsys
     assert out.value.code == 4
     assert capsys.readouterr().err == "error: missing keys: ['blocks.0.attn.qkv.weight']\n"
     assert cli_common.exit_code(InputError("a.png", "bad")) == 4
+
+
+
+_FAILING_ON_A_WORKER = """
+import sys
+from prefect import flow, task
+from flows import cli_common
+from flows.runner import SettingTaskRunner
+
+@task
+def boom():
+    raise RuntimeError("boom on a worker")
+
+@flow(task_runner=SettingTaskRunner())
+def fails(task_runner: str = "dask:1"):
+    return boom.submit().result()
+
+cli_common.DEBUG = len(sys.argv) > 1
+cli_common.quiet_prefect_console()  # what flows.cli.main does in the CLI's process
+try:
+    fails()
+except RuntimeError as exc:
+    print("raised:", exc)
+"""
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_task_failing_on_a_dask_worker_keeps_its_traceback_off_the_terminal(tmp_path, debug):
+    """A task that fails on a local Dask worker is logged by Prefect in the worker process, whose console is the
+    terminal: the worker preload (flows/dask_worker.py) filters it as the CLI's own process does, and
+    ``--debug`` ($USSEG_DEBUG=1, inherited by the workers) shows it again."""
+    env = _env(tmp_path)
+    if debug:
+        env["USSEG_DEBUG"] = "1"
+    done = subprocess.run([sys.executable, "-c", _FAILING_ON_A_WORKER, *(["debug"] if debug else [])], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert "raised: boom on a worker" in done.stdout, done.stdout + done.stderr
+    assert ("Traceback" in done.stdout + done.stderr) == debug, done.stderr
