@@ -21,7 +21,7 @@ from rich.table import Table  # noqa: E402
 from rich.text import Text  # noqa: E402
 
 from flows.cli_common import (EXIT_CODES_HELP, OnErrorOpt, RunnerOpt, StorageOpt, error_exit,  # noqa: E402
-                               existing_storage, human, on_error_mode, quiet_prefect_console)
+                               existing_storage, human, on_error_mode)
 from flows.settings import storage_root  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, epilog=EXIT_CODES_HELP,
@@ -164,10 +164,9 @@ _register_optional()
 
 def main() -> None:
     """Console entry point: a usseg error prints one plain line on stderr (last), with its exit code."""
-    from flows.fastpath import server_dies_with_parent
-
-    quiet_prefect_console()
-    server_dies_with_parent()
+    # Nothing of Prefect is imported here (2.5 s for prefect, 4 s more for its server on a 2-core machine;
+    # `usseg --help` must stay under a second): every command that runs a flow calls
+    # flows.fastpath.prepare_flow_process() first (run_flow does, and `usseg oversegment`).
     try:
         app()
     except Exception as exc:  # noqa: BLE001 - every failure ends in one line and a documented code

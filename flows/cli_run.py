@@ -133,6 +133,9 @@ def register(app: typer.Typer) -> None:
         """Edges + OWT-UCM + HSG threshold schedule for every image of a split (flow `oversegment`)."""
         from flows.oversegment import oversegment_flow
         from flows.runner import make_task_runner
+        from flows.fastpath import prepare_flow_process
+
+        prepare_flow_process()  # a quiet console; its temporary server exits with this process
 
         out = oversegment_flow.with_options(task_runner=make_task_runner(runner))(
             dataset=dataset, data_root=str(data_root), split=split, detector=detector,

@@ -72,6 +72,17 @@ def server_dies_with_parent() -> None:
 
     _run_uvicorn_command._usseg_watchdog = True
     cls._run_uvicorn_command = _run_uvicorn_command
+
+
+def prepare_flow_process() -> None:
+    """What a CLI process needs before its first flow run (kept out of start-up, which stays Prefect-free):
+    Prefect's failure records off the console unless ``--debug``, and a temporary server that exits with us."""
+    from flows.cli_common import quiet_prefect_console
+
+    quiet_prefect_console()
+    server_dies_with_parent()
+
+
 FLOW_RUN_ENV = "USSEG_FLOW_RUN"  # "always": skip the look-up pass (every command is a Prefect flow run)
 
 
@@ -104,7 +115,7 @@ def run_flow(flow, params: dict[str, Any], *, say: Callable[[str], None] = print
     """Run ``flow(**params)`` the cheapest way that keeps its records (see the module docstring).
 
     ``params["storage"]`` (resolved) names the store whose ``usseg up`` service is looked for."""
-    server_dies_with_parent()
+    prepare_flow_process()
     if api_configured() or os.environ.get(FLOW_RUN_ENV) == "always":
         return flow(**params)
     api = service_api(params.get("storage"))

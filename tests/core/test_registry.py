@@ -82,3 +82,18 @@ def test_the_cli_starts_without_torch_or_prefect():
     code = "import sys, flows.cli; print(sorted({'torch', 'prefect'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_usseg_help_runs_without_torch_or_prefect():
+    """The console entry point itself (not only the import) stays Prefect-free for --help: what it needs before a
+    flow run is installed by the commands that run one (flows.fastpath.prepare_flow_process)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, atexit, flows.cli\n"
+            "atexit.register(lambda: print('LOADED', sorted({'torch', 'prefect'} & set(sys.modules))))\n"
+            "sys.argv = ['usseg', '--help']\n"
+            "flows.cli.main()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "LOADED []" in out.stdout, out.stdout[-300:]
