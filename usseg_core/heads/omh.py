@@ -58,7 +58,8 @@ Method notes (gaps in the paper, METHODS.md §6.18–19, and how this implementa
    and averaged over images and pixels (the paper's sum read per pixel, so that the weights do not
    depend on batch size and resolution either), i.e. K_i times the default match term. The cluster
    term is a per-pixel value in both readings (one arg-max per pixel) and is the same in both.
-   Measured on CamVid val (README, "OMH: loss scale"), which is what the default rests on.
+   Measured on CamVid val (README, "OMH: loss scale and weights"): the mean beats the per-pixel sum
+   on both seeds (27.81 against 24.45 mIoU at 1000 steps), which is what the default rests on.
 7. **Level sizes.** K_i = round(K·ρ^i): 27/54/108 for K = 27, 3/6/12 for K = 3 (Potsdam, inferred).
    Python rounds halves to even, so ρ = 1.5 gives 27/40/61.
 """
