@@ -50,7 +50,7 @@ def _train_stego(inputs: HeadInputs, config: dict, *, checkpoint_path=None, devi
     if "omh" in config:
         from usseg_core.heads.omh import OMHLoss
 
-        aux = OMHLoss(cfg.dim, inputs.n_classes, config["omh"])
+        aux = OMHLoss(cfg.dim, inputs.n_classes, config["omh"], seed=cfg.seed)  # the run seed reaches OMH's centres
     r = train_stego(inputs.features, inputs.knn, inputs.n_classes, cfg, checkpoint_path=checkpoint_path,
                     device=device, progress=progress, aux=aux, on_step=on_step)
     return TrainedState(payload={"in_dim": r.in_dim, "code_dim": cfg.dim, "head": r.head_state,

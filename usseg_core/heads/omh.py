@@ -131,11 +131,12 @@ class HierarchicalClusterHeads(nn.Module):
     (Gaussian init, cosine scores), so Adam never has to stay on the sphere.
     """
 
-    def __init__(self, code_dim: int, sizes: list[int]) -> None:
+    def __init__(self, code_dim: int, sizes: list[int], generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.code_dim = code_dim
         self.sizes = list(sizes)
-        self.centres = nn.ParameterList([nn.Parameter(torch.randn(k, code_dim)) for k in sizes])
+        self.centres = nn.ParameterList([nn.Parameter(torch.randn(k, code_dim, generator=generator))
+                                         for k in sizes])
 
     def unit_centres(self) -> list[Tensor]:
         """Unit-norm centres, one (K_i, D) tensor per level."""
@@ -255,11 +256,14 @@ class OMHLoss(nn.Module):
         code_dim: D, channels of the codes (STEGO: 70).
         n_classes: K, clusters of the coarsest level (= number of classes: 27, or 3 for Potsdam).
         config: ``OMHConfig``.
+        seed: seeds the centres' Gaussian initialisation (training passes the run seed); None draws from the
+            global torch RNG.
 
     Parameters are the centres of ``self.heads`` (trained by the probe optimiser, Adam 5e-3).
     """
 
-    def __init__(self, code_dim: int, n_classes: int, config: OMHConfig | None = None) -> None:
+    def __init__(self, code_dim: int, n_classes: int, config: OMHConfig | None = None,
+                 seed: int | None = None) -> None:
         super().__init__()
         self.config = config if config is not None else OMHConfig()
         if code_dim < 1 or n_classes < 1:
@@ -267,7 +271,11 @@ class OMHLoss(nn.Module):
                 f"OMHLoss: code_dim and n_classes must be >= 1, got {code_dim}, {n_classes}"
             )
         self.sizes = level_sizes(n_classes, self.config.n_levels, self.config.rho)
-        self.heads = HierarchicalClusterHeads(code_dim, self.sizes)
+        # The centres' initialisation is drawn from their own generator, seeded by the run seed: the module is
+        # built before the trainer seeds the global RNG, so drawing from that made every OMH run (same key,
+        # same seed) start from different centres (measured: 29.46 / 27.72 / 28.11 mIoU for one setting).
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.heads = HierarchicalClusterHeads(code_dim, self.sizes, gen)
 
     def plans(self) -> list[tuple[Tensor, Tensor]]:
         """(raw, scaled) OT plans for each consecutive level pair; raw sums to 1, (K_i, K_{i+1})."""
