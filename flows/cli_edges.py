@@ -86,10 +86,6 @@ def save_labels_png(path: Path, labels: np.ndarray) -> None:
     Image.fromarray(arr).save(path)
 
 
-def _fail(exc: UssegError) -> None:
-    fail(exc)  # one literal line on stderr, the exit code of the error's kind (3 config, 4 input)
-
-
 def edges_command(
     images: list[Path] = typer.Argument(..., help="Image files (any format PIL reads)."),
     detector: str = typer.Option(AUTO, "--detector", help=_DETECTOR_HELP),
@@ -114,7 +110,7 @@ def edges_command(
                 Image.fromarray(png).save(out / f"{path.stem}.png")
                 progress.advance(task)
     except UssegError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 def ucm_command(
@@ -152,7 +148,7 @@ def ucm_command(
                     progress.console.print(f"{path.stem}: {schedule} level {t:g}, {int(lab.max()) + 1} regions")
                 progress.advance(task)
     except UssegError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 def register(app: typer.Typer) -> None:

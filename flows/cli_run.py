@@ -131,9 +131,9 @@ def register(app: typer.Typer) -> None:
         storage: Optional[Path] = StorageOpt,
     ) -> None:
         """Edges + OWT-UCM + HSG threshold schedule for every image of a split (flow `oversegment`)."""
+        from flows.fastpath import prepare_flow_process
         from flows.oversegment import oversegment_flow
         from flows.runner import make_task_runner
-        from flows.fastpath import prepare_flow_process
 
         prepare_flow_process()  # a quiet console; its temporary server exits with this process
 

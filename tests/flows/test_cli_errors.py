@@ -263,7 +263,6 @@ def test_a_wrapped_usseg_error_keeps_its_exit_code(tmp_path, monkeypatch, capsys
     assert cli_common.exit_code(InputError("a.png", "bad")) == 4
 
 
-
 _FAILING_ON_A_WORKER = """
 import sys
 from prefect import flow, task
@@ -279,7 +278,7 @@ def fails(task_runner: str = "dask:1"):
     return boom.submit().result()
 
 cli_common.DEBUG = len(sys.argv) > 1
-cli_common.quiet_prefect_console()  # what flows.cli.main does in the CLI's process
+cli_common.quiet_prefect_console()  # what flows.fastpath.prepare_flow_process does before a CLI flow run
 try:
     fails()
 except RuntimeError as exc:
