@@ -8,7 +8,8 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from usseg_core.datasets import Dataset, registry, get_dataset, list_datasets, register_dataset
+from usseg_core.datasets import Dataset, get_dataset, list_datasets, register_dataset
+from usseg_core.datasets.registry import unregister_dataset
 from usseg_core.errors import ConfigError, InputError
 
 H, W = 6, 8
@@ -65,7 +66,7 @@ def test_register_dataset_decorator(tmp_path):
     try:
         ds = get_dataset("_test_tiny", tmp_path, "x")
     finally:
-        registry._REGISTRY.pop("_test_tiny")  # keep the global registry as other tests expect it
+        unregister_dataset("_test_tiny")  # keep the global registry as other tests expect it
     assert "_test_tiny" not in list_datasets()
     assert ds.name == "_test_tiny" and ds.ids() == ["a"] and not ds.has_labels and ds.n_classes == 0
     assert ds.load_label("a") is None and ds.load_image("a").shape == (H, W, 3)

@@ -97,3 +97,22 @@ def test_usseg_help_runs_without_torch_or_prefect():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "LOADED []" in out.stdout, out.stdout[-300:]
+
+
+def test_the_registry_helper_guards_duplicates_and_names_the_known_entries():
+    from usseg_core.registry import Registry
+
+    loads = []
+    reg: Registry[int] = Registry("widget", load=lambda: loads.append(1))
+    one, two = object(), object()
+    reg.register("b", one)
+    reg.register("a", two)
+    assert reg.register("b", one) is one  # the same object again (a re-imported module): no error
+    with pytest.raises(ConfigError, match=r"widget 'b' is already registered"):
+        reg.register("b", two)
+    assert reg.names() == ["b", "a"] and "a" in reg and len(reg) == 2 and reg.get("a") is two
+    with pytest.raises(ConfigError) as info:
+        reg.get("c")
+    assert str(info.value) == "unknown widget 'c'; known: b, a"
+    reg.unregister("a")
+    assert reg.names() == ["b"] and loads == [1]  # the lazy loader ran once, on the first read

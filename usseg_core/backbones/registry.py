@@ -8,11 +8,12 @@ from usseg_core.backbones.base import Backbone, resolve_device
 from usseg_core.backbones.efficientnet import build_efficientnet
 from usseg_core.backbones.vit import build_vit
 from usseg_core.errors import ConfigError
+from usseg_core.registry import Registry
 
 # builder(name, *, weights, random_weights, seed) -> Backbone (on CPU, before freezing)
 Builder = Callable[..., Backbone]
 
-_REGISTRY: dict[str, Builder] = {
+_BUILTIN: dict[str, Builder] = {
     # DINO ViTs (Caron et al. 2021); STEGO's main runs use ViT-S/8 and ViT-B/8 (METHODS.md §3.1)
     "vit_small_patch8_224.dino": build_vit,
     "vit_small_patch16_224.dino": build_vit,
@@ -24,11 +25,14 @@ _REGISTRY: dict[str, Builder] = {
     # ImageNet EfficientNet-Lite0: the one pretrained backbone available offline here
     "tf_efficientnet_lite0": build_efficientnet,
 }
+BACKBONES: Registry[Builder] = Registry("backbone")
+for _name, _builder in _BUILTIN.items():
+    BACKBONES.register(_name, _builder)
 
 
 def list_backbones() -> list[str]:
     """Registry names accepted by :func:`get_backbone`, sorted."""
-    return sorted(_REGISTRY)
+    return sorted(BACKBONES.names())
 
 
 def get_backbone(
@@ -58,9 +62,7 @@ def get_backbone(
         ConfigError: unknown name, bad device, or both ``weights`` and ``random_weights``.
         WeightsError: weights missing, unreadable or not fitting the architecture.
     """
-    builder = _REGISTRY.get(name)
-    if builder is None:
-        raise ConfigError(f"unknown backbone {name!r}; known backbones: {', '.join(list_backbones())}")
+    builder = BACKBONES.get(name)
     if random_weights and weights is not None:
         raise ConfigError(
             f"backbone {name!r}: give either weights={str(weights)!r} or random_weights, not both"
@@ -79,8 +81,6 @@ def backbone_input_multiple(name: str) -> int:
     """
     import re
 
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown backbone {name!r}; known backbones: {', '.join(list_backbones())}")
-    if _REGISTRY[name] is build_efficientnet:
+    if BACKBONES.get(name) is build_efficientnet:
         return 32
     return int(re.search(r"patch(\d+)", name).group(1))  # type: ignore[union-attr]

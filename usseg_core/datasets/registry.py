@@ -8,8 +8,9 @@ from typing import TypeVar
 
 from usseg_core.datasets.base import Dataset
 from usseg_core.errors import ConfigError
+from usseg_core.registry import Registry
 
-_REGISTRY: dict[str, type[Dataset]] = {}
+DATASETS: Registry[type[Dataset]] = Registry("dataset")
 
 D = TypeVar("D", bound=type[Dataset])
 
@@ -18,26 +19,26 @@ def register_dataset(name: str) -> Callable[[D], D]:
     """Class decorator registering a :class:`Dataset` subclass under ``name`` (sets ``cls.name``)."""
 
     def decorator(cls: D) -> D:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ConfigError(f"dataset name {name!r} is already registered by {_REGISTRY[name].__name__}")
+        DATASETS.register(name, cls)
         cls.name = name
-        _REGISTRY[name] = cls
         return cls
 
     return decorator
 
 
+def unregister_dataset(name: str) -> None:
+    """Remove a dataset (tests that register toy datasets clean up with this)."""
+    DATASETS.unregister(name)
+
+
 def list_datasets() -> list[str]:
     """Registered dataset names, sorted."""
-    return sorted(_REGISTRY)
+    return sorted(DATASETS.names())
 
 
 def dataset_class(name: str) -> type[Dataset]:
     """The class registered as ``name`` (its protocol attributes, without touching any folder)."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}") from None
+    return DATASETS.get(name)
 
 
 def get_dataset(name: str, root: str | Path, split: str, **options) -> Dataset:

@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from usseg_core.errors import ConfigError
+from usseg_core.registry import Registry
 from usseg_core.store import file_sha256  # noqa: F401  (detectors fingerprint weights with it)
 
 __all__ = [
@@ -102,23 +103,28 @@ Factory = Callable[..., EdgeDetector]
 # The built-in detectors' names, known without importing them (help texts stay torch-free); a test pins
 # them to the registry.
 BUILTIN_DETECTORS = ("classical", "hed", "pidinet", "pidinet-tiny", "sed")
-_REGISTRY: dict[str, Factory] = {}
+
+
+def _load_builtin() -> None:
+    # Imported on the registry's first read so that `import usseg_core.edges` stays cheap (no torch).
+    from usseg_core.edges import classical, hed, pidinet, sed  # noqa: F401
+
+
+DETECTORS: Registry[Factory] = Registry("edge detector", load=_load_builtin)
 
 
 def register_edge_detector(name: str) -> Callable[[Factory], Factory]:
     """Decorator: register `factory(weights=..., device=...) -> EdgeDetector` under `name`."""
 
     def deco(factory: Factory) -> Factory:
-        _REGISTRY[name] = factory
-        return factory
+        return DETECTORS.register(name, factory)
 
     return deco
 
 
 def list_edge_detectors() -> list[str]:
     """Names accepted by `get_edge_detector`, sorted."""
-    _load_builtin()
-    return sorted(_REGISTRY)
+    return sorted(DETECTORS.names())
 
 
 def get_edge_detector(
@@ -136,13 +142,4 @@ def get_edge_detector(
         ConfigError: unknown name (the message lists the known ones).
         WeightsError: a learned detector without a usable weights file.
     """
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown edge detector {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](weights=weights, device=device)
-
-
-def _load_builtin() -> None:
-    # Imported lazily so that `import usseg_core.edges` stays cheap (no torch) for the classical path.
-    from usseg_core.edges import classical, hed, pidinet, sed  # noqa: F401
-
+    return DETECTORS.get(name)(weights=weights, device=device)

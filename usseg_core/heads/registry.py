@@ -33,6 +33,7 @@ from torch import nn
 
 from usseg_core.device import resolve_device
 from usseg_core.errors import ConfigError, InputError
+from usseg_core.registry import Registry
 
 # Cached inputs a head may declare (each is an upstream stage of the pipeline).
 INPUTS = ("five_crop", "knn", "views", "oversegment")
@@ -183,33 +184,27 @@ class HeadSpec:
         return section, fld
 
 
-_REGISTRY: dict[str, HeadSpec] = {}
+HEADS: Registry[HeadSpec] = Registry("head")
 
 
 def register_head(spec: HeadSpec) -> HeadSpec:
     """Add ``spec`` to the registry (a name can be registered once)."""
-    if spec.name in _REGISTRY:
-        raise ConfigError(f"head {spec.name!r} is already registered")
-    _REGISTRY[spec.name] = spec
-    return spec
+    return HEADS.register(spec.name, spec)
 
 
 def unregister_head(name: str) -> None:
     """Remove a head (tests that register toy heads clean up with this)."""
-    _REGISTRY.pop(name, None)
+    HEADS.unregister(name)
 
 
 def get_head(name: str) -> HeadSpec:
     """The registered head ``name``; an unknown name fails with the list of heads."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(f"unknown head {name!r}; registered heads: {', '.join(list_heads())}") from None
+    return HEADS.get(name)
 
 
 def list_heads() -> list[str]:
     """Registered head names, in registration order."""
-    return list(_REGISTRY)
+    return HEADS.names()
 
 
 def config_to_dict(config: Mapping[str, Any]) -> dict[str, dict]:
