@@ -18,7 +18,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.common import DataRef, load_manifest, logger
-from tasks.heads import load_head
+from tasks.heads import image_codes, load_head
+from tasks.retrieval import load_memory
 from usseg_core.crf import CRFParams, dense_crf
 from usseg_core.device import resolve_device, to_device
 from usseg_core.features import FeatureStore
@@ -50,8 +51,6 @@ def _linear(path: str, dim: int, n_classes: int, device: torch.device):
 
 
 def _memory(path: str, n_classes: int):
-    from tasks.retrieval import load_memory  # lazy: tasks.retrieval imports image_codes from here
-
     return load_memory(path, n_classes)  # lru-cached there: one load (and faiss index) per process
 
 
@@ -89,17 +88,6 @@ def predictor_logits(predictor: dict, codes: torch.Tensor) -> torch.Tensor:
     if kind not in PREDICTOR_KINDS:
         raise ValueError(f"unknown predictor kind {kind!r}")
     return PREDICTOR_KINDS[kind](predictor, codes)
-
-
-@torch.no_grad()
-def image_codes(head_path: str | None, feats: FeatureStore, flips: FeatureStore | None, i: int,
-                size: tuple[int, int], device: torch.device = CPU) -> torch.Tensor:
-    """Flip-averaged codes of item i on ``device``, bilinearly upsampled to ``size`` -> (1, D, H, W)."""
-    head = load_head(head_path, str(device))
-    codes = head.codes(to_device(feats[i].astype(np.float32)[None], device))
-    if flips is not None:  # flip-TTA: average with the mirrored-back codes of the mirrored image
-        codes = (codes + head.codes(to_device(flips[i].astype(np.float32)[None], device)).flip(-1)) / 2
-    return F.interpolate(codes, size=size, mode="bilinear", align_corners=False)
 
 
 @torch.no_grad()

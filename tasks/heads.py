@@ -6,8 +6,11 @@ import shutil
 import threading
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from tasks.common import logger, stage_task, worker_id
+from usseg_core.device import to_device
 from usseg_core.errors import ConfigError
 from usseg_core.features import ConcatFeatures, FeatureStore
 from usseg_core.knn import KnnSettings
@@ -222,3 +225,17 @@ def load_head(path: str | None, device: str = "cpu"):
     from usseg_core.heads import load_head as load
 
     return RawHead().eval() if path is None else load(path, device)
+
+
+@torch.no_grad()
+def image_codes(head_path: str | None, feats: FeatureStore, flips: FeatureStore | None, i: int,
+                size: tuple[int, int], device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """Flip-averaged codes of item i on ``device``, bilinearly upsampled to ``size`` -> (1, D, H, W).
+
+    The one way codes of a feature item are computed: by the evaluation (with ``flips``) and by the
+    segment memory (without: HSG's ``prototype.py`` uses no flip-TTA there)."""
+    head = load_head(head_path, str(device))
+    codes = head.codes(to_device(feats[i].astype(np.float32)[None], device))
+    if flips is not None:  # flip-TTA: average with the mirrored-back codes of the mirrored image
+        codes = (codes + head.codes(to_device(flips[i].astype(np.float32)[None], device)).flip(-1)) / 2
+    return F.interpolate(codes, size=size, mode="bilinear", align_corners=False)

@@ -3,7 +3,7 @@ split, the predictor that labels test segments from it, and the one call the eva
 
 The memory is an artifact ("segment-memory") keyed by the head (or "raw"), the labelled features, the
 view (it decides how labels are prepared), the k-means grid and iterations and the number of classes.
-Codes are computed per image exactly as the evaluation computes them (``tasks.evaluate.image_codes``)
+Codes are computed per image exactly as the evaluation computes them (``tasks.heads.image_codes``)
 except for flip-TTA, which HSG's ``prototype.py`` does not use for the memory.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from tasks.common import DataRef, load_manifest, logger, stage_task
+from tasks.heads import image_codes
 from usseg_core.features import FeatureStore
 from usseg_core.retrieval import (K_DEFAULT, KMEANS_ITERS, VOTE_DEFAULT, SegmentMemory, build_memory,
                                   check_options, dataset_grid)
@@ -42,8 +43,6 @@ def ensure_segment_memory(storage: str, head: dict | None, feats: dict, data: Da
     from); the metadata counts the segments per class. Returns ``{"key", "path", "pool_to"}``, with
     ``pool_to`` the feature grid (h, w) the k-means ran at.
     """
-    from tasks.evaluate import image_codes  # evaluate imports this module lazily: no import cycle
-
     store = ArtifactStore(storage)
     key, params, upstream = memory_key(head, feats, view_params, n_classes, grid, iters)
     art = store.get("segment-memory", key)
