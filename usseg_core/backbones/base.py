@@ -4,6 +4,7 @@ from __future__ import annotations
 import timm
 import torch
 
+from usseg_core.backbones.specs import BackboneSpec
 from usseg_core.device import resolve_device  # noqa: F401  (re-exported: the one device policy)
 from usseg_core.errors import ConfigError
 
@@ -32,6 +33,16 @@ class Backbone(torch.nn.Module):
     std: tuple[float, float, float]
     fingerprint: str
     weights_source: str
+
+    def _declare(self, spec: BackboneSpec, found: dict[str, object]) -> None:
+        """Take name, stride, dim, input multiple and statistics from the row; ``found`` (what the built
+        model says, e.g. ``{"stride": 16, "dim": 384}``) must agree with it, or timm changed under us."""
+        wrong = {k: (v, getattr(spec, k)) for k, v in found.items() if v != getattr(spec, k)}
+        if wrong:
+            raise RuntimeError(f"backbone {spec.name!r}: the built model disagrees with its row "
+                               f"(field: (model, row)): {wrong}")
+        self.name, self.stride, self.dim, self.input_multiple = spec.name, spec.stride, spec.dim, spec.input_multiple
+        self.mean, self.std = spec.mean, spec.std
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Map images ``(B, 3, H, W)`` float in [0, 1] to the backbone's normalised input."""

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from usseg_core.backbones.base import Backbone, create_seeded
+from usseg_core.backbones.specs import BackboneSpec
 from usseg_core.backbones.weights import (
     fingerprint_state_dict,
     load_strict,
@@ -25,10 +26,8 @@ from usseg_core.backbones.weights import (
 )
 from usseg_core.errors import WeightsError
 
-# timm's pretrained_cfg for tf_efficientnet_lite0: inputs scaled to [-1, 1].
-LITE_MEAN = (0.5, 0.5, 0.5)
-LITE_STD = (0.5, 0.5, 0.5)
-# feature_info indices of the stride-8, 16 and 32 stage outputs
+# feature_info indices of the stride-8, 16 and 32 stage outputs (the row's stride is the first, its input
+# multiple the last)
 DENSE_INDICES = (2, 3, 4)
 DENSE_STRIDES = (8, 16, 32)
 # key of the first tensor in the `_conv_stem/_blocks` layout (lukemelas-style EfficientNet)
@@ -38,18 +37,15 @@ _PACKAGE_LAYOUT_FIRST_KEY = "_conv_stem.weight"
 class EfficientNetBackbone(Backbone):
     """timm ``tf_efficientnet_lite0`` giving multi-scale features at stride 8, ``(B, 472, H/8, W/8)``."""
 
-    def __init__(self, name: str, model: torch.nn.Module, fingerprint: str, weights_source: str) -> None:
+    def __init__(self, spec: BackboneSpec, model: torch.nn.Module, fingerprint: str, weights_source: str) -> None:
         super().__init__()
         self.model = model
-        self.name = name
         info = model.feature_info
         reductions = tuple(info[i]["reduction"] for i in DENSE_INDICES)
         if reductions != DENSE_STRIDES:  # guards against a timm change in stage numbering
-            raise RuntimeError(f"{name}: feature strides {reductions}, expected {DENSE_STRIDES}")
-        self.stride = DENSE_STRIDES[0]
-        self.input_multiple = DENSE_STRIDES[-1]
-        self.dim = sum(info[i]["num_chs"] for i in DENSE_INDICES)
-        self.mean, self.std = LITE_MEAN, LITE_STD
+            raise RuntimeError(f"{spec.name}: feature strides {reductions}, expected {DENSE_STRIDES}")
+        self._declare(spec, {"stride": reductions[0], "input_multiple": reductions[-1],
+                             "dim": sum(info[i]["num_chs"] for i in DENSE_INDICES)})
         self.fingerprint = fingerprint
         self.weights_source = weights_source
 
@@ -85,20 +81,20 @@ def package_weights_path() -> Path:
 
 
 def build_efficientnet(
-    name: str, *, weights: str | Path | None, random_weights: bool, seed: int
+    spec: BackboneSpec, *, weights: str | Path | None, random_weights: bool, seed: int
 ) -> EfficientNetBackbone:
     """Build EfficientNet-Lite0 from a file (package or timm layout), the package default, or random init."""
     if random_weights:
-        model = create_seeded(name, seed)
+        model = create_seeded(spec.timm_name, seed)
         digest = fingerprint_state_dict(model.state_dict())
-        return EfficientNetBackbone(name, model, f"random-init-seed{seed}-{digest}", "random-init")
+        return EfficientNetBackbone(spec, model, f"random-init-seed{seed}-{digest}", "random-init")
     path = Path(weights) if weights is not None else package_weights_path()
     state_dict = load_weights_file(path)
     # built on the meta device: every tensor comes from the file, so a random init is wasted work
     with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False)
-    if _PACKAGE_LAYOUT_FIRST_KEY in state_dict:
+        model = timm.create_model(spec.timm_name, pretrained=False)
+    if spec.weights_layout == "efficientnet-package" and _PACKAGE_LAYOUT_FIRST_KEY in state_dict:
         # same tensors in the same order under other names: rename by position, shapes checked
-        state_dict = map_state_dict_by_order(state_dict, model.state_dict(), path, name)
-    load_strict(model, state_dict, path, name)
-    return EfficientNetBackbone(name, model, fingerprint_state_dict(model.state_dict()), str(path))
+        state_dict = map_state_dict_by_order(state_dict, model.state_dict(), path, spec.name)
+    load_strict(model, state_dict, path, spec.name)
+    return EfficientNetBackbone(spec, model, fingerprint_state_dict(model.state_dict()), str(path))

@@ -6,33 +6,15 @@ from pathlib import Path
 
 from usseg_core.backbones.base import Backbone, resolve_device
 from usseg_core.backbones.efficientnet import build_efficientnet
+from usseg_core.backbones.specs import BackboneSpec, backbone_spec, list_backbones
 from usseg_core.backbones.vit import build_vit
 from usseg_core.errors import ConfigError
-from usseg_core.registry import Registry
 
-# builder(name, *, weights, random_weights, seed) -> Backbone (on CPU, before freezing)
+__all__ = ["get_backbone", "list_backbones", "backbone_input_multiple"]
+
+# A row's family -> builder(spec, *, weights, random_weights, seed) -> Backbone (on CPU, before freezing)
 Builder = Callable[..., Backbone]
-
-_BUILTIN: dict[str, Builder] = {
-    # DINO ViTs (Caron et al. 2021); STEGO's main runs use ViT-S/8 and ViT-B/8 (METHODS.md §3.1)
-    "vit_small_patch8_224.dino": build_vit,
-    "vit_small_patch16_224.dino": build_vit,
-    "vit_base_patch8_224.dino": build_vit,
-    "vit_base_patch16_224.dino": build_vit,
-    # DINOv2 (Oquab et al. 2023), patch 14
-    "vit_small_patch14_dinov2.lvd142m": build_vit,
-    "vit_base_patch14_dinov2.lvd142m": build_vit,
-    # ImageNet EfficientNet-Lite0: the one pretrained backbone available offline here
-    "tf_efficientnet_lite0": build_efficientnet,
-}
-BACKBONES: Registry[Builder] = Registry("backbone")
-for _name, _builder in _BUILTIN.items():
-    BACKBONES.register(_name, _builder)
-
-
-def list_backbones() -> list[str]:
-    """Registry names accepted by :func:`get_backbone`, sorted."""
-    return sorted(BACKBONES.names())
+BUILDERS: dict[str, Builder] = {"vit": build_vit, "efficientnet": build_efficientnet}
 
 
 def get_backbone(
@@ -62,25 +44,18 @@ def get_backbone(
         ConfigError: unknown name, bad device, or both ``weights`` and ``random_weights``.
         WeightsError: weights missing, unreadable or not fitting the architecture.
     """
-    builder = BACKBONES.get(name)
+    spec: BackboneSpec = backbone_spec(name)
     if random_weights and weights is not None:
         raise ConfigError(
             f"backbone {name!r}: give either weights={str(weights)!r} or random_weights, not both"
         )
     target = resolve_device(device)
-    backbone = builder(name, weights=weights, random_weights=random_weights, seed=seed)
+    backbone = BUILDERS[spec.family](spec, weights=weights, random_weights=random_weights, seed=seed)
     backbone.eval()
     backbone.requires_grad_(False)
     return backbone.to(target)
 
 
 def backbone_input_multiple(name: str) -> int:
-    """Input-size multiple of a registry backbone, known without building it (cache look-ups stay cheap).
-
-    ViTs need sides divisible by their patch size; EfficientNet-Lite0's stride-32 stage needs 32.
-    """
-    import re
-
-    if BACKBONES.get(name) is build_efficientnet:
-        return 32
-    return int(re.search(r"patch(\d+)", name).group(1))  # type: ignore[union-attr]
+    """Input-size multiple of a registry backbone, read from its row (``backbone_spec(name).input_multiple``)."""
+    return backbone_spec(name).input_multiple

@@ -175,8 +175,28 @@ def load_strict(
         return
     cast = {k: v.to(dtype=expected[k].dtype).contiguous() for k, v in state_dict.items()}
     model.load_state_dict(cast, strict=True, assign=True)
+    _compute_nonpersistent_buffers(model, source, name)
+
+
+def _compute_nonpersistent_buffers(model: torch.nn.Module, source: str | Path, name: str) -> None:
+    """Materialise the buffers a state dict does not hold (DINOv3's RoPE periods) by re-running their
+    module's ``reset_parameters`` — only on modules without parameters, so no loaded weight is reset."""
+    owners = {}
+    for full, tensor in model.named_buffers():
+        if tensor.is_meta:
+            path, _, buffer = full.rpartition(".")
+            owners.setdefault(path, []).append(buffer)
+    for path, buffers in owners.items():
+        module = model.get_submodule(path)
+        if next(module.parameters(recurse=False), None) is not None or not hasattr(module, "reset_parameters"):
+            raise RuntimeError(f"{name}: buffers {buffers} of {path or 'the model'} left unmaterialised after "
+                               f"loading {source}")
+        for buffer in buffers:
+            meta = getattr(module, buffer)
+            module.register_buffer(buffer, torch.empty(meta.shape, dtype=meta.dtype), persistent=False)
+        module.reset_parameters()
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if leftover:  # a non-persistent buffer the state dict cannot fill: a bug in the builder, not the file
+    if leftover:  # a tensor the state dict cannot fill: a bug in the builder, not the file
         raise RuntimeError(f"{name}: tensors left unmaterialised after loading {source}: {leftover}")
 
 
