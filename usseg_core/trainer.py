@@ -26,7 +26,7 @@ import collections
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +37,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from usseg_core.device import host_batch
 from usseg_core.errors import InputError
+from usseg_core.features import read_items
 
 CHECKPOINT_VERSION = 2
 # Fields that may change between an interrupted run and its resumption without changing its result.
@@ -96,6 +98,43 @@ class TrainingMethod:
         """One optimisation step on ``plan``'s ``batch``; returns stats (``loss`` at least): floats or
         detached 0-d tensors, which the loop turns into floats only when it logs them."""
         raise NotImplementedError
+
+
+class EpochOrder:
+    """Seeded permutation per epoch over n items; the incomplete tail of an epoch is dropped.
+
+    Planning state (:meth:`TrainingMethod.plan_state`): its generator and :meth:`state` go there."""
+
+    def __init__(self, n: int, rng: np.random.Generator) -> None:
+        self.n, self.rng = n, rng
+        self.order = np.zeros(0, dtype=np.int64)  # current epoch's order
+        self.cursor = 0  # next position in self.order
+
+    def next_batch(self, batch_size: int) -> np.ndarray:
+        b = min(batch_size, self.n)
+        if self.cursor + b > len(self.order):
+            self.order = self.rng.permutation(self.n)
+            self.cursor = 0
+        idx = self.order[self.cursor:self.cursor + b]
+        self.cursor += b
+        return idx
+
+    def state(self) -> dict:
+        # the order array is replaced, never changed in place: the snapshot may share it
+        return {"order": torch.from_numpy(np.asarray(self.order, dtype=np.int64)), "cursor": self.cursor}
+
+    def load_state(self, state: dict) -> None:
+        self.order = state["order"].numpy().copy()
+        self.cursor = int(state["cursor"])
+
+
+def read_host_batch(features: Sequence, indices: np.ndarray, item_shape: tuple[int, ...],
+                    device: torch.device) -> torch.Tensor:
+    """``features[i]`` (each ``item_shape``) for i in ``indices``: one float32 host batch, pinned for CUDA
+    (a method's :meth:`TrainingMethod.read` of cached feature maps)."""
+    out = host_batch((len(indices), *item_shape), device)  # (B, C, h, w)
+    read_items(features, indices, out=out.numpy())
+    return out
 
 
 class Prefetcher:

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from usseg_core.backbones import fingerprint_state_dict, get_backbone
 from usseg_core.errors import UssegError
 from usseg_core.heads import load_head
-from usseg_core.importers import parse_stego_checkpoint, read_lightning_checkpoint
+from usseg_core.heads.stego_import import parse_stego_checkpoint, read_lightning_checkpoint
 
 ARCH = "vit_small_patch16_224.dino"  # the smallest registry ViT: 384 wide, patch 16
 WIDTH, DIM, N_CLASSES = 384, 12, 5

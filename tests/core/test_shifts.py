@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from usseg_core.errors import ConfigError
-from usseg_core.shifts import QUANTILE_LEVELS, choose_shifts, measure_correlations, summarize_correlations
+from usseg_core.heads.stego_shifts import QUANTILE_LEVELS, choose_shifts, measure_correlations, summarize_correlations
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -18,7 +18,7 @@ from usseg_core.features import (IN_MEMORY, MEMORY_ENV, STREAMED, ConcatFeatures
 from usseg_core.heads import HeadInputs, get_head
 from usseg_core.heads.picie_train import PicieMethod, train_picie_head
 from usseg_core.heads.stego import StegoConfig
-from usseg_core.train import StegoMethod, train_stego
+from usseg_core.heads.stego_train import StegoMethod, train_stego
 from usseg_core.trainer import Prefetcher, TrainingMethod, run_training
 from usseg_core.viewbank import DRAWS_FILE, PLAIN, WARPED, ViewBank, ViewBankConfig, draw_views, save_draws
 

@@ -12,8 +12,8 @@ from torch import nn
 from usseg_core.errors import ConfigError, InputError
 from usseg_core.heads.probes import ClusterProbe
 from usseg_core.heads.stego import StegoConfig, StegoHead
-from usseg_core.shifts import choose_shifts, measure_correlations
-from usseg_core.train import train_stego
+from usseg_core.heads.stego_shifts import choose_shifts, measure_correlations
+from usseg_core.heads.stego_train import train_stego
 
 N, C, H, D = 24, 16, 8, 8
 

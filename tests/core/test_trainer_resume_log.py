@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.core.test_train import ToyAux, _config, data  # noqa: F401 - `data` is a fixture
-from usseg_core.train import train_stego
+from usseg_core.heads.stego_train import train_stego
 
 
 def test_resume_from_checkpoint_logs_one_line(data, tmp_path: Path, caplog):  # noqa: F811

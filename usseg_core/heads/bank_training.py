@@ -14,8 +14,7 @@ import torch
 from torch import Tensor
 
 from usseg_core.errors import ConfigError
-from usseg_core.train import EpochOrder
-from usseg_core.trainer import TrainingMethod
+from usseg_core.trainer import EpochOrder, TrainingMethod
 
 
 class BankIndex:

@@ -43,7 +43,7 @@ def _stego_presets(dataset: str) -> dict[str, dict]:
 
 def _train_stego(inputs: HeadInputs, config: dict, *, checkpoint_path=None, device: str = "auto",
                  progress: bool = True, on_step=None) -> TrainedState:
-    from usseg_core.train import train_stego
+    from usseg_core.heads.stego_train import train_stego
 
     cfg: StegoConfig = config["stego"]
     aux = None

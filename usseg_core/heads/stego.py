@@ -51,7 +51,7 @@ class StegoConfig:
     # (self, knn, random) loss weights; [code:STEGO] active block "IAROA vit small" (0.67, 0.25, 0.63),
     # which satisfies the paper's λ_self ≈ λ_rand ≈ 2 λ_knn only roughly.
     weights: tuple[float, float, float] = (0.67, 0.25, 0.63)
-    # (self, knn, random) shifts b, or "auto" = measured on the data before training (usseg_core.shifts).
+    # (self, knn, random) shifts b, or "auto" = measured on the data before training (heads/stego_shifts.py).
     # The paper tuned b per dataset and backbone by hand; users cannot reproduce them (REFERENCES.md §3,
     # STEGO #23, #63), so unknown data defaults to the automatic rule.
     shifts: tuple[float, float, float] | str = "auto"

@@ -20,14 +20,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from usseg_core.device import resolve_device, to_device
 from usseg_core.errors import ConfigError
-from usseg_core.features import read_items
 from usseg_core.heads.probes import ClusterProbe
 from usseg_core.heads.stego import StegoConfig, StegoHead, StegoLoss
-from usseg_core.shifts import choose_shifts, measure_correlations
-from usseg_core.device import host_batch, resolve_device, to_device
-from usseg_core.trainer import TrainingMethod, load_checkpoint, run_training
-
+from usseg_core.heads.stego_shifts import choose_shifts, measure_correlations
+from usseg_core.trainer import EpochOrder, TrainingMethod, load_checkpoint, read_host_batch, run_training
 
 
 @dataclass
@@ -61,40 +59,6 @@ def _validate(features: Sequence, knn: np.ndarray, config: StegoConfig) -> tuple
         raise ConfigError(f"train_stego: knn must hold integer indices in [0, {n}), got dtype {knn.dtype}, "
                           f"range [{knn.min()}, {knn.max()}]")
     return n, int(first.shape[0])
-
-
-def read_host_batch(features: Sequence, indices: np.ndarray, item_shape: tuple[int, ...],
-                    device: torch.device) -> torch.Tensor:
-    """``features[i]`` (each ``item_shape``) for i in ``indices``: one float32 host batch, pinned for CUDA."""
-    out = host_batch((len(indices), *item_shape), device)  # (B, C, h, w)
-    read_items(features, indices, out=out.numpy())
-    return out
-
-
-class EpochOrder:
-    """Seeded permutation per epoch over n items; the incomplete tail of an epoch is dropped."""
-
-    def __init__(self, n: int, rng: np.random.Generator) -> None:
-        self.n, self.rng = n, rng
-        self.order = np.zeros(0, dtype=np.int64)  # current epoch's order
-        self.cursor = 0  # next position in self.order
-
-    def next_batch(self, batch_size: int) -> np.ndarray:
-        b = min(batch_size, self.n)
-        if self.cursor + b > len(self.order):
-            self.order = self.rng.permutation(self.n)
-            self.cursor = 0
-        idx = self.order[self.cursor:self.cursor + b]
-        self.cursor += b
-        return idx
-
-    def state(self) -> dict:
-        # the order array is replaced, never changed in place: the snapshot may share it
-        return {"order": torch.from_numpy(np.asarray(self.order, dtype=np.int64)), "cursor": self.cursor}
-
-    def load_state(self, state: dict) -> None:
-        self.order = state["order"].numpy().copy()
-        self.cursor = int(state["cursor"])
 
 
 class StegoPlan(NamedTuple):
@@ -197,7 +161,7 @@ def train_stego(features: Sequence, knn: np.ndarray, n_classes: int, config: Ste
         knn: (N, k) int neighbour table, column 0 = self; positives drawn uniformly from columns
             1..config.num_neighbors (METHODS.md §3.1).
         n_classes: number of cluster-probe centroids.
-        config: StegoConfig; ``shifts="auto"`` measures F^SC on the data first (usseg_core.shifts).
+        config: StegoConfig; ``shifts="auto"`` measures F^SC on the data first (heads.stego_shifts).
         checkpoint_path: resumable checkpoint, written atomically every ``config.checkpoint_every`` steps
             and at the end; if it exists, training continues from it (its config must match).
         device: "auto", "cpu", "cuda", ... Training is fp32 everywhere (OMH's Sinkhorn needs fp32).
