@@ -8,6 +8,11 @@ hand-written and kept as it is. Below it: ``train-<head>/<dataset>`` and ``evalu
 for every registered head and every dataset of ``flows.settings.DATASET_FOLDERS``, then
 ``compare/<dataset>``, ``extract-features/<dataset>`` and ``watch-backbones/default``. A test checks that the shipped file is
 exactly this output, so a new head or dataset cannot miss its deployments.
+
+Every flow but the watcher takes one parameter, ``spec`` (usseg_core/spec.py: RunSpec, CompareSpec,
+ExtractSpec): each deployment writes the fields that differ from the spec's defaults for its dataset, and
+a run can set any other field of the spec (Prefect replaces the whole ``spec`` parameter of a run, so pass
+the deployment's spec with your changes: ``usseg`` has no field a deployment cannot set).
 """
 from __future__ import annotations
 
@@ -19,7 +24,10 @@ MARK = "deployments:\n"
 
 
 def _resolution(dataset: str) -> int:
-    return 128 if dataset == "synthetic" else 224
+    from flows.cli_compare import DEMO_RESOLUTION
+    from usseg_core.spec import DEFAULT_RESOLUTION
+
+    return DEMO_RESOLUTION if dataset == "synthetic" else DEFAULT_RESOLUTION
 
 
 def _overrides(dataset: str, heads: list[str] | None) -> str:
@@ -40,10 +48,12 @@ def _train(head: str, summary: str, dataset: str, folder: str) -> str:
     description: "train-{head} on {dataset}: {summary}"
     tags: [usseg, train-{head}, {folder}]
     parameters:
-      <<: [*backbone, *common]
-      dataset: {dataset}
-      resolution: {_resolution(dataset)}
-      overrides: {_overrides(dataset, [head])}
+      spec:
+        <<: [*backbone, *common]
+        head: {head}
+        dataset: {dataset}
+        resolution: {_resolution(dataset)}
+        overrides: {_overrides(dataset, [head])}
     work_pool: *pool
     schedules: [*training_weekly]
     triggers: [*on_lite0_changed]
@@ -56,13 +66,12 @@ def _evaluate(head: str, dataset: str, folder: str) -> str:
     description: "evaluate-{head} on {dataset}: train (cache look-ups when trained) + evaluate: clusterers, CRF, metrics, tables, pictures"
     tags: [usseg, evaluate-{head}, {folder}]
     parameters:
-      <<: [*backbone, *common]
-      dataset: {dataset}
-      resolution: {_resolution(dataset)}
-      overrides: {_overrides(dataset, [head])}
-      train_split: train
-      eval_split: val
-      run_crf: true
+      spec:
+        <<: [*backbone, *common, *evaluation]
+        head: {head}
+        dataset: {dataset}
+        resolution: {_resolution(dataset)}
+        overrides: {_overrides(dataset, [head])}
     work_pool: *pool
     schedules: [*evaluation_weekly]
     triggers: [*on_lite0_changed]
@@ -75,15 +84,13 @@ def _compare(dataset: str, folder: str) -> str:
     description: "compare on {dataset}: every registered head x seeds 0, 1, 2 on one feature cache, one protocol, one report (storage/compare/<key>/report.html)"
     tags: [usseg, compare, {folder}]
     parameters:
-      <<: [*backbone, *common]
-      dataset: {dataset}
-      resolution: {_resolution(dataset)}
-      heads: null          # null = every registered head
-      seeds: [0, 1, 2]
-      overrides: {_overrides(dataset, None)}       # routed per head: stego.steps (STEGO and OMH), picie.epochs, hsg.epochs, views.*
-      train_split: train
-      eval_split: val
-      run_crf: true
+      spec:
+        <<: [*backbone, *common, *evaluation]
+        dataset: {dataset}
+        resolution: {_resolution(dataset)}
+        heads: []            # [] = every registered head
+        seeds: [0, 1, 2]
+        overrides: {_overrides(dataset, None)}       # routed per head: stego.steps (STEGO and OMH), picie.epochs, hsg.epochs, views.*
     work_pool: *pool
     triggers: [*on_lite0_changed]   # no schedule: finished runs are cache hits, a new backbone retrains all
 """
@@ -95,11 +102,12 @@ def _extract(dataset: str, folder: str) -> str:
     description: "extract-features on {dataset}: dense features of the training split into the Zarr store"
     tags: [usseg, extract-features, {folder}]
     parameters:
-      <<: [*backbone, *common]
-      dataset: {dataset}
-      split: train
-      policy: five_crop
-      resolution: {_resolution(dataset)}
+      spec:
+        <<: [*backbone, *common]
+        dataset: {dataset}
+        split: train
+        policy: five_crop
+        resolution: {_resolution(dataset)}
     work_pool: *pool
 """
 

@@ -20,9 +20,11 @@ from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 from rich.text import Text  # noqa: E402
 
-from flows.cli_common import (EXIT_CODES_HELP, OnErrorOpt, RunnerOpt, StorageOpt, error_exit,  # noqa: E402
-                               existing_storage, human, on_error_mode)
+from flows.cli_common import (EXIT_CODES_HELP, BackboneOpt, OnErrorOpt, RandomWeightsOpt,  # noqa: E402
+                               RunnerOpt, StorageOpt, choice_of, error_exit, existing_storage, human, path_or_none,
+                               spec_default)
 from flows.settings import storage_root  # noqa: E402
+from usseg_core.spec import ExtractSpec  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, epilog=EXIT_CODES_HELP,
                   help="usseg: unsupervised semantic segmentation on cached frozen features.")
@@ -49,31 +51,38 @@ def extract(
     dataset: str = typer.Option(..., help="Dataset registry name, e.g. camvid11, cocostuff27, directory."),
     data_root: Optional[Path] = typer.Option(
         None, "--data-root", help="Root folder of the dataset (default: $USSEG_DATA_ROOT/<dataset folder>)."),
-    split: str = typer.Option("train", help="Split name."),
-    backbone: str = typer.Option("tf_efficientnet_lite0", help="Backbone registry name."),
+    split: str = typer.Option(spec_default(ExtractSpec, "split"), help="Split name."),
+    backbone: str = BackboneOpt,
     weights: Optional[Path] = typer.Option(None, help="Local weights file (.pth/.safetensors)."),
-    random_weights: bool = typer.Option(False, "--random-weights", help="Random init (tests)."),
-    resolution: Optional[int] = typer.Option(224, help="Input side (center_crop/five_crop) or long side (full)."),
-    policy: str = typer.Option("center_crop", help="center_crop | five_crop | full"),
+    random_weights: bool = RandomWeightsOpt,
+    resolution: Optional[int] = typer.Option(spec_default(ExtractSpec, "resolution"),
+                                             help="Input side (center_crop/five_crop) or long side (full)."),
+    policy: str = typer.Option(spec_default(ExtractSpec, "policy"), help="center_crop | five_crop | full",
+                               callback=choice_of("--policy", ExtractSpec, "policy")),
     flip: bool = typer.Option(False, help="Mirror images (flip-TTA features)."),
-    batch_size: int = typer.Option(8),
+    batch_size: int = typer.Option(spec_default(ExtractSpec, "batch_size")),
+    shard_size: int = typer.Option(spec_default(ExtractSpec, "shard_size"), help="Images per task (fan-out unit)."),
     on_error: str = OnErrorOpt,
-    precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16: part of the key."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda[:i]: where the backbone runs."),
-    runner: str = RunnerOpt,
+    precision: str = typer.Option(spec_default(ExtractSpec, "precision"),
+                                  callback=choice_of("--precision", ExtractSpec, "precision"),
+                                  help="auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16: part of the key."),
+    device: str = typer.Option(spec_default(ExtractSpec, "device"), help="auto | cpu | cuda[:i]: where the "
+                                                                         "backbone runs."),
+    task_runner: str = RunnerOpt,
     storage: Optional[Path] = StorageOpt,
 ) -> None:
     """Extract dense features of a dataset split into the Zarr feature store (cached)."""
-    from flows.extract import extract_features
+    from usseg_core.spec import build
+
+    spec = build(ExtractSpec, dataset=dataset, data_root=path_or_none(data_root), split=split, backbone=backbone,
+                 weights=path_or_none(weights), random_weights=random_weights, policy=policy,
+                 resolution=resolution, flip=flip, storage=str(storage_root(storage)), batch_size=batch_size,
+                 shard_size=shard_size, on_error=on_error, precision=precision, device=device,
+                 task_runner=task_runner)
+    from flows.extract import extract_features  # Prefect: only once the spec is valid
     from flows.fastpath import run_flow
 
-    root = storage_root(storage)
-    params = dict(
-        dataset=dataset, data_root=str(data_root) if data_root else None, split=split, backbone=backbone,
-        weights=str(weights) if weights else None, random_weights=random_weights,
-        policy=policy, resolution=resolution, flip=flip, storage=str(root),
-        batch_size=batch_size, on_error=on_error_mode(on_error), precision=precision, device=device, task_runner=runner)
-    result = run_flow(extract_features, params, say=lambda line: print(line, flush=True))
+    result = run_flow(extract_features, spec, say=lambda line: print(line, flush=True))
     if result["cache_hit"]:
         console.print(f"[green]cache hit[/]: features/{escape(result['key'])} ({result['n']} items) - "
                       "no backbone work done")

@@ -6,22 +6,76 @@ import sys
 
 import typer
 
+from usseg_core.spec import DataSpec, RunSettings
+
+
+
+def spec_default(cls: type, name: str):
+    """The default of spec field ``name`` (the one place defaults are written: usseg_core/spec.py)."""
+    return cls.model_fields[name].get_default(call_default_factory=True)
+
+
+def spec_choices(cls: type, name: str) -> tuple[str, ...]:
+    """The values a ``Literal`` spec field accepts."""
+    from typing import get_args
+
+    return get_args(cls.model_fields[name].annotation)
+
+
+def choice_of(flag: str, cls: type, name: str, spellings: dict | None = None):
+    """A typer callback: the option's value must be one of the spec field's choices (a usage error, exit 2,
+    otherwise). ``spellings`` maps command-line spellings to spec values (``--on-error fail`` -> raise)."""
+    spellings = spellings or {}
+
+    def check(value):
+        if value is None:
+            return value
+        value = spellings.get(value, value)
+        valid = spec_choices(cls, name)
+        if value not in valid:
+            shown = [k for k, v in spellings.items() if v in valid] + [v for v in valid if v not in spellings.values()]
+            use = " or ".join(shown) if len(shown) == 2 else "one of " + ", ".join(shown)
+            raise typer.BadParameter(f"{flag} {value!r}: use {use}")
+        return value
+
+    return check
+
+
 StorageOpt = typer.Option(None, "--storage", help="Artifact root (default $USSEG_STORAGE, Prefect variable "
                           "usseg_storage, else ./storage).")
-RunnerOpt = typer.Option("threads", "--runner", "--dask-address",
+RunnerOpt = typer.Option(spec_default(DataSpec, "task_runner"), "--runner", "--dask-address",
                          help="Task runner: threads[:N] | dask[:N] (local cluster) | tcp://host:port "
                          "(existing Dask cluster)")
-# The options `usseg run` and `usseg compare` share (one definition, one help text).
+# The options `usseg run` and `usseg compare` share (one definition, one help text; defaults from the spec).
 DatasetOpt = typer.Option(..., help="Dataset registry name.")
 DataRootOpt = typer.Option(None, "--data-root",
                            help="Dataset root folder (default: $USSEG_DATA_ROOT/<dataset folder>).")
-TrainSplitOpt = typer.Option("train", help="Training split(s), comma-separated (labels unused).")
-BackboneOpt = typer.Option("tf_efficientnet_lite0", help="Backbone registry name.")
+TrainSplitOpt = typer.Option(",".join(spec_default(RunSettings, "train_split")),
+                             help="Training split(s), comma-separated (labels unused).")
+EvalSplitOpt = typer.Option(spec_default(RunSettings, "eval_split"), help="Labelled split to evaluate on.")
+BackboneOpt = typer.Option(spec_default(DataSpec, "backbone"), help="Backbone registry name.")
 WeightsOpt = typer.Option(None, help="Local backbone weights file.")
 RandomWeightsOpt = typer.Option(False, "--random-weights", help="Random init (tests).")
-ResolutionOpt = typer.Option(224, help="Training resolution (five-crops, view-bank frame).")
+ResolutionOpt = typer.Option(spec_default(RunSettings, "resolution"),
+                             help="Training resolution (five-crops, view-bank frame).")
 EvalResolutionOpt = typer.Option(None, help="Override the eval protocol's resolution.")
 CrfOpt = typer.Option(True, "--crf/--no-crf", help="Dense CRF refinement rows.")
+DeviceOpt = typer.Option(spec_default(DataSpec, "device"), help="auto | cpu | cuda[:i]: where the work runs.")
+OverclusterOpt = typer.Option(
+    spec_default(RunSettings, "overcluster"), callback=choice_of("--overcluster", RunSettings, "overcluster"),
+    help="With more clusters than classes (--set n_clusters=K): unmatched-wrong (ours: unmatched clusters are "
+         "errors) | majority | reference-drop (STEGO's: drop pixels of clusters >= n_classes).")
+SetOpt = typer.Option(None, "--set", help="Config override key=value (repeatable): bare names set the head's "
+                      "main section (steps=2000), SECTION.field another (omh.w_match=0.1, picie.k_over=100), "
+                      "views.field the view bank (views.n_views=8), overseg.field the oversegmentation "
+                      "(overseg.detector, overseg.weights, overseg.t0, overseg.max_regions), knn.field the KNN "
+                      "search (knn.k, knn.method=exact|ivf|hnsw|auto, knn.nprobe, knn.nlist, knn.ef_search, "
+                      "knn.m, knn.recall_floor), crops.field the five-crop view; seed, n_clusters and "
+                      "dataset_options set the run's fields of those names.")
+
+
+def path_or_none(path) -> str | None:
+    return None if path is None else str(path)
 
 
 def human(n: float) -> str:
@@ -41,27 +95,10 @@ EXIT_CODES_HELP = ("Exit codes: 0 ok; 1 unexpected error (traceback in <storage>
                    "--debug shows it); 2 usage error (bad option or argument); 3 configuration error "
                    "(unknown --set key, registry name, setting, missing storage or data root); 4 input or "
                    "data error (unreadable or invalid image, label or weights file).")
-ON_ERROR_MODES = {"fail": "raise", "skip": "skip", "raise": "raise"}  # "raise": the earlier spelling
-OnErrorOpt = typer.Option("fail", "--on-error", help="fail | skip: stop at the first invalid image/label "
-                          "file, or leave invalid files out (listed in the manifest artifact).")
-
-
-def on_error_mode(value: str) -> str:
-    """``--on-error`` value -> the manifest's ``on_error`` ("raise" | "skip")."""
-    try:
-        return ON_ERROR_MODES[value]
-    except KeyError:
-        raise typer.BadParameter(f"--on-error {value!r}: use fail or skip") from None
-
-
-def reject_on_error_set(sets: dict) -> None:
-    """``--set on_error=...`` is not a config key: say so before any work (the option is ``--on-error``)."""
-    from usseg_core.errors import ConfigError
-
-    if "on_error" in sets:
-        raise ConfigError(f"--set on_error={sets['on_error']}: not a config setting; invalid files are "
-                          f"handled by the option --on-error fail|skip of every command that reads images "
-                          f"(here: --on-error {sets['on_error']})")
+OnErrorOpt = typer.Option("fail", "--on-error", callback=choice_of("--on-error", DataSpec, "on_error",
+                                                                  {"fail": "raise"}),
+                          help="fail | skip: stop at the first invalid image/label file, or leave invalid files "
+                          "out (listed in the manifest artifact).")
 
 
 def existing_storage(flag) -> "Path":

@@ -9,16 +9,18 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from flows.cli_common import (BackboneOpt, CrfOpt, DataRootOpt, DatasetOpt, EvalResolutionOpt, RandomWeightsOpt,
-                               OnErrorOpt, ResolutionOpt, RunnerOpt, StorageOpt, TrainSplitOpt, WeightsOpt, on_error_mode,
-                               reject_on_error_set)
+from flows.cli_common import (BackboneOpt, CrfOpt, DataRootOpt, DatasetOpt, DeviceOpt, EvalResolutionOpt,
+                               EvalSplitOpt, OnErrorOpt, OverclusterOpt, RandomWeightsOpt, ResolutionOpt, RunnerOpt,
+                               SetOpt, StorageOpt, TrainSplitOpt, WeightsOpt, path_or_none, spec_default)
 from flows.settings import storage_root
 from usseg_core.config import parse_set_options
 from usseg_core.head_names import BUILTIN_HEADS
+from usseg_core.spec import CompareSpec
 
 console = Console()
 # The demo's test-sized lengths: every head learns something on 40 synthetic images in about a minute each.
 DEMO_OVERRIDES = {"stego.steps": 200, "picie.epochs": 4, "hsg.epochs": 4}
+DEMO_RESOLUTION = 128  # the synthetic scenes' training size (also the synthetic deployments')
 # The one line under the demo's table: what its numbers are and are not.
 DEMO_MEANING = ("What the numbers mean: pixel accuracy / mIoU (%) on the synthetic val scenes after Hungarian "
                 "matching of each head's clusters to the 5 classes (labels are used only to score); each head "
@@ -56,22 +58,12 @@ def print_summary(result: dict, title: str) -> None:
     console.print(table)
 
 
-def run_compare(dataset: str, data_root: str | None, heads: list[str], seeds: list[int], storage: Path,
-                sets: dict, runner: str, **kw) -> dict:
-    from flows.compare import CompareSpec, compare
+def run_compare(spec: CompareSpec) -> dict:
+    """Flow ``compare`` on a validated spec (the cheapest way: see flows.fastpath)."""
+    from flows.compare import compare
     from flows.fastpath import run_flow
 
-    reject_on_error_set(sets)
-    dataset_options = sets.pop("dataset_options", None)
-    n_clusters = sets.pop("n_clusters", None)
-    spec = CompareSpec(dataset, tuple(heads), tuple(seeds) if seeds else CompareSpec.seeds, data_root,
-                       storage=str(storage), overrides=sets, dataset_options=dataset_options, n_clusters=n_clusters,
-                       **kw)
-    spec.validate()  # every head and routed --set before any server starts
-    params = dict(dataset=dataset, data_root=data_root, heads=list(spec.heads) or None, seeds=list(spec.seeds),
-                  storage=str(storage), overrides=sets, dataset_options=dataset_options, n_clusters=n_clusters,
-                  task_runner=runner, **kw)
-    return run_flow(compare, params, say=lambda line: print(line, flush=True))
+    return run_flow(compare, spec, say=lambda line: print(line, flush=True))
 
 
 def _report_lines(result: dict) -> None:
@@ -93,35 +85,42 @@ def register(app: typer.Typer) -> None:
         data_root: Optional[Path] = DataRootOpt,
         heads: Optional[str] = typer.Option(None, help="Comma-separated heads (default: every registered head: "
                                                        + ",".join(BUILTIN_HEADS) + ")."),
-        seeds: str = typer.Option("0,1,2", help="Comma-separated seeds (each seeds a head and its k-means)."),
+        seeds: str = typer.Option(",".join(map(str, spec_default(CompareSpec, "seeds"))),
+                                  help="Comma-separated seeds (each seeds a head and its k-means)."),
         train_split: str = TrainSplitOpt,
-        eval_split: str = typer.Option("val", help="Labelled split every head is evaluated on."),
+        eval_split: str = EvalSplitOpt,
         backbone: str = BackboneOpt,
         weights: Optional[Path] = WeightsOpt,
         random_weights: bool = RandomWeightsOpt,
         resolution: int = ResolutionOpt,
         eval_resolution: Optional[int] = EvalResolutionOpt,
-        crf: bool = CrfOpt,
-        retrieval: bool = typer.Option(False, "--retrieval/--no-retrieval",
+        run_crf: bool = CrfOpt,
+        retrieval: bool = typer.Option(spec_default(CompareSpec, "retrieval"), "--retrieval/--no-retrieval",
                                        help="Add HSG's segment-retrieval rows for every head (and the raw features)."),
         on_error: str = OnErrorOpt,
-        set_: Optional[List[str]] = typer.Option(
+        overcluster: str = OverclusterOpt,
+        overrides: Optional[List[str]] = typer.Option(
             None, "--set", help="Config override key=value (repeatable), routed to the heads that have it: "
                                 "stego.steps=1000 (STEGO and OMH), picie.epochs=5, hsg.epochs=5, bare names to "
-                                "every head whose main section has them, views.* / overseg.* / knn.* to all."),
-        runner: str = RunnerOpt,
+                                "every head whose main section has them, views.* / overseg.* / knn.* / crops.* to "
+                                "all; n_clusters and dataset_options set the comparison's fields."),
+        device: str = DeviceOpt,
+        task_runner: str = RunnerOpt,
         storage: Optional[Path] = StorageOpt,
     ) -> None:
         """Every head x seed on one cached feature set, under one protocol: mean ± std table, per-class IoU
         bars, side-by-side overlays and an HTML report (cached runs are reused; new seeds/heads train only
         themselves)."""
-        root = storage_root(storage)
-        result = run_compare(dataset, str(data_root) if data_root else None, _csv_list(heads, "--heads"),
-                             _csv_list(seeds, "--seeds", int), root, parse_set_options(set_), runner,
-                             train_split=train_split, eval_split=eval_split, backbone=backbone,
-                             weights=str(weights) if weights else None, random_weights=random_weights,
-                             resolution=resolution, eval_resolution=eval_resolution, run_crf=crf,
-                             retrieval=retrieval, on_error=on_error_mode(on_error))
+        from usseg_core.spec import build
+
+        spec = build(CompareSpec, dataset=dataset, data_root=path_or_none(data_root),
+                     heads=_csv_list(heads, "--heads"), seeds=_csv_list(seeds, "--seeds", int),
+                     train_split=train_split, eval_split=eval_split, backbone=backbone,
+                     weights=path_or_none(weights), random_weights=random_weights, resolution=resolution,
+                     eval_resolution=eval_resolution, run_crf=run_crf, retrieval=retrieval, on_error=on_error,
+                     overcluster=overcluster, overrides=parse_set_options(overrides), device=device,
+                     task_runner=task_runner, storage=str(storage_root(storage)))
+        result = run_compare(spec)
         print_summary(result, f"usseg compare: {dataset}/{eval_split}, mean ± std over seeds {seeds}")
         _report_lines(result)
 
@@ -136,16 +135,17 @@ def register(app: typer.Typer) -> None:
         """The main job on the embedded default: synthetic scenes -> every head x 2 seeds vs raw-feature k-means
         (`usseg compare` with short training)."""
         from usseg_core.datasets.synthetic import ensure_synthetic
+        from usseg_core.heads import list_heads
+        from usseg_core.spec import build
 
         root = storage_root(storage)
+        names = _csv_list(heads, "--heads") or list_heads()
+        spec = build(CompareSpec, dataset="synthetic", heads=names, seeds=_csv_list(seeds, "--seeds", int),
+                     overrides=demo_overrides(names), resolution=DEMO_RESOLUTION, storage=str(root))
         data_root = ensure_synthetic(root / "data" / f"synthetic-{n_train}-{n_val}", n_train=n_train,
                                      n_val=n_val)
         console.print(f"synthetic dataset: {data_root}", markup=False)
-        from usseg_core.heads import list_heads
-
-        names = _csv_list(heads, "--heads") or list_heads()
-        result = run_compare("synthetic", str(data_root), names, _csv_list(seeds, "--seeds", int), root,
-                             demo_overrides(names), "threads", resolution=128)
+        result = run_compare(spec.changed(data_root=str(data_root)))
         print_summary(result, "usseg demo: every head vs raw-feature k-means on synthetic/val (mean ± std)")
         console.print(DEMO_MEANING, soft_wrap=True, markup=False)
         _report_lines(result)

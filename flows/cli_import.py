@@ -23,9 +23,10 @@ from typing import Optional
 
 import typer
 
-from flows.cli_common import RunnerOpt, StorageOpt, fail
+from flows.cli_common import CrfOpt, EvalResolutionOpt, RunnerOpt, StorageOpt, fail, path_or_none, spec_default
 from flows.settings import storage_root
 from usseg_core.errors import UssegError
+from usseg_core.spec import EvaluateModelSpec
 
 IMPORT_VERSION = 1
 SOURCE = "stego-lightning"  # the format imported (params of every artifact written here)
@@ -156,12 +157,13 @@ def evaluate_command(
     dataset: str = typer.Option(..., help="Dataset registry name (its class count must be the head's)."),
     data_root: Optional[Path] = typer.Option(
         None, "--data-root", help="Dataset root folder (default: $USSEG_DATA_ROOT/<dataset folder>)."),
-    eval_split: str = typer.Option("val", help="Labelled split to evaluate on."),
-    crf: bool = typer.Option(True, "--crf/--no-crf", help="Dense CRF refinement rows."),
-    eval_resolution: Optional[int] = typer.Option(None, help="Override the eval protocol's resolution."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda[:i]: where the backbone and head run."),
+    eval_split: str = typer.Option(spec_default(EvaluateModelSpec, "eval_split"), help="Labelled split to evaluate on."),
+    run_crf: bool = CrfOpt,
+    eval_resolution: Optional[int] = EvalResolutionOpt,
+    device: str = typer.Option(spec_default(EvaluateModelSpec, "device"),
+                               help="auto | cpu | cuda[:i]: where the backbone and head run."),
     results: Optional[Path] = typer.Option(None, help="Write the results table as CSV here."),
-    runner: str = RunnerOpt,
+    task_runner: str = RunnerOpt,
     storage: Optional[Path] = StorageOpt,
 ) -> None:
     """Evaluate an existing head artifact (flow `evaluate-model`): its own clusterer, its linear probe and
@@ -170,16 +172,16 @@ def evaluate_command(
     from flows.cli_run import print_results, write_results_csv
     from flows.evaluate_model import check_model, evaluate_model
     from flows.fastpath import run_flow
+    from usseg_core.spec import build
 
-    root = storage_root(storage)
-    params = dict(model=model, dataset=dataset, data_root=str(data_root) if data_root else None,
-                  eval_split=eval_split, storage=str(root), run_crf=crf, eval_resolution=eval_resolution,
-                  device=device, task_runner=runner)
     try:  # a bad key or a class-count mismatch: one line, before any flow run or server starts
-        plan = check_model(model, dataset, params["data_root"], eval_split, str(root))
+        spec = build(EvaluateModelSpec, model=model, dataset=dataset, data_root=path_or_none(data_root),
+                     eval_split=eval_split, storage=str(storage_root(storage)), run_crf=run_crf,
+                     eval_resolution=eval_resolution, device=device, task_runner=task_runner)
+        plan = check_model(spec)
         for note in plan["notes"]:
             typer.echo(note)
-        out = run_flow(evaluate_model, params, say=lambda line: print(line, flush=True))
+        out = run_flow(evaluate_model, spec, say=lambda line: print(line, flush=True))
     except UssegError as exc:
         fail(exc)
     ev = out["evaluation"]

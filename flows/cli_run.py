@@ -8,12 +8,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flows.cli_common import (BackboneOpt, CrfOpt, DataRootOpt, DatasetOpt, EvalResolutionOpt, RandomWeightsOpt,
-                               OnErrorOpt, ResolutionOpt, RunnerOpt, StorageOpt, TrainSplitOpt, WeightsOpt, on_error_mode,
-                               reject_on_error_set)
+from flows.cli_common import (BackboneOpt, CrfOpt, DataRootOpt, DatasetOpt, DeviceOpt, EvalResolutionOpt,
+                               EvalSplitOpt, OnErrorOpt, OverclusterOpt, RandomWeightsOpt, ResolutionOpt, RunnerOpt,
+                               SetOpt, StorageOpt, TrainSplitOpt, WeightsOpt, choice_of, path_or_none, spec_default)
 from flows.settings import storage_root
 from usseg_core.config import parse_set_options
 from usseg_core.head_names import BUILTIN_HEADS
+from usseg_core.spec import RunSettings, RunSpec
 
 console = Console()
 
@@ -35,30 +36,12 @@ def write_results_csv(rows: list[dict], path: Path) -> None:
     pd.DataFrame(rows).to_csv(path, index=False)
 
 
-def run_pipeline(method: str, dataset: str, data_root: str | None, train_split: str, eval_split: str,
-                 backbone: str, weights: str | None, random_weights: bool, storage: Path, sets: dict, runner: str,
-                 resolution: int = 224, eval_resolution: int | None = None, crf: bool = True,
-                 retrieval: bool | None = None, retrieval_k: int = 20, retrieval_vote: str = "majority",
-                 on_error: str = "raise", overcluster: str = "unmatched-wrong") -> dict:
+def run_pipeline(spec: RunSpec) -> dict:
+    """Flow ``pipeline`` on a validated spec (the cheapest way: see flows.fastpath)."""
     from flows.fastpath import run_flow
-    from flows.train import RunSpec, pipeline
+    from flows.train import pipeline
 
-    reject_on_error_set(sets)
-    dataset_options = sets.pop("dataset_options", None)
-    n_clusters = sets.pop("n_clusters", None)
-    from usseg_core.metrics import OVERCLUSTER_MODES
-
-    if overcluster not in OVERCLUSTER_MODES:
-        raise typer.BadParameter(f"--overcluster {overcluster!r}: use one of {', '.join(OVERCLUSTER_MODES)}")
-    spec = RunSpec(method, dataset, overrides=sets, retrieval_k=retrieval_k, retrieval_vote=retrieval_vote)
-    spec.validate()  # a bad --set (head section, views.*, overseg.*, knn.*) fails before any server starts
-    params = dict(
-        task_runner=runner, dataset=dataset, data_root=data_root, train_split=train_split,
-        eval_split=eval_split, method=method, backbone=backbone, weights=weights, random_weights=random_weights,
-        storage=str(storage), overrides=sets, resolution=resolution, eval_resolution=eval_resolution,
-        run_crf=crf, dataset_options=dataset_options, n_clusters=n_clusters, retrieval=retrieval,
-        retrieval_k=retrieval_k, retrieval_vote=retrieval_vote, on_error=on_error, overcluster=overcluster)
-    return run_flow(pipeline, params, say=lambda line: print(line, flush=True))
+    return run_flow(pipeline, spec, say=lambda line: print(line, flush=True))
 
 
 def _run_help() -> str:
@@ -69,48 +52,47 @@ def _run_help() -> str:
 def register(app: typer.Typer) -> None:
     @app.command(help=_run_help())
     def run(
-        method: str = typer.Argument(..., help="Head: " + " | ".join(BUILTIN_HEADS) + " (the head registry)."),
+        head: str = typer.Argument(..., help="Head: " + " | ".join(BUILTIN_HEADS) + " (the head registry)."),
         dataset: str = DatasetOpt,
         data_root: Optional[Path] = DataRootOpt,
         train_split: str = TrainSplitOpt,
-        eval_split: str = typer.Option("val", help="Labelled split to evaluate on."),
+        eval_split: str = EvalSplitOpt,
         backbone: str = BackboneOpt,
         weights: Optional[Path] = WeightsOpt,
         random_weights: bool = RandomWeightsOpt,
         resolution: int = ResolutionOpt,
         eval_resolution: Optional[int] = EvalResolutionOpt,
-        crf: bool = CrfOpt,
+        run_crf: bool = CrfOpt,
+        seed: int = typer.Option(spec_default(RunSpec, "seed"), help="The run's seed (the head, both k-means, "
+                                                                   "the linear probe); --set seed=S says the same."),
         retrieval: Optional[bool] = typer.Option(
             None, "--retrieval/--no-retrieval", help="Segment-retrieval rows (HSG's kNN label transfer from "
                                                      "the labelled training split; default: on for hsg)."),
-        retrieval_k: int = typer.Option(20, help="Retrieval: memory segments voting per test segment "
-                                                 "(twke18/HSG: 20)."),
-        retrieval_vote: str = typer.Option("majority", help="Retrieval vote: majority (twke18/HSG) | weighted."),
+        retrieval_k: int = typer.Option(spec_default(RunSettings, "retrieval_k"),
+                                        help="Retrieval: memory segments voting per test segment (twke18/HSG: 20)."),
+        retrieval_vote: str = typer.Option(spec_default(RunSettings, "retrieval_vote"),
+                                           callback=choice_of("--retrieval-vote", RunSettings, "retrieval_vote"),
+                                           help="Retrieval vote: majority (twke18/HSG) | weighted."),
         results: Optional[Path] = typer.Option(None, help="Write the results table as CSV here."),
         on_error: str = OnErrorOpt,
-        overcluster: str = typer.Option("unmatched-wrong", help="With more clusters than classes (--set "
-                                        "n_clusters=K): unmatched-wrong (ours: unmatched clusters are errors) | "
-                                        "majority | reference-drop (STEGO's: drop pixels of clusters >= n_classes)."),
-        set_: Optional[List[str]] = typer.Option(
-            None, "--set", help="Config override key=value (repeatable): bare names set the head's main section "
-                                "(steps=2000), SECTION.field another (omh.w_match=0.1, picie.k_over=100), "
-                                "views.field the view bank (views.n_views=8), overseg.field the "
-                                "oversegmentation (overseg.detector, overseg.weights, overseg.t0, "
-                                "overseg.max_regions), knn.field the KNN search (knn.method=exact|ivf|hnsw|auto, "
-                                "knn.nprobe, knn.nlist, knn.ef_search, knn.m, knn.recall_floor)."),
-        runner: str = RunnerOpt,
+        overcluster: str = OverclusterOpt,
+        overrides: Optional[List[str]] = SetOpt,
+        device: str = DeviceOpt,
+        task_runner: str = RunnerOpt,
         storage: Optional[Path] = StorageOpt,
     ) -> None:
-        from usseg_core.heads import list_heads
+        from usseg_core.spec import build
 
-        if method not in list_heads():
-            raise typer.BadParameter(f"unknown head {method!r}; registered heads: {', '.join(list_heads())}")
-        out = run_pipeline(method, dataset, str(data_root) if data_root else None, train_split, eval_split,
-                           backbone, str(weights) if weights else None, random_weights, storage_root(storage),
-                           parse_set_options(set_), runner, resolution, eval_resolution, crf, retrieval,
-                           retrieval_k, retrieval_vote, on_error_mode(on_error), overcluster)
+        spec = build(RunSpec, head=head, dataset=dataset, data_root=path_or_none(data_root),
+                     train_split=train_split, eval_split=eval_split, backbone=backbone,
+                     weights=path_or_none(weights), random_weights=random_weights, resolution=resolution,
+                     eval_resolution=eval_resolution, run_crf=run_crf, retrieval=retrieval,
+                     retrieval_k=retrieval_k, retrieval_vote=retrieval_vote, on_error=on_error,
+                     overcluster=overcluster, overrides=parse_set_options(overrides), seed=seed, device=device,
+                     task_runner=task_runner, storage=str(storage_root(storage)))
+        out = run_pipeline(spec)
         ev = out["evaluation"]
-        print_results(ev["rows"], f"{method} on {dataset}/{eval_split}")
+        print_results(ev["rows"], f"{head} on {dataset}/{eval_split}")
         console.print(f"evaluation artifact: {ev['path']}", markup=False, soft_wrap=True)
         if results:
             write_results_csv(ev["rows"], results)

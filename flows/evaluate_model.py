@@ -23,14 +23,13 @@ from prefect import flow
 
 from flows.publish import publish_run
 from flows.runner import SettingTaskRunner
-from flows.settings import data_root as resolve_data_root
-from flows.settings import storage_root
-from flows.train import eval_view, publish_results
-from tasks.common import DataRef, ensure_manifest, logger
+from flows.train import data_ref, eval_view, publish_results, resolved
+from tasks.common import ensure_manifest, logger
 from tasks.evaluate import run_evaluation
 from tasks.extract import ensure_features
 from usseg_core.crf import CRFParams
 from usseg_core.errors import ConfigError
+from usseg_core.spec import EvaluateModelSpec
 from usseg_core.store import ArtifactStore
 from usseg_core.views import ViewSpec
 
@@ -110,26 +109,23 @@ def model_plan(storage: str, model: str, n_classes: int) -> dict:
             "notes": notes, "dataset": meta.get("dataset")}
 
 
-def check_model(model: str, dataset: str, data_root: str | None, eval_split: str, storage: str,
-                dataset_options: dict | None = None) -> dict:
+def check_model(spec: EvaluateModelSpec) -> dict:
     """:func:`model_plan` against the evaluation split (the CLI calls it before any flow run starts)."""
-    root = str(resolve_data_root(dataset, data_root, storage))
-    ds = DataRef(dataset, root, eval_split, dataset_options or {}).dataset()
-    return model_plan(storage, model, ds.n_classes)
+    spec = resolved(spec)
+    return model_plan(spec.storage, spec.model, data_ref(spec, spec.eval_split).dataset().n_classes)
 
 
-def run_model_evaluation(model: str, dataset: str, data_root: str | None = None, eval_split: str = "val",
-                         storage: str | None = None, run_crf: bool = True, eval_resolution: int | None = None,
-                         dataset_options: dict | None = None, device: str = "auto") -> dict:
+def run_model_evaluation(spec: EvaluateModelSpec) -> dict:
     """The flow's body: plan, evaluation features (+ flipped) with the head's backbone, evaluation."""
-    storage = str(storage_root(storage))
-    data = DataRef(dataset, str(resolve_data_root(dataset, data_root, storage)), eval_split, dataset_options or {})
+    spec = resolved(spec)
+    storage, model, dataset, eval_split, device = spec.storage, spec.model, spec.dataset, spec.eval_split, spec.device
+    data = data_ref(spec, eval_split)
     ds = data.dataset()
     plan = model_plan(storage, model, ds.n_classes)
     for note in plan["notes"]:
         logger().info(note)
     ref = replace(plan["backbone"], device=device)
-    view = eval_view(ds, eval_resolution)
+    view = eval_view(ds, spec.eval_resolution)
     manifest = ensure_manifest(data, storage)
     feats = ensure_features(storage, data, ref, view, manifest=manifest)
     view = ViewSpec.from_params(feats["view"])
@@ -138,7 +134,7 @@ def run_model_evaluation(model: str, dataset: str, data_root: str | None = None,
                "predictors": plan["predictors"]}]
     title = f"{plan['method']} head {plan['key']} on {dataset}/{eval_split}"
     result = run_evaluation(storage=storage, data=data, manifest=manifest, view=view, feats=feats, flips=flips,
-                            groups=groups, class_names=list(ds.class_names), run_crf=run_crf, crf=CRFParams(),
+                            groups=groups, class_names=list(ds.class_names), run_crf=spec.run_crf, crf=CRFParams(),
                             title=f"{dataset}/{eval_split}", device=device)
     publish_results(result, title)
     out = {"head": {"key": plan["key"], "path": plan["path"], "method": plan["method"]},
@@ -149,10 +145,7 @@ def run_model_evaluation(model: str, dataset: str, data_root: str | None = None,
 
 
 @flow(name=FLOW_NAME, task_runner=SettingTaskRunner())
-def evaluate_model(model: str, dataset: str, data_root: str | None = None, eval_split: str = "val",
-                   storage: str | None = None, run_crf: bool = True, eval_resolution: int | None = None,
-                   dataset_options: dict | None = None, device: str = "auto", task_runner: str = "threads") -> dict:
+def evaluate_model(spec: EvaluateModelSpec) -> dict:
     """Evaluate an existing head artifact (trained or imported) with its own backbone: own clusterer,
     linear probe, k-means when the head has one; CRF on/off (what `usseg evaluate --model` starts)."""
-    return run_model_evaluation(model, dataset, data_root, eval_split, storage, run_crf, eval_resolution,
-                                dataset_options, device)
+    return run_model_evaluation(spec)

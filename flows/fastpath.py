@@ -101,30 +101,30 @@ def service_api(storage: str | os.PathLike | None) -> str | None:
     return url if url and healthy(url, timeout=1.0) else None
 
 
-def cached_result(flow, **params: Any) -> Any | None:
+def cached_result(flow, spec) -> Any | None:
     """The flow's result if every artifact it needs is in the store (no flow run, no server), else None."""
     try:
         with lookups_only():
-            return flow.fn(**params)
+            return flow.fn(spec)
     except NotCached as miss:
         log.debug("look-up pass: %s must be computed; starting a flow run", miss)
         return None
 
 
-def run_flow(flow, params: dict[str, Any], *, say: Callable[[str], None] = print) -> Any:
-    """Run ``flow(**params)`` the cheapest way that keeps its records (see the module docstring).
+def run_flow(flow, spec, *, say: Callable[[str], None] = print) -> Any:
+    """Run ``flow(spec)`` the cheapest way that keeps its records (see the module docstring).
 
-    ``params["storage"]`` (resolved) names the store whose ``usseg up`` service is looked for."""
+    ``spec.storage`` (resolved) names the store whose ``usseg up`` service is looked for."""
     prepare_flow_process()
     if api_configured() or os.environ.get(FLOW_RUN_ENV) == "always":
-        return flow(**params)
-    api = service_api(params.get("storage"))
+        return flow(spec)
+    api = service_api(spec.storage)
     if api:
         say(f"flow run on the running usseg service at {api} (usseg up)")
         os.environ["PREFECT_API_URL"] = api  # the process's: Dask worker processes inherit it too
-        return flow(**params)
-    result = cached_result(flow, **params)
+        return flow(spec)
+    result = cached_result(flow, spec)
     if result is not None:
         say("every artifact was already in the store: answered by look-ups, no flow run started")
         return result
-    return flow(**params)
+    return flow(spec)

@@ -1,6 +1,6 @@
 """The task-runner setting shared by every flow: threads, a local Dask cluster, or a Dask address.
 
-Every flow takes it as its ``task_runner`` parameter (CLI: ``--runner`` / ``--dask-address``).
+Every flow's spec has it as its ``task_runner`` field (CLI: ``--runner`` / ``--dask-address``).
 """
 from __future__ import annotations
 
@@ -39,16 +39,16 @@ def make_task_runner(spec: str | None = None, *, max_workers: int | None = None)
 
 
 class SettingTaskRunner(TaskRunner):
-    """The task runner named by the running flow's ``task_runner`` parameter (see :func:`make_task_runner`).
+    """The task runner named by the running flow's spec (its ``task_runner`` field; see
+    :func:`make_task_runner`).
 
     Deployments cannot pass a task-runner object, only parameters; a flow decorated with
-    ``@flow(task_runner=SettingTaskRunner())`` and taking ``task_runner: str = "threads"`` therefore fans
-    out as its parameter says, whether it is called from Python, the CLI or a deployment run. The real
-    runner is built and started at the first submission (the parameters are known by then) and stopped
-    with the flow run.
+    ``@flow(task_runner=SettingTaskRunner())`` and taking a ``spec`` therefore fans out as its spec says,
+    whether it is called from Python, the CLI or a deployment run. The real runner is built and started at
+    the first submission (the parameters are known by then) and stopped with the flow run.
     """
 
-    def __init__(self, parameter: str = "task_runner", default: str = "threads") -> None:
+    def __init__(self, parameter: str = "spec", default: str = "threads") -> None:
         super().__init__()
         self.parameter = parameter
         self.default = default
@@ -63,7 +63,8 @@ class SettingTaskRunner(TaskRunner):
 
             ctx = FlowRunContext.get()
             spec = (ctx.parameters or {}).get(self.parameter) if ctx is not None else None
-            self._delegate = make_task_runner(spec or self.default).__enter__()
+            setting = spec.get("task_runner") if isinstance(spec, dict) else getattr(spec, "task_runner", None)
+            self._delegate = make_task_runner(setting or self.default).__enter__()
         return self._delegate
 
     def submit(self, task, parameters, wait_for=None, dependencies=None):  # noqa: D102 - TaskRunner API

@@ -8,7 +8,7 @@ All flows share one body (:func:`run`) driven by a :class:`RunSpec`; the head de
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -29,102 +29,25 @@ from usseg_core.crf import CRFParams
 from usseg_core.datasets.registry import dataset_class
 from usseg_core.errors import ConfigError
 from usseg_core.heads import get_head, list_heads
-from usseg_core.knn import KnnSettings
-from usseg_core.overseg import OversegSettings
-from usseg_core.retrieval import K_DEFAULT as RETRIEVAL_K
-from usseg_core.retrieval import VOTE_DEFAULT as RETRIEVAL_VOTE
-from usseg_core.retrieval import check_options as check_retrieval_options
-from usseg_core.views import CropSettings, ViewSpec
-from usseg_core.viewbank import ViewBankConfig
+from usseg_core.spec import DataSpec, RunSpec, Where
+from usseg_core.views import ViewSpec
 
-DEFAULT_BACKBONE = "tf_efficientnet_lite0"
-VIEWS_PREFIX = "views."  # --set views.n_views=8: view-bank fields, shared by every head that uses it
-OVERSEG_PREFIX = "overseg."  # --set overseg.t0=0.1: oversegmentation settings (heads that need "oversegment")
-KNN_PREFIX = "knn."  # --set knn.method=hnsw: the KNN search (heads that need "knn")
-CROPS_PREFIX = "crops."  # --set crops.resize=squash: the five-crop heads' training view
-# overrides of shared input stages, not of the head's config
-STAGE_PREFIXES = (VIEWS_PREFIX, OVERSEG_PREFIX, KNN_PREFIX, CROPS_PREFIX)
+S = TypeVar("S", bound=Where)
 
 
-def _prefixed(overrides: dict | None, prefix: str, cls: type, what: str):
-    """``cls`` built from the ``prefix``-ed overrides; an unknown field fails with the valid names."""
-    fields = {k[len(prefix):]: v for k, v in (overrides or {}).items() if k.startswith(prefix)}
-    known = set(cls.__dataclass_fields__)
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ConfigError(f"--set {prefix}{unknown[0]}: unknown {what} field; valid: "
-                          f"{', '.join(prefix + k for k in sorted(known))}")
-    try:
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"--set {prefix}*: {exc}") from exc
+
+def backbone_ref(run: DataSpec) -> BackboneRef:
+    return BackboneRef(run.backbone, run.weights, run.random_weights, device=run.device)
 
 
-@dataclass(frozen=True)
-class RunSpec:
-    """One training (and optionally evaluation) run: which head, on which data, with which backbone."""
+def data_ref(run: Where, split: str) -> DataRef:
+    return DataRef(run.dataset, run.data_root, split, run.dataset_options, run.on_error)
 
-    head: str
-    dataset: str
-    data_root: str | None = None
-    train_split: str | list[str] = "train"
-    eval_split: str | None = None  # None: train only
-    backbone: str = DEFAULT_BACKBONE
-    weights: str | None = None
-    random_weights: bool = False
-    storage: str | None = None
-    overrides: dict = field(default_factory=dict)  # head config (namespaced), views.* and overseg.* fields
-    resolution: int = 224  # training resolution (five-crops, view-bank base frame)
-    eval_resolution: int | None = None
-    run_crf: bool = True
-    dataset_options: dict | None = None
-    n_clusters: int | None = None  # k-means K (default: number of classes)
-    device: str = "auto"
-    retrieval: bool | None = None  # segment-retrieval rows (HSG's protocol); None: the head's default
-    retrieval_k: int = RETRIEVAL_K  # neighbours per test segment (twke18/HSG: 20)
-    retrieval_vote: str = RETRIEVAL_VOTE  # "majority" (twke18/HSG) | "weighted" (ours)
-    overcluster: str = "unmatched-wrong"  # Hungarian protocol for extra clusters (metrics.OVERCLUSTER_MODES)
-    on_error: str = "raise"  # invalid image/label files: "raise" (stop at the first) | "skip" (--on-error skip)
 
-    @property
-    def splits(self) -> list[str]:
-        s = self.train_split
-        return [p.strip() for p in s.split(",")] if isinstance(s, str) else list(s)
-
-    def backbone_ref(self) -> BackboneRef:
-        return BackboneRef(self.backbone, self.weights, self.random_weights, device=self.device)
-
-    def head_overrides(self) -> dict:
-        return {k: v for k, v in (self.overrides or {}).items() if not k.startswith(STAGE_PREFIXES)}
-
-    def seed(self) -> int:
-        """The run's seed: the head's primary section ``seed`` (``--set seed=S``), 0 for a head without one."""
-        spec = get_head(self.head)
-        return int(getattr(spec.config(self.dataset, self.head_overrides())[spec.primary], "seed", 0))
-
-    def views_config(self) -> ViewBankConfig:
-        return _prefixed(self.overrides, VIEWS_PREFIX, ViewBankConfig, "view-bank")
-
-    def overseg_config(self) -> OversegSettings:
-        return _prefixed(self.overrides, OVERSEG_PREFIX, OversegSettings, "oversegmentation")
-
-    def knn_config(self) -> KnnSettings:
-        return _prefixed(self.overrides, KNN_PREFIX, KnnSettings, "KNN search")
-
-    def crops_config(self) -> CropSettings:
-        return _prefixed(self.overrides, CROPS_PREFIX, CropSettings, "training-crop")
-
-    def validate(self) -> None:
-        """Every override checked (head sections, views.*, overseg.*, knn.*) before any work starts."""
-        get_head(self.head).config(self.dataset, self.head_overrides())
-        self.views_config()
-        self.overseg_config().schedule(self.dataset)
-        self.knn_config()
-        self.crops_config().view(dataset_class(self.dataset), self.resolution)
-        try:
-            check_retrieval_options(self.retrieval_k, self.retrieval_vote)
-        except ValueError as exc:
-            raise ConfigError(f"retrieval: {exc}") from exc
+def resolved(spec: S) -> S:
+    """``spec`` with its storage and data root resolved (flag -> environment -> Prefect variable -> default)."""
+    storage = str(storage_root(spec.storage))
+    return spec.changed(storage=storage, data_root=str(resolve_data_root(spec.dataset, spec.data_root, storage)))
 
 
 def eval_view(dataset_obj, resolution: int | None) -> ViewSpec:
@@ -141,8 +64,8 @@ def train_inputs(run: RunSpec) -> dict:
     """The head's cached inputs (shared by every seed): ``inputs``, ``cluster_on`` (the features both
     k-means are fitted on), ``n_classes``, ``k`` and the head's own ``clusterer`` name."""
     spec = get_head(run.head)
-    storage, ref = run.storage, run.backbone_ref()
-    datas = [DataRef(run.dataset, run.data_root, s, run.dataset_options or {}, run.on_error) for s in run.splits]
+    storage, ref = run.storage, backbone_ref(run)
+    datas = [data_ref(run, s) for s in run.splits]
     ds = datas[0].dataset()
     n_classes = ds.n_classes
     inputs: dict = {}
@@ -151,7 +74,7 @@ def train_inputs(run: RunSpec) -> dict:
         crops = run.crops_config().view(ds, run.resolution)  # the dataset's reference view, or --set crops.*
         inputs["features"] = cluster_on = [ensure_features(storage, d, ref, crops) for d in datas]
         if "knn" in spec.needs:
-            inputs["knn"] = ensure_knn(storage, inputs["features"], k=30, settings=run.knn_config())
+            inputs["knn"] = ensure_knn(storage, inputs["features"], settings=run.knn_config())
     if "oversegment" in spec.needs:  # before the views: a detector that cannot be built fails early
         ocfg = run.overseg_config()  # same DataRefs, hence same manifests and image order, as the views
         inputs["oversegment"] = [ensure_oversegmentation(storage, d, ocfg.detector, ocfg.weights,
@@ -179,8 +102,8 @@ def train_stages(run: RunSpec) -> dict:
     prepared = train_inputs(run)
     storage, cluster_on, k = run.storage, prepared["cluster_on"], prepared["k"]
     head = ensure_head(storage, run.head, run.dataset, prepared["n_classes"], prepared["inputs"],
-                       run.head_overrides(), run.device)
-    seed = run.seed()  # one run seed: the head's and both k-means inits (the baseline varies with it too)
+                       run.head_settings(), run.device)
+    seed = run.seed  # one run seed: the head's and both k-means inits (the baseline varies with it too)
     kmeans = ensure_kmeans(storage, head, cluster_on, k, seed=seed, device=run.device)
     raw_kmeans = ensure_kmeans(storage, None, cluster_on, k, seed=seed, device=run.device)
     return trained_stages(prepared, head, kmeans, raw_kmeans)
@@ -189,8 +112,8 @@ def train_stages(run: RunSpec) -> dict:
 def evaluation_plan(trained: dict, run: RunSpec) -> dict:
     """Everything :func:`tasks.evaluate.run_evaluation` is called with: the labelled split, its manifest,
     the evaluation view, features (+ flipped) and the predictor groups (raw baseline first, the head last)."""
-    storage, ref = run.storage, run.backbone_ref()
-    data = DataRef(run.dataset, run.data_root, run.eval_split, run.dataset_options or {}, run.on_error)
+    storage, ref = run.storage, backbone_ref(run)
+    data = data_ref(run, run.eval_split)
     ds = data.dataset()
     view = eval_view(ds, run.eval_resolution)
     manifest = ensure_manifest(data, storage)
@@ -206,9 +129,10 @@ def evaluation_plan(trained: dict, run: RunSpec) -> dict:
                          "centroids": trained["kmeans"]["path"]})
     labelled = [s for s in run.splits if s != run.eval_split]
     if labelled:
-        pdata = DataRef(run.dataset, run.data_root, labelled[0], run.dataset_options or {}, run.on_error)
+        pdata = data_ref(run, labelled[0])
         pfeats = ensure_features(storage, pdata, ref, view)
-        probe = ensure_linear_probe(storage, head, pfeats, pdata, view.params(), n_classes, device=run.device)
+        probe = ensure_linear_probe(storage, head, pfeats, pdata, view.params(), n_classes, seed=run.seed,
+                                    device=run.device)
         method_preds.append({"name": "linear", "kind": "linear", "n_pred": n_classes, "key": probe["key"],
                              "probe": probe["path"], "n_classes": n_classes})
     groups = [
@@ -247,45 +171,36 @@ def publish_results(result: dict, title: str) -> None:
 
 def run(spec: RunSpec) -> dict:
     """The one pipeline body: resolve paths, train (cache look-ups when trained), evaluate if asked."""
-    spec.validate()  # an unknown head or a bad override fails before any work
-    storage = str(storage_root(spec.storage))
-    spec = replace(spec, storage=storage, data_root=str(resolve_data_root(spec.dataset, spec.data_root, storage)))
+    spec = resolved(spec)
     trained = train_stages(spec)
     out = {"trained": trained}
     if spec.eval_split:
         result = evaluate_stages(trained, spec)
         publish_results(result, f"{spec.head} on {spec.dataset}/{spec.eval_split} ({spec.backbone})")
         out["evaluation"] = result
-    publish_run(storage, f"{'evaluate' if spec.eval_split else 'train'}-{spec.head}", out)
+    publish_run(spec.storage, f"{'evaluate' if spec.eval_split else 'train'}-{spec.head}", out)
     return out
 
 
+def _for_head(spec: RunSpec, head: str, flow_name: str) -> RunSpec:
+    if spec.head != head:
+        raise ConfigError(f"flow {flow_name} runs head {head!r}, but its spec names head {spec.head!r}")
+    return spec
+
+
 def _train_flow(head: str):
-    def train(dataset: str, data_root: str | None = None, train_split: str = "train",
-              backbone: str = DEFAULT_BACKBONE, weights: str | None = None, random_weights: bool = False,
-              storage: str | None = None, overrides: dict | None = None, resolution: int = 224,
-              dataset_options: dict | None = None, n_clusters: int | None = None, device: str = "auto",
-              task_runner: str = "threads") -> dict:
-        return run(RunSpec(head, dataset, data_root, train_split, None, backbone, weights, random_weights,
-                           storage, overrides or {}, resolution, None, False, dataset_options, n_clusters,
-                           device))
+    def train(spec: RunSpec) -> dict:
+        return run(_for_head(spec, head, f"train-{head}").changed(eval_split=None))
 
     train.__name__ = train.__qualname__ = f"train_{head}"
-    train.__doc__ = f"{get_head(head).summary}: its cached inputs -> head -> k-means."
+    train.__doc__ = (f"{get_head(head).summary}: its cached inputs -> head -> k-means (the spec's evaluation "
+                     "fields are not used).")
     return flow(name=f"train-{head}", task_runner=SettingTaskRunner())(train)
 
 
 def _evaluate_flow(head: str):
-    def evaluate(dataset: str, data_root: str | None = None, train_split: str = "train", eval_split: str = "val",
-                 backbone: str = DEFAULT_BACKBONE, weights: str | None = None, random_weights: bool = False,
-                 storage: str | None = None, overrides: dict | None = None, resolution: int = 224,
-                 eval_resolution: int | None = None, run_crf: bool = True, dataset_options: dict | None = None,
-                 n_clusters: int | None = None, device: str = "auto", retrieval: bool | None = None,
-                 retrieval_k: int = RETRIEVAL_K, retrieval_vote: str = RETRIEVAL_VOTE,
-                 task_runner: str = "threads") -> dict:
-        return run(RunSpec(head, dataset, data_root, train_split, eval_split, backbone, weights, random_weights,
-                           storage, overrides or {}, resolution, eval_resolution, run_crf, dataset_options,
-                           n_clusters, device, retrieval, retrieval_k, retrieval_vote))
+    def evaluate(spec: RunSpec) -> dict:
+        return run(_for_head(spec, head, f"evaluate-{head}"))
 
     evaluate.__name__ = evaluate.__qualname__ = f"evaluate_{head}"
     evaluate.__doc__ = f"Evaluate {head} (training stages are cache look-ups once trained)."
@@ -299,15 +214,6 @@ globals().update({f.fn.__name__: f for f in (*TRAIN_FLOWS.values(), *EVALUATE_FL
 
 
 @flow(name="pipeline", task_runner=SettingTaskRunner())
-def pipeline(dataset: str, data_root: str | None = None, train_split: str = "train", eval_split: str = "val",
-             method: str = "stego", backbone: str = DEFAULT_BACKBONE, weights: str | None = None,
-             random_weights: bool = False, storage: str | None = None, overrides: dict | None = None,
-             resolution: int = 224, eval_resolution: int | None = None, run_crf: bool = True,
-             dataset_options: dict | None = None, n_clusters: int | None = None, device: str = "auto",
-             retrieval: bool | None = None, retrieval_k: int = RETRIEVAL_K, retrieval_vote: str = RETRIEVAL_VOTE,
-             task_runner: str = "threads", on_error: str = "raise", overcluster: str = "unmatched-wrong") -> dict:
-    """train-<method> then evaluate, in one run (what `usseg run <head>` starts)."""
-    return run(RunSpec(method, dataset, data_root, train_split, eval_split, backbone, weights, random_weights,
-                       storage, overrides or {}, resolution, eval_resolution, run_crf, dataset_options,
-                       n_clusters, device, retrieval, retrieval_k, retrieval_vote, overcluster=overcluster,
-                       on_error=on_error))
+def pipeline(spec: RunSpec) -> dict:
+    """train-<head> then evaluate, in one run (what `usseg run <head>` starts)."""
+    return run(spec)

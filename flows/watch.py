@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.settings import storage_root
 from tasks.common import BackboneRef, backbone_fingerprint, logger
+from usseg_core.spec import DEFAULT_BACKBONE
 from usseg_core.store import atomic_write_json, now_iso
 
 EVENT = "usseg.backbone.changed"
@@ -51,10 +52,10 @@ def configured_backbones() -> list[dict]:
                                               limit=500, sort=DeploymentSort.NAME_ASC)
     seen: dict[tuple, dict] = {}
     for dep in deployments:
-        params = dep.parameters or {}
+        params = (dep.parameters or {}).get("spec") or {}  # every watched flow's one parameter
         if params.get("random_weights"):
             continue  # a seeded random init cannot change
-        name = params.get("backbone", "tf_efficientnet_lite0")
+        name = params.get("backbone", DEFAULT_BACKBONE)
         seen.setdefault((name, params.get("weights")), {"name": name, "weights": params.get("weights")})
     return list(seen.values())
 

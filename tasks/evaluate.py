@@ -24,6 +24,7 @@ from usseg_core.crf import CRFParams, dense_crf
 from usseg_core.device import resolve_device, to_device
 from usseg_core.features import FeatureStore
 from usseg_core.metrics import OVERCLUSTER_MODES, ConfusionMatrix, hungarian_scores, identity_scores
+from usseg_core.spec import DEFAULT_OVERCLUSTER
 from usseg_core.store import ArtifactStore, artifact_key
 from usseg_core.views import ViewSpec, prepare_image_for_label, prepare_label
 
@@ -158,7 +159,7 @@ def eval_key(params: dict, upstream: dict) -> str:
 def run_evaluation(storage: str, data: DataRef, manifest: dict, view: ViewSpec, feats: dict,
                    flips: dict | None, groups: list[dict], class_names: list[str], *,
                    run_crf: bool = True, crf: CRFParams = CRFParams(), shard_size: int = 16,
-                   title: str = "", device: str = "auto", overcluster: str = "unmatched-wrong") -> dict:
+                   title: str = "", device: str = "auto", overcluster: str = DEFAULT_OVERCLUSTER) -> dict:
     """The evaluation artifact: results table (parquet, CSV, markdown), confusion PNG, overlays PNG.
 
     ``overcluster`` is the Hungarian protocol for clusters beyond the class count
@@ -173,7 +174,7 @@ def run_evaluation(storage: str, data: DataRef, manifest: dict, view: ViewSpec, 
               "groups": [{k: v for k, v in g.items() if k not in ("predictors", "head")} | {
                   "predictors": [{k: v for k, v in p.items() if k not in _PATH_FIELDS}
                                  for p in g["predictors"]]} for g in groups]}
-    if overcluster != "unmatched-wrong":
+    if overcluster != DEFAULT_OVERCLUSTER:
         params["overcluster"] = overcluster
     upstream = {"features": feats["key"], "flips": flips["key"] if flips else "none",
                 **{f"{g['method']}.{p['name']}": p.get("key", "") for g in groups for p in g["predictors"]}}
@@ -221,7 +222,7 @@ def evaluation_rows(art) -> list[dict]:
 
         rows = pd.read_parquet(art.file("results.parquet")).to_dict("records")
     # artifacts written before the option used the default protocol
-    mode = art.meta.get("params", {}).get("overcluster", "unmatched-wrong")
+    mode = art.meta.get("params", {}).get("overcluster", DEFAULT_OVERCLUSTER)
     return [_with_overcluster(r, mode) if "overcluster" not in r else r for r in rows]
 
 
@@ -239,7 +240,7 @@ def _with_overcluster(row: dict, mode: str) -> dict:
     return out
 
 
-def predictor_scores(predictor: dict, cm: np.ndarray, overcluster: str = "unmatched-wrong"):
+def predictor_scores(predictor: dict, cm: np.ndarray, overcluster: str = DEFAULT_OVERCLUSTER):
     """Scores of one predictor's confusion matrix: identity for class outputs, Hungarian otherwise."""
     if predictor["kind"] in CLASS_KINDS:
         return identity_scores(cm)
@@ -247,7 +248,7 @@ def predictor_scores(predictor: dict, cm: np.ndarray, overcluster: str = "unmatc
 
 
 def _score_rows(cms: dict, groups: list[dict], class_names: list[str],
-                overcluster: str = "unmatched-wrong") -> list[dict]:
+                overcluster: str = DEFAULT_OVERCLUSTER) -> list[dict]:
     rows = []
     for g in groups:
         for p in g["predictors"]:
@@ -265,7 +266,7 @@ def _score_rows(cms: dict, groups: list[dict], class_names: list[str],
     return rows
 
 
-def _write_outputs(art, rows, cms, groups, class_names, kept, title, overcluster="unmatched-wrong") -> None:
+def _write_outputs(art, rows, cms, groups, class_names, kept, title, overcluster=DEFAULT_OVERCLUSTER) -> None:
     import pandas as pd
 
     from usseg_core.viz import confusion_plot, hierarchy_grid, overlay_grid

@@ -39,11 +39,11 @@ def _feature_upstream(infos: list[dict]) -> dict:
 
 
 @stage_task("mine-knn")
-def ensure_knn(storage: str, feature_infos: list[dict], k: int = 30, settings: KnnSettings | None = None) -> dict:
+def ensure_knn(storage: str, feature_infos: list[dict], settings: KnnSettings | None = None) -> dict:
     """Cosine top-k over the pooled, L2-normalised features of the crop set (column 0 = self).
 
-    The key covers every feature artifact (hence backbone fingerprint, resolution and crop set), k and the
-    requested search (``settings.key_params()``: the method and the parameters it reads); they are also
+    The key covers every feature artifact (hence backbone fingerprint, resolution and crop set), k
+    (``settings.k``) and the requested search (``settings.key_params()``: the method and the parameters it reads); they are also
     written out in the metadata: no key part is silently ignored (unlike STEGO's ``nns_*_224.npz``, whose
     name ignores the configured resolution). What ran (the method auto chose, effective nprobe / efSearch,
     the recall of ranks 1..7 measured on a sample, a fallback to exact) is the metadata's ``search``.
@@ -51,7 +51,7 @@ def ensure_knn(storage: str, feature_infos: list[dict], k: int = 30, settings: K
     from usseg_core.knn import search_knn
 
     settings = settings or KnnSettings()
-    store = ArtifactStore(storage)
+    k, store = settings.k, ArtifactStore(storage)
     upstream = _feature_upstream(feature_infos)
     params = {"k": k, **settings.key_params()}
     key = artifact_key("knn", KNN_VERSION, params, upstream)

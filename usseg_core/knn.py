@@ -72,6 +72,7 @@ def _faiss_available() -> bool:
 class KnnSettings:
     """How ``mine_knn`` searches (``--set knn.<field>=...``); fields of other methods must stay default."""
 
+    k: int = 30  # neighbours kept per item (column 0 = self is extra); STEGO draws positives from ranks 1..7
     method: str = "auto"  # exact | ivf | hnsw | auto (exact up to auto_threshold rows, else ivf)
     auto_threshold: int | None = None  # auto: rows above which it goes approximate; None: AUTO_EXACT_MAX
     nlist: int | None = None  # ivf: inverted lists; None: 1.6 sqrt(N) (506 at 100k), lists of >= 64 rows on average
@@ -86,7 +87,7 @@ class KnnSettings:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"knn.method={self.method!r}: unknown; valid: {', '.join(METHODS)}")
-        for name in ("nprobe", "m", "ef_construction", "ef_search", "recall_sample", "nlist", "auto_threshold"):
+        for name in ("k", "nprobe", "m", "ef_construction", "ef_search", "recall_sample", "nlist", "auto_threshold"):
             value = getattr(self, name)
             if value is None and name in ("nlist", "auto_threshold"):
                 continue
@@ -99,7 +100,8 @@ class KnnSettings:
         f = self.recall_floor
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0:
             raise ConfigError(f"knn.recall_floor must be a number in (0, 1], got {f!r}")
-        unused = [x.name for x in fields(self) if x.name not in self._used() and getattr(self, x.name) != x.default]
+        unused = [x.name for x in fields(self)
+                  if x.name not in ("k", *self._used()) and getattr(self, x.name) != x.default]
         if unused:
             raise ConfigError(f"knn.{unused[0]} does not apply to knn.method={self.method}; its fields: "
                               + ", ".join(f"knn.{n}" for n in self._used()))
@@ -112,7 +114,8 @@ class KnnSettings:
                 "hnsw": ("method", "m", "ef_construction", "ef_search", *checked)}[self.method]
 
     def key_params(self) -> dict:
-        """The requested method and the parameters it reads (the KNN artifact key's part)."""
+        """The requested method and the parameters it reads (the KNN artifact key's part; ``k`` is keyed
+        by the stage itself, as it was before it became a setting)."""
         return {name: getattr(self, name) for name in self._used()}
 
     def resolve(self, n: int, device: torch.device) -> str:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-OVERCLUSTER_MODES = ("unmatched-wrong", "majority", "reference-drop")
+from usseg_core.spec import OVERCLUSTER_MODES  # the run option's one definition
 
 
 def _to_numpy_int(a: np.ndarray | torch.Tensor) -> np.ndarray:

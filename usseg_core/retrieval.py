@@ -38,13 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from usseg_core.spec import RETRIEVAL_K, RETRIEVAL_VOTES
 from usseg_core.segsort import GRID_N0, compact_ids, grid_kmeans, segment_means
 
 __all__ = ["K_DEFAULT", "VOTE_DEFAULT", "VOTES", "check_options", "SegmentMemory", "segment_labels",
            "image_segments", "segment_prototypes", "build_memory", "retrieve", "retrieval_logits", "dataset_grid"]
 
-K_DEFAULT = 20  # twke18/HSG hsg/models/predictions/segsort.py: top_k_ranking(..., 20)
-VOTE_DEFAULT = "majority"  # twke18/HSG hsg/utils/segsort/eval.py majority_label_from_topk
+K_DEFAULT = RETRIEVAL_K  # twke18/HSG: 20 (the run option's default, written in usseg_core/spec.py)
+VOTE_DEFAULT = RETRIEVAL_VOTES[0]  # "majority": twke18/HSG hsg/utils/segsort/eval.py majority_label_from_topk
 KMEANS_ITERS = 15  # HSG: 15 k-means iterations (METHODS.md S6 b)
 LOG_EPS = 1e-4  # floor of the vote distribution before the log: finite unaries for the dense CRF
 FAISS_MIN_MEMORY = 50_000  # "auto" backend: faiss IndexFlatIP from this many memory prototypes on

@@ -75,9 +75,11 @@ def test_the_feature_key_takes_the_precision_resolved_on_the_host(tmp_path, pref
         return real(*args, precision=precision, **kwargs)
 
     monkeypatch.setattr(extract_tasks, "extract_into", recording)
-    out = extract_features(dataset="directory", data_root=str(_images(tmp_path, 3)), split="all",
-                           backbone=BACKBONE, random_weights=True, resolution=32, storage=str(tmp_path / "s"),
-                           precision="auto", device="auto")
+    from usseg_core.spec import ExtractSpec
+
+    out = extract_features(ExtractSpec(dataset="directory", data_root=str(_images(tmp_path, 3)), split="all",
+                                       backbone=BACKBONE, random_weights=True, resolution=32,
+                                       storage=str(tmp_path / "s"), precision="auto", device="auto"))
     meta = json.loads((tmp_path / "s" / "features" / out["key"] / "meta.json").read_text())
     assert meta["params"]["precision"] == "fp32" and seen and set(seen) == {"fp32"}
     with pytest.raises(ValueError, match="resolved precision"):

@@ -208,14 +208,14 @@ def test_invalid_settings_name_the_field_and_the_valid_values(kwargs, match):
 
 
 def test_invalid_knn_override_fails_at_validation_with_the_valid_fields():
-    from flows.train import RunSpec
+    from usseg_core.spec import RunSpec
 
     with pytest.raises(ConfigError, match="--set knn.nprob: unknown KNN search field; valid: knn.auto_threshold, "
-                                          "knn.ef_construction, knn.ef_search, knn.m, knn.method, knn.nlist, "
-                                          "knn.nprobe, knn.recall_floor, knn.recall_sample, knn.seed"):
-        RunSpec("stego", "synthetic", overrides={"knn.nprob": 8}).validate()
+                                          "knn.ef_construction, knn.ef_search, knn.k, knn.m, knn.method, "
+                                          "knn.nlist, knn.nprobe, knn.recall_floor, knn.recall_sample, knn.seed"):
+        RunSpec(head="stego", dataset="synthetic", overrides={"knn.nprob": 8})
     with pytest.raises(ConfigError, match="knn.method='flat'"):
-        RunSpec("stego", "synthetic", overrides={"knn.method": "flat"}).validate()
+        RunSpec(head="stego", dataset="synthetic", overrides={"knn.method": "flat"})
 
 
 def _feature_artifact(storage, rows):
@@ -235,7 +235,7 @@ def test_set_knn_reaches_ensure_knn_and_its_artifact(tmp_path, monkeypatch):
     """--set knn.method=hnsw --set knn.ef_search=48: parsed, routed (run and compare), validated, passed to
     ensure_knn, searched with, keyed and recorded."""
     import flows.train as train
-    from flows.compare import route_overrides
+    from usseg_core.spec import RunSpec, route_overrides
     from tasks.heads import KNN_VERSION, ensure_knn
     from usseg_core.config import parse_set_options
     from usseg_core.datasets.synthetic import ensure_synthetic
@@ -244,26 +244,26 @@ def test_set_knn_reaches_ensure_knn_and_its_artifact(tmp_path, monkeypatch):
     overrides = parse_set_options(["knn.method=hnsw", "knn.ef_search=48", "steps=5"])
     expected = KnnSettings(method="hnsw", ef_search=48)
     for head, routed in route_overrides(["stego", "omh", "picie"], overrides).items():
-        assert train.RunSpec(head, "synthetic", overrides=routed).knn_config() == expected
-    spec = train.RunSpec("stego", "synthetic", overrides=overrides, storage=str(tmp_path / "s"),
-                         data_root=str(ensure_synthetic(tmp_path / "data", n_train=2, n_val=1, height=32, width=32)))
-    spec.validate()
+        assert RunSpec(head=head, dataset="synthetic", overrides=routed).knn_config() == expected
+    spec = RunSpec(head="stego", dataset="synthetic", overrides=overrides, storage=str(tmp_path / "s"),
+                   data_root=str(ensure_synthetic(tmp_path / "data", n_train=2, n_val=1, height=32, width=32)))
     assert "knn.method" not in spec.head_overrides()
     calls = {}
     monkeypatch.setattr(train, "ensure_features", lambda *a, **kw: {"key": "features", "path": "-"})
-    monkeypatch.setattr(train, "ensure_knn", lambda storage, feats, k, settings: calls.setdefault("knn", settings))
+    monkeypatch.setattr(train, "ensure_knn", lambda storage, feats, settings: calls.setdefault("knn", settings))
     train.train_inputs(spec)
     assert calls["knn"] == expected
 
     storage = str(tmp_path / "store")
     ref = _feature_artifact(storage, _clustered(n=400))
-    done = ensure_knn.fn(storage, [ref], k=10, settings=expected)
+    top10 = dataclasses.replace(expected, k=10)
+    done = ensure_knn.fn(storage, [ref], settings=top10)
     art = ArtifactStore(storage).find(done["key"])
     assert art.meta["params"] == {"k": 10, **expected.key_params()} and str(art.meta["version"]) == str(KNN_VERSION)
     search = art.meta["search"]
     assert search["method"] == "hnsw" and search["hnsw"]["effort"][0]["ef_search"] == 48
-    assert search["settings"] == {**json.loads(json.dumps(dataclasses.asdict(expected)))}
+    assert search["settings"] == {**json.loads(json.dumps(dataclasses.asdict(top10)))}
     assert search["recall_at_7"] >= 0.99 and np.load(done["path"]).shape == (400, 11)
-    exact = ensure_knn.fn(storage, [ref], k=10, settings=KnnSettings(method="exact"))
+    exact = ensure_knn.fn(storage, [ref], settings=KnnSettings(k=10, method="exact"))
     assert exact["key"] != done["key"]
-    assert ensure_knn.fn(storage, [ref], k=10, settings=expected)["key"] == done["key"]  # a cache hit
+    assert ensure_knn.fn(storage, [ref], settings=top10)["key"] == done["key"]  # a cache hit

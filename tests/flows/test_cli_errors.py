@@ -52,22 +52,33 @@ def test_set_on_error_is_rejected_before_any_work(tmp_path):
 
 def test_on_error_reaches_the_manifests_of_run_and_compare():
     """One spelling on every command that reads images: --on-error reaches every DataRef of the run."""
-    from flows.compare import CompareSpec
-    from flows.train import RunSpec, train_inputs  # noqa: F401  (the DataRefs are built from run.on_error)
+    from usseg_core.spec import CompareSpec, RunSpec
 
-    run = RunSpec("stego", "synthetic", on_error="skip")
+    run = RunSpec(head="stego", dataset="synthetic", on_error="skip")
     assert run.on_error == "skip"
-    assert {r.on_error for r in CompareSpec("synthetic", ("stego", "picie"), (0, 1), on_error="skip").runs()} == {"skip"}
+    assert {r.on_error for r in CompareSpec(dataset="synthetic", heads=["stego", "picie"], seeds=[0, 1],
+                                            on_error="skip").runs()} == {"skip"}
     import inspect
 
     from flows.cli import app  # noqa: F401
     from flows import cli_compare, cli_run, compare, train
 
-    assert "on_error" in inspect.signature(train.pipeline.fn).parameters
-    assert "on_error" in inspect.signature(compare.compare.fn).parameters
+    assert "on_error" in _spec_of(train.pipeline).model_fields
+    assert "on_error" in _spec_of(compare.compare).model_fields
+    assert train.data_ref(run, "val").on_error == "skip"
     src = inspect.getsource(train)
-    assert src.count("run.dataset_options or {}, run.on_error)") == 3  # train, eval and probe splits
-    assert "on_error_mode(on_error)" in inspect.getsource(cli_run) and "on_error_mode(on_error)" in inspect.getsource(cli_compare)
+    assert src.count("data_ref(run, ") == 3 and "DataRef(" not in src.replace("-> DataRef:", "").replace(
+        "return DataRef(run.dataset, run.data_root, split, run.dataset_options, run.on_error)", "")  # train, eval, probe
+    assert "on_error=on_error" in inspect.getsource(cli_run) and "on_error=on_error" in inspect.getsource(cli_compare)
+
+
+def _spec_of(flow):
+    """The model of a flow's one parameter, ``spec``."""
+    import typing
+
+    (name,) = typing.get_type_hints(flow.fn).keys() - {"return"}
+    assert name == "spec"
+    return typing.get_type_hints(flow.fn)["spec"]
 
 
 def test_overcluster_option_reaches_the_evaluation_and_is_checked_first(tmp_path):
@@ -75,8 +86,9 @@ def test_overcluster_option_reaches_the_evaluation_and_is_checked_first(tmp_path
 
     from flows import train
 
-    assert "overcluster" in inspect.signature(train.pipeline.fn).parameters
-    assert train.RunSpec("stego", "synthetic", overcluster="reference-drop").overcluster == "reference-drop"
+    assert "overcluster" in _spec_of(train.pipeline).model_fields
+    assert _spec_of(train.pipeline)(head="stego", dataset="synthetic",
+                                    overcluster="reference-drop").overcluster == "reference-drop"
     assert "overcluster=run.overcluster" in inspect.getsource(train)
     done = usseg(tmp_path, "run", "stego", "--dataset", "synthetic", "--overcluster", "drop-all",
                  "--storage", str(tmp_path / "s"))

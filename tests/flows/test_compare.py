@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from flows.compare import CompareSpec, compare, route_overrides
+from flows.compare import compare
+from usseg_core.spec import CompareSpec, route_overrides
 from flows.fastpath import cached_result
 from tests.conftest import artifact_mtimes
 from usseg_core import report
@@ -29,7 +30,7 @@ def _compare_params(data_root: Path, storage: Path, seeds: list[int], **kw) -> d
 
 
 def _compare(data_root: Path, storage: Path, seeds: list[int], **kw) -> dict:
-    return compare(**_compare_params(data_root, storage, seeds, **kw))
+    return compare(CompareSpec(**_compare_params(data_root, storage, seeds, **kw)))
 
 
 # --- pure parts -------------------------------------------------------------------------------------
@@ -64,18 +65,18 @@ def test_overrides_go_to_the_heads_that_have_them():
 
 def test_a_bad_comparison_fails_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="unknown head"):
-        CompareSpec("synthetic", heads=("stego", "nope"), storage=str(tmp_path)).validate()
+        CompareSpec(dataset="synthetic", heads=["stego", "nope"], storage=str(tmp_path))
     with pytest.raises(ConfigError, match="must not repeat"):
-        CompareSpec("synthetic", heads=("stego",), seeds=(0, 0)).validate()
+        CompareSpec(dataset="synthetic", heads=["stego"], seeds=[0, 0])
     with pytest.raises(ConfigError, match="views.bogus"):
-        CompareSpec("synthetic", heads=("picie",), overrides={"views.bogus": 1}).validate()
+        CompareSpec(dataset="synthetic", heads=["picie"], overrides={"views.bogus": 1})
     assert not any(tmp_path.iterdir())
 
 
 def test_every_run_gets_its_seed_on_the_heads_primary_section():
-    runs = CompareSpec("synthetic", heads=("omh", "hsg"), seeds=(0, 3), overrides={"stego.steps": 5}).runs()
-    assert [(r.head, r.seed()) for r in runs] == [("omh", 0), ("omh", 3), ("hsg", 0), ("hsg", 3)]
-    assert runs[1].overrides == {"stego.steps": 5, "stego.seed": 3}
+    runs = CompareSpec(dataset="synthetic", heads=["omh", "hsg"], seeds=[0, 3], overrides={"stego.steps": 5}).runs()
+    assert [(r.head, r.seed) for r in runs] == [("omh", 0), ("omh", 3), ("hsg", 0), ("hsg", 3)]
+    assert runs[1].head_settings() == {"stego.steps": 5, "stego.seed": 3}
 
 
 # --- the flow ----------------------------------------------------------------------------------------
@@ -150,7 +151,7 @@ def test_one_more_seed_trains_only_that_seed_and_a_rerun_is_a_lookup(two_seeds, 
     assert again["cache_hit"] and again["key"] == out["key"] and again["trained"] == []
     assert artifact_mtimes(storage) == settled  # every stage and the report itself: look-ups
     # The CLI's no-work path: the same body under lookups_only, no flow run, the same answer.
-    looked = cached_result(compare, **_compare_params(synthetic_small, storage, [0, 1, 2]))
+    looked = cached_result(compare, CompareSpec(**_compare_params(synthetic_small, storage, [0, 1, 2])))
     assert looked is not None and looked["key"] == out["key"] and looked["summary"] == again["summary"]
     assert artifact_mtimes(storage) == settled
     assert [r["seed"] for r in json.loads((Path(out["path"]) / "runs.json").read_text())] == [0, 1, 2] * 2

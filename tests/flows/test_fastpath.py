@@ -20,9 +20,11 @@ def _flow_runs() -> int:
         return len(client.read_flow_runs(limit=200, sort=FlowRunSort.EXPECTED_START_TIME_DESC))
 
 
-def _params(data, storage) -> dict:
-    return dict(dataset="directory", data_root=str(data), split="all", backbone=BACKBONE, random_weights=True,
-                resolution=32, storage=str(storage), batch_size=2)
+def _params(data, storage):
+    from usseg_core.spec import ExtractSpec
+
+    return ExtractSpec(dataset="directory", data_root=str(data), split="all", backbone=BACKBONE,
+                       random_weights=True, resolution=32, storage=str(storage), batch_size=2)
 
 
 def test_lookups_only_refuses_to_begin_an_artifact(tmp_path):
@@ -37,7 +39,7 @@ def test_lookups_only_refuses_to_begin_an_artifact(tmp_path):
 def test_a_miss_does_no_work_and_a_cached_command_is_answered_without_a_flow_run(tmp_path, prefect_harness,
                                                                                   monkeypatch):
     data, storage = _images(tmp_path, 4), tmp_path / "storage"
-    assert fastpath.cached_result(extract_features, **_params(data, storage)) is None
+    assert fastpath.cached_result(extract_features, _params(data, storage)) is None
     assert not any(p.is_dir() and p.name != "_runs" for p in storage.glob("*"))  # not even a manifest
 
     first = _run_extract(data, storage)

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 from prefect import flow
 
-from flows.train import RunSpec, run
+from flows.train import run
+from usseg_core.spec import RunSpec
 from tests.conftest import artifact_mtimes
 from usseg_core.datasets.manifest import Manifest
 from usseg_core.datasets.synthetic import ensure_synthetic
@@ -94,7 +95,8 @@ def _keys(storage, stage: str) -> set[str]:
 def test_views_and_oversegment_feed_a_head_and_invalidate_separately(segtoy_head, synthetic_root, tmp_path,
                                                                      prefect_harness):
     storage = tmp_path / "storage"
-    base = RunSpec("segtoy", "synthetic", str(synthetic_root), "train", None, storage=str(storage),
+    base = RunSpec(head="segtoy", dataset="synthetic", data_root=str(synthetic_root), train_split="train",
+                   eval_split=None, storage=str(storage),
                    overrides={"views.n_views": 2, "overseg.max_regions": 16}, resolution=64)
 
     # (a) a fresh store: manifest -> edges -> UCM -> segments, features -> views -> head, in one run
@@ -113,14 +115,14 @@ def test_views_and_oversegment_feed_a_head_and_invalidate_separately(segtoy_head
     features = _keys(storage, "features")
 
     # (b) another backbone: features, views and head again; the oversegmentation is a cache hit
-    other = _run_flow(replace(base, random_weights=True))["trained"]
+    other = _run_flow(base.changed(random_weights=True))["trained"]
     assert other["oversegment"][0]["key"] == oref["key"] and other["oversegment"][0]["cache_hit"]
     assert not other["views"][0]["cache_hit"] and other["views"][0]["key"] != vref["key"]
     assert other["head"]["key"] != first["head"]["key"]
     assert len(_keys(storage, "features")) == len(features) + 1 and len(_keys(storage, "oversegment")) == 1
 
     # (c) other edge/UCM settings: oversegmentation and head again; the views are a cache hit
-    t0 = replace(base, overrides={**base.overrides, "overseg.t0": 0.1})
+    t0 = base.changed(overrides={**base.overrides, "overseg.t0": 0.1})
     moved = _run_flow(t0)["trained"]
     assert not moved["oversegment"][0]["cache_hit"] and moved["oversegment"][0]["key"] != oref["key"]
     assert moved["views"][0]["cache_hit"] and moved["views"][0]["key"] == vref["key"]
@@ -141,9 +143,9 @@ def test_views_and_oversegment_feed_a_head_and_invalidate_separately(segtoy_head
 def test_bad_overseg_settings_fail_before_any_artifact(bad, says, segtoy_head, synthetic_root, tmp_path):
     storage = tmp_path / "storage"
     value = {"overseg.t0": "high", "overseg.detector": "sobel"}.get(bad, 1)
-    spec = RunSpec("segtoy", "synthetic", str(synthetic_root), storage=str(storage), overrides={bad: value})
-    with pytest.raises(ConfigError) as err:
-        run(spec)  # no flow needed: it fails before the first task
+    with pytest.raises(ConfigError) as err:  # the spec itself refuses it: before any flow or task
+        RunSpec(head="segtoy", dataset="synthetic", data_root=str(synthetic_root), storage=str(storage),
+                overrides={bad: value})
     assert re.search(says, str(err.value)), str(err.value)
     assert not storage.exists() or not any(p for p in storage.rglob("meta.json"))
 
@@ -180,6 +182,6 @@ def test_cli_rejects_bad_overseg_settings_before_any_work_and_heads_never_see_th
                                    "--set", "overseg.tzero=0.1"])
     assert isinstance(res.exception, ConfigError) and "valid: overseg.detector" in str(res.exception)
     assert not list(tmp_path.iterdir())  # nothing was computed
-    spec = RunSpec("picie", "synthetic", overrides={"overseg.t0": 0.1, "views.n_views": 2, "epochs": 1})
+    spec = RunSpec(head="picie", dataset="synthetic", overrides={"overseg.t0": 0.1, "views.n_views": 2, "epochs": 1})
     assert spec.head_overrides() == {"epochs": 1}
     assert spec.overseg_config().schedule("cityscapes27") == OversegSchedule(0.1, 1024)

@@ -73,9 +73,11 @@ def test_run_stego_end_to_end_then_all_cache_hits(tmp_path, synthetic_root, pref
     from flows.fastpath import cached_result
     from flows.train import pipeline
 
-    looked = cached_result(pipeline, dataset="synthetic", data_root=str(synthetic_root), train_split="train",
-                           eval_split="val", method="stego", resolution=64, storage=str(storage),
-                           overrides={"steps": 30, "batch_size": 4})
+    from usseg_core.spec import RunSpec
+
+    looked = cached_result(pipeline, RunSpec(dataset="synthetic", data_root=str(synthetic_root), train_split="train",
+                                             eval_split="val", head="stego", resolution=64, storage=str(storage),
+                                             overrides={"steps": 30, "batch_size": 4}))
     assert looked is not None
     assert pd.DataFrame(looked["evaluation"]["rows"]).equals(pd.read_parquet(next(
         (storage / "evaluation").iterdir()) / "results.parquet"))

@@ -13,7 +13,8 @@ from prefect import flow
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.train import RunSpec, run
+from flows.train import run
+from usseg_core.spec import RunSpec
 from tests.conftest import artifact_mtimes
 from usseg_core.heads import HeadSpec, TrainedHead, TrainedState, get_head, register_head, unregister_head
 
@@ -64,8 +65,8 @@ def _run_flow(spec: RunSpec) -> dict:
 
 def test_a_registered_toy_head_runs_through_the_pipeline(toy_head, synthetic_small, tmp_path, prefect_harness):
     storage = tmp_path / "storage"
-    out = _run_flow(RunSpec("toy", "synthetic", str(synthetic_small), "train", "val", "vit_small_patch16_224.dino",
-                            random_weights=True, storage=str(storage), overrides={"toy.dim": 4}, resolution=32,
+    out = _run_flow(RunSpec(head="toy", dataset="synthetic", data_root=str(synthetic_small), train_split="train",
+                            eval_split="val", backbone="vit_small_patch16_224.dino", random_weights=True, storage=str(storage), overrides={"toy.dim": 4}, resolution=32,
                             run_crf=False))
     assert "knn" not in out["trained"]  # declared inputs only: five-crop features, no KNN table
     assert not (storage / "knn").exists() and not (storage / "views").exists()

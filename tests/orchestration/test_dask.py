@@ -11,6 +11,7 @@ import zarr
 from prefect import flow
 
 from flows.extract import extract_features
+from usseg_core.spec import CompareSpec, ExtractSpec
 from flows.runner import SettingTaskRunner
 
 
@@ -25,10 +26,10 @@ def test_two_dask_workers_share_shards_and_match_threads_bit_for_bit(prefect_har
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single = extract_features(storage=str(tmp_path / "threads"), task_runner="threads:1", **common)
+        single = extract_features(ExtractSpec(storage=str(tmp_path / "threads"), task_runner="threads:1", **common))
     finally:
         torch.set_num_threads(threads)
-    fanned = extract_features(storage=str(tmp_path / "dask"), task_runner="dask:2", **common)
+    fanned = extract_features(ExtractSpec(storage=str(tmp_path / "dask"), task_runner="dask:2", **common))
 
     assert fanned["key"] == single["key"]  # the runner is not part of the key
     assert len(fanned["workers"]) == 2, fanned["workers"]  # 8 shards over 2 processes
@@ -117,10 +118,10 @@ def test_compare_trains_heads_and_seeds_on_dask_workers_and_matches_threads(pref
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the Dask workers run (see above)
     try:
-        single = compare(storage=str(tmp_path / "threads"), task_runner="threads:1", **common)
+        single = compare(CompareSpec(storage=str(tmp_path / "threads"), task_runner="threads:1", **common))
     finally:
         torch.set_num_threads(threads)
-    fanned = compare(storage=str(tmp_path / "dask"), task_runner="dask:2", **common)
+    fanned = compare(CompareSpec(storage=str(tmp_path / "dask"), task_runner="dask:2", **common))
 
     assert fanned["key"] == single["key"]  # neither the runner nor the store's location is part of any key
     workers = {json.loads((tmp_path / "dask" / "head" / r["head_key"] / "meta.json").read_text())["worker"]

@@ -25,7 +25,7 @@ from usseg_core.store import MARKER
 VIT = "vit_small_patch16_224.dino"
 SYNTHETIC_FLOWS = ("train-stego", "train-picie", "evaluate-stego", "compare", "extract-features", "watch-backbones")
 BELOW_BACKBONE = {"features", "knn", "views", "head", "kmeans", "linear-probe", "evaluation"}
-# Test-sized head configurations (as `prefect deployment run --param overrides=...` would pass them).
+# Test-sized head configurations (the `overrides` field of the deployments' spec).
 TOY_OVERRIDES = {"stego": {"steps": 30}, "picie": {"epochs": 1, "batch_size": 4, "views.n_views": 2}}
 # The same sizes for `compare`, namespaced (its --set keys are routed to the heads that have them).
 COMPARE_PARAMS = {"heads": ["stego", "picie"], "seeds": [0], "run_crf": False,
@@ -54,7 +54,7 @@ def test_yaml(source: Path, target: Path, weights: Path) -> Path:
         if flow not in SYNTHETIC_FLOWS or dep["name"] not in ("synthetic", "default"):
             continue
         dep = json.loads(json.dumps(dep))  # drop YAML aliases: each deployment is edited on its own
-        params = dep["parameters"]
+        params = dep["parameters"].get("spec", dep["parameters"])  # every flow but the watcher: one spec
         if flow == "watch-backbones":
             params["backbones"] = [{"name": VIT, "weights": str(weights)}]
         elif flow == "compare":  # run by hand below; not triggered (the backbone test counts 3 triggered runs)
@@ -90,7 +90,8 @@ def svc(tmp_path_factory):
     try:
         state = service.up(storage, tmp / "data", port=0, schedules=False, poll_s=2,
                            prefect_file=test_yaml(service.PREFECT_FILE, tmp / "prefect.yaml", weights))
-        yield {"state": state, "storage": storage, "weights": weights, "tmp": tmp}
+        yield {"state": state, "storage": storage, "weights": weights, "tmp": tmp,
+               "yaml": yaml.safe_load((tmp / "prefect.yaml").read_text())}
     finally:
         service.down(storage, timeout=15)
         if old is None:
@@ -108,6 +109,13 @@ def run_deployment(svc, name: str, *params: str, timeout: float = 400) -> subpro
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "Completed" in out.stdout
     return out
+
+
+def spec_param(svc, deployment: str, **changes) -> str:
+    """``spec=<json>``: the deployment's spec with ``changes`` (a run replaces the whole ``spec`` parameter)."""
+    flow, name = deployment.split("/")
+    (dep,) = [d for d in svc["yaml"]["deployments"] if flow_of(d["entrypoint"]) == flow and d["name"] == name]
+    return "spec=" + json.dumps({**dep["parameters"]["spec"], **changes})
 
 
 def snapshot(storage: Path) -> dict[tuple[str, str], str]:
@@ -173,6 +181,19 @@ def test_compare_deployment_reports_over_the_heads_the_train_deployments_made(sv
     assert [(r["head"], r["seed"], r["trained_now"]) for r in runs] == [("stego", 0, False), ("picie", 0, False)]
 
 
+def test_evaluate_deployment_takes_every_run_option_of_the_command_line(svc):
+    """The options the evaluate-<head> flows once lacked (on_error, overcluster) are fields of its spec: a run
+    of the deployment sets them, and they reach the manifest and the evaluation."""
+    run_deployment(svc, "evaluate-stego/synthetic", spec_param(
+        svc, "evaluate-stego/synthetic", on_error="skip", overcluster="majority", n_clusters=7, run_crf=False))
+    evaluations = [json.loads(p.read_text()) for p in (svc["storage"] / "evaluation").glob("*/meta.json")]
+    (ev,) = [m for m in evaluations if m["params"].get("overcluster") == "majority"]
+    rows = (svc["storage"] / "evaluation" / ev["key"] / "results.csv").read_text().splitlines()
+    assert any(",majority," in r for r in rows[1:])
+    manifests = [json.loads(p.read_text()) for p in (svc["storage"] / "manifest").glob("*/meta.json")]
+    assert any(m["params"].get("on_error") == "skip" for m in manifests)
+
+
 def test_backbone_change_reruns_exactly_the_stages_below_it(svc):
     run_deployment(svc, "evaluate-stego/synthetic")
     run_deployment(svc, "watch-backbones/default")  # records the fingerprint: nothing changed yet
@@ -210,8 +231,8 @@ def chunk_times(zpath: Path, items) -> dict:
 def test_killed_worker_resumes_without_recomputing_finished_shards(svc):
     import zarr
 
-    params = ("policy=five_crop", "resolution=224", "shard_size=5", "batch_size=5", "random_weights=true",
-              "weights=null")
+    params = (spec_param(svc, "extract-features/synthetic", policy="five_crop", resolution=224, shard_size=5,
+                         batch_size=5, random_weights=True, weights=None),)
     cmd = [sys.executable, "-m", "prefect", "deployment", "run", "extract-features/synthetic"]
     for p in params:
         cmd += ["--param", p]
@@ -244,7 +265,9 @@ def test_killed_worker_resumes_without_recomputing_finished_shards(svc):
     assert chunk_times(zpath, finished) == chunks  # finished items were not written again
 
     other = svc["tmp"] / "uninterrupted"
-    run_deployment(svc, "extract-features/synthetic", *params, f"storage={other}")
+    run_deployment(svc, "extract-features/synthetic", spec_param(
+        svc, "extract-features/synthetic", policy="five_crop", resolution=224, shard_size=5, batch_size=5,
+        random_weights=True, weights=None, storage=str(other)))
     ref = next((other / "features").glob(f"*/features.zarr"))
     got, want = zarr.open_group(str(zpath), mode="r"), zarr.open_group(str(ref), mode="r")
     assert np.array_equal(got["dense"][:], want["dense"][:])

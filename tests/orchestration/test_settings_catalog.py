@@ -70,7 +70,7 @@ def test_prefect_yaml_has_every_head_dataset_with_schedules_and_triggers():
             assert getattr(train, attr).name == flow  # the entrypoint is a flow of that name
     for dep in spec["deployments"]:
         assert dep["work_pool"]["name"] == "usseg"
-        params = dep["parameters"]
+        params = dep["parameters"].get("spec", dep["parameters"])  # every flow but the watcher: one spec
         assert params.get("data_root") is None and params.get("storage") is None  # never hard-coded
         if dep["entrypoint"].startswith("flows.train."):
             assert dep["schedules"][0]["cron"] and dep["schedules"][0]["active"] is True
@@ -85,13 +85,13 @@ def test_prefect_yaml_has_every_head_dataset_with_schedules_and_triggers():
 def test_synthetic_deployments_train_as_long_as_the_demo():
     """The synthetic deployments exist to try things quickly: the demo's lengths, the papers' elsewhere."""
     from flows.cli_compare import DEMO_OVERRIDES
-    from flows.train import RunSpec
     from usseg_core.heads import get_head
+    from usseg_core.spec import RunSpec
 
     spec = yaml.safe_load((Path(__file__).resolve().parents[2] / "deployments" / "prefect.yaml").read_text())
     seen = 0
     for dep in spec["deployments"]:
-        params, entry = dep["parameters"], dep["entrypoint"]
+        params, entry = dep["parameters"].get("spec", {}), dep["entrypoint"]
         if params.get("dataset") != "synthetic" or "overrides" not in params:
             continue
         seen += 1
@@ -99,17 +99,17 @@ def test_synthetic_deployments_train_as_long_as_the_demo():
             assert params["overrides"] == DEMO_OVERRIDES
             continue
         head = entry.rsplit("_", 1)[1]
-        cfg = get_head(head).config("synthetic", RunSpec(head, "synthetic", overrides=params["overrides"])
-                                    .head_overrides())
+        cfg = get_head(head).config("synthetic", RunSpec(head=head, dataset="synthetic",
+                                                         overrides=params["overrides"]).head_overrides())
         steps = getattr(cfg.get("stego"), "steps", None)
         assert steps in (None, DEMO_OVERRIDES["stego.steps"]), (dep["name"], entry)
         for section in ("picie", "hsg"):
             if section in cfg:
                 assert cfg[section].epochs == DEMO_OVERRIDES[f"{section}.epochs"]
     assert seen == 4 * 2 + 1  # train + evaluate per head, and compare
-    others = [d for d in spec["deployments"] if d["parameters"].get("dataset") == "camvid11"
-              and "overrides" in d["parameters"]]
-    assert others and all(d["parameters"]["overrides"] == {} for d in others)
+    others = [d["parameters"]["spec"] for d in spec["deployments"]
+              if d["parameters"].get("spec", {}).get("dataset") == "camvid11" and "overrides" in d["parameters"]["spec"]]
+    assert others and all(p["overrides"] == {} for p in others)
 
 
 def _artifact(store, stage, params, upstream=None, complete=True):

@@ -7,16 +7,17 @@ import pytest
 import torch
 from prefect import flow
 
-from flows.train import RunSpec, train_stages
+from flows.train import resolved, train_stages
+from usseg_core.spec import RunSpec
 
 
 @flow
 def _train(run: RunSpec) -> dict:
-    return train_stages(run)["head"]
+    return train_stages(resolved(run))["head"]
 
 
 def _head(storage, root, steps: int) -> dict:
-    run = RunSpec("stego", "synthetic", data_root=str(root), train_split="train", storage=str(storage),
+    run = RunSpec(head="stego", dataset="synthetic", data_root=str(root), train_split="train", storage=str(storage),
                   resolution=64, overrides={"steps": steps, "batch_size": 4, "checkpoint_every": 2})
     return _train(run)
 
