@@ -14,6 +14,7 @@ command never starts a temporary server just to read one.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from usseg_core.config import DATA_ROOT_ENV, DEFAULT_STORAGE, STORAGE_ENV, first_set
@@ -21,9 +22,30 @@ from usseg_core.errors import ConfigError
 
 STORAGE_VARIABLE = "usseg_storage"
 DATA_ROOT_VARIABLE = "usseg_data_root"
-# Registry name -> subfolder of USSEG_DATA_ROOT (also the dataset part of deployment names).
-DATASET_FOLDERS = {"cocostuff27": "cocostuff", "cityscapes27": "cityscapes", "potsdam3": "potsdam",
-                   "camvid11": "camvid", "synthetic": "synthetic"}
+
+
+class _DatasetFolders(Mapping[str, str]):
+    """Registry name -> subfolder of USSEG_DATA_ROOT (also the dataset part of deployment names): each registered
+    dataset's ``protocol.folder`` (``usseg_core.datasets.dataset_folders``), read when first used, since
+    importing the datasets at CLI start-up would cost about 0.15 s."""
+
+    def _folders(self) -> dict[str, str]:
+        from usseg_core.datasets.registry import dataset_folders
+
+        return dataset_folders()
+
+    def __getitem__(self, name: str) -> str:
+        return self._folders()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._folders())
+
+    def __len__(self) -> int:
+        return len(self._folders())
+
+
+DATASET_FOLDERS: Mapping[str, str] = _DatasetFolders()
+
 # The default synthetic set (the same scenes as `usseg demo` with its defaults).
 SYNTHETIC_DEFAULT = {"n_train": 40, "n_val": 12}
 

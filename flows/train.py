@@ -51,7 +51,7 @@ def resolved(spec: S) -> S:
 
 
 def eval_view(dataset_obj, resolution: int | None) -> ViewSpec:
-    """The evaluation protocol of the dataset (METHODS.md §5 S8), optionally at another resolution.
+    """The evaluation protocol of the dataset (docs/methods/protocol.md §5 S8), optionally at another resolution.
 
     At the training resolution it is also the view bank's base frame: the whole evaluation frame, smaller.
     """

@@ -1,4 +1,4 @@
-"""Segment-retrieval evaluation (HSG's protocol, METHODS.md §1.3): the labelled segment memory of a
+"""Segment-retrieval evaluation (HSG's protocol, docs/methods/hsg.md §1.3): the labelled segment memory of a
 split, the predictor that labels test segments from it, and the one call the evaluation flow makes.
 
 The memory is an artifact ("segment-memory") keyed by the head (or "raw"), the labelled features, the

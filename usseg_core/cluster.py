@@ -1,4 +1,4 @@
-"""Cosine (spherical) clustering of code vectors, METHODS.md S6(a).
+"""Cosine (spherical) clustering of code vectors, docs/methods/protocol.md S6(a).
 
 STEGO's paper calls its cluster probe a "cosine-distance mini-batch k-means"; PiCIE runs FAISS k-means
 on unit vectors and then refines with per-batch running-count updates. ``spherical_kmeans`` is that

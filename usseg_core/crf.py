@@ -1,4 +1,4 @@
-"""Fully connected dense CRF refinement (Krähenbühl & Koltun), METHODS.md S7.
+"""Fully connected dense CRF refinement (Krähenbühl & Koltun), docs/methods/protocol.md S7.
 
 STEGO refines both the cluster-probe and the linear-probe outputs with the pydensecrf mean-field
 solver, with parameters borrowed from MaskContrast ([code:STEGO] ``crf.py``). This module runs it on

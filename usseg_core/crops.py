@@ -2,7 +2,7 @@
 
 STEGO five-crops every training image before KNN mining (4 corners + centre, each side
 ``int(crop_ratio * side)``, ``crop_ratio = 0.5``, [code:STEGO] ``crop_datasets.py`` calling torchvision
-``five_crop``); evaluation resizes the short side to 320 then centre-crops 320 x 320 (METHODS.md S1).
+``five_crop``); evaluation resizes the short side to 320 then centre-crops 320 x 320 (docs/methods/protocol.md S1).
 The functions below reproduce torchvision's arithmetic exactly (including Python's round-half-to-even
 in ``center_crop``), so a box cut with numpy slicing equals the torchvision crop pixel for pixel.
 

@@ -1,4 +1,4 @@
-"""One device and precision policy for every stage (ARCHITECTURE.md, "Devices and precision").
+"""One device and precision policy for every stage (docs/architecture.md, "Devices and precision").
 
 ``resolve_device`` turns the user's device string into a validated ``torch.device`` and
 ``resolve_precision`` turns the user's precision into the one the work will run at. Both are called

@@ -1,7 +1,7 @@
 """Errors raised at usseg's boundaries.
 
 Every error that comes from a user's input names the file (or argument) and the problem, so that a
-message alone tells the user what to fix (STYLE.md: validate early, say what is wrong).
+message alone tells the user what to fix (docs/contributing.md: validate early, say what is wrong).
 """
 from __future__ import annotations
 

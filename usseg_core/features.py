@@ -1,6 +1,6 @@
 """The Zarr feature store and the extraction loop that fills it.
 
-Layout of one feature artifact (ARCHITECTURE.md, "Feature store"): a Zarr v3 group with
+Layout of one feature artifact (docs/architecture.md, "Feature store"): a Zarr v3 group with
 
 - ``dense``  ``(N, C, h, w)`` float16, one chunk per item, zstd (Blosc) compressed;
 - ``pooled`` ``(N, C)`` float32: global average of the dense map (computed in fp32 before the cast);

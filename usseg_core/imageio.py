@@ -1,7 +1,7 @@
 """Reading images and label maps from disk, validated at the boundary.
 
 Every reader here either returns a well-formed array or raises :class:`~usseg_core.errors.InputError`
-naming the file and the problem (STYLE.md: validate early, say what is wrong). In particular a
+naming the file and the problem (docs/contributing.md: validate early, say what is wrong). In particular a
 truncated JPEG or PNG is never half-loaded: Pillow's ``LOAD_TRUNCATED_IMAGES`` is forced off and the
 pixel data is fully decoded before returning, and PNGs are additionally chunk-CRC verified.
 

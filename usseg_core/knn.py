@@ -1,4 +1,4 @@
-"""Image-level nearest neighbours over global features (METHODS.md S3, STEGO KNN mining).
+"""Image-level nearest neighbours over global features (docs/methods/protocol.md S3, STEGO KNN mining).
 
 Each (five-cropped) training image is represented by the L2-normalised global average pool of its
 frozen backbone features; STEGO stores the cosine top-30 of each image and samples its positive pair

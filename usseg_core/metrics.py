@@ -1,4 +1,4 @@
-"""Segmentation metrics: a streaming confusion matrix and Hungarian / identity scoring (METHODS.md S8).
+"""Segmentation metrics: a streaming confusion matrix and Hungarian / identity scoring (docs/methods/protocol.md S8).
 
 One (n_pred x n_classes) confusion matrix is accumulated over the whole split (never averaged per
 image), then scored once:
@@ -9,7 +9,7 @@ image), then scored once:
 * ``identity_scores`` -- linear probe: prediction index == class index, no matching.
 
 Unlike [code:STEGO], every valid pixel stays in the denominator: with more clusters than classes the
-reference drops pixels predicted as an extra cluster (REFERENCES.md §1.1, "mask bug"); here they count
+reference drops pixels predicted as an extra cluster (docs/references.md §1.1, "mask bug"); here they count
 as errors ("unmatched-wrong", the default) or go to their cluster's majority class ("majority").
 "reference-drop" reproduces the reference protocol for comparison with published numbers.
 

@@ -1,4 +1,4 @@
-"""HSG's edge-based oversegmentation: edges -> OWT-UCM -> one partition per image (METHODS.md §1.1, S4).
+"""HSG's edge-based oversegmentation: edges -> OWT-UCM -> one partition per image (docs/methods/hsg.md §1.1, docs/methods/protocol.md S4).
 
 Threshold schedule (HSG `[001]` §5.8): start at an initial UCM threshold t0 and raise it until the
 number of regions drops below a cap. The paper does not state the step; we use 0.01 (inferred: the
@@ -43,30 +43,23 @@ class OversegSchedule:
             raise ConfigError(f"OversegSchedule.step must be > 0, got {self.step}")
 
 
-# METHODS.md §1.1 table; the pairing of the PMI values by order is inferred there.
+# docs/methods/hsg.md §1.1 table; the pairing of the PMI values by order is inferred there.
 SCHEDULES: dict[str, OversegSchedule] = {
     "coco": OversegSchedule(0.25, 48),  # MSCOCO / COCO-stuff, SE edges
     "cityscapes": OversegSchedule(0.05, 1024),  # Cityscapes / KITTI-STEP, PMI edges
     "potsdam": OversegSchedule(0.5, 128),  # Potsdam, PMI edges
 }
 
-# Dataset registry names -> schedule. CamVid (road scenes like Cityscapes, no HSG setting of its
-# own) uses the Cityscapes schedule: same domain and the same kind of many-small-objects scenes; at
-# 480x360 the 1024-region cap still gives ~170-pixel regions, a fine oversegmentation. Our choice.
-_DATASET_SCHEDULE = {
-    "coco": "coco", "cocostuff": "coco", "cocostuff27": "coco", "cocostuff171": "coco", "mscoco": "coco",
-    "cityscapes": "cityscapes", "cityscapes27": "cityscapes", "kitti-step": "cityscapes", "kitti_step": "cityscapes",
-    "camvid": "cityscapes", "camvid11": "cityscapes",
-    "potsdam": "potsdam", "potsdam3": "potsdam", "potsdam6": "potsdam",
-}
-
 
 def schedule_for_dataset(dataset_name: str) -> OversegSchedule:
-    """Schedule for a dataset registry name (e.g. "cocostuff27"); unknown names get the COCO one."""
-    key = dataset_name.lower()
-    if key in SCHEDULES:
-        return SCHEDULES[key]
-    return SCHEDULES[_DATASET_SCHEDULE.get(key, "coco")]
+    """The schedule a registered dataset declares (``protocol.overseg_schedule``, e.g. "cocostuff27" -> coco).
+
+    Raises:
+        ConfigError: unknown dataset ("unknown dataset 'x'; known: ...").
+    """
+    from usseg_core.datasets.registry import dataset_protocol  # lazy: the CLI imports this module at start-up
+
+    return SCHEDULES[dataset_protocol(dataset_name).overseg_schedule]
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Segment retrieval: HSG's evaluation protocol (kNN label transfer), METHODS.md §1.3, for any codes.
+"""Segment retrieval: HSG's evaluation protocol (kNN label transfer), docs/methods/hsg.md §1.3, for any codes.
 
 A *labelled memory* holds the segment prototypes of a labelled split with their majority ground-truth
 label. A test image is cut into per-image spherical k-means segments (the same test-time n0 grid as the
@@ -29,7 +29,6 @@ H*W pixels, the segment boundaries still sit at label resolution.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -39,22 +38,26 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from usseg_core.spec import RETRIEVAL_K, RETRIEVAL_VOTES
-from usseg_core.segsort import GRID_N0, compact_ids, grid_kmeans, segment_means
+from usseg_core.datasets.registry import dataset_protocol
+from usseg_core.segsort import compact_ids, grid_kmeans, segment_means
 
 __all__ = ["K_DEFAULT", "VOTE_DEFAULT", "VOTES", "check_options", "SegmentMemory", "segment_labels",
            "image_segments", "segment_prototypes", "build_memory", "retrieve", "retrieval_logits", "dataset_grid"]
 
 K_DEFAULT = RETRIEVAL_K  # twke18/HSG: 20 (the run option's default, written in usseg_core/spec.py)
 VOTE_DEFAULT = RETRIEVAL_VOTES[0]  # "majority": twke18/HSG hsg/utils/segsort/eval.py majority_label_from_topk
-KMEANS_ITERS = 15  # HSG: 15 k-means iterations (METHODS.md S6 b)
+KMEANS_ITERS = 15  # HSG: 15 k-means iterations (docs/methods/protocol.md S6 b)
 LOG_EPS = 1e-4  # floor of the vote distribution before the log: finite unaries for the dense CRF
 FAISS_MIN_MEMORY = 50_000  # "auto" backend: faiss IndexFlatIP from this many memory prototypes on
-DEFAULT_GRID = GRID_N0["voc"]  # datasets without a published n0 get the most common one (6 x 6)
 
 
 def dataset_grid(dataset: str) -> tuple[int, int]:
-    """The test-time n0 grid of a dataset registry name ("cityscapes27" -> GRID_N0["cityscapes"])."""
-    return GRID_N0.get(re.sub(r"\d+$", "", dataset), DEFAULT_GRID)
+    """The test-time n0 grid a registered dataset declares (``protocol.hsg_test_grid``; "cityscapes27" -> 12 x 24).
+
+    Raises:
+        ConfigError: unknown dataset.
+    """
+    return dataset_protocol(dataset).hsg_test_grid
 
 
 # --- votes: (Q, k) similarities and labels of the neighbours -> (Q, C) distribution ------------------

@@ -1,8 +1,8 @@
-"""Per-image segments of an embedding map (SegSort / HSG, METHODS.md §1.1–1.3).
+"""Per-image segments of an embedding map (SegSort / HSG, docs/methods/hsg.md §1.1–1.3).
 
 - :func:`grid_kmeans`: spherical k-means of every map of a batch *separately*, initialised from a
   spatial grid (cluster ``k`` starts as the mean of grid cell ``k``: SegSort's initialisation, which HSG
-  inherits; the paper only says "4 x 4 segments per crop", reading it as a grid is METHODS.md's
+  inherits; the paper only says "4 x 4 segments per crop", reading it as a grid is docs/methods/hsg.md §1.1's
   inference). HSG's G0 in training (4 x 4, 15 iterations) and at test time (n0 = a grid per dataset).
 - :func:`compact_ids` / :func:`segment_means`: segment ids made contiguous and their L2-normalised
   mean embeddings u_s (HSG Eq. 3's segment feature).
@@ -15,15 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["grid_init_labels", "grid_kmeans", "compact_ids", "segment_means", "GRID_N0"]
+__all__ = ["grid_init_labels", "grid_kmeans", "compact_ids", "segment_means"]
 
-# Test-time n0 as a (rows, cols) grid (HSG [001] §1.3 table; CamVid is ours: its 4:3 frames at the
-# Cityscapes density of the feature grid would give ~20 centroids, we keep 6 x 8 = 48 so that every one
-# of the 11 classes can own several segments, as in HSG's 36 for 15 COCO-stuff classes).
-GRID_N0: dict[str, tuple[int, int]] = {
-    "voc": (6, 6), "cocostuff": (6, 6), "potsdam": (6, 6), "cityscapes": (12, 24), "kitti-step": (6, 12),
-    "camvid": (6, 8),
-}
+# The test-time n0 of each dataset is part of its protocol (``DatasetProtocol.hsg_test_grid``, HSG [001] §1.3:
+# 6 x 6 for VOC / COCO-stuff / Potsdam, 12 x 24 for Cityscapes, 6 x 12 for KITTI-STEP).
 
 
 def grid_init_labels(h: int, w: int, grid: tuple[int, int], device=None) -> Tensor:

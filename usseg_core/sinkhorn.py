@@ -6,7 +6,7 @@ Solves, for a cost matrix C (n, m) and marginals r (n,), c (m,) that each sum to
 
 whose solution is P = diag(u) K diag(v) with kernel K = exp(-C / eps).
 
-Conventions (OMH, METHODS.md §4.2 and §6.19):
+Conventions (OMH, docs/methods/omh.md §4.2 and §6.19):
 - ``eps`` is the entropic *weight*. Larger eps gives a blurrier, higher-entropy plan. This is the
   reading that fits OMH Table 7 (λ = 0.02 sparsest, 0.1 most diffuse), not the ``1/λ`` printed in
   OMH Eq. 7.

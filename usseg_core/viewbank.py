@@ -1,6 +1,6 @@
 """The view bank: recorded PiCIE-style augmentations of every image, and their replay on maps.
 
-PiCIE (METHODS.md §2.1) embeds two views of an image, ``f(G(P1(x)))`` (warp the image) and
+PiCIE (docs/methods/picie.md §2.1) embeds two views of an image, ``f(G(P1(x)))`` (warp the image) and
 ``G(f(P2(x)))`` (warp the feature map) with the *same* geometric draw G, drawn once and kept so that
 pseudo-labels and training views correspond; HSG warps segment maps the same way. A view bank holds, per
 image, V recorded draws ``(P, G)`` and the backbone features of two renderings of each:
@@ -54,7 +54,7 @@ _IDENTITY = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0}
 
 @dataclass(frozen=True)
 class ViewBankConfig:
-    """How many views per image and how they are drawn. Defaults: PiCIE supplement (METHODS.md §2.1)."""
+    """How many views per image and how they are drawn. Defaults: PiCIE supplement (docs/methods/picie.md §2.1)."""
 
     n_views: int = 4  # V recorded draws per image (ours: PiCIE draws P1, P2, G per image per epoch)
     seed: int = 0  # with the image id and view index, seeds every draw (adding images changes nothing else)

@@ -3,11 +3,11 @@
 A *view* turns one image into one or more *items* (five-crop gives five), each a fixed-size RGB tensor.
 Every item of a view has the same size, so features stack into one ``(N, C, h, w)`` array.
 
-Policies (METHODS.md §5 S2, S4, S8):
+Policies (docs/methods/protocol.md §5 S2, S4, S8):
 
 - ``center_crop``: resize the short side to ``resolution`` (bilinear, antialiased), centre-crop a square.
   The eval protocol of cocostuff27 / cityscapes27 / potsdam3 (320) and STEGO's training res (224).
-  STEGO resizes *images* with nearest neighbour (REFERENCES.md §1.1, "resize quirk"); we use bilinear
+  STEGO resizes *images* with nearest neighbour (docs/references.md §1.1, "resize quirk"); we use bilinear
   with antialiasing for images and nearest only for labels, and say so here because it moves numbers.
 - ``five_crop``: the 4 corner crops and the centre crop with side ``crop_ratio`` of each image side
   (torchvision FiveCrop order), each made ``resolution`` x ``resolution`` by ``crop_resize``:
@@ -19,7 +19,7 @@ Policies (METHODS.md §5 S2, S4, S8):
     Cityscapes crop), undistorted. The default of cocostuff27 / cityscapes27.
   - ``squash``: the whole crop resized anisotropically to the square (every pixel of the crop seen,
     aspect ratio changed). Ours, kept as an option; measured against ``short_side`` on CamVid val
-    (README, "Five-crop resize") to choose CamVid's default.
+    (docs/results.md, "Five-crop resize") to choose CamVid's default.
 - ``full``: the whole frame resized to a fixed ``size`` (H, W), a multiple of the backbone's input
   multiple. Labels are not resized: codes are upsampled to the label's own size (camvid11 protocol).
 

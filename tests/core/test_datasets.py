@@ -8,7 +8,8 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from usseg_core.datasets import Dataset, get_dataset, list_datasets, register_dataset
+from usseg_core.datasets import Dataset, DatasetProtocol, get_dataset, list_datasets, register_dataset
+from usseg_core.datasets import registry
 from usseg_core.datasets.registry import unregister_dataset
 from usseg_core.errors import ConfigError, InputError
 
@@ -55,9 +56,15 @@ def test_missing_root_and_split(tmp_path):
     assert str(tmp_path / "val") in str(err)
 
 
+TINY_PROTOCOL = DatasetProtocol(folder=None, eval_policy="full", eval_size=None, train_policy="center_crop",
+                                train_crop_resize="short_side", overseg_schedule="coco", hsg_test_grid=(6, 6))
+
+
 def test_register_dataset_decorator(tmp_path):
     @register_dataset("_test_tiny")
     class Tiny(Dataset):
+        protocol = TINY_PROTOCOL
+
         def __init__(self, root, split):
             super().__init__(root, split)
             _img(self.root / "a.png")
@@ -70,6 +77,72 @@ def test_register_dataset_decorator(tmp_path):
     assert "_test_tiny" not in list_datasets()
     assert ds.name == "_test_tiny" and ds.ids() == ["a"] and not ds.has_labels and ds.n_classes == 0
     assert ds.load_label("a") is None and ds.load_image("a").shape == (H, W, 3)
+
+
+# ---------------------------------------------------------------- protocols
+def test_every_dataset_declares_its_protocol_and_every_builtin_head_has_its_preset():
+    """Nothing falls back silently: each registered dataset declares its own protocol (no inherited one), and
+    every built-in head resolves a config for it from its own preset table; the protocol's fields reach
+    the stages that read them."""
+    from usseg_core.head_names import BUILTIN_HEADS
+    from usseg_core.heads import get_head
+    from usseg_core.overseg import SCHEDULES, schedule_for_dataset
+    from usseg_core.retrieval import dataset_grid
+
+    for name in list_datasets():
+        cls = registry.dataset_class(name)
+        protocol = cls.__dict__.get("protocol")
+        assert isinstance(protocol, DatasetProtocol), f"{name} declares no protocol of its own"
+        assert registry.dataset_protocol(name) is protocol
+        assert schedule_for_dataset(name) is SCHEDULES[protocol.overseg_schedule]
+        assert dataset_grid(name) == protocol.hsg_test_grid
+        assert (cls.eval_policy, cls.train_policy, cls.train_crop_resize) == (
+            protocol.eval_policy_name, protocol.train_policy, protocol.train_crop_resize)
+        view = protocol.eval_view(None)
+        assert view.policy == protocol.eval_policy and view.resolution == (protocol.eval_size or None)
+        for head in BUILTIN_HEADS:
+            config = get_head(head).config(name)  # raises ConfigError when the head's table lacks the dataset
+            if head == "hsg":
+                assert config["hsg"].test_grid == protocol.hsg_test_grid
+    assert registry.dataset_folders() == {"cocostuff27": "cocostuff", "cityscapes27": "cityscapes",
+                                          "potsdam3": "potsdam", "camvid11": "camvid", "synthetic": "synthetic"}
+
+
+def test_eval_view_follows_the_protocol():
+    from usseg_core.views import ViewSpec
+
+    assert registry.dataset_protocol("cocostuff27").eval_view(None) == ViewSpec("center_crop", 320)
+    assert registry.dataset_protocol("cocostuff27").eval_view(224) == ViewSpec("center_crop", 224)
+    assert registry.dataset_protocol("camvid11").eval_view(None) == ViewSpec("full", None)
+    assert registry.dataset_protocol("directory").eval_view(448) == ViewSpec("full", 448)
+
+
+def test_a_dataset_without_protocol_or_preset_fails_naming_what_is_missing():
+    from usseg_core.heads import get_head
+
+    with pytest.raises(ConfigError, match="dataset '_test_bare' .*declares no protocol of its own"):
+        @register_dataset("_test_bare")
+        class Bare(Dataset):
+            pass
+    assert "_test_bare" not in list_datasets()
+    with pytest.raises(TypeError, match="hsg_test_grid"):  # every field must be given: no defaults
+        DatasetProtocol(folder=None, eval_policy="full", eval_size=None, train_policy="center_crop",
+                        train_crop_resize="short_side", overseg_schedule="coco")
+    with pytest.raises(ConfigError, match="eval_size 320: a positive side for center_crop, None for full"):
+        DatasetProtocol(folder=None, eval_policy="full", eval_size=320, train_policy="center_crop",
+                        train_crop_resize="short_side", overseg_schedule="coco", hsg_test_grid=(6, 6))
+
+    @register_dataset("_test_new")
+    class New(Dataset):
+        protocol = TINY_PROTOCOL
+
+    try:
+        for head in ("stego", "omh", "picie", "hsg"):
+            with pytest.raises(ConfigError, match=f"head '{head if head != 'omh' else 'stego'}' has no preset for "
+                                                  "dataset '_test_new'"):
+                get_head(head).config("_test_new")
+    finally:
+        unregister_dataset("_test_new")
 
 
 # ---------------------------------------------------------------- cocostuff27

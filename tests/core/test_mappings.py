@@ -1,4 +1,4 @@
-"""Label mappings against REFERENCES.md §2, value by value."""
+"""Label mappings against docs/references.md §2, value by value."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,7 @@ import pytest
 from usseg_core.datasets import mappings as m
 from usseg_core.errors import InputError
 
-# REFERENCES.md §2.1, written out independently of the module's table: coarse id -> fine ids.
+# docs/references.md §2.1, written out independently of the module's table: coarse id -> fine ids.
 COCO_REFERENCE = {
     0: range(71, 77), 1: range(77, 83), 2: range(51, 61), 3: range(61, 71), 4: range(83, 91),
     5: range(43, 51), 6: range(25, 33), 7: range(15, 25), 8: range(9, 15), 9: [0], 10: range(33, 43),

@@ -30,7 +30,9 @@ def test_schedules_match_methods_table():
     assert schedule_for_dataset("cityscapes27") is SCHEDULES["cityscapes"]
     assert schedule_for_dataset("potsdam3") is SCHEDULES["potsdam"]
     assert schedule_for_dataset("camvid11") is SCHEDULES["cityscapes"]
-    assert schedule_for_dataset("something-else") is SCHEDULES["coco"]
+    assert schedule_for_dataset("directory") is SCHEDULES["coco"]  # declared by the dataset, not a fallback
+    with pytest.raises(ConfigError, match="unknown dataset 'something-else'; known: .*camvid11"):
+        schedule_for_dataset("something-else")
     with pytest.raises(ConfigError, match="max_regions"):
         OversegSchedule(0.1, 1)
 

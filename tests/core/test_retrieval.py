@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from usseg_core.errors import ConfigError
 from usseg_core.retrieval import (K_DEFAULT, VOTE_DEFAULT, SegmentMemory, build_memory, dataset_grid,
                                   image_segments, retrieval_logits, retrieve, segment_labels)
 
@@ -17,6 +18,8 @@ def test_defaults_follow_hsg_code():
     assert (K_DEFAULT, VOTE_DEFAULT) == (20, "majority")
     assert dataset_grid("camvid11") == (6, 8) and dataset_grid("cityscapes27") == (12, 24)
     assert dataset_grid("synthetic") == (6, 6)
+    with pytest.raises(ConfigError, match="unknown dataset 'voc'"):  # no silent default grid
+        dataset_grid("voc")
 
 
 def test_segment_labels_majority_with_ignore_pixels():

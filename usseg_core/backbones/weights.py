@@ -2,7 +2,7 @@
 
 Weights never go through a full pickle: ``.pth/.pt/.bin`` files are read with
 ``torch.load(weights_only=True)`` and ``.safetensors`` with safetensors, so a checkpoint cannot run
-code on load (ARCHITECTURE.md, Contracts/Backbone). Every problem raises :class:`WeightsError`
+code on load (docs/architecture.md, Contracts/Backbone). Every problem raises :class:`WeightsError`
 naming the file, so the message alone tells the user what to fix.
 """
 from __future__ import annotations

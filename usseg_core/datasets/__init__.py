@@ -11,16 +11,19 @@ Registry names: cocostuff27, cityscapes27, potsdam3, camvid11, directory, synthe
 """
 from __future__ import annotations
 
-# Importing the dataset modules registers them.
-from usseg_core.datasets import camvid, cityscapes, cocostuff, directory, potsdam, synthetic  # noqa: F401
+# Importing the dataset modules registers them, in this order: the order of listings and deployments.
+from usseg_core.datasets import cocostuff, cityscapes, potsdam, camvid, directory, synthetic  # noqa: F401,I001
 from usseg_core.datasets.base import EVAL_CENTER_CROP_320, EVAL_FULL, IMAGE_EXTENSIONS, Dataset
+from usseg_core.datasets.protocol import DatasetProtocol
 from usseg_core.datasets.manifest import Manifest, ManifestEntry, build_manifest, resolve_under
 from usseg_core.datasets.mappings import IGNORE, LabelMapping
-from usseg_core.datasets.registry import get_dataset, list_datasets, register_dataset
+from usseg_core.datasets.registry import (dataset_folders, dataset_protocol, get_dataset, list_datasets,
+                                          register_dataset)
 from usseg_core.datasets.synthetic import ensure_synthetic, render_synthetic
 
 __all__ = [
     "Dataset",
+    "DatasetProtocol",
     "EVAL_CENTER_CROP_320",
     "EVAL_FULL",
     "IGNORE",
@@ -29,6 +32,8 @@ __all__ = [
     "Manifest",
     "ManifestEntry",
     "build_manifest",
+    "dataset_folders",
+    "dataset_protocol",
     "ensure_synthetic",
     "get_dataset",
     "list_datasets",

@@ -13,21 +13,20 @@ import numpy as np
 
 from usseg_core import imageio
 from usseg_core.datasets.mappings import LabelMapping
+from usseg_core.datasets.protocol import DatasetProtocol
 from usseg_core.errors import ConfigError, InputError
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
-# Evaluation protocols (METHODS.md §5 S8): the benchmark datasets are evaluated at 320 short side +
-# centre crop like STEGO; CamVid and user folders are evaluated on the full frame.
+# Legacy one-word evaluation policies (``Dataset.eval_policy``, derived from the protocol): the benchmark
+# datasets are evaluated at 320 short side + centre crop like STEGO; CamVid and user folders on the full
+# frame (docs/methods/protocol.md §5 S8).
 EVAL_CENTER_CROP_320 = "center_crop_320"
 EVAL_FULL = "full"
 
 # Training views of the five-crop heads (STEGO, OMH: features + KNN), as the reference builds them
-# ([code:STEGO] data.py ContrastiveSegDataset, crop_datasets.py, precompute_knns.py): cocostuff27 and
-# cityscapes27 train on five-crops (ratio 0.5) resized short side -> 224 + centre crop; Potsdam's crop
-# type is ignored by the reference (its class reads the 200x200 patches whatever crop_type says), so
-# potsdam3 trains on the whole patch, Resize(224) + CenterCrop(224); so does a user folder ("directory":
-# the reference's DirectoryDataset ignores crop_type too). See usseg_core/views.py for the two resizes.
+# ([code:STEGO] data.py ContrastiveSegDataset, crop_datasets.py, precompute_knns.py); each dataset's
+# protocol says which (see usseg_core/views.py for the two five-crop resizes).
 TRAIN_FIVE_CROP = "five_crop"
 TRAIN_CENTER_CROP = "center_crop"
 
@@ -35,24 +34,34 @@ TRAIN_CENTER_CROP = "center_crop"
 class Dataset:
     """A split of a segmentation dataset on disk.
 
-    Subclasses set ``name`` (via :func:`~usseg_core.datasets.registry.register_dataset`),
-    ``eval_policy``, ``class_names`` and ``mapping``, and call :meth:`_set_index` in ``__init__``.
+    Subclasses declare their ``protocol`` (a :class:`DatasetProtocol`), get ``name`` from
+    :func:`~usseg_core.datasets.registry.register_dataset`, set ``class_names`` and ``mapping`` and call
+    :meth:`_set_index` in ``__init__``.
 
     Attributes:
         name: registry name, e.g. "cocostuff27".
+        protocol: folder, training and evaluation views, HSG's schedule and grid (the class's own).
         root: absolute dataset root folder.
         split: split name as given by the user.
         class_names: class names in class-id order; empty when unlabelled and unknown.
-        eval_policy: "center_crop_320" or "full" (METHODS.md §5 S8).
-        train_policy: the five-crop heads' training view, "five_crop" or "center_crop" (above).
-        train_crop_resize: how a five-crop becomes square, "short_side" (STEGO) or "squash".
+        eval_policy, train_policy, train_crop_resize: the protocol's fields under their older names
+            (``"center_crop_320"``/``"full"``, ...), set from ``protocol`` for the code that reads them.
         mapping: raw label value -> class id table, None when the dataset has no labels.
     """
 
     name: ClassVar[str] = ""
-    eval_policy: ClassVar[str] = EVAL_FULL
-    train_policy: ClassVar[str] = TRAIN_FIVE_CROP
-    train_crop_resize: ClassVar[str] = "short_side"
+    protocol: ClassVar[DatasetProtocol]
+    eval_policy: ClassVar[str]
+    train_policy: ClassVar[str]
+    train_crop_resize: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        protocol = cls.__dict__.get("protocol")
+        if isinstance(protocol, DatasetProtocol):  # derived, never declared twice
+            cls.eval_policy = protocol.eval_policy_name
+            cls.train_policy = protocol.train_policy
+            cls.train_crop_resize = protocol.train_crop_resize
 
     def __init__(self, root: str | Path, split: str) -> None:
         self.root = Path(root).expanduser().absolute()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from usseg_core.datasets.base import Dataset, paired_folder_index, require_dir
 from usseg_core.datasets.mappings import CAMVID11, CAMVID11_CLASS_NAMES, LabelMapping
+from usseg_core.datasets.protocol import DatasetProtocol
 from usseg_core.datasets.registry import register_dataset
 
 UNION_SPLITS = {"trainval": ("train", "val")}
@@ -52,10 +53,20 @@ class CamVid11(PairedFolderDataset):
         split: a split folder name ("train", "val", "test") or "trainval".
     """
 
-    # Not a reference dataset: the five-crop resize was measured (README, "Five-crop resize"; STEGO 1000
-    # steps, cluster probe, val, seed 0): squash 34.60 mIoU (CRF 37.84) against short side + centre crop
-    # 33.42 (36.96). CamVid's 360x480 frames give 180x240 crops, of which the centre crop keeps 75 %.
-    train_crop_resize = "squash"
+    protocol = DatasetProtocol(
+        folder="camvid",
+        eval_policy="full", eval_size=None,  # the whole frame (docs/methods/protocol.md §5 S8)
+        # Not a reference dataset: the five-crop resize was measured (docs/results.md, "Five-crop resize"; STEGO 1000
+        # steps, cluster probe, val, seed 0): squash 34.60 mIoU (CRF 37.84) against short side + centre crop
+        # 33.42 (36.96). CamVid's 360x480 frames give 180x240 crops, of which the centre crop keeps 75 %.
+        train_policy="five_crop", train_crop_resize="squash",
+        # No HSG setting of its own: road scenes like Cityscapes, with the same many small objects; at 480x360
+        # the 1024-region cap still gives ~170-pixel regions, a fine oversegmentation. Our choice.
+        overseg_schedule="cityscapes",
+        # Ours: its 4:3 frames at the Cityscapes density of the feature grid would give ~20 centroids; 6 x 8 = 48
+        # lets every one of the 11 classes own several segments, as HSG's 36 do for 15 COCO-stuff classes.
+        hsg_test_grid=(6, 8),
+    )
 
     def __init__(self, root: str | Path, split: str) -> None:
         super().__init__(root, split)

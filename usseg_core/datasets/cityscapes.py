@@ -1,4 +1,4 @@
-"""Cityscapes with STEGO's 27 classes ("cityscapes27", REFERENCES.md §1.1, §2.2).
+"""Cityscapes with STEGO's 27 classes ("cityscapes27", docs/references.md §1.1, §2.2).
 
 torchvision ``Cityscapes`` layout::
 
@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from usseg_core.datasets.base import EVAL_CENTER_CROP_320, Dataset, require_dir
+from usseg_core.datasets.base import Dataset, require_dir
 from usseg_core.datasets.mappings import CITYSCAPES27, CITYSCAPES27_CLASS_NAMES
+from usseg_core.datasets.protocol import DatasetProtocol
 from usseg_core.datasets.registry import register_dataset
 
 _IMAGE_SUFFIX = "_leftImg8bit.png"
@@ -28,7 +29,14 @@ class Cityscapes27(Dataset):
         split: a folder under ``leftImg8bit`` ("train", "val", "test", ...).
     """
 
-    eval_policy = EVAL_CENTER_CROP_320
+    protocol = DatasetProtocol(
+        folder="cityscapes",
+        eval_policy="center_crop", eval_size=320,  # STEGO: 320 short side + centre crop (docs/methods/protocol.md §5 S8)
+        # [code:STEGO] five-crops (ratio 0.5), each Resize(224) of the short side + CenterCrop(224)
+        train_policy="five_crop", train_crop_resize="short_side",
+        overseg_schedule="cityscapes",  # HSG [001] §5.8: Cityscapes with PMI edges
+        hsg_test_grid=(12, 24),  # HSG [001] §1.3: n0 = 12 x 24 for Cityscapes
+    )
 
     def __init__(self, root: str | Path, split: str) -> None:
         super().__init__(root, split)

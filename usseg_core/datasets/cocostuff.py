@@ -1,4 +1,4 @@
-"""COCO-Stuff with the 27 coarse classes of STEGO/PiCIE ("cocostuff27", REFERENCES.md §1.1, §2.1).
+"""COCO-Stuff with the 27 coarse classes of STEGO/PiCIE ("cocostuff27", docs/references.md §1.1, §2.1).
 
 Layout (STEGO's ``cocostuff/`` folder)::
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from usseg_core.datasets.base import (
-    EVAL_CENTER_CROP_320,
     Dataset,
     check_split,
     list_image_files,
@@ -19,10 +18,11 @@ from usseg_core.datasets.base import (
     require_dir,
 )
 from usseg_core.datasets.mappings import COCOSTUFF27, COCOSTUFF27_CLASS_NAMES
+from usseg_core.datasets.protocol import DatasetProtocol
 from usseg_core.datasets.registry import register_dataset
 
 # PiCIE trains and evaluates on the "_7" curated lists (49,629 train / 2,175 val); STEGO evaluates on
-# the same val list (REFERENCES.md §2.1). STEGO's train list is "Coco164kFull_Stuff_Coarse.txt": pass
+# the same val list (docs/references.md §2.1). STEGO's train list is "Coco164kFull_Stuff_Coarse.txt": pass
 # it as curated_list to reproduce STEGO's training set.
 DEFAULT_CURATED_LIST = "Coco164kFull_Stuff_Coarse_7.txt"
 
@@ -38,7 +38,14 @@ class CocoStuff27(Dataset):
         curated_list: file name of the list inside ``curated/<split>2017/`` (or an absolute path).
     """
 
-    eval_policy = EVAL_CENTER_CROP_320
+    protocol = DatasetProtocol(
+        folder="cocostuff",
+        eval_policy="center_crop", eval_size=320,  # STEGO / PiCIE: 320 short side + centre crop (docs/methods/protocol.md §5 S8)
+        # [code:STEGO] five-crops (ratio 0.5), each Resize(224) of the short side + CenterCrop(224)
+        train_policy="five_crop", train_crop_resize="short_side",
+        overseg_schedule="coco",  # HSG [001] §5.8: COCO-stuff with SE edges
+        hsg_test_grid=(6, 6),  # HSG [001] §1.3: n0 = 6 x 6 for COCO-stuff
+    )
 
     def __init__(
         self, root: str | Path, split: str, curated: bool = True, curated_list: str = DEFAULT_CURATED_LIST

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from usseg_core.datasets.base import TRAIN_CENTER_CROP, Dataset, paired_folder_index, require_dir
+from usseg_core.datasets.base import Dataset, paired_folder_index, require_dir
 from usseg_core.datasets.mappings import identity_mapping
+from usseg_core.datasets.protocol import DatasetProtocol
 from usseg_core.datasets.registry import register_dataset
 from usseg_core.errors import ConfigError, InputError
 
@@ -67,7 +68,14 @@ class DirectoryDataset(Dataset):
             ``classes.txt``.
     """
 
-    train_policy = TRAIN_CENTER_CROP
+    protocol = DatasetProtocol(
+        folder=None,  # the user's own folder, always given with --data-root; no deployments
+        eval_policy="full", eval_size=None,  # the whole frame: no benchmark protocol to follow
+        # the reference's DirectoryDataset ignores crop_type: Resize(224) + CenterCrop(224) of the whole image
+        train_policy="center_crop", train_crop_resize="short_side",
+        overseg_schedule="coco",  # HSG's everyday-photo setting (COCO-stuff, SE edges): the closest to any folder
+        hsg_test_grid=(6, 6),  # HSG [001] §1.3's most common n0 (VOC, COCO-stuff, Potsdam)
+    )
 
     def __init__(
         self,

@@ -1,9 +1,9 @@
-"""Raw label value -> training class id mappings, exactly as REFERENCES.md §2.
+"""Raw label value -> training class id mappings, exactly as docs/references.md §2.
 
 A :class:`LabelMapping` is a lookup table over raw values. Every raw value is either mapped to a class
 id in ``[0, n_classes)``, mapped to ``-1`` (ignore), or *invalid*: an invalid value raises an
 InputError naming the label file instead of being silently folded into some class (STEGO's Potsdam
-loader starts from zeros, so unknown values become class 0 — REFERENCES.md §2.3 — which we avoid).
+loader starts from zeros, so unknown values become class 0 — docs/references.md §2.3 — which we avoid).
 """
 from __future__ import annotations
 

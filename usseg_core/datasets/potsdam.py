@@ -1,4 +1,4 @@
-"""ISPRS Potsdam in IIC's preparation, 3 coarse classes ("potsdam3", REFERENCES.md §1.1, §2.3).
+"""ISPRS Potsdam in IIC's preparation, 3 coarse classes ("potsdam3", docs/references.md §1.1, §2.3).
 
 Layout::
 
@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from usseg_core import imageio
-from usseg_core.datasets.base import EVAL_CENTER_CROP_320, TRAIN_CENTER_CROP, Dataset, check_split, read_id_list, require_dir
+from usseg_core.datasets.base import Dataset, check_split, read_id_list, require_dir
 from usseg_core.datasets.mappings import POTSDAM3, POTSDAM3_CLASS_NAMES
+from usseg_core.datasets.protocol import DatasetProtocol
 from usseg_core.datasets.registry import register_dataset
 
 IMAGE_KEY = "img"
@@ -36,8 +37,15 @@ class Potsdam3(Dataset):
         include_unlabelled: add ``unlabelled_train.txt`` ids to the train split (their label is None).
     """
 
-    eval_policy = EVAL_CENTER_CROP_320
-    train_policy = TRAIN_CENTER_CROP  # the reference ignores crop_type for Potsdam (base.py)
+    protocol = DatasetProtocol(
+        folder="potsdam",
+        eval_policy="center_crop", eval_size=320,  # STEGO: 320 short side + centre crop (docs/methods/protocol.md §5 S8)
+        # the reference ignores crop_type for Potsdam (its class reads the 200x200 patches whatever crop_type
+        # says): the whole patch, Resize(224) + CenterCrop(224); the five-crop resize is then unused
+        train_policy="center_crop", train_crop_resize="short_side",
+        overseg_schedule="potsdam",  # HSG [001] §5.8: Potsdam with PMI edges
+        hsg_test_grid=(6, 6),  # HSG [001] §1.3: n0 = 6 x 6 for Potsdam
+    )
 
     def __init__(self, root: str | Path, split: str, include_unlabelled: bool = False) -> None:
         super().__init__(root, split)

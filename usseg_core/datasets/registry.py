@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from usseg_core.datasets.base import Dataset
+from usseg_core.datasets.protocol import DatasetProtocol
 from usseg_core.errors import ConfigError
 from usseg_core.registry import Registry
 
@@ -19,6 +20,9 @@ def register_dataset(name: str) -> Callable[[D], D]:
     """Class decorator registering a :class:`Dataset` subclass under ``name`` (sets ``cls.name``)."""
 
     def decorator(cls: D) -> D:
+        if not isinstance(cls.__dict__.get("protocol"), DatasetProtocol):
+            raise ConfigError(f"dataset {name!r} ({cls.__name__}) declares no protocol of its own: set "
+                              "protocol = DatasetProtocol(...) in its class body (usseg_core/datasets/protocol.py)")
         DATASETS.register(name, cls)
         cls.name = name
         return cls
@@ -39,6 +43,17 @@ def list_datasets() -> list[str]:
 def dataset_class(name: str) -> type[Dataset]:
     """The class registered as ``name`` (its protocol attributes, without touching any folder)."""
     return DATASETS.get(name)
+
+
+def dataset_protocol(name: str) -> DatasetProtocol:
+    """The protocol the dataset ``name`` declares (folder, views, HSG schedule and grid)."""
+    return dataset_class(name).protocol
+
+
+def dataset_folders() -> dict[str, str]:
+    """Registry name -> subfolder of ``$USSEG_DATA_ROOT``, in registration order, for every dataset that has
+    a standard folder (a user's ``directory`` has none)."""
+    return {name: cls.protocol.folder for name, cls in DATASETS.items() if cls.protocol.folder is not None}
 
 
 def get_dataset(name: str, root: str | Path, split: str, **options) -> Dataset:

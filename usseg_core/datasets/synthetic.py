@@ -26,6 +26,7 @@ from PIL import Image
 
 from usseg_core.datasets.camvid import PairedFolderDataset
 from usseg_core.datasets.mappings import identity_mapping
+from usseg_core.datasets.protocol import DatasetProtocol
 from usseg_core.datasets.registry import register_dataset
 from usseg_core.errors import ConfigError, InputError
 
@@ -283,7 +284,15 @@ class SyntheticDataset(PairedFolderDataset):
     Raw label 255 is ignored (-1); other values must be class ids.
     """
 
-    train_crop_resize = "squash"  # the street-like stand-in for CamVid trains as CamVid does (camvid.py)
+    protocol = DatasetProtocol(
+        folder="synthetic",
+        eval_policy="full", eval_size=None,  # the whole frame, like CamVid
+        train_policy="five_crop", train_crop_resize="squash",  # the street-like stand-in for CamVid trains as it does
+        # HSG's COCO schedule and its common 6 x 6 n0: the values these scenes have always run with (their
+        # artifact keys depend on them); small synthetic frames need no Cityscapes-sized region cap
+        overseg_schedule="coco",
+        hsg_test_grid=(6, 6),
+    )
 
     def __init__(self, root: str | Path, split: str) -> None:
         super().__init__(root, split)

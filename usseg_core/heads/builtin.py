@@ -15,7 +15,8 @@ from usseg_core.heads.hsg import HsgConfig, HsgTrained, hsg_presets
 from usseg_core.heads.omh import OMHConfig
 from usseg_core.heads.picie import PicieConfig, PicieTrained, picie_presets
 from usseg_core.heads.probes import ClusterProbe
-from usseg_core.heads.registry import HeadInputs, HeadSpec, TrainedHead, TrainedState, register_head
+from usseg_core.heads.registry import (HeadInputs, HeadSpec, TrainedHead, TrainedState, dataset_preset,
+                                       register_head)
 from usseg_core.heads.stego import STEGO_PRESETS, StegoConfig, StegoHead
 
 
@@ -38,7 +39,7 @@ class StegoTrained(TrainedHead):
 
 
 def _stego_presets(dataset: str) -> dict[str, dict]:
-    return {"stego": dict(STEGO_PRESETS.get(dataset, {"shifts": "auto"}))}
+    return {"stego": dataset_preset(STEGO_PRESETS, "stego", dataset)}  # OMH's primary section is STEGO's
 
 
 def _train_stego(inputs: HeadInputs, config: dict, *, checkpoint_path=None, device: str = "auto",

@@ -1,4 +1,4 @@
-"""HSG head on frozen cached features (Ke et al., CVPR 2022, arXiv supplement version; METHODS.md §1).
+"""HSG head on frozen cached features (Ke et al., CVPR 2022, arXiv supplement version; docs/methods/hsg.md §1).
 
 HSG learns pixel embeddings by *multiview cosegmentation*: every training image is seen in V augmented
 views; in each view, pixels are grouped (G0: spherical k-means of the embeddings, split by the warped
@@ -9,7 +9,7 @@ views of an image into n1 = 8, then n2 = 4 groups; their transition matrices pro
 (a coarse group is a union of fine groups) and give the groupings G1, G2 of L_f(G_l) and the
 goodness-of-grouping loss L_g (Eq. 8). Total (Eq. 9): λ_E L_f(Ge) + λ_F Σ_l L_f(G_l) + λ_G L_g.
 
-Deliberate differences from the paper, and its gaps (METHODS.md §6.3–6.9), resolved:
+Deliberate differences from the paper, and its gaps (docs/methods/hsg.md §6.3–6.9), resolved:
 
 * **Frozen features, HSG's FCN head.** HSG trains an FCN-ResNet50 from scratch; here the backbone is
   frozen and cached (the project's premise) and the trainable part is HSG's FCN head alone (1x1 conv →
@@ -26,7 +26,7 @@ Deliberate differences from the paper, and its gaps (METHODS.md §6.3–6.9), re
   the logits matrix is anchors x segments-in-batch). Segment prototypes u_s use every pixel.
 * **Transformer sizes** (not stated): FFN width 256, statistics MLP 2m → m → m, m = 128; BatchNorm over
   the valid tokens of the batch in place of LayerNorm, 4 heads, 2 + 2 layers, dropout 0.1 (paper).
-* **Transition softmax** over the next-level index (each row a distribution, METHODS.md inference).
+* **Transition softmax** over the next-level index (each row a distribution, docs/methods/hsg.md §1.2, inferred).
 * **kNN graph of L_g** (§1.2): ``knn_mode="pooled"`` = top-``knn_k`` (4) over all views' centroids of an
   image (Cityscapes / KITTI-STEP rule; CamVid, road scenes, takes it), ``"within_across"`` = top-``knn_k``
   (2) inside the centroid's view plus top-``knn_k`` among the other views (COCO / VOC / Potsdam rule, our
@@ -48,16 +48,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from usseg_core.datasets.registry import dataset_protocol
 from usseg_core.errors import ConfigError
-from usseg_core.heads.registry import TrainedHead
-from usseg_core.segsort import GRID_N0, grid_kmeans
+from usseg_core.heads.registry import TrainedHead, dataset_preset
+from usseg_core.segsort import grid_kmeans
 
 KNN_MODES = ("pooled", "within_across")
 
 
 @dataclass
 class HsgConfig:
-    """Hyper-parameters of HSG on cached features; sources in the comments (METHODS.md §1)."""
+    """Hyper-parameters of HSG on cached features; sources in the comments (docs/methods/hsg.md §1)."""
 
     dim: int = 128  # embedding width m ([001] §5.8)
     hidden: int = 256  # FCN head's middle width (not stated; DeepLab's head width)
@@ -80,7 +81,7 @@ class HsgConfig:
     momentum: float = 0.9  # not stated (ours)
     weight_decay: float = 1e-4  # Table 7 Cityscapes / KITTI rows
     decay_at: tuple[float, ...] = (0.32, 0.56, 0.75)  # step decay points, fractions of training ([001] §5.8)
-    decay_factor: float = 0.1  # not stated (METHODS.md inference)
+    decay_factor: float = 0.1  # not stated (docs/methods/hsg.md §1.2, inferred)
     epochs: int = 10  # passes over the cached images (ours: frozen features, see docstring)
     batch_size: int = 8  # images per step, each with all its views (ours; Table 7: 32 crops for Cityscapes)
     anchors_per_view: int = 128  # anchor pixels of L_f per view (ours: memory; docstring)
@@ -111,19 +112,22 @@ class HsgConfig:
         return dataclasses.asdict(self)
 
 
-# Table 7 rows and the test-time n0 (METHODS.md §1.2–1.3) per dataset registry name.
+# Table 7 rows (docs/methods/hsg.md §1.2) per dataset registry name; an empty row keeps the defaults. The test-time
+# n0 (``test_grid``) is the dataset's own declaration (``DatasetProtocol.hsg_test_grid``, HSG [001] §1.3).
 _COCO_ROW = {"lr": 0.003, "weight_decay": 5e-4, "knn_k": 2, "knn_mode": "within_across"}
 HSG_PRESETS: dict[str, dict] = {
-    "cocostuff27": {**_COCO_ROW, "test_grid": GRID_N0["cocostuff"]},
-    "cocostuff": {**_COCO_ROW, "test_grid": GRID_N0["cocostuff"]},
-    "potsdam3": {**_COCO_ROW, "test_grid": GRID_N0["potsdam"]},
-    "cityscapes27": {"test_grid": GRID_N0["cityscapes"]},
-    "camvid11": {"test_grid": GRID_N0["camvid"]},
+    "cocostuff27": _COCO_ROW,
+    "potsdam3": _COCO_ROW,
+    "cityscapes27": {},
+    "camvid11": {},
+    "directory": {},
+    "synthetic": {},
 }
 
 
 def hsg_presets(dataset: str) -> dict[str, dict]:
-    return {"hsg": dict(HSG_PRESETS.get(dataset, {}))}
+    row = dataset_preset(HSG_PRESETS, "hsg", dataset)
+    return {"hsg": {**row, "test_grid": dataset_protocol(dataset).hsg_test_grid}}
 
 
 # --- losses ----------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""OMH: Optimally Matched Hierarchy, a training-time add-on to STEGO (METHODS.md §4, `[004]`).
+"""OMH: Optimally Matched Hierarchy, a training-time add-on to STEGO (docs/methods/omh.md §4, `[004]`).
 
 OMH adds N parallel cluster predictors H^(i) with K_i = round(K·ρ^i) unit-norm centres on the
 STEGO codes F (B, D, h, w), and ties consecutive levels together with an entropic OT plan
@@ -16,7 +16,7 @@ between their centres:
 every step, its centres are trained by the probe optimiser (Adam, 5e-3), and its loss is added to
 the STEGO loss. At test time it is discarded (OMH §4.3: inference uses the base cluster probe).
 
-Method notes (gaps in the paper, METHODS.md §6.18–19, and how this implementation fills them):
+Method notes (gaps in the paper, docs/methods/omh.md §6.18–19, and how this implementation fills them):
 
 1. **Cluster loss is the diagonal.** OMH Eq. 3, as printed, sums the whole K×K product M·M̂ᵀ,
    which makes the arg-max irrelevant. We use the diagonal: minus the mean over pixels of the
@@ -58,7 +58,7 @@ Method notes (gaps in the paper, METHODS.md §6.18–19, and how this implementa
    and averaged over images and pixels (the paper's sum read per pixel, so that the weights do not
    depend on batch size and resolution either), i.e. K_i times the default match term. The cluster
    term is a per-pixel value in both readings (one arg-max per pixel) and is the same in both.
-   Measured on CamVid val (README, "OMH: loss scale and weights"): the mean beats the per-pixel sum
+   Measured on CamVid val (docs/results.md, "OMH: loss scale and weights"): the mean beats the per-pixel sum
    on both seeds (27.81 against 24.45 mIoU at 1000 steps), which is what the default rests on.
 7. **Level sizes.** K_i = round(K·ρ^i): 27/54/108 for K = 27, 3/6/12 for K = 3 (Potsdam, inferred).
    Python rounds halves to even, so ρ = 1.5 gives 27/40/61.

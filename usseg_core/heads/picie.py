@@ -1,4 +1,4 @@
-"""PiCIE head on frozen cached features (Cho et al., CVPR 2021; METHODS.md §2, §5 S5–S6).
+"""PiCIE head on frozen cached features (Cho et al., CVPR 2021; docs/methods/picie.md §2, docs/methods/protocol.md §5 S5–S6).
 
 PiCIE alternates two steps every epoch:
 
@@ -11,7 +11,7 @@ PiCIE alternates two steps every epoch:
    (no temperature, as [code:PiCIE]'s frozen 1x1 conv), within views (z¹ vs y¹/μ¹, z² vs y²/μ²) and across
    views (z¹ vs y²/μ², z² vs y¹/μ¹); total = ((ℓ₁₂ + ℓ₂₁)/2 + (ℓ₁₁ + ℓ₂₂)/2) / 2 as [code:PiCIE].
 
-Deliberate differences from the paper, and the paper's gaps (METHODS.md §6.10–11), resolved:
+Deliberate differences from the paper, and the paper's gaps (docs/methods/picie.md §6.10–11), resolved:
 
 * **Frozen features, a light head.** PiCIE fine-tunes a ResNet-18 FPN; here the backbone is frozen and
   cached (the project's premise), and the trainable part is a projection head of the STEGO family
@@ -43,7 +43,7 @@ Deliberate differences from the paper, and the paper's gaps (METHODS.md §6.10�
 * **+H over-clustering** (optional, ``over_clustering=True``): a second clustering with K₂ = ``k_over``
   (100) on the same views, loss λ₁ L_K₁ + λ₂ L_K₂ with λ₁ = log K₂ / (log K₁ + log K₂) and
   λ₂ = log K₁ / (log K₁ + log K₂) (the paper's garbled formula read as "stop the K = 100 term from
-  dominating", METHODS.md §2.2; the released code has no +H path).
+  dominating", docs/methods/picie.md §2.2; the released code has no +H path).
 * **The method's own clusterer** at evaluation is the last epoch's view-1 centroids μ¹ (PiCIE's
   "prototype classifier", Table 1). The reference's final protocol, fresh k-means on un-augmented
   training codes, is the shared k-means row of the same results table.
@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from usseg_core.errors import ConfigError
-from usseg_core.heads.registry import TrainedHead
+from usseg_core.heads.registry import TrainedHead, dataset_preset
 from usseg_core.heads.stego import StegoHead
 
 BALANCES = ("frequency", "inverse", "none")
@@ -67,7 +67,7 @@ BALANCES = ("frequency", "inverse", "none")
 
 @dataclass
 class PicieConfig:
-    """Hyper-parameters of PiCIE on cached features; sources in the comments (METHODS.md §2)."""
+    """Hyper-parameters of PiCIE on cached features; sources in the comments (docs/methods/picie.md §2)."""
 
     dim: int = 128  # embedding width; PiCIE §2.1 (FPN 1x1 convs project to 128)
     dropout: float = 0.0  # PiCIE has no dropout; kept settable for ablations with the STEGO head
@@ -100,17 +100,22 @@ class PicieConfig:
         return dataclasses.asdict(self)
 
 
-# Per-dataset values that differ from the paper's defaults.
+# Per-dataset values that differ from the paper's defaults; an empty row keeps the defaults.
 PICIE_PRESETS: dict[str, dict] = {
     # [code:PiCIE] train_picie.sh (COCO): lr 1e-4; its frequency-proportional CE weights
     "cocostuff27": {"lr": 1e-4, "balance": "frequency"},
     # [code:PiCIE] train_picie_cityscapes.sh: lr 1e-3, 10 epochs; its frequency-proportional CE weights
     "cityscapes27": {"lr": 1e-3, "balance": "frequency"},
+    # no PiCIE script: the paper's defaults
+    "potsdam3": {},
+    "camvid11": {},
+    "directory": {},
+    "synthetic": {},
 }
 
 
 def picie_presets(dataset: str) -> dict[str, dict]:
-    return {"picie": dict(PICIE_PRESETS.get(dataset, {}))}
+    return {"picie": dataset_preset(PICIE_PRESETS, "picie", dataset)}
 
 
 def over_clustering_weights(k1: int, k2: int) -> tuple[float, float]:

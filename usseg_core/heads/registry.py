@@ -184,6 +184,22 @@ class HeadSpec:
         return section, fld
 
 
+def dataset_preset(table: Mapping[str, Mapping[str, Any]], head: str, dataset: str) -> dict[str, Any]:
+    """A copy of ``dataset``'s row in a head's per-dataset preset table.
+
+    Every registered dataset has a row in every built-in head's table (an empty row: the paper's defaults),
+    so a missing row is a forgotten declaration, reported instead of silently taking the defaults.
+
+    Raises:
+        ConfigError: naming the head, the dataset and the datasets the table has rows for.
+    """
+    try:
+        return dict(table[dataset])
+    except KeyError:
+        raise ConfigError(f"head {head!r} has no preset for dataset {dataset!r}; add a row (an empty one keeps "
+                          f"the head's defaults) to its preset table, which has: {', '.join(table)}") from None
+
+
 HEADS: Registry[HeadSpec] = Registry("head")
 
 

@@ -1,4 +1,4 @@
-"""STEGO head and its correspondence-distillation loss (Hamilton et al., ICLR 2022; METHODS.md §3).
+"""STEGO head and its correspondence-distillation loss (Hamilton et al., ICLR 2022; docs/methods/stego.md §3).
 
 The head maps frozen backbone features ``f`` (B, C, h, w) to codes ``s`` (B, D, h, w). It is trained so
 that the cosine correlation of codes between two images follows the (spatially centred) cosine
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from usseg_core.errors import ConfigError
+from usseg_core.heads.registry import dataset_preset
 
 TERMS = ("self", "knn", "random")  # order of every (self, knn, random) triple in this module
 
@@ -52,7 +53,7 @@ class StegoConfig:
     # which satisfies the paper's λ_self ≈ λ_rand ≈ 2 λ_knn only roughly.
     weights: tuple[float, float, float] = (0.67, 0.25, 0.63)
     # (self, knn, random) shifts b, or "auto" = measured on the data before training (heads/stego_shifts.py).
-    # The paper tuned b per dataset and backbone by hand; users cannot reproduce them (REFERENCES.md §3,
+    # The paper tuned b per dataset and backbone by hand; users cannot reproduce them (docs/references.md §3,
     # STEGO #23, #63), so unknown data defaults to the automatic rule.
     shifts: tuple[float, float, float] | str = "auto"
     # Fraction of centred feature correlations F^SC above each automatic shift (self, knn, random).
@@ -102,7 +103,7 @@ def _triple(name: str, value) -> tuple[float, float, float]:
 
 
 # Per-dataset weights/shifts, each copied from one commented block of [code:STEGO] train_config.yml.
-# Which block produced which paper table is undocumented (METHODS.md §6 item 13).
+# Which block produced which paper table is undocumented (docs/methods/stego.md §6.13).
 STEGO_PRESETS: dict[str, dict] = {
     # "Cocostuff27 vit small 1/31/22": neg_inter w 0.63 b 0.66, pos_inter w 0.25 b 0.02, pos_intra w 0.67 b 0.08
     "cocostuff27": {"weights": (0.67, 0.25, 0.63), "shifts": (0.08, 0.02, 0.66)},
@@ -116,16 +117,19 @@ STEGO_PRESETS: dict[str, dict] = {
     # k-means on the same features 31.5. With 11 classes a 70-d code leaves room for many near-orthogonal
     # directions that the 11-centroid cluster probe must then merge; 16 is too few to hold the classes.
     # Length: 1000 steps, the length every CamVid number in the README was measured at; the curve over
-    # 250..5000 steps (README, "Training length") shows the score peaking early and falling by 5000 (the
+    # 250..5000 steps (docs/results.md, "Training length") shows the score peaking early and falling by 5000 (the
     # reference's max_steps), so the reference length is not CamVid's default.
     "camvid11": {"shifts": "auto", "dim": 32, "steps": 1000},
+    # No reference block: the reference code dimension and automatic shifts (targets, StegoConfig.auto_targets)
+    "directory": {"shifts": "auto"},
+    "synthetic": {"shifts": "auto"},
     # the active (uncommented) block, labelled "IAROA vit small": b 0.18 / 0.12 / 0.46
     "reference-default": {"weights": (0.67, 0.25, 0.63), "shifts": (0.18, 0.12, 0.46)},
 }
 
 
 def stego_config_for(dataset: str, **overrides) -> StegoConfig:
-    """Config for a dataset registry name: its reference preset, else ``shifts="auto"``.
+    """Config for a dataset registry name (or ``"reference-default"``): its row of :data:`STEGO_PRESETS`.
 
     ``overrides`` replace any field (e.g. ``steps=2000``); unknown names raise ConfigError.
     """
@@ -133,7 +137,7 @@ def stego_config_for(dataset: str, **overrides) -> StegoConfig:
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ConfigError(f"stego_config_for: unknown StegoConfig field(s) {unknown}; known: {sorted(known)}")
-    values = dict(STEGO_PRESETS.get(dataset, {"shifts": "auto"}))
+    values = dataset_preset(STEGO_PRESETS, "stego", dataset)
     values.update(overrides)
     return StegoConfig(**values)
 

@@ -2,7 +2,7 @@
 
 STEGO's shifts (paper Eq. 4-5) were tuned by hand per dataset and backbone, to keep the mean KNN code
 correlation near 0.3 and random-pair code correlation near 0.0; users cannot reproduce them
-(REFERENCES.md §3: STEGO #23, #63). In L = −max(S, 0)(F^SC − b) a pixel pair attracts exactly when its
+(docs/references.md §3: STEGO #23, #63). In L = −max(S, 0)(F^SC − b) a pixel pair attracts exactly when its
 centred feature correlation exceeds b, so b fixes *which fraction* of pairs attract. We measure F^SC for
 self, KNN and random pairs on a sample of the training set and set each b to the (1 − target) quantile,
 so that ``target`` of that term's pairs attract. The targets are configurable (StegoConfig.auto_targets).

@@ -1,6 +1,6 @@
 """Resumable training of a STEGO head (plus its cluster probe and an optional aux loss) on cached features.
 
-No backbone runs here: ``features[i]`` is a cached (C, h, w) map (METHODS.md §5 S2). Everything random is
+No backbone runs here: ``features[i]`` is a cached (C, h, w) map (docs/methods/protocol.md §5 S2). Everything random is
 seeded from ``config.seed`` and checkpointed (model and optimiser states, the global torch RNG that drives
 dropout, the CPU generator that draws sample points and derangements, the numpy generator and the current
 epoch order), so an interrupted run resumed from its checkpoint ends bit-identical to an uninterrupted one.
@@ -159,7 +159,7 @@ def train_stego(features: Sequence, knn: np.ndarray, n_classes: int, config: Ste
     Args:
         features: indexable of length N, ``features[i]`` -> (C, h, w) array (float16 ok); e.g. a Zarr array.
         knn: (N, k) int neighbour table, column 0 = self; positives drawn uniformly from columns
-            1..config.num_neighbors (METHODS.md §3.1).
+            1..config.num_neighbors (docs/methods/stego.md §3.1).
         n_classes: number of cluster-probe centroids.
         config: StegoConfig; ``shifts="auto"`` measures F^SC on the data first (heads.stego_shifts).
         checkpoint_path: resumable checkpoint, written atomically every ``config.checkpoint_every`` steps
