@@ -1,14 +1,45 @@
-"""The built-in heads' names and one-line summaries, importable without torch.
+"""What the CLI knows of each built-in head without importing it (torch): its one-line summary and its demo.
 
-The CLI's help texts read them here, so that ``usseg --help`` and a cached command start without
-importing the heads (torch). ``usseg_core/heads/builtin.py`` registers each head with the summary written
-here, and a test pins these names to the registry.
+``usseg --help`` and a cached command start without importing the heads; they read this table. The head
+registry is built from it: ``usseg_core/heads/builtin.py`` registers each built-in head with its card's
+summary and demo (``HeadSpec.summary`` / ``HeadSpec.demo``), and a test pins the names to the registry.
 """
 from __future__ import annotations
 
-BUILTIN_HEADS = {
-    "stego": "STEGO: correspondence distillation on five-crops + KNN (Hamilton et al. 2022)",
-    "omh": "OMH: STEGO + optimally matched cluster hierarchy (Sinkhorn between levels)",
-    "picie": "PiCIE: clustering with photometric invariance and geometric equivariance (Cho et al. 2021)",
-    "hsg": "HSG: multiview segment grouping with clustering transformers on UCM segments (Ke et al. 2022)",
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+
+@dataclass(frozen=True)
+class HeadCard:
+    """The torch-free facts of a built-in head.
+
+    Attributes:
+        summary: one line for ``--help`` and docs.
+        demo: namespaced ``--set`` overrides of a test-sized training (``usseg demo``, the synthetic
+            deployments): every head learns something on 40 synthetic images in about a minute.
+    """
+
+    summary: str
+    demo: Mapping[str, Any]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "demo", MappingProxyType(dict(self.demo)))
+
+
+BUILTIN_HEAD_CARDS: dict[str, HeadCard] = {
+    "stego": HeadCard("STEGO: correspondence distillation on five-crops + KNN (Hamilton et al. 2022)",
+                      {"stego.steps": 200}),
+    "omh": HeadCard("OMH: STEGO + optimally matched cluster hierarchy (Sinkhorn between levels)",
+                    {"stego.steps": 200}),
+    "picie": HeadCard("PiCIE: clustering with photometric invariance and geometric equivariance (Cho et al. 2021)",
+                      {"picie.epochs": 4}),
+    "hsg": HeadCard("HSG: multiview segment grouping with clustering transformers on UCM segments (Ke et al. 2022)",
+                    {"hsg.epochs": 4}),
 }
+
+# Derived views for the CLI (no second table): name -> summary, and every built-in head's demo overrides.
+BUILTIN_HEADS: dict[str, str] = {name: card.summary for name, card in BUILTIN_HEAD_CARDS.items()}
+DEMO_OVERRIDES: dict[str, Any] = {k: v for card in BUILTIN_HEAD_CARDS.values() for k, v in card.demo.items()}

@@ -1,6 +1,7 @@
 """The head registry: names, errors, namespaced overrides, presets, save/load without Prefect."""
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -73,6 +74,28 @@ def test_the_torch_free_head_names_are_the_registry():
 
     assert sorted(BUILTIN_HEADS) == sorted(list_heads())
     assert all(get_head(h).summary == s for h, s in BUILTIN_HEADS.items())
+
+
+def test_heads_declare_their_demo_and_capabilities():
+    """HeadSpec says what flows used to find out by name or by probing (``hasattr(head, "levels")``)."""
+    from usseg_core.head_names import BUILTIN_HEAD_CARDS, DEMO_OVERRIDES
+    from usseg_core.heads.builtin import StegoTrained
+    from usseg_core.heads.hsg import HsgTrained
+    from usseg_core.heads.picie import PicieTrained
+
+    # the demo's lengths, as `usseg demo` has always used them (flows/cli_compare.py DEMO_OVERRIDES)
+    assert DEMO_OVERRIDES == {"stego.steps": 200, "picie.epochs": 4, "hsg.epochs": 4}
+    assert {k: v for h in BUILTIN_HEAD_CARDS for k, v in get_head(h).demo.items()} == DEMO_OVERRIDES
+    assert dict(get_head("omh").demo) == {"stego.steps": 200}  # OMH's primary section is STEGO's
+    for name, trained in {"stego": StegoTrained, "omh": StegoTrained, "picie": PicieTrained, "hsg": HsgTrained}.items():
+        spec = get_head(name)
+        assert dict(spec.demo) == dict(BUILTIN_HEAD_CARDS[name].demo)
+        assert spec.hierarchy == hasattr(trained, "levels"), name
+        assert ("own" in spec.predictor_kinds) == (trained.clusterer is not None) == (spec.clusterer is not None)
+    assert get_head("hsg").predictor_kinds == ("kmeans", "linear", "retrieval")
+    assert get_head("stego").predictor_kinds == ("own", "kmeans", "linear")
+    with pytest.raises(ConfigError, match="unknown field 'stepz'"):
+        dataclasses.replace(get_head("stego"), name="_bad_demo", demo={"stego.stepz": 1})
 
 
 def test_the_cli_starts_without_torch_or_prefect():

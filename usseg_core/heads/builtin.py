@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from usseg_core.head_names import BUILTIN_HEADS
+from usseg_core.head_names import BUILTIN_HEAD_CARDS as CARDS
 from usseg_core.heads.hsg import HsgConfig, HsgTrained, hsg_presets
 from usseg_core.heads.omh import OMHConfig
 from usseg_core.heads.picie import PicieConfig, PicieTrained, picie_presets
@@ -80,20 +80,20 @@ def _lazy(module: str, name: str) -> Callable[..., TrainedState]:
 
 
 register_head(HeadSpec(
-    name="stego", summary=BUILTIN_HEADS["stego"],
+    name="stego", summary=CARDS["stego"].summary, demo=CARDS["stego"].demo,
     sections=(("stego", StegoConfig),), presets=_stego_presets, needs=frozenset({"five_crop", "knn"}),
     train=_train_stego, load=_loader("stego"), clusterer="cluster-probe"))
 register_head(HeadSpec(
-    name="omh", summary=BUILTIN_HEADS["omh"],
+    name="omh", summary=CARDS["omh"].summary, demo=CARDS["omh"].demo,
     sections=(("stego", StegoConfig), ("omh", OMHConfig)), presets=_stego_presets,
     needs=frozenset({"five_crop", "knn"}), train=_train_stego, load=_loader("omh"), clusterer="cluster-probe"))
 register_head(HeadSpec(
-    name="picie", summary=BUILTIN_HEADS["picie"],
+    name="picie", summary=CARDS["picie"].summary, demo=CARDS["picie"].demo,
     sections=(("picie", PicieConfig),), presets=picie_presets, needs=frozenset({"views"}),
     train=_lazy("usseg_core.heads.picie_train", "train_picie_head"),
     load=PicieTrained.from_checkpoint, clusterer="centroids"))
 register_head(HeadSpec(
-    name="hsg", summary=BUILTIN_HEADS["hsg"],
+    name="hsg", summary=CARDS["hsg"].summary, demo=CARDS["hsg"].demo,
     sections=(("hsg", HsgConfig),), presets=hsg_presets, needs=frozenset({"views", "oversegment"}),
     train=_lazy("usseg_core.heads.hsg_train", "train_hsg_head"),
-    load=HsgTrained.from_checkpoint, clusterer=None, retrieval=True))
+    load=HsgTrained.from_checkpoint, clusterer=None, retrieval=True, hierarchy=True))

@@ -127,9 +127,14 @@ class HeadSpec:
         train: ``train(inputs: HeadInputs, config: dict[str, dataclass], *, checkpoint_path, device,
             progress, on_step) -> TrainedState``.
         load: ``load(ckpt: dict) -> TrainedHead`` from the dict :func:`save_head` wrote.
-        clusterer: name of the method's own cluster assignment in results tables, or None.
+        clusterer: name of the method's own cluster assignment in results tables, or None (then k-means on
+            its codes is its unsupervised predictor).
         retrieval: evaluate with segment retrieval (HSG's kNN label transfer) by default, beside the shared
             Hungarian protocol (``usseg run --retrieval/--no-retrieval`` overrides it for any head).
+        hierarchy: its trained head has ``levels(codes)``, a coarse-to-fine hierarchy of per-image groups
+            (HSG): evaluation examples and ``usseg segment`` write one map per level.
+        demo: namespaced ``--set`` overrides of a test-sized training (``usseg demo``, synthetic deployments),
+            e.g. ``{"stego.steps": 200}``; checked against the sections like any override.
     """
 
     name: str
@@ -141,6 +146,8 @@ class HeadSpec:
     load: Callable[[dict], TrainedHead]
     clusterer: str | None = None
     retrieval: bool = False
+    hierarchy: bool = False
+    demo: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.needs) - set(INPUTS))
@@ -148,10 +155,19 @@ class HeadSpec:
             raise ConfigError(f"head {self.name!r}: unknown inputs {unknown}; known: {list(INPUTS)}")
         if not self.sections:
             raise ConfigError(f"head {self.name!r} needs at least one config section")
+        for key in self.demo:
+            self.split_key(key)  # a demo override names a real section and field
 
     @property
     def primary(self) -> str:
         return self.sections[0][0]
+
+    @property
+    def predictor_kinds(self) -> tuple[str, ...]:
+        """The predictors a run evaluates by default, in table order: the head's own clusterer (``"own"``)
+        where it has one, k-means on its codes, the linear probe (labelled splits), and segment retrieval
+        where the method uses it."""
+        return (("own",) if self.clusterer else ()) + ("kmeans", "linear") + (("retrieval",) if self.retrieval else ())
 
     def config(self, dataset: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Resolved config sections for ``dataset``: defaults < dataset preset < ``overrides``."""
