@@ -34,8 +34,8 @@ def create_pretrained(name: str, **timm_kwargs: object) -> torch.nn.Module:
         where = "offline: not in the local hub cache" if offline else f"download failed: {exc}"
         raise WeightsError(
             f"backbone {name!r}: no weights file given and hub weights unavailable ({where}). "
-            f"Provide a local checkpoint with --weights FILE (.pth/.pt/.bin/.safetensors; DINO "
-            f"or timm key layout), or pass --random-weights to run with randomly initialised "
+            f"Provide a local checkpoint with --weights FILE (.pth/.pt/.bin/.safetensors; the key "
+            f"layout of its published release, or timm's), or pass --random-weights to run with randomly initialised "
             f"weights (for tests only; features will be meaningless)"
         ) from exc
 

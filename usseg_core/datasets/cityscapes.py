@@ -31,7 +31,8 @@ class Cityscapes27(Dataset):
 
     protocol = DatasetProtocol(
         folder="cityscapes",
-        eval_policy="center_crop", eval_size=320,  # STEGO: 320 short side + centre crop (docs/methods/protocol.md §5 S8)
+        # STEGO: 320 short side + centre crop (docs/methods/protocol.md §5 S8)
+        eval_policy="center_crop", eval_size=320,
         # [code:STEGO] five-crops (ratio 0.5), each Resize(224) of the short side + CenterCrop(224)
         train_policy="five_crop", train_crop_resize="short_side",
         overseg_schedule="cityscapes",  # HSG [001] §5.8: Cityscapes with PMI edges

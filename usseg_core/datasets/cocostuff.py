@@ -40,7 +40,8 @@ class CocoStuff27(Dataset):
 
     protocol = DatasetProtocol(
         folder="cocostuff",
-        eval_policy="center_crop", eval_size=320,  # STEGO / PiCIE: 320 short side + centre crop (docs/methods/protocol.md §5 S8)
+        # STEGO / PiCIE: 320 short side + centre crop (docs/methods/protocol.md §5 S8)
+        eval_policy="center_crop", eval_size=320,
         # [code:STEGO] five-crops (ratio 0.5), each Resize(224) of the short side + CenterCrop(224)
         train_policy="five_crop", train_crop_resize="short_side",
         overseg_schedule="coco",  # HSG [001] §5.8: COCO-stuff with SE edges

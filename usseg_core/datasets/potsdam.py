@@ -39,7 +39,8 @@ class Potsdam3(Dataset):
 
     protocol = DatasetProtocol(
         folder="potsdam",
-        eval_policy="center_crop", eval_size=320,  # STEGO: 320 short side + centre crop (docs/methods/protocol.md §5 S8)
+        # STEGO: 320 short side + centre crop (docs/methods/protocol.md §5 S8)
+        eval_policy="center_crop", eval_size=320,
         # the reference ignores crop_type for Potsdam (its class reads the 200x200 patches whatever crop_type
         # says): the whole patch, Resize(224) + CenterCrop(224); the five-crop resize is then unused
         train_policy="center_crop", train_crop_resize="short_side",
