@@ -1,7 +1,7 @@
 """What a cache hit costs: process wall time of CLI commands, cold (fresh storage) against warm (every
 artifact cached), medians of several runs in one go.
 
-The warm path is the CLI's look-up pass (flows/fastpath.py: no flow run, no temporary server). The same
+The warm path is the CLI's look-up pass (commands/launch.py: no flow run, no temporary server). The same
 warm command with ``USSEG_FLOW_RUN=always`` (a flow run on a temporary Prefect server, what every call
 paid before) is measured beside it.
 
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _usseg(args: list[str], env: dict | None = None) -> tuple[float, str]:
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "commands.cli", *args], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, check=False)
     seconds = time.perf_counter() - start
     if done.returncode != 0:

@@ -103,7 +103,7 @@ def _method(args, store_path: Path, bank_path: Path):
     dev = torch.device("cpu")
     if args.worker in ("stego", "omh"):
         from usseg_core.heads.omh import OMHLoss
-        from usseg_core.train import StegoMethod
+        from usseg_core.heads.stego_train import StegoMethod
 
         features = FeatureStore(store_path)
         mode = choose_read_mode([features], max_bytes=1 << 62 if args.mode == "in-memory" else 0)

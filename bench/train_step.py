@@ -68,7 +68,7 @@ def main() -> None:
     from usseg_core.features import FeatureStore, extract_into
     from usseg_core.heads.stego import stego_config_for
     from usseg_core.knn import mine_knn
-    from usseg_core.train import train_stego
+    from usseg_core.heads.stego_train import train_stego
     from usseg_core.views import ViewSpec, prepare_item
 
     tmp = Path(tempfile.mkdtemp(prefix="usseg-bench-"))

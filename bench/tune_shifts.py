@@ -100,7 +100,7 @@ def _train_and_score(method, args, over, seed, feats, knn, n, ev, fl, ds, ids, v
 
     from usseg_core.heads.probes import ClusterProbe
     from usseg_core.heads.stego import StegoHead, stego_config_for
-    from usseg_core.train import train_stego
+    from usseg_core.heads.stego_train import train_stego
 
     cfg = stego_config_for(args.dataset, steps=args.steps, seed=seed, **over)
     aux = None

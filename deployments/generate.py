@@ -5,7 +5,7 @@
 
 Everything above the ``deployments:`` line (comments, pool, schedules, triggers, shared parameters) is
 hand-written and kept as it is. Below it: ``train-<head>/<dataset>`` and ``evaluate-<head>/<dataset>``
-for every registered head and every dataset of ``flows.settings.DATASET_FOLDERS``, then
+for every registered head and every dataset with a folder (``usseg_core.datasets.dataset_folders``), then
 ``compare/<dataset>``, ``extract-features/<dataset>`` and ``watch-backbones/default``. A test checks that the shipped file is
 exactly this output, so a new head or dataset cannot miss its deployments.
 
@@ -24,21 +24,21 @@ MARK = "deployments:\n"
 
 
 def _resolution(dataset: str) -> int:
-    from flows.cli_compare import DEMO_RESOLUTION
+    from usseg_core.datasets.synthetic import DEMO_RESOLUTION
     from usseg_core.spec import DEFAULT_RESOLUTION
 
     return DEMO_RESOLUTION if dataset == "synthetic" else DEFAULT_RESOLUTION
 
 
 def _overrides(dataset: str, heads: list[str] | None) -> str:
-    """Synthetic deployments train as long as ``usseg demo`` (its DEMO_OVERRIDES): that dataset exists to
-    try things quickly, and the heads' paper lengths (STEGO 5000 steps) take 15+ minutes on 2 cores there.
-    ``heads`` None: every head (the compare deployment, whose overrides are routed per head)."""
+    """Synthetic deployments train as long as ``usseg demo`` (each head's ``HeadSpec.demo``): that dataset
+    exists to try things quickly, and the heads' paper lengths (STEGO 5000 steps) take 15+ minutes on 2
+    cores there. ``heads`` None: every head (the compare deployment, whose overrides are routed per head)."""
     if dataset != "synthetic":
         return "{}"
-    from flows.cli_compare import DEMO_OVERRIDES, demo_overrides
+    from usseg_core.heads import demo_overrides, list_heads
 
-    chosen = DEMO_OVERRIDES if heads is None else demo_overrides(heads)
+    chosen = demo_overrides(list_heads() if heads is None else heads)
     return "{" + ", ".join(f"{k}: {v}" for k, v in chosen.items()) + "}"
 
 
@@ -131,21 +131,21 @@ def _rule(title: str) -> str:
 
 def render(header: str) -> str:
     """The whole file: ``header`` (up to and including ``deployments:``) + the generated deployments."""
-    from flows.settings import DATASET_FOLDERS
+    from usseg_core.datasets.registry import dataset_folders
     from usseg_core.heads import get_head, list_heads
 
     parts = [header]
     for head in list_heads():
         summary = get_head(head).summary.replace('"', "'")
         parts.append(_rule(f"train-{head}"))
-        parts += [_train(head, summary, ds, folder) for ds, folder in DATASET_FOLDERS.items()]
+        parts += [_train(head, summary, ds, folder) for ds, folder in dataset_folders().items()]
     for head in list_heads():
         parts.append(_rule(f"evaluate-{head}"))
-        parts += [_evaluate(head, ds, folder) for ds, folder in DATASET_FOLDERS.items()]
+        parts += [_evaluate(head, ds, folder) for ds, folder in dataset_folders().items()]
     parts.append(_rule("compare"))
-    parts += [_compare(ds, folder) for ds, folder in DATASET_FOLDERS.items()]
+    parts += [_compare(ds, folder) for ds, folder in dataset_folders().items()]
     parts.append(_rule("extract-features"))
-    parts += [_extract(ds, folder) for ds, folder in DATASET_FOLDERS.items()]
+    parts += [_extract(ds, folder) for ds, folder in dataset_folders().items()]
     parts.append(WATCH)
     return "".join(parts)
 

@@ -16,9 +16,10 @@ from dataclasses import asdict
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.publish import in_flow_run, publish_run
-from flows.runner import SettingTaskRunner
-from flows.train import evaluation_plan, resolved, train_inputs, trained_stages
+from orchestration.publish import in_flow_run, publish_run
+from orchestration.runner import SettingTaskRunner
+from flows.train import evaluation_plan, train_inputs, trained_stages
+from orchestration.refs import resolved
 from tasks.cluster import ensure_kmeans
 from tasks.compare import N_OVERLAY, baseline_name, ensure_comparison
 from tasks.evaluate import run_evaluation

@@ -9,7 +9,7 @@ and nothing else about it. Everything comes from the store:
   linear probe the head artifact names (``linear_probe`` in its meta: imported heads) or else the newest
   linear probe trained on this head, and k-means over its codes when a k-means artifact of the head
   exists (else those rows are skipped, with a note);
-* the split is evaluated under the dataset's protocol (``flows.train.eval_view``), with flip-TTA codes
+* the split is evaluated under the dataset's protocol (``DatasetProtocol.eval_view``), with flip-TTA codes
   and CRF on/off, by ``tasks.evaluate.run_evaluation``: the same table, CSV and pictures as ``usseg run``.
 
 Nothing is trained here: a head whose class count differs from the dataset's is refused in one line.
@@ -21,9 +21,10 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.publish import publish_run
-from flows.runner import SettingTaskRunner
-from flows.train import data_ref, eval_view, publish_results, resolved
+from orchestration.publish import publish_run
+from orchestration.runner import SettingTaskRunner
+from flows.train import publish_results
+from orchestration.refs import data_ref, resolved
 from tasks.common import ensure_manifest, logger
 from tasks.evaluate import run_evaluation
 from tasks.extract import ensure_features
@@ -125,7 +126,7 @@ def run_model_evaluation(spec: EvaluateModelSpec) -> dict:
     for note in plan["notes"]:
         logger().info(note)
     ref = replace(plan["backbone"], device=device)
-    view = eval_view(ds, spec.eval_resolution)
+    view = ds.protocol.eval_view(spec.eval_resolution)
     manifest = ensure_manifest(data, storage)
     feats = ensure_features(storage, data, ref, view, manifest=manifest)
     view = ViewSpec.from_params(feats["view"])

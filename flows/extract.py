@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.publish import publish_run
-from flows.runner import SettingTaskRunner
-from flows.train import backbone_ref, data_ref, resolved
+from orchestration.publish import publish_run
+from orchestration.runner import SettingTaskRunner
+from orchestration.refs import backbone_ref, data_ref, resolved
 from tasks.extract import ensure_features
 from usseg_core.spec import ExtractSpec
 from usseg_core.views import ViewSpec
@@ -15,8 +15,8 @@ from usseg_core.views import ViewSpec
 def extract_features(spec: ExtractSpec) -> dict:
     """Extract (or find cached) dense + pooled features of one dataset split.
 
-    ``spec.data_root`` / ``spec.storage`` None: resolved by flows/settings.py; ``spec.task_runner``:
-    flows/runner.py.
+    ``spec.data_root`` / ``spec.storage`` None: resolved by orchestration/settings.py; ``spec.task_runner``:
+    orchestration/runner.py.
     """
     spec = resolved(spec)
     view = ViewSpec(policy=spec.policy, resolution=spec.resolution, flip=spec.flip)

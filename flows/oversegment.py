@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.runner import SettingTaskRunner
-from flows.settings import data_root as resolve_data_root
-from flows.settings import storage_root
+from orchestration.runner import SettingTaskRunner
+from orchestration.settings import data_root as resolve_data_root
+from orchestration.settings import storage_root
 from tasks.common import DataRef
 from tasks.oversegment import ensure_oversegmentation
 from usseg_core.overseg import OversegSettings

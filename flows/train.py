@@ -8,17 +8,14 @@ All flows share one body (:func:`run`) driven by a :class:`RunSpec`; the head de
 """
 from __future__ import annotations
 
-from typing import TypeVar
-
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.publish import in_flow_run, publish_run
-from flows.runner import SettingTaskRunner
-from flows.settings import data_root as resolve_data_root
-from flows.settings import storage_root
+from orchestration.publish import in_flow_run, publish_run
+from orchestration.refs import backbone_ref, data_ref, resolved
+from orchestration.runner import SettingTaskRunner
 from tasks.cluster import ensure_kmeans, ensure_linear_probe
-from tasks.common import BackboneRef, DataRef, ensure_manifest, logger
+from tasks.common import ensure_manifest, logger
 from tasks.evaluate import results_markdown, run_evaluation
 from tasks.extract import ensure_features
 from tasks.heads import ensure_head, ensure_knn
@@ -29,35 +26,9 @@ from usseg_core.crf import CRFParams
 from usseg_core.datasets.registry import dataset_class
 from usseg_core.errors import ConfigError
 from usseg_core.heads import get_head, list_heads
-from usseg_core.spec import DataSpec, RunSpec, Where
+from usseg_core.spec import RunSpec
 from usseg_core.views import ViewSpec
 
-S = TypeVar("S", bound=Where)
-
-
-
-def backbone_ref(run: DataSpec) -> BackboneRef:
-    return BackboneRef(run.backbone, run.weights, run.random_weights, device=run.device)
-
-
-def data_ref(run: Where, split: str) -> DataRef:
-    return DataRef(run.dataset, run.data_root, split, run.dataset_options, run.on_error)
-
-
-def resolved(spec: S) -> S:
-    """``spec`` with its storage and data root resolved (flag -> environment -> Prefect variable -> default)."""
-    storage = str(storage_root(spec.storage))
-    return spec.changed(storage=storage, data_root=str(resolve_data_root(spec.dataset, spec.data_root, storage)))
-
-
-def eval_view(dataset_obj, resolution: int | None) -> ViewSpec:
-    """The evaluation protocol of the dataset (docs/methods/protocol.md §5 S8), optionally at another resolution.
-
-    At the training resolution it is also the view bank's base frame: the whole evaluation frame, smaller.
-    """
-    if dataset_obj.eval_policy == "full":
-        return ViewSpec("full", resolution)
-    return ViewSpec("center_crop", resolution or 320)
 
 
 def train_inputs(run: RunSpec) -> dict:
@@ -80,7 +51,7 @@ def train_inputs(run: RunSpec) -> dict:
         inputs["oversegment"] = [ensure_oversegmentation(storage, d, ocfg.detector, ocfg.weights,
                                                          ocfg.schedule(run.dataset)) for d in datas]
     if "views" in spec.needs:
-        base, vcfg = eval_view(ds, run.resolution), run.views_config()
+        base, vcfg = ds.protocol.eval_view(run.resolution), run.views_config()  # the eval frame, smaller
         cluster_on = [ensure_features(storage, d, ref, base) for d in datas]  # un-augmented frames
         inputs["views"] = [ensure_views(storage, d, ref, base, vcfg, manifest=b["manifest"])
                            for d, b in zip(datas, cluster_on)]
@@ -115,7 +86,7 @@ def evaluation_plan(trained: dict, run: RunSpec) -> dict:
     storage, ref = run.storage, backbone_ref(run)
     data = data_ref(run, run.eval_split)
     ds = data.dataset()
-    view = eval_view(ds, run.eval_resolution)
+    view = ds.protocol.eval_view(run.eval_resolution)
     manifest = ensure_manifest(data, storage)
     feats = ensure_features(storage, data, ref, view, manifest=manifest)
     view = ViewSpec.from_params(feats["view"])

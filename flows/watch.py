@@ -17,7 +17,7 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.settings import storage_root
+from orchestration.settings import storage_root
 from tasks.common import BackboneRef, backbone_fingerprint, logger
 from usseg_core.spec import DEFAULT_BACKBONE
 from usseg_core.store import atomic_write_json, now_iso
@@ -47,7 +47,7 @@ def configured_backbones() -> list[dict]:
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
     from prefect.client.schemas.sorting import DeploymentSort
 
-    with get_client(sync_client=True) as client:  # limit/sort explicit: see flows/service.py
+    with get_client(sync_client=True) as client:  # limit/sort explicit: see orchestration/service.py
         deployments = client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=list(WATCHED_FLOWS))),
                                               limit=500, sort=DeploymentSort.NAME_ASC)
     seen: dict[tuple, dict] = {}

@@ -245,12 +245,7 @@ def backbone_fingerprint(ref: BackboneRef, storage: str) -> str:
 
 
 def input_multiple(name: str) -> int:
-    """Input-size multiple of a backbone, known from its registry name without building it (nor, for a
-    built-in backbone, importing timm)."""
-    from usseg_core.backbone_names import BUILTIN_INPUT_MULTIPLES
+    """Input-size multiple of a backbone, read from its torch-free spec row (no timm import)."""
+    from usseg_core.backbones.specs import backbone_spec
 
-    if name in BUILTIN_INPUT_MULTIPLES:
-        return BUILTIN_INPUT_MULTIPLES[name]
-    from usseg_core.backbones.registry import backbone_input_multiple
-
-    return backbone_input_multiple(name)
+    return backbone_spec(name).input_multiple

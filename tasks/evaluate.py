@@ -102,8 +102,10 @@ def hierarchy_maps(head, feats: torch.Tensor, size: tuple[int, int]) -> list[np.
 def image_hierarchy(head_path: str, feats: FeatureStore, i: int, size: tuple[int, int],
                     device: torch.device = CPU) -> list[np.ndarray] | None:
     """:func:`hierarchy_maps` of item i when the head has a hierarchy (HSG), else None."""
+    from usseg_core.heads import get_head
+
     head = load_head(head_path, str(device))
-    if not hasattr(head, "levels"):
+    if not get_head(head.method).hierarchy:  # declared by the head's registration
         return None
     return hierarchy_maps(head, to_device(feats[i].astype(np.float32)[None], device), size)
 

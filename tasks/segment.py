@@ -13,6 +13,7 @@ from tasks.heads import load_head
 from usseg_core.crf import CRFParams, dense_crf
 from usseg_core.errors import ConfigError
 from usseg_core.features import embed
+from usseg_core.heads import get_head
 from usseg_core.imageio import read_rgb
 from usseg_core.store import ArtifactStore
 from usseg_core.views import ViewSpec, prepare_item, resolve_full_size
@@ -100,6 +101,6 @@ def segment_images(images: list[Path], model: str, out: Path, *, clusterer: str 
         save_png(out / f"{stem}_color.png", colorize(labels, n))
         save_png(out / f"{stem}_overlay.png", overlay(image, labels, n))
         written.append(out / f"{stem}_labels.png")
-        if hasattr(head, "levels"):  # a hierarchy (HSG): one PNG per level, coarse to fine, and a strip
+        if get_head(head.method).hierarchy:  # HSG: one PNG per level, coarse to fine, and a strip
             written += _write_hierarchy(out, stem, image, head, torch.from_numpy(dense))
     return written

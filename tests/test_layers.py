@@ -20,32 +20,19 @@ PACKAGES = ("usseg_core", "tasks", "orchestration", "flows", "commands")
 LAYERS = ("core", "tasks", "orchestration", "flows", "commands")  # low to high
 
 # Module name (or a package: it covers what is below it) -> layer; the longest match wins. The one place to
-# update when files move. Today the command line and the Prefect plumbing still live in flows/.
+# update when files move.
 LAYER_OF = {
     "usseg_core": "core",
     "tasks": "tasks",
     "orchestration": "orchestration",
     "flows": "flows",
     "commands": "commands",
-    **{f"flows.{m}": "commands" for m in ("cli", "cli_common", "cli_compare", "cli_edges", "cli_import",
-                                          "cli_ops", "cli_run", "fastpath")},
-    **{f"flows.{m}": "orchestration" for m in ("service", "runner", "settings", "publish", "dask_worker")},
 }
 
-# Known violations that the move of the command line and the plumbing out of flows/ removes. Each is a
-# strict xfail below: when it is gone the test XPASSes, and its entry is deleted here.
-KNOWN_UPWARD = {
-    ("flows.dask_worker", "flows.cli_common"):
-        "the worker preload (orchestration) sets the CLI's DEBUG flag and console filter (commands)",
-}
+# Known violations, each a strict xfail below: when it is gone the test XPASSes, and its entry is deleted here.
+KNOWN_UPWARD: dict = {}
 # Cycles owned by another piece of work: frozenset of modules -> reason.
-KNOWN_CYCLES = {
-    frozenset({"usseg_core.edges", "usseg_core.edges.classical", "usseg_core.edges.hed",
-               "usseg_core.edges.pidinet", "usseg_core.edges.sed"}):
-        "the detectors import EdgeDetector, EdgeMap and register_edge_detector from the package __init__, "
-        "which loads them on the registry's first read (registry rework: move those into a module of their "
-        "own, e.g. usseg_core/edges/base.py, that the detectors and __init__ import)",
-}
+KNOWN_CYCLES: dict = {}
 
 
 def layer_of(module: str) -> str:

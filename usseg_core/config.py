@@ -1,6 +1,6 @@
 """Names and defaults of usseg's settings, and ``--set`` parsing.
 
-Resolution (flag, environment, Prefect variable, default) lives in ``flows/settings.py``: the variable step
+Resolution (flag, environment, Prefect variable, default) lives in ``orchestration/settings.py``: the variable step
 needs Prefect, which the core never imports.
 """
 from __future__ import annotations

@@ -19,36 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from usseg_core.datasets.protocol import SCHEDULES, OversegSchedule
 from usseg_core.edges import EdgeDetector, EdgeMap
 from usseg_core.errors import ConfigError, InputError
 
 __all__ = ["OversegSchedule", "SCHEDULES", "schedule_for_dataset", "OversegSettings", "OversegResult",
            "oversegment", "choose_level", "segment_stem", "SegmentFolder"]
-
-
-@dataclass(frozen=True)
-class OversegSchedule:
-    """Raise the UCM threshold from t0 in `step`s until fewer than `max_regions` regions remain."""
-
-    t0: float  # initial threshold (HSG [001] §5.8)
-    max_regions: int  # stop when #regions < max_regions (HSG [001] §5.8)
-    step: float = 0.01  # not stated in HSG; inferred (see module docstring)
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.t0 <= 1.0:
-            raise ConfigError(f"OversegSchedule.t0 must be in [0, 1], got {self.t0}")
-        if self.max_regions < 2:
-            raise ConfigError(f"OversegSchedule.max_regions must be >= 2, got {self.max_regions}")
-        if not self.step > 0:
-            raise ConfigError(f"OversegSchedule.step must be > 0, got {self.step}")
-
-
-# docs/methods/hsg.md §1.1 table; the pairing of the PMI values by order is inferred there.
-SCHEDULES: dict[str, OversegSchedule] = {
-    "coco": OversegSchedule(0.25, 48),  # MSCOCO / COCO-stuff, SE edges
-    "cityscapes": OversegSchedule(0.05, 1024),  # Cityscapes / KITTI-STEP, PMI edges
-    "potsdam": OversegSchedule(0.5, 128),  # Potsdam, PMI edges
-}
 
 
 def schedule_for_dataset(dataset_name: str) -> OversegSchedule:

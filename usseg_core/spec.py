@@ -362,7 +362,7 @@ def check_run(run: RunSpec) -> None:
     from usseg_core.datasets.registry import dataset_class
     from usseg_core.heads import get_head
 
-    spec = get_head(run.head)  # "unknown head 'x'; registered heads: ..."
+    spec = get_head(run.head)  # "unknown head 'x'; known: ..."
     config = spec.config(run.dataset, run.head_settings())
     run.views_config()
     run.overseg_config().schedule(run.dataset)
@@ -378,9 +378,9 @@ def check_run(run: RunSpec) -> None:
 
 
 def _check_backbone(name: str) -> None:
-    from usseg_core.backbones.registry import backbone_input_multiple
+    from usseg_core.backbones.specs import backbone_spec  # the torch-free table
 
-    backbone_input_multiple(name)  # "unknown backbone 'x'; known backbones: ..."
+    backbone_spec(name)  # "unknown backbone 'x'; known: ..."
 
 
 def _section(fields: dict, prefix: str, cls: type, what: str):

@@ -37,7 +37,6 @@ def _dense(backbone, x: torch.Tensor) -> torch.Tensor:
 
 def test_the_table_imports_without_torch_and_every_row_is_consistent():
     code = ("import sys; from usseg_core.backbones.specs import backbone_spec, list_backbones; "
-            "from usseg_core.backbone_names import BUILTIN_INPUT_MULTIPLES; "
             "print([backbone_spec(n).input_multiple for n in list_backbones()], 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().endswith("False"), out.stdout
@@ -45,9 +44,6 @@ def test_the_table_imports_without_torch_and_every_row_is_consistent():
         spec = backbone_spec(name)
         assert spec.name == spec.timm_name == name  # the built-ins are timm names with their tag
         assert spec.timm_model in timm.list_models() and spec.input_multiple % spec.stride == 0
-    from usseg_core.backbone_names import BUILTIN_INPUT_MULTIPLES  # the deprecated name, derived from the rows
-
-    assert BUILTIN_INPUT_MULTIPLES == {n: backbone_spec(n).input_multiple for n in list_backbones()}
 
 
 def test_a_bad_row_or_a_second_row_of_a_name_is_refused():

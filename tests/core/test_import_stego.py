@@ -152,7 +152,7 @@ def reference(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def imported(reference, tmp_path_factory):
-    from flows.cli_import import import_stego
+    from commands.importing import import_stego
 
     storage = tmp_path_factory.mktemp("storage")
     return storage, import_stego(reference[0], storage, name="coco-test")
@@ -215,7 +215,7 @@ def test_linear_probe_and_head_serve_evaluation_predictors(reference, imported):
 
 
 def test_artifacts_metadata_and_cache_hit(reference, imported):
-    from flows.cli_import import import_stego
+    from commands.importing import import_stego
     from tasks.segment import _backbone_of
     from usseg_core.store import ArtifactStore
 
@@ -232,7 +232,7 @@ def test_artifacts_metadata_and_cache_hit(reference, imported):
     assert again.cache_hit and (again.head_key, again.probe_key, again.weights) == (out.head_key, out.probe_key,
                                                                                     out.weights)
     assert {p: p.stat().st_mtime_ns for p in Path(storage).glob("*/*/meta.json")} == mtimes
-    from flows.cli_ops import referenced_keys
+    from commands.ops import referenced_keys
 
     assert {out.head_key, out.probe_key, out.backbone_key} <= referenced_keys(storage)  # gc keeps them
 
@@ -350,7 +350,7 @@ def test_code_running_pickle_is_refused(tmp_path):
 
 
 def test_cli_import_and_bad_input(reference, tmp_path):
-    from flows.cli import app
+    from commands.cli import app
 
     runner = CliRunner()
     res = runner.invoke(app, ["import", "stego", str(reference[0]), "--storage", str(tmp_path / "s")])

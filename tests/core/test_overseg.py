@@ -60,7 +60,7 @@ def test_oversegment_result():
 
 
 def _app() -> typer.Typer:
-    from flows.cli_edges import register
+    from commands.edges import register
 
     app = typer.Typer()
     register(app)

@@ -83,7 +83,7 @@ def test_heads_declare_their_demo_and_capabilities():
     from usseg_core.heads.hsg import HsgTrained
     from usseg_core.heads.picie import PicieTrained
 
-    # the demo's lengths, as `usseg demo` has always used them (flows/cli_compare.py DEMO_OVERRIDES)
+    # the demo's lengths, as `usseg demo` has always used them (each head's HeadSpec.demo)
     assert DEMO_OVERRIDES == {"stego.steps": 200, "picie.epochs": 4, "hsg.epochs": 4}
     assert {k: v for h in BUILTIN_HEAD_CARDS for k, v in get_head(h).demo.items()} == DEMO_OVERRIDES
     assert dict(get_head("omh").demo) == {"stego.steps": 200}  # OMH's primary section is STEGO's
@@ -102,21 +102,21 @@ def test_the_cli_starts_without_torch_or_prefect():
     import subprocess
     import sys
 
-    code = "import sys, flows.cli; print(sorted({'torch', 'prefect'} & set(sys.modules)))"
+    code = "import sys, commands.cli; print(sorted({'torch', 'prefect'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
 def test_usseg_help_runs_without_torch_or_prefect():
     """The console entry point itself (not only the import) stays Prefect-free for --help: what it needs before a
-    flow run is installed by the commands that run one (flows.fastpath.prepare_flow_process)."""
+    flow run is installed by the commands that run one (commands.launch.prepare_flow_process)."""
     import subprocess
     import sys
 
-    code = ("import sys, atexit, flows.cli\n"
+    code = ("import sys, atexit, commands.cli\n"
             "atexit.register(lambda: print('LOADED', sorted({'torch', 'prefect'} & set(sys.modules))))\n"
             "sys.argv = ['usseg', '--help']\n"
-            "flows.cli.main()\n")
+            "commands.cli.main()\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "LOADED []" in out.stdout, out.stdout[-300:]

@@ -124,11 +124,12 @@ def test_training_views_follow_the_reference_per_dataset():
 
 
 def test_crops_settings_reach_the_run_and_fail_before_any_work():
-    from flows.train import RunSpec
+    from usseg_core.spec import RunSpec
 
-    assert RunSpec("stego", "cocostuff27", overrides={"crops.resize": "squash"}).crops_config().resize == "squash"
-    assert RunSpec("stego", "cocostuff27", overrides={"crops.resize": "squash"}).head_overrides() == {}
+    run = RunSpec(head="stego", dataset="cocostuff27", overrides={"crops.resize": "squash"})
+    assert run.crops_config().resize == "squash"
+    assert run.head_overrides() == {}
     with pytest.raises(ConfigError, match="crops.ratio"):
-        RunSpec("stego", "cocostuff27", overrides={"crops.bogus": 1}).validate()
+        RunSpec(head="stego", dataset="cocostuff27", overrides={"crops.bogus": 1})
     with pytest.raises(ConfigError, match="five_crop"):
-        RunSpec("stego", "potsdam3", overrides={"crops.resize": "squash"}).validate()
+        RunSpec(head="stego", dataset="potsdam3", overrides={"crops.resize": "squash"})

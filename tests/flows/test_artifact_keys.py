@@ -91,7 +91,7 @@ def scenes(tmp_path_factory) -> Path:
 
 
 def _invoke(*args: str) -> None:
-    from flows.cli import app
+    from commands.cli import app
 
     res = CliRunner().invoke(app, list(args))
     assert res.exit_code == 0, f"usseg {' '.join(args)}\n{res.output}{res.exception!r}"

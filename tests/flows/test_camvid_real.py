@@ -27,7 +27,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
+from commands.cli import app
 from tests.conftest import shared_path
 
 pytestmark = pytest.mark.slow

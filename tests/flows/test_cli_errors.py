@@ -24,7 +24,7 @@ def _env(tmp_path: Path) -> dict:
 
 
 def usseg(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=_env(tmp_path),
+    return subprocess.run([sys.executable, "-m", "commands.cli", *args], cwd=REPO, env=_env(tmp_path),
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
@@ -60,15 +60,18 @@ def test_on_error_reaches_the_manifests_of_run_and_compare():
                                             on_error="skip").runs()} == {"skip"}
     import inspect
 
-    from flows.cli import app  # noqa: F401
-    from flows import cli_compare, cli_run, compare, train
+    from commands.cli import app  # noqa: F401
+    from commands import compare as cli_compare
+    from commands import run as cli_run
+    from flows import compare, train
 
     assert "on_error" in _spec_of(train.pipeline).model_fields
     assert "on_error" in _spec_of(compare.compare).model_fields
-    assert train.data_ref(run, "val").on_error == "skip"
+    from orchestration.refs import data_ref
+
+    assert data_ref(run, "val").on_error == "skip"
     src = inspect.getsource(train)
-    assert src.count("data_ref(run, ") == 3 and "DataRef(" not in src.replace("-> DataRef:", "").replace(
-        "return DataRef(run.dataset, run.data_root, split, run.dataset_options, run.on_error)", "")  # train, eval, probe
+    assert src.count("data_ref(run, ") == 3 and "DataRef(" not in src  # train, eval and probe splits
     assert "on_error=on_error" in inspect.getsource(cli_run) and "on_error=on_error" in inspect.getsource(cli_compare)
 
 
@@ -212,7 +215,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_temporary_server_dies_when_the_cli_is_killed(tmp_path):
     data = _images(tmp_path / "data", 24)
-    cmd = [sys.executable, "-m", "flows.cli", "extract", "--dataset", "directory", "--data-root", str(data),
+    cmd = [sys.executable, "-m", "commands.cli", "extract", "--dataset", "directory", "--data-root", str(data),
            "--random-weights", "--resolution", "64", "--storage", str(tmp_path / "storage")]
     env = {**_env(tmp_path), "USSEG_FLOW_RUN": "always"}
     cli = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -237,10 +240,12 @@ def test_temporary_server_dies_when_the_cli_is_killed(tmp_path):
 
 
 def test_unexpected_error_is_exit_1_with_the_traceback_in_the_storage_log(tmp_path, monkeypatch, capsys):
-    from flows import cli_common
+    from commands import common as cli_common
+
+    from orchestration import console
 
     monkeypatch.setattr(sys, "argv", ["usseg", "run", "--storage", str(tmp_path)])
-    monkeypatch.setattr(cli_common, "FAILURE_RECORDS", [])
+    monkeypatch.setattr(console, "FAILURE_RECORDS", [])
     # in-process: error_exit would stop every Prefect server of this process, the test session's one too
     monkeypatch.setattr(cli_common, "stop_temporary_server", lambda: None)
     try:
@@ -255,11 +260,13 @@ def test_unexpected_error_is_exit_1_with_the_traceback_in_the_storage_log(tmp_pa
 
 
 def test_a_wrapped_usseg_error_keeps_its_exit_code(tmp_path, monkeypatch, capsys):
-    from flows import cli_common
+    from commands import common as cli_common
     from usseg_core.errors import InputError, WeightsError
 
+    from orchestration import console
+
     monkeypatch.setattr(sys, "argv", ["usseg"])
-    monkeypatch.setattr(cli_common, "FAILURE_RECORDS", [])
+    monkeypatch.setattr(console, "FAILURE_RECORDS", [])
     # in-process: error_exit would stop every Prefect server of this process, the test session's one too
     monkeypatch.setattr(cli_common, "stop_temporary_server", lambda: None)
     try:
@@ -278,19 +285,19 @@ def test_a_wrapped_usseg_error_keeps_its_exit_code(tmp_path, monkeypatch, capsys
 _FAILING_ON_A_WORKER = """
 import sys
 from prefect import flow, task
-from flows import cli_common
-from flows.runner import SettingTaskRunner
+from orchestration import console
+from orchestration.runner import SettingTaskRunner
 
 @task
 def boom():
     raise RuntimeError("boom on a worker")
 
-@flow(task_runner=SettingTaskRunner())
+@flow(task_runner=SettingTaskRunner(parameter="task_runner"))
 def fails(task_runner: str = "dask:1"):
     return boom.submit().result()
 
-cli_common.DEBUG = len(sys.argv) > 1
-cli_common.quiet_prefect_console()  # what flows.fastpath.prepare_flow_process does before a CLI flow run
+console.DEBUG = len(sys.argv) > 1
+console.quiet_prefect_console()  # what commands.launch.prepare_flow_process does before a CLI flow run
 try:
     fails()
 except RuntimeError as exc:
@@ -301,7 +308,7 @@ except RuntimeError as exc:
 @pytest.mark.parametrize("debug", [False, True])
 def test_a_task_failing_on_a_dask_worker_keeps_its_traceback_off_the_terminal(tmp_path, debug):
     """A task that fails on a local Dask worker is logged by Prefect in the worker process, whose console is the
-    terminal: the worker preload (flows/dask_worker.py) filters it as the CLI's own process does, and
+    terminal: the worker preload (orchestration/dask_worker.py) filters it as the CLI's own process does, and
     ``--debug`` ($USSEG_DEBUG=1, inherited by the workers) shows it again."""
     env = _env(tmp_path)
     if debug:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from flows.compare import compare
 from usseg_core.spec import CompareSpec, route_overrides
-from flows.fastpath import cached_result
+from commands.launch import cached_result
 from tests.conftest import artifact_mtimes
 from usseg_core import report
 from usseg_core.catalog import lineage
@@ -209,10 +209,12 @@ def test_demo_is_the_comparison_on_synthetic_scenes_and_reruns_as_a_lookup(tmp_p
 
     from typer.testing import CliRunner
 
-    import flows.cli_compare as cli_compare
-    from flows.cli import app
+    import commands.compare as cli_compare
+    from commands.cli import app
 
-    monkeypatch.setattr(cli_compare, "DEMO_OVERRIDES", {"stego.steps": 4, "picie.epochs": 1})
+    import usseg_core.heads
+
+    monkeypatch.setattr(usseg_core.heads, "demo_overrides", lambda heads: {"stego.steps": 4})  # --heads stego
     args = ["demo", "--storage", str(tmp_path / "s"), "--heads", "stego", "--seeds", "0", "--n-train", "8",
             "--n-val", "2"]
     first = CliRunner().invoke(app, args, env={"COLUMNS": "200"})

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from flows.cli import app
+from commands.cli import app
 from tests.conftest import artifact_mtimes
 from tests.core.test_import_stego import (ARCH, DIM, N_CLASSES, REFERENCE_CFG, LitUnsupervisedSegmenter,
                                           save_reference_checkpoint)
@@ -23,7 +23,7 @@ def setup(tmp_path_factory):
     (the synthetic dataset's), imported."""
     import timm
 
-    from flows.cli_import import import_stego
+    from commands.importing import import_stego
 
     torch.manual_seed(0)
     vit = timm.create_model(ARCH, pretrained=False, num_classes=0, dynamic_img_size=True)
@@ -119,7 +119,7 @@ def test_bad_key_is_one_error_line(setup):
 
 def test_class_count_mismatch_is_one_error_line(setup, tmp_path):
     """A 3-class checkpoint (no hyper-parameters: classes from the linear probe) on the 5-class dataset."""
-    from flows.cli_import import import_stego
+    from commands.importing import import_stego
 
     storage, root, _, lit = setup
     sd = dict(lit.state_dict())

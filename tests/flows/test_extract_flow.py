@@ -37,7 +37,7 @@ def _run_extract(data: Path, storage: Path, *extra: str, check: bool = True) -> 
     """`usseg extract` in this process (inside the session's Prefect test harness)."""
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from commands.cli import app
 
     args = ["extract", "--dataset", "directory", "--data-root", str(data), "--split", "all",
             "--backbone", BACKBONE, "--random-weights", "--resolution", "32", "--storage", str(storage),
@@ -75,7 +75,7 @@ def test_killed_extraction_resumes_to_identical_result(tmp_path):
     data = _images(tmp_path, 24, size=(96, 128))
     storage = tmp_path / "storage"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "flows.cli", "extract", "--dataset", "directory", "--data-root", str(data),
+    cmd = [sys.executable, "-m", "commands.cli", "extract", "--dataset", "directory", "--data-root", str(data),
            "--split", "all", "--backbone", BACKBONE, "--random-weights", "--resolution", "96",
            "--storage", str(storage), "--batch-size", "2"]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

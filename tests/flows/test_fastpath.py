@@ -1,4 +1,4 @@
-"""The CLI's no-work path (flows/fastpath.py): a fully cached command is answered by look-ups, without a
+"""The CLI's no-work path (commands/launch.py): a fully cached command is answered by look-ups, without a
 flow run or a server; one missing artifact means a normal flow run, and the look-up pass did no work."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from flows import fastpath
+from commands import launch as fastpath
 from flows.extract import extract_features
 from tests.flows.test_extract_flow import BACKBONE, _images, _run_extract
 from usseg_core.store import ArtifactStore, NotCached, lookups_only

@@ -176,7 +176,7 @@ def test_segment_folder_reads_in_the_given_order_and_names_bad_files(tmp_path):
 def test_cli_rejects_bad_overseg_settings_before_any_work_and_heads_never_see_them(tmp_path):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from commands.cli import app
 
     res = CliRunner().invoke(app, ["run", "picie", "--dataset", "synthetic", "--storage", str(tmp_path),
                                    "--set", "overseg.tzero=0.1"])

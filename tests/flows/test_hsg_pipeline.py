@@ -10,7 +10,7 @@ import pandas as pd
 from PIL import Image
 from typer.testing import CliRunner
 
-from flows.cli import app
+from commands.cli import app
 from tests.conftest import artifact_mtimes
 
 

@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 from typer.testing import CliRunner
 
-from flows.cli import app
+from commands.cli import app
 from usseg_core.ucm import load_ucm2_mat
 
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from flows.cli import app
+from commands.cli import app
 from usseg_core.datasets.synthetic import ensure_synthetic
 
 
@@ -70,7 +70,7 @@ def test_run_stego_end_to_end_then_all_cache_hits(tmp_path, synthetic_root, pref
     assert before == after  # every stage was a cache hit: nothing rewritten, nothing added
     pd.testing.assert_frame_equal(pd.read_csv(results), pd.read_csv(tmp_path / "again.csv"))
     # The CLI's no-work path (no flow run): the same body under lookups_only gives the same rows.
-    from flows.fastpath import cached_result
+    from commands.launch import cached_result
     from flows.train import pipeline
 
     from usseg_core.spec import RunSpec

@@ -12,7 +12,7 @@ import torch
 from prefect import flow
 from typer.testing import CliRunner
 
-from flows.cli import app
+from commands.cli import app
 from flows.train import run
 from usseg_core.spec import RunSpec
 from tests.conftest import artifact_mtimes

@@ -21,7 +21,7 @@ NOT_RUN_OPTIONS = {"results"}
 
 
 def _command(name: str):
-    from flows.cli import app
+    from commands.cli import app
 
     group = typer.main.get_command(app)
     if " " in name:
@@ -73,7 +73,7 @@ def test_evaluate_and_train_flows_take_the_options_they_once_lacked():
 
 
 def test_defaults_are_the_specs():
-    from flows import cli_common
+    from commands import common as cli_common
 
     assert cli_common.BackboneOpt.default == RunSpec.model_fields["backbone"].default
     assert cli_common.ResolutionOpt.default == RunSpec.model_fields["resolution"].default
@@ -115,7 +115,7 @@ def test_num_neighbors_is_checked_against_the_knn_tables_k():
 def _usseg(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "USSEG_STORAGE", "USSEG_STATE")}
     env.update(PYTHONPATH=str(REPO), PREFECT_HOME=str(tmp_path / "prefect-home"), COLUMNS="200")
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "commands.cli", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=120, stdin=subprocess.DEVNULL)
 
 

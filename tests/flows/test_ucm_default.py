@@ -16,7 +16,7 @@ WEIGHTS = Path("/work/shared/weights/pidinet")
 
 
 def _app() -> typer.Typer:
-    from flows.cli_edges import register
+    from commands.edges import register
 
     app = typer.Typer()
     register(app)
@@ -43,7 +43,7 @@ def test_ucm_with_no_options_runs_on_the_classical_detector(tmp_path, monkeypatc
 
 
 def test_auto_finds_pidinet_weights_next_to_the_data_root(tmp_path, monkeypatch):
-    from flows.cli_edges import resolve_detector
+    from commands.edges import resolve_detector
 
     (tmp_path / "weights" / "pidinet").mkdir(parents=True)
     (tmp_path / "data").mkdir()

@@ -12,7 +12,7 @@ from prefect import flow
 
 from flows.extract import extract_features
 from usseg_core.spec import CompareSpec, ExtractSpec
-from flows.runner import SettingTaskRunner
+from orchestration.runner import SettingTaskRunner
 
 
 def test_two_dask_workers_share_shards_and_match_threads_bit_for_bit(prefect_harness, tmp_path):
@@ -94,7 +94,7 @@ def ensure_synthetic_small(tmp_path):
 
 
 def test_unknown_runner_setting_names_the_choices():
-    from flows.runner import make_task_runner
+    from orchestration.runner import make_task_runner
     from usseg_core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="threads"):

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from flows import service
+from orchestration import service
 from usseg_core.store import MARKER
 
 VIT = "vit_small_patch16_224.dino"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows import settings
+from orchestration import settings
 from usseg_core.catalog import gc_plan, lineage, remove, usage
 from usseg_core.errors import ConfigError
 from usseg_core.store import ArtifactStore, artifact_key
@@ -84,7 +84,7 @@ def test_prefect_yaml_has_every_head_dataset_with_schedules_and_triggers():
 
 def test_synthetic_deployments_train_as_long_as_the_demo():
     """The synthetic deployments exist to try things quickly: the demo's lengths, the papers' elsewhere."""
-    from flows.cli_compare import DEMO_OVERRIDES
+    from usseg_core.head_names import DEMO_OVERRIDES
     from usseg_core.heads import get_head
     from usseg_core.spec import RunSpec
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from prefect import flow
 
-from flows.train import resolved, train_stages
+from flows.train import train_stages
+from orchestration.refs import resolved
 from usseg_core.spec import RunSpec
 
 

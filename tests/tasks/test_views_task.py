@@ -68,7 +68,7 @@ def test_view_bank_artifact_then_cache_hit_and_keys(tmp_path, root, prefect_harn
 
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from commands.cli import app
 
     res = CliRunner().invoke(app, ["storage", "show", first["key"], "--storage", storage])
     assert res.exit_code == 0, res.output + repr(res.exception)

@@ -10,7 +10,7 @@ from usseg_core.backbones.specs import BackboneSpec, backbone_spec, list_backbon
 from usseg_core.backbones.vit import build_vit
 from usseg_core.errors import ConfigError
 
-__all__ = ["get_backbone", "list_backbones", "backbone_input_multiple"]
+__all__ = ["get_backbone", "list_backbones"]
 
 # A row's family -> builder(spec, *, weights, random_weights, seed) -> Backbone (on CPU, before freezing)
 Builder = Callable[..., Backbone]
@@ -54,8 +54,3 @@ def get_backbone(
     backbone.eval()
     backbone.requires_grad_(False)
     return backbone.to(target)
-
-
-def backbone_input_multiple(name: str) -> int:
-    """Input-size multiple of a registry backbone, read from its row (``backbone_spec(name).input_multiple``)."""
-    return backbone_spec(name).input_multiple

@@ -18,6 +18,33 @@ from usseg_core.errors import ConfigError
 if TYPE_CHECKING:  # views imports torch; the protocol stays importable without it
     from usseg_core.views import ViewSpec
 
+
+# HSG's oversegmentation schedules, one per dataset family (a dataset names its own in its protocol).
+@dataclass(frozen=True)
+class OversegSchedule:
+    """Raise the UCM threshold from t0 in `step`s until fewer than `max_regions` regions remain."""
+
+    t0: float  # initial threshold (HSG [001] §5.8)
+    max_regions: int  # stop when #regions < max_regions (HSG [001] §5.8)
+    step: float = 0.01  # not stated in HSG; inferred (see usseg_core/overseg.py)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.t0 <= 1.0:
+            raise ConfigError(f"OversegSchedule.t0 must be in [0, 1], got {self.t0}")
+        if self.max_regions < 2:
+            raise ConfigError(f"OversegSchedule.max_regions must be >= 2, got {self.max_regions}")
+        if not self.step > 0:
+            raise ConfigError(f"OversegSchedule.step must be > 0, got {self.step}")
+
+
+# docs/methods/hsg.md §1.1 table; the pairing of the PMI values by order is inferred there.
+SCHEDULES: dict[str, OversegSchedule] = {
+    "coco": OversegSchedule(0.25, 48),  # MSCOCO / COCO-stuff, SE edges
+    "cityscapes": OversegSchedule(0.05, 1024),  # Cityscapes / KITTI-STEP, PMI edges
+    "potsdam": OversegSchedule(0.5, 128),  # Potsdam, PMI edges
+}
+
+
 EVAL_POLICIES = ("center_crop", "full")  # usseg_core.views policies an evaluation may use
 TRAIN_POLICIES = ("five_crop", "center_crop")
 CROP_RESIZES = ("short_side", "squash")  # usseg_core.views.CROP_RESIZES
@@ -35,7 +62,7 @@ class DatasetProtocol:
         eval_size: the centre crop's side (STEGO's 320); None for ``"full"`` (the run's resolution).
         train_policy: the five-crop heads' (STEGO, OMH) training view: ``"five_crop"`` or ``"center_crop"``.
         train_crop_resize: how a five-crop becomes square: ``"short_side"`` (STEGO) or ``"squash"``.
-        overseg_schedule: HSG's UCM threshold schedule, a key of ``usseg_core.overseg.SCHEDULES``.
+        overseg_schedule: HSG's UCM threshold schedule, a key of :data:`SCHEDULES`.
         hsg_test_grid: HSG's test-time n0, the (rows, cols) grid of its per-image k-means (HSG [001] §1.3).
     """
 
@@ -48,8 +75,6 @@ class DatasetProtocol:
     hsg_test_grid: tuple[int, int]
 
     def __post_init__(self) -> None:
-        from usseg_core.overseg import SCHEDULES  # light (no torch); imported here to keep this module minimal
-
         checks = [
             (self.eval_policy in EVAL_POLICIES, f"eval_policy {self.eval_policy!r}: valid {', '.join(EVAL_POLICIES)}"),
             ((self.eval_size is None) == (self.eval_policy == "full"),

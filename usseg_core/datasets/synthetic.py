@@ -35,6 +35,7 @@ SKY, BUILDING, VEGETATION, ROAD, CAR = range(5)
 PALETTE: tuple[tuple[int, int, int], ...] = ((70, 130, 180), (160, 80, 60), (60, 140, 50), (90, 90, 90), (220, 30, 30))
 MARKER = ".complete"
 CLASSES_FILE = "classes.json"
+DEMO_RESOLUTION = 128  # the scenes' training size in `usseg demo` and the synthetic deployments
 GENERATOR_VERSION = 1  # bump when the rendering changes: a complete folder of another version is refused
 
 

@@ -11,15 +11,12 @@ So a vertical edge (a left/right colour change) has theta = pi/2, a horizontal o
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
-from usseg_core.errors import ConfigError
+from usseg_core.edges.base import EdgeDetector, EdgeMap, check_image, resolve_weights
 from usseg_core.registry import Registry
-from usseg_core.store import file_sha256  # noqa: F401  (detectors fingerprint weights with it)
 
 __all__ = [
     "EdgeMap",
@@ -29,92 +26,39 @@ __all__ = [
     "BUILTIN_DETECTORS",
     "register_edge_detector",
     "check_image",
+    "resolve_weights",
 ]
 
 
-@dataclass
-class EdgeMap:
-    """Boundary strength and tangent orientation of one image.
-
-    Attributes:
-        strength: (H, W) float32 in [0, 1]; 1 = surest boundary.
-        orientation: (H, W) float32 radians in [0, pi), the edge tangent (see module docstring).
-    """
-
-    strength: np.ndarray
-    orientation: np.ndarray
-
-    def __post_init__(self) -> None:
-        if self.strength.shape != self.orientation.shape or self.strength.ndim != 2:
-            raise ConfigError(
-                f"EdgeMap: strength {self.strength.shape} and orientation {self.orientation.shape} "
-                "must be the same (H, W) shape"
-            )
-
-
-class EdgeDetector:
-    """Base class of every edge detector.
-
-    Subclasses set `name` and `fingerprint` (a short string that changes whenever the output would:
-    code version, weights hash, parameters; used as a cache key by the pipeline) and implement
-    `detect` on a validated image.
-    """
-
-    name: str = "base"
-    fingerprint: str = "base"
-
-    def __call__(self, image: np.ndarray) -> EdgeMap:
-        """Detect edges in `image`, (H, W, 3) uint8 RGB; returns an EdgeMap of size (H, W)."""
-        check_image(image)
-        return self.detect(image)
-
-    def detect(self, image: np.ndarray) -> EdgeMap:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, fingerprint={self.fingerprint!r})"
-
-
-def check_image(image: np.ndarray, what: str = "image") -> None:
-    """Raise ConfigError unless `image` is an (H, W, 3) uint8 array with H, W >= 2."""
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
-        shape = getattr(image, "shape", type(image).__name__)
-        raise ConfigError(f"{what}: expected an (H, W, 3) RGB array, got {shape}")
-    if image.dtype != np.uint8:
-        raise ConfigError(f"{what}: expected dtype uint8 (0..255 RGB), got {image.dtype}")
-    if image.shape[0] < 2 or image.shape[1] < 2:
-        raise ConfigError(f"{what}: image of size {image.shape[:2]} is too small (need >= 2x2)")
-
-
-
-def resolve_weights(name: str, weights: str | Path | None, hint: str) -> Path:
-    """Validate a weights argument once, at entry: it must name an existing file."""
-    from usseg_core.errors import WeightsError
-
-    if weights is None:
-        raise WeightsError(f"edge detector {name!r} needs a weights file (weights=...): {hint}")
-    path = Path(weights)
-    if not path.is_file():
-        raise WeightsError(f"edge detector {name!r}: weights file {path} does not exist ({hint})")
-    return path
-
-
 Factory = Callable[..., EdgeDetector]
-# The built-in detectors' names, known without importing them (help texts stay torch-free); a test pins
-# them to the registry.
-BUILTIN_DETECTORS = ("classical", "hed", "pidinet", "pidinet-tiny", "sed")
+# The built-in detectors: name -> (module of this package, factory). Each module is imported on the
+# detector's first use (the learned ones import torch), so names and help texts stay torch-free.
+BUILTIN_FACTORIES = {
+    "classical": ("classical", "build_classical"),
+    "hed": ("hed", "build_hed"),
+    "pidinet": ("pidinet", "build_pidinet"),
+    "pidinet-tiny": ("pidinet", "build_pidinet_tiny"),
+    "sed": ("sed", "build_sed"),
+}
+BUILTIN_DETECTORS = tuple(BUILTIN_FACTORIES)
 
 
-def _load_builtin() -> None:
-    # Imported on the registry's first read so that `import usseg_core.edges` stays cheap (no torch).
-    from usseg_core.edges import classical, hed, pidinet, sed  # noqa: F401
+def _lazy(module: str, attr: str) -> Factory:
+    def factory(weights=None, device="cpu") -> EdgeDetector:
+        return getattr(importlib.import_module(f"{__name__}.{module}"), attr)(weights=weights, device=device)
+
+    factory.__qualname__ = f"{module}.{attr}"
+    return factory
 
 
-DETECTORS: Registry[Factory] = Registry("edge detector", load=_load_builtin)
+DETECTORS: Registry[Factory] = Registry("edge detector")
+for _name, (_module, _attr) in BUILTIN_FACTORIES.items():
+    DETECTORS.register(_name, _lazy(_module, _attr))
 
 
 def register_edge_detector(name: str) -> Callable[[Factory], Factory]:
-    """Decorator: register `factory(weights=..., device=...) -> EdgeDetector` under `name`."""
+    """Decorator: register `factory(weights=..., device=...) -> EdgeDetector` under `name` (a plugin's
+    detector; the built-ins are declared in :data:`BUILTIN_FACTORIES`)."""
 
     def deco(factory: Factory) -> Factory:
         return DETECTORS.register(name, factory)

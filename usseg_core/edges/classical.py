@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from usseg_core.edges import EdgeDetector, EdgeMap, register_edge_detector
+from usseg_core.edges.base import EdgeDetector, EdgeMap
 
 
 @dataclass
@@ -63,6 +63,5 @@ class ClassicalDetector(EdgeDetector):
         return EdgeMap(strength=strength, orientation=orientation)
 
 
-@register_edge_detector("classical")
-def _classical(weights=None, device="cpu") -> EdgeDetector:
+def build_classical(weights=None, device="cpu") -> EdgeDetector:
     return ClassicalDetector()

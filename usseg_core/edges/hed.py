@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from usseg_core.edges import EdgeDetector, EdgeMap, file_sha256, register_edge_detector, resolve_weights
+from usseg_core.edges.base import EdgeDetector, EdgeMap, resolve_weights
 from usseg_core.edges.orientation import ridge_tangent
 from usseg_core.errors import WeightsError
+from usseg_core.store import file_sha256
 
 _HINT = "hed_pretrained_bsds.caffemodel with deploy.prototxt in the same folder"
 _MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)  # HED's Caffe training mean (BGR)
@@ -65,6 +66,5 @@ class HEDDetector(EdgeDetector):
         return EdgeMap(strength=s, orientation=ridge_tangent(s, self.orient_sigma))
 
 
-@register_edge_detector("hed")
-def _hed(weights=None, device="cpu") -> EdgeDetector:
+def build_hed(weights=None, device="cpu") -> EdgeDetector:
     return HEDDetector(resolve_weights("hed", weights, _HINT))

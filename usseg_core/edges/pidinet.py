@@ -34,9 +34,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from usseg_core.edges import EdgeDetector, EdgeMap, file_sha256, register_edge_detector, resolve_weights
+from usseg_core.edges.base import EdgeDetector, EdgeMap, resolve_weights
 from usseg_core.edges.orientation import ridge_tangent
 from usseg_core.errors import ConfigError, WeightsError
+from usseg_core.store import file_sha256
 
 # Layer 0 (init block) .. layer 15 (block4_4); Su et al. Table 5 / release config "carv4".
 CARV4 = ("cd", "ad", "rd", "cv") * 4
@@ -271,11 +272,9 @@ class PiDiNetDetector(EdgeDetector):
 _HINT = "table5_pidinet.pth / table5_pidinet-tiny.pth from hellozhuo/pidinet trained_models/"
 
 
-@register_edge_detector("pidinet")
-def _pidinet(weights=None, device="cpu") -> EdgeDetector:
+def build_pidinet(weights=None, device="cpu") -> EdgeDetector:
     return PiDiNetDetector("pidinet", resolve_weights("pidinet", weights, _HINT), device)
 
 
-@register_edge_detector("pidinet-tiny")
-def _pidinet_tiny(weights=None, device="cpu") -> EdgeDetector:
+def build_pidinet_tiny(weights=None, device="cpu") -> EdgeDetector:
     return PiDiNetDetector("pidinet-tiny", resolve_weights("pidinet-tiny", weights, _HINT), device)

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from usseg_core.edges import EdgeDetector, EdgeMap, file_sha256, register_edge_detector, resolve_weights
+from usseg_core.edges.base import EdgeDetector, EdgeMap, resolve_weights
 from usseg_core.edges.orientation import ridge_tangent
 from usseg_core.errors import ConfigError, WeightsError
+from usseg_core.store import file_sha256
 
 _HINT = "the Structured Edges forest model.yml.gz (opencv_extra testdata/cv/ximgproc/model.yml.gz)"
 
@@ -38,6 +39,5 @@ class StructuredEdgeDetector(EdgeDetector):
         return EdgeMap(strength=s, orientation=ridge_tangent(s, self.orient_sigma))
 
 
-@register_edge_detector("sed")
-def _sed(weights=None, device="cpu") -> EdgeDetector:
+def build_sed(weights=None, device="cpu") -> EdgeDetector:
     return StructuredEdgeDetector(resolve_weights("sed", weights, _HINT))

@@ -5,9 +5,9 @@
     head = load_head("storage/head/<key>")        # a trained head, no Prefect needed
 """
 from usseg_core.heads.registry import (INPUTS, HeadInputs, HeadSpec, RawHead, TrainedHead, TrainedState,
-                                       config_to_dict, get_head, list_heads, load_head, register_head,
-                                       save_head, unregister_head)
+                                       config_to_dict, demo_overrides, get_head, list_heads, load_head,
+                                       register_head, save_head, unregister_head)
 from usseg_core.heads import builtin as _builtin  # noqa: F401,E402  (registers stego, omh, picie)
 
 __all__ = ["INPUTS", "HeadInputs", "HeadSpec", "RawHead", "TrainedHead", "TrainedState", "config_to_dict",
-           "get_head", "list_heads", "load_head", "register_head", "save_head", "unregister_head"]
+           "demo_overrides", "get_head", "list_heads", "load_head", "register_head", "save_head", "unregister_head"]

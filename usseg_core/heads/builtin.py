@@ -1,6 +1,6 @@
 """Registration of the built-in heads: STEGO, OMH (STEGO + hierarchy loss), PiCIE and HSG.
 
-Training modules import lazily (:func:`_lazy`): ``usseg_core.train`` imports this package (for the
+Training modules import lazily (:func:`_lazy`): ``usseg_core.heads.stego_train`` imports this package (for the
 probes), and a registry lookup must stay cheap.
 """
 from __future__ import annotations

@@ -239,6 +239,12 @@ def list_heads() -> list[str]:
     return HEADS.names()
 
 
+def demo_overrides(heads: Sequence[str]) -> dict[str, Any]:
+    """The test-sized lengths these heads declare (:attr:`HeadSpec.demo`), namespaced by section, so that a
+    comparison routes each to the heads that have it (``usseg demo``, the synthetic deployments)."""
+    return {k: v for h in heads for k, v in get_head(h).demo.items()}
+
+
 def config_to_dict(config: Mapping[str, Any]) -> dict[str, dict]:
     """JSON-able form of resolved config sections (tuples become lists)."""
     out = {}

@@ -6,6 +6,8 @@ import sys
 
 import typer
 
+from orchestration import console
+from orchestration.compat import stop_temporary_server
 from usseg_core.spec import DataSpec, RunSettings
 
 
@@ -89,7 +91,6 @@ def human(n: float) -> str:
 
 # --- bad input and errors: one spelling, one line, one exit code per kind ----------------------------
 
-DEBUG = False  # `usseg --debug`: Prefect's failure logs and tracebacks stay on the terminal
 EXIT_USAGE, EXIT_CONFIG, EXIT_INPUT, EXIT_UNEXPECTED = 2, 3, 4, 1
 EXIT_CODES_HELP = ("Exit codes: 0 ok; 1 unexpected error (traceback in <storage>/logs/usseg-errors.log; "
                    "--debug shows it); 2 usage error (bad option or argument); 3 configuration error "
@@ -103,61 +104,13 @@ OnErrorOpt = typer.Option("fail", "--on-error", callback=choice_of("--on-error",
 
 def existing_storage(flag) -> "Path":
     """The storage root of an inspecting command; a missing folder is a ConfigError, not an empty table."""
-    from flows.settings import storage_root
+    from orchestration.settings import storage_root
     from usseg_core.errors import ConfigError
 
     root = storage_root(flag)
     if not root.is_dir():
         raise ConfigError(f"storage {root} does not exist (pass --storage, or set $USSEG_STORAGE)")
     return root
-
-
-class _HandledFailures(logging.Filter):
-    """Keeps Prefect's failure records (and their tracebacks) off the console unless ``--debug``; they go
-    to :data:`FAILURE_RECORDS` and, when the command fails, to ``<storage>/logs/usseg-errors.log``."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if DEBUG or record.levelno < logging.ERROR:
-            return True
-        FAILURE_RECORDS.append(record)
-        return False
-
-
-FAILURE_RECORDS: list = []
-
-
-def quiet_prefect_console() -> None:
-    """Put :class:`_HandledFailures` in front of every Prefect console handler (class level: Prefect
-    (re)creates its handlers when a run or the temporary server configures logging)."""
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    if getattr(PrefectConsoleHandler.handle, "_usseg_quiet", False):
-        return
-    flt, original = _HandledFailures(), PrefectConsoleHandler.handle
-
-    def handle(self, record):
-        return original(self, record) if flt.filter(record) else False
-
-    handle._usseg_quiet = True
-    PrefectConsoleHandler.handle = handle
-
-
-def stop_temporary_server() -> None:
-    """Stop Prefect's temporary server now (its "Stopping ..." line must come before the error line)."""
-    srv = sys.modules.get("prefect.server.api.server")
-    if srv is None:
-        return
-    try:  # send the buffered run logs while the server still listens
-        from prefect.logging.handlers import APILogWorker
-
-        APILogWorker.drain_all(timeout=5)
-    except Exception:  # noqa: BLE001
-        pass
-    for server in list(srv.SubprocessASGIServer._instances.values()):
-        try:
-            server.stop()
-        except Exception:  # noqa: BLE001 - exiting anyway
-            pass
 
 
 def _storage_from_argv() -> str | None:
@@ -174,7 +127,7 @@ def write_failure_log(exc: BaseException) -> "Path | None":
     """Prefect's held-back failure records and ``exc``'s traceback, appended to ``<storage>/logs/``."""
     import traceback
 
-    from flows.settings import storage_root
+    from orchestration.settings import storage_root
 
     try:
         root = storage_root(_storage_from_argv())
@@ -186,7 +139,7 @@ def write_failure_log(exc: BaseException) -> "Path | None":
         fmt = logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
         with open(path, "a") as fh:
             fh.write(f"==== usseg {' '.join(sys.argv[1:])}\n")
-            for record in FAILURE_RECORDS:
+            for record in console.FAILURE_RECORDS:
                 fh.write(fmt.format(record) + "\n")
             fh.write("".join(traceback.format_exception(exc)))
         return path
@@ -222,9 +175,9 @@ def error_exit(exc: BaseException) -> None:
         raise exc
     err = handled(exc)
     code = exit_code(err)
-    log = write_failure_log(exc) if FAILURE_RECORDS or code == EXIT_UNEXPECTED else None
+    log = write_failure_log(exc) if console.FAILURE_RECORDS or code == EXIT_UNEXPECTED else None
     if code == EXIT_UNEXPECTED:
-        if DEBUG:
+        if console.DEBUG:
             import traceback
 
             traceback.print_exception(exc, file=sys.stderr)

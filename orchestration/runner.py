@@ -30,7 +30,7 @@ def make_task_runner(spec: str | None = None, *, max_workers: int | None = None)
                                               "processes": True, "dashboard_address": "127.0.0.1:0",
                                               "host": "127.0.0.1",
                                               # failures on a worker stay off the terminal, as in the CLI
-                                              "preload": ["flows.dask_worker"]})
+                                              "preload": ["orchestration.dask_worker"]})
     if spec.startswith("tcp://") or spec.startswith("tls://"):
         from prefect_dask import DaskTaskRunner
 
@@ -63,7 +63,10 @@ class SettingTaskRunner(TaskRunner):
 
             ctx = FlowRunContext.get()
             spec = (ctx.parameters or {}).get(self.parameter) if ctx is not None else None
-            setting = spec.get("task_runner") if isinstance(spec, dict) else getattr(spec, "task_runner", None)
+            if isinstance(spec, str):  # a flow whose parameter is the setting itself
+                setting = spec
+            else:
+                setting = spec.get("task_runner") if isinstance(spec, dict) else getattr(spec, "task_runner", None)
             self._delegate = make_task_runner(setting or self.default).__enter__()
         return self._delegate
 

@@ -11,14 +11,14 @@ from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
-from flows.cli_common import StorageOpt, existing_storage, human
+from commands.common import StorageOpt, existing_storage, human
 
 console = Console()
 
 
 def referenced_keys(storage: Path) -> set[str]:
     """Keys named by the run records in ``<storage>/_runs/`` (what flow runs used or produced)."""
-    from flows.publish import runs_folder
+    from orchestration.publish import runs_folder
 
     keys: set[str] = set()
     for record in sorted(runs_folder(storage).glob("*.json")):
@@ -54,7 +54,7 @@ def register_service(app: typer.Typer) -> None:
         storage: Optional[Path] = StorageOpt,
     ) -> None:
         """Start a Prefect server, the work pool, every deployment and a worker (idempotent)."""
-        from flows import service
+        from orchestration import service
 
         console.print("starting (server, work pool, deployments, worker) - this takes about a minute ...")
         state = service.up(storage, data_root, port, prefect_file or service.PREFECT_FILE,
@@ -69,7 +69,7 @@ def register_service(app: typer.Typer) -> None:
     @app.command()
     def down(storage: Optional[Path] = StorageOpt) -> None:
         """Stop the worker (and its runs), then the server."""
-        from flows import service
+        from orchestration import service
 
         stopped = service.down(storage)
         console.print("stopped: " + ", ".join(stopped) if stopped else "nothing was running", markup=False)
@@ -77,7 +77,7 @@ def register_service(app: typer.Typer) -> None:
     @app.command()
     def status(storage: Optional[Path] = StorageOpt) -> None:
         """Say what runs: server, worker, API health, deployments, flow runs by state."""
-        from flows import service
+        from orchestration import service
 
         st = service.status(storage)
         for name in ("server", "worker", "healthy"):

@@ -27,57 +27,11 @@ from usseg_core.store import NotCached, lookups_only
 
 log = logging.getLogger("usseg")
 
-# The temporary server's process: uvicorn behind a watchdog thread that stops it when its parent (the CLI
-# or flow process that started it) is gone, e.g. after ``kill -9`` - else it stays behind as an orphan.
-_WATCHDOG = (
-    "import os, sys, threading, time, signal, runpy\n"
-    "parent = os.getppid()\n"
-    "def watch():\n"
-    "    while os.getppid() == parent:\n"
-    "        time.sleep(0.5)\n"
-    "    os.kill(os.getpid(), signal.SIGTERM)\n"
-    "    time.sleep(10)\n"
-    "    os._exit(1)\n"
-    "threading.Thread(target=watch, daemon=True).start()\n"
-    "sys.argv = ['uvicorn'] + sys.argv[1:]\n"
-    "runpy.run_module('uvicorn', run_name='__main__', alter_sys=True)\n")
-
-
-def server_dies_with_parent() -> None:
-    """Make Prefect's temporary API server (``SubprocessASGIServer``) exit when its parent exits."""
-    import subprocess
-    import sys
-
-    from prefect.server.api import server as srv
-
-    cls = srv.SubprocessASGIServer
-    if getattr(cls._run_uvicorn_command, "_usseg_watchdog", False):
-        return
-    original = cls._run_uvicorn_command
-
-    def _run_uvicorn_command(self) -> subprocess.Popen:
-        import prefect
-        from prefect.settings import get_current_settings
-
-        if not sys.platform.startswith("linux"):
-            return original(self)
-        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-               "PREFECT__SERVER_FINAL": "1",
-               **get_current_settings().to_environment_variables(exclude_unset=True)}
-        return subprocess.Popen(
-            args=[sys.executable, "-c", _WATCHDOG, "--app-dir", str(prefect.__module_path__.parent),
-                  "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
-                  "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
-            env=env)
-
-    _run_uvicorn_command._usseg_watchdog = True
-    cls._run_uvicorn_command = _run_uvicorn_command
-
-
 def prepare_flow_process() -> None:
     """What a CLI process needs before its first flow run (kept out of start-up, which stays Prefect-free):
     Prefect's failure records off the console unless ``--debug``, and a temporary server that exits with us."""
-    from flows.cli_common import quiet_prefect_console
+    from orchestration.compat import server_dies_with_parent
+    from orchestration.console import quiet_prefect_console
 
     quiet_prefect_console()
     server_dies_with_parent()
@@ -95,7 +49,7 @@ def api_configured() -> bool:
 
 def service_api(storage: str | os.PathLike | None) -> str | None:
     """The API url of a healthy ``usseg up`` service for ``storage``, or None."""
-    from flows.service import healthy, read_state, state_dir
+    from orchestration.service import healthy, read_state, state_dir
 
     url = read_state(state_dir(storage)).get("api_url")
     return url if url and healthy(url, timeout=1.0) else None

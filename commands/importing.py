@@ -23,8 +23,8 @@ from typing import Optional
 
 import typer
 
-from flows.cli_common import CrfOpt, EvalResolutionOpt, RunnerOpt, StorageOpt, fail, path_or_none, spec_default
-from flows.settings import storage_root
+from commands.common import CrfOpt, EvalResolutionOpt, RunnerOpt, StorageOpt, fail, path_or_none, spec_default
+from orchestration.settings import storage_root
 from usseg_core.errors import UssegError
 from usseg_core.spec import EvaluateModelSpec
 
@@ -55,7 +55,8 @@ def import_stego(ckpt_path: str | Path, storage: str | Path, name: str | None = 
     from tasks.heads import HEAD_VERSION
     from usseg_core.backbones import get_backbone
     from usseg_core.heads import config_to_dict, save_head
-    from usseg_core.importers import file_sha256, parse_stego_checkpoint, stego_config
+    from usseg_core.heads.stego_import import parse_stego_checkpoint, stego_config
+    from usseg_core.store import file_sha256
     from usseg_core.store import ArtifactStore, artifact_key
 
     store, ckpt_path = ArtifactStore(storage), Path(ckpt_path)
@@ -118,7 +119,7 @@ def import_stego(ckpt_path: str | Path, storage: str | Path, name: str | None = 
 def _record(storage: str | Path, sha: str, out: Imported) -> None:
     """A run record naming the imported keys, as flow runs leave (``usseg storage gc --unreferenced`` keeps
     what a record names); one per checkpoint, rewritten by a re-import."""
-    from flows.publish import runs_folder
+    from orchestration.publish import runs_folder
     from usseg_core.store import atomic_write_json, now_iso
 
     run_id = f"import-stego-{sha[:16]}"
@@ -169,9 +170,9 @@ def evaluate_command(
     """Evaluate an existing head artifact (flow `evaluate-model`): its own clusterer, its linear probe and
     k-means when the store has them, CRF on/off, under the dataset's evaluation protocol and with the head's
     own backbone. Nothing is trained."""
-    from flows.cli_run import print_results, write_results_csv
+    from commands.run import print_results, write_results_csv
     from flows.evaluate_model import check_model, evaluate_model
-    from flows.fastpath import run_flow
+    from commands.launch import run_flow
     from usseg_core.spec import build
 
     try:  # a bad key or a class-count mismatch: one line, before any flow run or server starts

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from flows.settings import storage_root
+from orchestration.settings import storage_root
 from usseg_core.config import DATA_ROOT_ENV, STORAGE_ENV
 from usseg_core.errors import ConfigError, UssegError
 from usseg_core.store import atomic_write_json, now_iso

@@ -9,32 +9,21 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from flows.cli_common import (BackboneOpt, CrfOpt, DataRootOpt, DatasetOpt, DeviceOpt, EvalResolutionOpt,
+from commands.common import (BackboneOpt, CrfOpt, DataRootOpt, DatasetOpt, DeviceOpt, EvalResolutionOpt,
                                EvalSplitOpt, OnErrorOpt, OverclusterOpt, RandomWeightsOpt, ResolutionOpt, RunnerOpt,
                                SetOpt, StorageOpt, TrainSplitOpt, WeightsOpt, path_or_none, spec_default)
-from flows.settings import storage_root
+from orchestration.settings import storage_root
 from usseg_core.config import parse_set_options
 from usseg_core.head_names import BUILTIN_HEADS
 from usseg_core.spec import CompareSpec
 
 console = Console()
-# The demo's test-sized lengths: every head learns something on 40 synthetic images in about a minute each.
-DEMO_OVERRIDES = {"stego.steps": 200, "picie.epochs": 4, "hsg.epochs": 4}
-DEMO_RESOLUTION = 128  # the synthetic scenes' training size (also the synthetic deployments')
 # The one line under the demo's table: what its numbers are and are not.
 DEMO_MEANING = ("What the numbers mean: pixel accuracy / mIoU (%) on the synthetic val scenes after Hungarian "
                 "matching of each head's clusters to the 5 classes (labels are used only to score); each head "
                 "must beat the raw-feature k-means rows of the features it trains on to have learned anything. "
                 "These are short demo trainings on easy scenes, not the papers' settings: the README's CamVid "
                 "tables are the real comparison.")
-
-
-def demo_overrides(heads: list[str]) -> dict:
-    """:data:`DEMO_OVERRIDES` for the sections these heads have."""
-    from usseg_core.heads import get_head
-
-    sections = {s for h in heads for s, _ in get_head(h).sections}
-    return {k: v for k, v in DEMO_OVERRIDES.items() if k.split(".")[0] in sections}
 
 
 def _csv_list(text: str | None, what: str, cast=str) -> list:
@@ -59,9 +48,9 @@ def print_summary(result: dict, title: str) -> None:
 
 
 def run_compare(spec: CompareSpec) -> dict:
-    """Flow ``compare`` on a validated spec (the cheapest way: see flows.fastpath)."""
+    """Flow ``compare`` on a validated spec (the cheapest way: see commands.launch)."""
     from flows.compare import compare
-    from flows.fastpath import run_flow
+    from commands.launch import run_flow
 
     return run_flow(compare, spec, say=lambda line: print(line, flush=True))
 
@@ -134,8 +123,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """The main job on the embedded default: synthetic scenes -> every head x 2 seeds vs raw-feature k-means
         (`usseg compare` with short training)."""
-        from usseg_core.datasets.synthetic import ensure_synthetic
-        from usseg_core.heads import list_heads
+        from usseg_core.datasets.synthetic import DEMO_RESOLUTION, ensure_synthetic
+        from usseg_core.heads import demo_overrides, list_heads
         from usseg_core.spec import build
 
         root = storage_root(storage)

@@ -8,10 +8,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flows.cli_common import (BackboneOpt, CrfOpt, DataRootOpt, DatasetOpt, DeviceOpt, EvalResolutionOpt,
+from commands.common import (BackboneOpt, CrfOpt, DataRootOpt, DatasetOpt, DeviceOpt, EvalResolutionOpt,
                                EvalSplitOpt, OnErrorOpt, OverclusterOpt, RandomWeightsOpt, ResolutionOpt, RunnerOpt,
                                SetOpt, StorageOpt, TrainSplitOpt, WeightsOpt, choice_of, path_or_none, spec_default)
-from flows.settings import storage_root
+from orchestration.settings import storage_root
 from usseg_core.config import parse_set_options
 from usseg_core.head_names import BUILTIN_HEADS
 from usseg_core.spec import RunSettings, RunSpec
@@ -37,8 +37,8 @@ def write_results_csv(rows: list[dict], path: Path) -> None:
 
 
 def run_pipeline(spec: RunSpec) -> dict:
-    """Flow ``pipeline`` on a validated spec (the cheapest way: see flows.fastpath)."""
-    from flows.fastpath import run_flow
+    """Flow ``pipeline`` on a validated spec (the cheapest way: see commands.launch)."""
+    from commands.launch import run_flow
     from flows.train import pipeline
 
     return run_flow(pipeline, spec, say=lambda line: print(line, flush=True))
@@ -113,9 +113,9 @@ def register(app: typer.Typer) -> None:
         storage: Optional[Path] = StorageOpt,
     ) -> None:
         """Edges + OWT-UCM + HSG threshold schedule for every image of a split (flow `oversegment`)."""
-        from flows.fastpath import prepare_flow_process
+        from commands.launch import prepare_flow_process
         from flows.oversegment import oversegment_flow
-        from flows.runner import make_task_runner
+        from orchestration.runner import make_task_runner
 
         prepare_flow_process()  # a quiet console; its temporary server exits with this process
 

@@ -20,10 +20,10 @@ from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 from rich.text import Text  # noqa: E402
 
-from flows.cli_common import (EXIT_CODES_HELP, BackboneOpt, OnErrorOpt, RandomWeightsOpt,  # noqa: E402
+from commands.common import (EXIT_CODES_HELP, BackboneOpt, OnErrorOpt, RandomWeightsOpt,  # noqa: E402
                                RunnerOpt, StorageOpt, choice_of, error_exit, existing_storage, human, path_or_none,
                                spec_default)
-from flows.settings import storage_root  # noqa: E402
+from orchestration.settings import storage_root  # noqa: E402
 from usseg_core.spec import ExtractSpec  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, epilog=EXIT_CODES_HELP,
@@ -35,10 +35,10 @@ def _global(debug: bool = typer.Option(False, "--debug", help="Show Prefect's lo
                                        "failed runs in the terminal (default: in <storage>/logs/).")) -> None:
     import os
 
-    from flows import cli_common
+    from orchestration import console
 
-    cli_common.DEBUG = debug
-    if debug:  # local Dask workers read it (flows/dask_worker.py)
+    console.DEBUG = debug
+    if debug:  # local Dask workers read it (orchestration/dask_worker.py)
         os.environ["USSEG_DEBUG"] = "1"
 
 
@@ -80,7 +80,7 @@ def extract(
                  shard_size=shard_size, on_error=on_error, precision=precision, device=device,
                  task_runner=task_runner)
     from flows.extract import extract_features  # Prefect: only once the spec is valid
-    from flows.fastpath import run_flow
+    from commands.launch import run_flow
 
     result = run_flow(extract_features, spec, say=lambda line: print(line, flush=True))
     if result["cache_hit"]:
@@ -158,7 +158,7 @@ def _register_optional() -> None:
     """Commands of other areas register themselves here (one app, one help)."""
     import importlib
 
-    for module in ("flows.cli_edges", "flows.cli_run", "flows.cli_compare", "flows.cli_ops", "flows.cli_import"):
+    for module in ("commands.edges", "commands.run", "commands.compare", "commands.ops", "commands.importing"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
@@ -175,7 +175,7 @@ def main() -> None:
     """Console entry point: a usseg error prints one plain line on stderr (last), with its exit code."""
     # Nothing of Prefect is imported here (2.5 s for prefect, 4 s more for its server on a 2-core machine;
     # `usseg --help` must stay under a second): every command that runs a flow calls
-    # flows.fastpath.prepare_flow_process() first (run_flow does, and `usseg oversegment`).
+    # commands.launch.prepare_flow_process() first (run_flow does, and `usseg oversegment`).
     try:
         app()
     except Exception as exc:  # noqa: BLE001 - every failure ends in one line and a documented code

@@ -11,7 +11,7 @@ from typing import Optional
 import numpy as np
 import typer
 
-from flows.cli_common import fail
+from commands.common import fail
 from usseg_core.edges import BUILTIN_DETECTORS
 from usseg_core.errors import ConfigError, UssegError
 from usseg_core.overseg import SCHEDULES

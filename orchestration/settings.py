@@ -7,14 +7,13 @@
 | data root    | ``--data-root``       | ``USSEG_DATA_ROOT``| ``usseg_data_root``| synthetic: generated scenes |
 
 ``USSEG_DATA_ROOT`` (and the variable) name a folder with one subfolder per dataset
-(:data:`DATASET_FOLDERS`); ``--data-root`` names the dataset's own folder. Prefect variables are read only
+(each dataset's ``protocol.folder``); ``--data-root`` names the dataset's own folder. Prefect variables are read only
 when a Prefect API is at hand (inside a run, or ``PREFECT_API_URL`` set, e.g. after ``usseg up``): a plain
 command never starts a temporary server just to read one.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from usseg_core.config import DATA_ROOT_ENV, DEFAULT_STORAGE, STORAGE_ENV, first_set
@@ -23,28 +22,6 @@ from usseg_core.errors import ConfigError
 STORAGE_VARIABLE = "usseg_storage"
 DATA_ROOT_VARIABLE = "usseg_data_root"
 
-
-class _DatasetFolders(Mapping[str, str]):
-    """Registry name -> subfolder of USSEG_DATA_ROOT (also the dataset part of deployment names): each registered
-    dataset's ``protocol.folder`` (``usseg_core.datasets.dataset_folders``), read when first used, since
-    importing the datasets at CLI start-up would cost about 0.15 s."""
-
-    def _folders(self) -> dict[str, str]:
-        from usseg_core.datasets.registry import dataset_folders
-
-        return dataset_folders()
-
-    def __getitem__(self, name: str) -> str:
-        return self._folders()[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._folders())
-
-    def __len__(self) -> int:
-        return len(self._folders())
-
-
-DATASET_FOLDERS: Mapping[str, str] = _DatasetFolders()
 
 # The default synthetic set (the same scenes as `usseg demo` with its defaults).
 SYNTHETIC_DEFAULT = {"n_train": 40, "n_val": 12}
@@ -94,13 +71,15 @@ def data_root(dataset: str, flag: str | os.PathLike | None = None,
     """The root folder of ``dataset``.
 
     ``flag`` is the dataset's own folder; otherwise ``<USSEG_DATA_ROOT or usseg_data_root>/<folder>`` with
-    the folder of :data:`DATASET_FOLDERS`. With neither, ``synthetic`` is rendered (once) under
+    the folder the dataset's protocol declares (its name for a user's ``directory``). With neither, ``synthetic`` is rendered (once) under
     ``<storage>/data/synthetic-40-12``; any other dataset is a ConfigError that says what to set.
     """
     if first_set(flag) is not None:
         return str(Path(str(flag)).expanduser().resolve())
     parent = resolve(None, DATA_ROOT_ENV, DATA_ROOT_VARIABLE, None)
-    folder = DATASET_FOLDERS.get(dataset, dataset)
+    from usseg_core.datasets.registry import dataset_protocol
+
+    folder = dataset_protocol(dataset).folder or dataset
     if parent is not None and (Path(parent).expanduser() / folder).is_dir():
         return str((Path(parent).expanduser() / folder).resolve())
     if dataset == "synthetic":

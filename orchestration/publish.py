@@ -45,7 +45,7 @@ def runs_folder(storage: str | Path) -> Path:
 
 
 def in_flow_run() -> bool:
-    """Whether this code runs inside a Prefect flow run (not the CLI's look-up pass, see flows/fastpath.py)."""
+    """Whether this code runs inside a Prefect flow run (not the CLI's look-up pass, see commands/launch.py)."""
     from prefect.context import FlowRunContext
 
     return FlowRunContext.get() is not None
