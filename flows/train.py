@@ -184,6 +184,19 @@ EVALUATE_FLOWS = {h: _evaluate_flow(h) for h in list_heads()}
 globals().update({f.fn.__name__: f for f in (*TRAIN_FLOWS.values(), *EVALUATE_FLOWS.values())})
 
 
+def __getattr__(name: str):
+    """``train_<head>`` / ``evaluate_<head>`` of a head registered after this module was imported (a plugin
+    or a test's head): made on first access, which is how a deployment's entrypoint resolves it."""
+    kind, _, head = name.partition("_")
+    makers = {"train": (TRAIN_FLOWS, _train_flow), "evaluate": (EVALUATE_FLOWS, _evaluate_flow)}
+    if kind in makers and head in list_heads():
+        flows, make = makers[kind]
+        if head not in flows:
+            flows[head] = make(head)
+        return flows[head]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 @flow(name="pipeline", task_runner=SettingTaskRunner())
 def pipeline(spec: RunSpec) -> dict:
     """train-<head> then evaluate, in one run (what `usseg run <head>` starts)."""
