@@ -14,7 +14,7 @@ from commands.common import (BackboneOpt, CrfOpt, DataRootOpt, DatasetOpt, Devic
 from orchestration.settings import storage_root
 from usseg_core.config import parse_set_options
 from usseg_core.head_names import BUILTIN_HEADS
-from usseg_core.spec import RunSettings, RunSpec
+from usseg_core.spec import OversegmentSpec, RunSettings, RunSpec
 
 console = Console()
 
@@ -104,25 +104,26 @@ def register(app: typer.Typer) -> None:
     def oversegment(
         dataset: str = typer.Option(..., help="Dataset registry name."),
         data_root: Path = typer.Option(..., "--data-root"),
-        split: str = typer.Option("train"),
-        detector: str = typer.Option("classical", help="pidinet | pidinet-tiny | classical | hed | sed"),
+        split: str = typer.Option(spec_default(OversegmentSpec, "split")),
+        detector: str = typer.Option(spec_default(OversegmentSpec, "detector"),
+                                     help="pidinet | pidinet-tiny | classical | hed | sed"),
         weights: Optional[Path] = typer.Option(None, help="Detector weights file (PiDiNet .pth, ...)."),
         t0: Optional[float] = typer.Option(None, help="Initial UCM threshold (default: dataset schedule)."),
         max_regions: Optional[int] = typer.Option(None, help="Region cap (default: dataset schedule)."),
-        runner: str = typer.Option("threads", help="threads[:N] | dask[:N] | tcp://host:port"),
+        on_error: str = OnErrorOpt,
+        task_runner: str = RunnerOpt,
         storage: Optional[Path] = StorageOpt,
     ) -> None:
         """Edges + OWT-UCM + HSG threshold schedule for every image of a split (flow `oversegment`)."""
-        from commands.launch import prepare_flow_process
+        from usseg_core.spec import build
+
+        spec = build(OversegmentSpec, dataset=dataset, data_root=path_or_none(data_root), split=split,
+                     detector=detector, weights=path_or_none(weights), t0=t0, max_regions=max_regions,
+                     on_error=on_error, task_runner=task_runner, storage=str(storage_root(storage)))
+        from commands.launch import run_flow  # Prefect: only once the spec is valid
         from flows.oversegment import oversegment_flow
-        from orchestration.runner import make_task_runner
 
-        prepare_flow_process()  # a quiet console; its temporary server exits with this process
-
-        out = oversegment_flow.with_options(task_runner=make_task_runner(runner))(
-            dataset=dataset, data_root=str(data_root), split=split, detector=detector,
-            weights=str(weights) if weights else None, t0=t0, max_regions=max_regions,
-            storage=str(storage_root(storage)))
+        out = run_flow(oversegment_flow, spec, say=lambda line: print(line, flush=True))
         state = "cache hit" if out["cache_hit"] else "computed"
         console.print(f"{state}: oversegment/{out['key']} -> {out['path']} (edges/, ucm2/, segments/)")
 

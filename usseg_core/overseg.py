@@ -38,11 +38,14 @@ def schedule_for_dataset(dataset_name: str) -> OversegSchedule:
     return SCHEDULES[dataset_protocol(dataset_name).overseg_schedule]
 
 
+DEFAULT_DETECTOR = "classical"  # the edge detector that needs no weights file
+
+
 @dataclass(frozen=True)
 class OversegSettings:
     """How a pipeline run oversegments its training images (``--set overseg.<field>=...``)."""
 
-    detector: str = "classical"  # edge-detector registry name; "classical" needs no weight file
+    detector: str = DEFAULT_DETECTOR  # edge-detector registry name; "classical" needs no weight file
     weights: str | None = None  # the detector's weights file (learned detectors)
     t0: float | None = None  # initial UCM threshold; None: the dataset's schedule
     max_regions: int | None = None  # region cap; None: the dataset's schedule

@@ -25,6 +25,7 @@ from typing import Any, Literal, TypeVar, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from usseg_core.errors import ConfigError, InputError
+from usseg_core.overseg import DEFAULT_DETECTOR
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"  # the one pretrained backbone available offline
 DEFAULT_RESOLUTION = 224  # training resolution: STEGO's five-crops, the view bank's frame
@@ -116,6 +117,26 @@ class DataSpec(Where):
         if self.weights is not None and not Path(self.weights).expanduser().is_file():
             raise InputError(self.weights, "no such backbone weights file")
         return self
+
+
+class OversegmentSpec(Where):
+    """``usseg oversegment`` / flow ``oversegment``: edges, OWT-UCM and HSG's schedule of one split."""
+
+    split: str = Field("train", description="Split to oversegment.")
+    detector: str = Field(DEFAULT_DETECTOR, description="Edge-detector registry name.")
+    weights: str | None = Field(None, description="The detector's weights file (learned detectors).")
+    t0: float | None = Field(None, ge=0, le=1, description="Initial UCM threshold (None: the dataset's schedule).")
+    max_regions: int | None = Field(None, ge=2, description="Region cap (None: the dataset's schedule).")
+
+    @model_validator(mode="after")
+    def _check_overseg(self):
+        self.settings().schedule(self.dataset)  # an unknown detector or a missing weights file, now
+        return self
+
+    def settings(self):
+        from usseg_core.overseg import OversegSettings
+
+        return OversegSettings(self.detector, self.weights, self.t0, self.max_regions)
 
 
 class EvaluateModelSpec(Where):

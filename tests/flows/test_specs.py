@@ -13,7 +13,7 @@ import pytest
 import typer.main
 
 from usseg_core.errors import ConfigError
-from usseg_core.spec import CompareSpec, EvaluateModelSpec, ExtractSpec, RunSpec
+from usseg_core.spec import CompareSpec, EvaluateModelSpec, ExtractSpec, OversegmentSpec, RunSpec
 
 REPO = Path(__file__).resolve().parents[2]
 # Options that are about what a command prints or writes, not about the run it starts.
@@ -31,17 +31,19 @@ def _command(name: str):
 
 
 def _flows() -> dict:
-    from flows import compare, evaluate_model, extract, train
+    from flows import compare, evaluate_model, extract, oversegment, train
 
     out = {"pipeline": (train.pipeline, RunSpec), "compare": (compare.compare, CompareSpec),
            "extract-features": (extract.extract_features, ExtractSpec),
+           "oversegment": (oversegment.oversegment_flow, OversegmentSpec),
            "evaluate-model": (evaluate_model.evaluate_model, EvaluateModelSpec)}
     out.update({f.name: (f, RunSpec) for f in (*train.TRAIN_FLOWS.values(), *train.EVALUATE_FLOWS.values())})
     return out
 
 
 COMMANDS = {"run": ("pipeline", RunSpec), "compare": ("compare", CompareSpec),
-            "extract": ("extract-features", ExtractSpec), "evaluate": ("evaluate-model", EvaluateModelSpec)}
+            "extract": ("extract-features", ExtractSpec), "evaluate": ("evaluate-model", EvaluateModelSpec),
+            "oversegment": ("oversegment", OversegmentSpec)}
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
