@@ -30,6 +30,7 @@ def main() -> None:
     from flows.extract import extract_features
     from tasks.common import BackboneRef, DataRef, load_backbone
     from usseg_core.features import embed
+    from usseg_core.spec import ExtractSpec
     from usseg_core.views import ViewSpec, prepare_item
 
     tmp = Path(tempfile.mkdtemp(prefix="usseg-bench-"))
@@ -63,12 +64,12 @@ def main() -> None:
 
     warmup()
     storage = str(tmp / "storage")
-    kw = dict(dataset="directory", data_root=str(tmp / "subset"), split="all", backbone=args.backbone,
-              resolution=args.resolution, storage=storage, batch_size=args.batch_size)
+    spec = ExtractSpec(dataset="directory", data_root=str(tmp / "subset"), split="all", backbone=args.backbone,
+                       resolution=args.resolution, storage=storage, batch_size=args.batch_size)
     with Timer() as cold:
-        first = extract_features(**kw)
+        first = extract_features(spec)
     with Timer() as warm:
-        second = extract_features(**kw)
+        second = extract_features(spec)
     assert not first["cache_hit"] and second["cache_hit"]
     bare_s = min(bare_s, bare_loop())  # best of a run before and after the flow (machine noise)
     n = len(ids)

@@ -33,28 +33,30 @@ def main() -> None:
     from flows.extract import extract_features
     from flows.train import pipeline
     from usseg_core.datasets.synthetic import ensure_synthetic
+    from usseg_core.spec import ExtractSpec, RunSpec
 
     tmp = Path(tempfile.mkdtemp(prefix="usseg-bench-fanout-"))
     dataset, root, split = bench_dataset(tmp, args.n)
     common = dict(dataset=dataset, data_root=root, split=split, backbone=args.backbone, policy="center_crop",
                   resolution=args.resolution, shard_size=args.shard_size)
-    extract_features(storage=str(tmp / "warmup"), task_runner="threads", **common)  # imports, server, weights
+    extract_features(ExtractSpec(storage=str(tmp / "warmup"), task_runner="threads", **common))  # imports, server, weights
     rows = {}
     for runner in ("dask:1", "dask:2", "threads"):
         with Timer() as t:
-            out = extract_features(storage=str(tmp / runner.replace(":", "-")), task_runner=runner, **common)
+            out = extract_features(ExtractSpec(storage=str(tmp / runner.replace(":", "-")), task_runner=runner,
+                                               **common))
         rows[runner] = {"seconds": round(t.seconds, 2), "items": out["n"], "workers": len(out["workers"])}
     base = rows["dask:1"]["seconds"]
     for row in rows.values():
         row["speedup_vs_dask1"] = round(base / row["seconds"], 2)
 
     data = ensure_synthetic(tmp / "synthetic-pipeline", n_train=12, n_val=4)
-    params = dict(dataset="synthetic", data_root=str(data), storage=str(tmp / "pipeline"),
-                  overrides={"steps": args.steps}, resolution=128)
+    spec = RunSpec(dataset="synthetic", data_root=str(data), storage=str(tmp / "pipeline"),
+                   overrides={"steps": args.steps}, resolution=128)
     with Timer() as cold:
-        pipeline(**params)
+        pipeline(spec)
     with Timer() as warm:
-        pipeline(**params)
+        pipeline(spec)
     write_json(args.out, {
         "dataset": f"{dataset}/{split}", "backbone": args.backbone, "resolution": args.resolution,
         "cpus": os.cpu_count(), "extraction": rows,

@@ -97,15 +97,16 @@ def pipeline(device, storage: Path, data: Path, smoke: bool) -> dict:
     """Every head through the real compare flow on the device; per head its s/step and evaluation img/s."""
     from flows.compare import compare
     from usseg_core.datasets.synthetic import ensure_synthetic
+    from usseg_core.spec import CompareSpec
     from usseg_core.store import ArtifactStore
 
     n_train, n_val = (8, 3) if smoke else (40, 12)
     root = ensure_synthetic(data, n_train=n_train, n_val=n_val)
     overrides = {"stego.steps": 4 if smoke else 100, "picie.epochs": 1, "hsg.epochs": 1}
     backbone = "vit_small_patch16_224.dino" if smoke else VIT8
-    result = compare(dataset="synthetic", data_root=str(root), seeds=[0], backbone=backbone, random_weights=True,
-                     storage=str(storage), overrides=overrides, resolution=64 if smoke else 224, run_crf=False,
-                     device=str(device))
+    result = compare(CompareSpec(dataset="synthetic", data_root=str(root), seeds=[0], backbone=backbone,
+                                 random_weights=True, storage=str(storage), overrides=overrides,
+                                 resolution=64 if smoke else 224, run_crf=False, device=str(device)))
     store, rows = ArtifactStore(storage), {}
     for r in json.loads((Path(result["path"]) / "runs.json").read_text()):
         head, ev = store.find(r["head_key"]).meta, store.find(r["evaluation_key"]).meta
