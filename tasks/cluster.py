@@ -10,12 +10,16 @@ import torch.nn.functional as F
 from tasks.common import DataRef, load_manifest, logger, stage_task
 from tasks.heads import load_head, open_features
 from usseg_core.device import resolve_device, to_device
-from usseg_core.store import ArtifactStore, artifact_key
+from tasks.stage import ArtifactRef, FeaturesRef, Work, declare, run_stage
 from usseg_core.views import ViewSpec, prepare_label
 
 CPU = torch.device("cpu")
 KMEANS_VERSION = 1
 PROBE_VERSION = 1
+WHERE = "where it runs: part of no key (docs/architecture.md, Devices)"
+KMEANS = declare("kmeans", KMEANS_VERSION, "usseg_core.cluster.spherical_kmeans", unkeyed={"device": WHERE})
+PROBE = declare("linear-probe", PROBE_VERSION, "usseg_core.heads.probes.train_linear_probe",
+                unkeyed={"device": WHERE})
 
 
 @torch.no_grad()
@@ -32,8 +36,8 @@ def _pixels(codes: torch.Tensor) -> torch.Tensor:
 
 
 @stage_task("kmeans")
-def ensure_kmeans(storage: str, head: dict | None, feature_infos: list[dict], k: int,
-                  seed: int = 0, n_epochs: int = 2, device: str = "auto") -> dict:
+def ensure_kmeans(storage: str, head: ArtifactRef | None, feature_infos: list[FeaturesRef], k: int,
+                  seed: int = 0, n_epochs: int = 2, device: str = "auto") -> ArtifactRef:
     """Cosine mini-batch k-means over the codes of the training set, streamed from the store.
 
     Codes and k-means run on ``device`` (resolved here, where the task runs; not part of the key).
@@ -43,25 +47,23 @@ def ensure_kmeans(storage: str, head: dict | None, feature_infos: list[dict], k:
     """
     from usseg_core.cluster import spherical_kmeans
 
-    store = ArtifactStore(storage)
     upstream = {f"features{i}": f["key"] for i, f in enumerate(feature_infos)}
     upstream["head"] = head["key"] if head else "raw"
     params = {"k": k, "seed": seed, "n_epochs": n_epochs, "metric": "cosine"}
-    key = artifact_key("kmeans", KMEANS_VERSION, params, upstream)
-    art = store.get("kmeans", key)
-    if art is None:
-        meta0 = store.find(feature_infos[0]["key"]).meta
-        art = store.begin("kmeans", key, version=KMEANS_VERSION, params=params, upstream=upstream,
-                          dataset=meta0.get("dataset"), backbone=meta0.get("backbone"),
-                          backbone_fingerprint=meta0.get("backbone_fingerprint"))
+
+    def body(work: Work) -> dict:
         feats = open_features(feature_infos)
         head_path, dev = head["path"] if head else None, resolve_device(device)
-        centroids = spherical_kmeans(lambda: (_pixels(c) for c in code_batches(head_path, feats, device=dev)), k,
-                                     n_epochs=n_epochs, seed=seed, device=str(dev))
-        np.save(art.file("centroids.npy"), centroids.astype(np.float32))
-        store.finish(art, k=k)
-        logger().info("k-means/%s: K=%d over %d items", key, k, len(feats))
-    return {"key": key, "path": str(art.file("centroids.npy"))}
+        centroids = work.core(spherical_kmeans,
+                              lambda: (_pixels(c) for c in code_batches(head_path, feats, device=dev)),
+                              k=k, n_epochs=n_epochs, seed=seed, device=str(dev))
+        np.save(work.art.file("centroids.npy"), centroids.astype(np.float32))
+        logger().info("k-means/%s: K=%d over %d items", work.art.key, k, len(feats))
+        return {"k": k}
+
+    return run_stage(storage, KMEANS, params, upstream, body,
+                     lambda art, hit: ArtifactRef.of(art, str(art.file("centroids.npy")), hit),
+                     inputs=feature_infos)
 
 
 def labelled_code_batches(head_path: str | None, feature_info: dict, data: DataRef, view: ViewSpec,
@@ -95,8 +97,9 @@ def labelled_code_batches(head_path: str | None, feature_info: dict, data: DataR
 
 
 @stage_task("linear-probe")
-def ensure_linear_probe(storage: str, head: dict | None, feature_info: dict, data: DataRef,
-                        view: dict, n_classes: int, epochs: int = 3, seed: int = 0, device: str = "auto") -> dict:
+def ensure_linear_probe(storage: str, head: ArtifactRef | None, feature_info: FeaturesRef, data: DataRef,
+                        view: dict, n_classes: int, epochs: int = 3, seed: int = 0,
+                        device: str = "auto") -> ArtifactRef:
     """A 1x1 conv on detached codes trained with cross-entropy on ground-truth labels.
 
     Labels are used here and only here, to report the linear-probe metric (STEGO's protocol); the head
@@ -104,18 +107,17 @@ def ensure_linear_probe(storage: str, head: dict | None, feature_info: dict, dat
     """
     from usseg_core.heads.probes import train_linear_probe
 
-    store = ArtifactStore(storage)
     params = {"epochs": epochs, "seed": seed, "n_classes": n_classes, "lr": 5e-3}
     upstream = {"features": feature_info["key"], "head": head["key"] if head else "raw"}
-    key = artifact_key("linear-probe", PROBE_VERSION, params, upstream)
-    art = store.get("linear-probe", key)
-    if art is None:
-        art = store.begin("linear-probe", key, version=PROBE_VERSION, params=params, upstream=upstream,
-                          dataset=data.name, split=data.split)
+
+    def body(work: Work) -> None:
         vs, dev = ViewSpec.from_params(view), resolve_device(device)
-        probe = train_linear_probe(
+        probe = work.core(
+            train_linear_probe,
             lambda: labelled_code_batches(head["path"] if head else None, feature_info, data, vs, device=dev),
-            n_classes, epochs=epochs, lr=params["lr"], seed=seed, device=dev)
-        torch.save({k: v.cpu() for k, v in probe.state_dict().items()}, art.file("probe.pt"))
-        store.finish(art)
-    return {"key": key, "path": str(art.file("probe.pt"))}
+            n_classes=n_classes, epochs=epochs, lr=params["lr"], seed=seed, device=dev)
+        torch.save({k: v.cpu() for k, v in probe.state_dict().items()}, work.art.file("probe.pt"))
+
+    return run_stage(storage, PROBE, params, upstream, body,
+                     lambda art, hit: ArtifactRef.of(art, str(art.file("probe.pt")), hit),
+                     inputs=[feature_info], info={"dataset": data.name, "split": data.split})

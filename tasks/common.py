@@ -18,7 +18,8 @@ from prefect.cache_policies import NO_CACHE
 
 from usseg_core.datasets import get_dataset
 from usseg_core.datasets.manifest import Manifest, build_manifest
-from usseg_core.store import ArtifactStore, artifact_key, atomic_write_json, canonical_json, lookups_only_active
+from tasks.stage import ManifestRef, Work, declare, run_stage
+from usseg_core.store import atomic_write_json, canonical_json, lookups_only_active
 
 MANIFEST_VERSION = 1
 
@@ -156,33 +157,38 @@ def _listing_signature(ds, *, content: bool = False) -> str:
     return h.hexdigest()
 
 
+MANIFEST = declare("manifest", MANIFEST_VERSION, "usseg_core.datasets.manifest.build_manifest",
+                   unkeyed={"validate": "always True: every file is opened and checked",
+                            "progress": "a progress bar"})
+
+
 @stage_task("manifest")
-def ensure_manifest(data: DataRef, storage: str) -> dict:
+def ensure_manifest(data: DataRef, storage: str) -> ManifestRef:
     """The split's manifest (id, path, size, sha256 per file); rebuilt only when the files changed.
 
     "Changed" follows :func:`_listing_signature`: a path, byte size or mtime differs — or, with
     ``USSEG_VERIFY_CONTENT=1``, any byte differs.
     """
-    store = ArtifactStore(storage)
     ds = data.dataset()
     content = verify_content()
     params = {"dataset": data.name, "root": str(Path(data.root).resolve()), "split": data.split,
               "options": data.options, "on_error": data.on_error,
               "listing": _listing_signature(ds, content=content)}
-    key = artifact_key("manifest", MANIFEST_VERSION, params)
-    art = store.get("manifest", key)
-    if art is None:
-        art = store.begin("manifest", key, version=MANIFEST_VERSION, params=params,
-                          dataset=data.name, split=data.split)
-        manifest = build_manifest(ds, on_error=data.on_error, validate=True, progress=True)
-        manifest.to_json(art.file("manifest.json"))
-        store.finish(art, n_items=len(manifest), skipped=manifest.skipped, manifest_hash=manifest.hash)
-        logger().info("manifest %s: %d files, %d skipped", key, len(manifest), len(manifest.skipped))
-    return {"key": key, "hash": art.meta["manifest_hash"], "path": str(art.file("manifest.json")),
-            "n": art.meta["n_items"], "skipped": art.meta.get("skipped", [])}
+
+    def body(work: Work) -> dict:
+        manifest = work.core(build_manifest, ds, on_error=data.on_error, validate=True, progress=True)
+        manifest.to_json(work.art.file("manifest.json"))
+        logger().info("manifest %s: %d files, %d skipped", work.art.key, len(manifest), len(manifest.skipped))
+        return {"n_items": len(manifest), "skipped": manifest.skipped, "manifest_hash": manifest.hash}
+
+    def ref(art, hit: bool) -> ManifestRef:
+        return ManifestRef.of(art, str(art.file("manifest.json")), hit, hash=art.meta["manifest_hash"],
+                              n=art.meta["n_items"], skipped=art.meta.get("skipped", []))
+
+    return run_stage(storage, MANIFEST, params, None, body, ref, info={"dataset": data.name, "split": data.split})
 
 
-def load_manifest(info: dict) -> Manifest:
+def load_manifest(info: ManifestRef) -> Manifest:
     return Manifest.from_json(info["path"])
 
 

@@ -7,9 +7,10 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.common import (BackboneRef, DataRef, backbone_fingerprint, ensure_manifest, input_multiple,
                           load_backbone, load_manifest, logger, worker_id)
+from tasks.stage import FeaturesRef, ManifestRef, Work, declare, run_stage
 from usseg_core.device import PRECISIONS, resolve_precision
 from usseg_core.features import FeatureStore, extract_into
-from usseg_core.store import ArtifactStore, artifact_key
+from usseg_core.store import ArtifactStore
 from usseg_core.views import ViewSpec, prepare_item, resolve_full_size
 
 FEATURES_VERSION = 1
@@ -24,7 +25,7 @@ def feature_params(data: DataRef, view: ViewSpec, precision: str) -> dict:
 
 
 @task(name="extract-shard", cache_policy=NO_CACHE, retries=1)
-def extract_shard(storage: str, key: str, data: DataRef, manifest_path: str, view: dict,
+def extract_shard(storage: str, key: str, data: DataRef, manifest_path: str, *, view: dict,
                   backbone: BackboneRef, start: int, stop: int, batch_size: int, precision: str) -> dict:
     """Embed the missing items of one shard ``[start, stop)`` and write them (one writer per shard)."""
     art = ArtifactStore(storage).open("features", key)
@@ -94,7 +95,7 @@ def warn_if_upscaled(image_hw: tuple[int, int], view: ViewSpec, path, log=None,
     return True
 
 
-def resolve_view(view: ViewSpec, data: DataRef, manifest: dict, backbone: BackboneRef) -> ViewSpec:
+def resolve_view(view: ViewSpec, data: DataRef, manifest: ManifestRef, backbone: BackboneRef) -> ViewSpec:
     """Fix a full-frame view's size (rounded to the backbone's input multiple), one size for all images.
 
     The rule (:func:`usseg_core.views.resolve_full_size`): the size comes from the *first* image of the
@@ -110,52 +111,61 @@ def resolve_view(view: ViewSpec, data: DataRef, manifest: dict, backbone: Backbo
     return resolve_full_size(view, hw, input_multiple(backbone.name))
 
 
+FEATURES = declare("features", FEATURES_VERSION, "tasks.extract.extract_shard",
+                   unkeyed={"storage": "where the artifact is", "key": "the artifact (the key itself)",
+                            "data": "keyed as dataset / split / options, and by the manifest's hash",
+                            "manifest_path": "keyed by the manifest's content hash",
+                            "backbone": "keyed by its name and weights fingerprint",
+                            "start": "which items a shard writes", "stop": "which items a shard writes",
+                            "batch_size": "how many items go through the backbone at once"})
+
+
 def ensure_features(storage: str, data: DataRef, backbone: BackboneRef, view: ViewSpec, *,
                     batch_size: int = 8, precision: str = "auto", shard_size: int = 64,
-                    manifest: dict | None = None) -> dict:
+                    manifest: ManifestRef | None = None) -> FeaturesRef:
     """The feature artifact of (data, backbone, view): a cache hit costs key look-ups only.
 
-    Returns ``{"key", "path", "n", "cache_hit", "workers"}``. Runs inside a flow: shards are mapped as
-    Prefect tasks onto the flow's task runner and write disjoint chunks.
+    Runs inside a flow: shards are mapped as Prefect tasks onto the flow's task runner and write disjoint
+    chunks; a killed extraction resumes with the items it had not written.
     """
     log = logger()
-    store = ArtifactStore(storage)
     manifest = manifest or ensure_manifest(data, storage)
     view = resolve_view(view, data, manifest, backbone)
     fingerprint = backbone_fingerprint(backbone, storage)
     precision = resolve_precision(precision, backbone.device)  # once, here: the key and every shard get it
     params = feature_params(data, view, precision)
     params["backbone"] = backbone.name
-    key = artifact_key("features", FEATURES_VERSION, params,
-                       {"manifest": manifest["hash"], "backbone": fingerprint})
-    art = store.get("features", key)
-    if art is not None:
-        log.info("cache hit: features/%s (%d items) - no backbone work", key, art.meta["n_items"])
-        return {"key": key, "path": str(art.file("features.zarr")), "n": art.meta["n_items"],
-                "cache_hit": True, "workers": [], "view": view.params(), "manifest": manifest}
+    workers: list = []
 
-    model = load_backbone(backbone)
-    view.check_multiple(model.input_multiple)
-    n = manifest["n"] * view.per_image
-    h, w = view.output_size()
-    art = store.begin("features", key, version=FEATURES_VERSION, params=params,
-                      upstream={"manifest": manifest["key"], "backbone": fingerprint},
-                      dataset=data.name, split=data.split, backbone=backbone.name,
-                      backbone_fingerprint=fingerprint, weights=backbone.weights or (
-                          "random-init" if backbone.random_weights else "default"),
-                      skipped=manifest["skipped"])
-    fstore = FeatureStore.create(art.file("features.zarr"), n, model.dim, h // model.stride,
-                                 w // model.stride, shard_size=shard_size)
-    todo = [(a, b) for a, b in fstore.shards() if fstore.missing(a, b)]
-    log.info("extracting features/%s: %d items in %d shards (%d already done)", key, n, len(todo),
-             n - sum(len(fstore.missing(a, b)) for a, b in todo))
-    futures = [extract_shard.submit(storage, key, data, manifest["path"], view.params(), backbone,
-                                    a, b, batch_size, precision) for a, b in todo]
-    results = [f.result() for f in futures]
-    if not fstore.is_complete():
-        raise RuntimeError(f"features/{key}: some items were not written; re-run to resume")
-    store.finish(art, n_items=n, shape=list(fstore.shape), stride=model.stride, dim=model.dim,
-                 view=view.params(), workers=sorted({r["worker"] for r in results}))
-    return {"key": key, "path": str(art.file("features.zarr")), "n": n, "cache_hit": False,
-            "workers": sorted({r["worker"] for r in results if r["written"]}),
-            "view": view.params(), "manifest": manifest}
+    def prepare() -> None:
+        view.check_multiple(load_backbone(backbone).input_multiple)
+
+    def body(work: Work) -> dict:
+        model = load_backbone(backbone)
+        n = manifest.n * view.per_image
+        h, w = view.output_size()
+        fstore = FeatureStore.create(work.art.file("features.zarr"), n, model.dim, h // model.stride,
+                                     w // model.stride, shard_size=shard_size)
+        todo = [(a, b) for a, b in fstore.shards() if fstore.missing(a, b)]
+        log.info("extracting features/%s: %d items in %d shards (%d already done)", work.art.key, n, len(todo),
+                 n - sum(len(fstore.missing(a, b)) for a, b in todo))
+        futures = [work.core(extract_shard.submit, storage, work.art.key, data, manifest.path, view=view.params(),
+                             backbone=backbone, start=a, stop=b, batch_size=batch_size, precision=precision)
+                   for a, b in todo]
+        results = [f.result() for f in futures]
+        if not fstore.is_complete():
+            raise RuntimeError(f"features/{work.art.key}: some items were not written; re-run to resume")
+        workers.extend(sorted({r["worker"] for r in results if r["written"]}))
+        return {"n_items": n, "shape": list(fstore.shape), "stride": model.stride, "dim": model.dim,
+                "view": view.params(), "workers": sorted({r["worker"] for r in results})}
+
+    def ref(art, hit: bool) -> FeaturesRef:
+        return FeaturesRef.of(art, str(art.file("features.zarr")), hit, n=art.meta["n_items"], view=view.params(),
+                              manifest=manifest, workers=list(workers))
+
+    return run_stage(storage, FEATURES, params, {"manifest": manifest.hash, "backbone": fingerprint}, body, ref,
+                     record_upstream={"manifest": manifest.key, "backbone": fingerprint}, prepare=prepare,
+                     hit_note=lambda art: f"({art.meta['n_items']} items) - no backbone work",
+                     info={"dataset": data.name, "split": data.split, "backbone": backbone.name,
+                           "backbone_fingerprint": fingerprint, "skipped": manifest.skipped,
+                           "weights": backbone.weights or ("random-init" if backbone.random_weights else "default")})

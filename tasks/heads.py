@@ -14,6 +14,7 @@ from usseg_core.device import to_device
 from usseg_core.errors import ConfigError
 from usseg_core.features import ConcatFeatures, FeatureStore
 from usseg_core.knn import KnnSettings
+from tasks.stage import ArtifactRef, FeaturesRef, HeadRef, Work, declare, run_stage
 from usseg_core.store import ArtifactStore, artifact_key
 
 KNN_VERSION = 2  # 2: the search method and its parameters in the key (knn.*), what ran in meta
@@ -22,6 +23,11 @@ HEAD_VERSION = 2  # 2: registry head.pt (format 2), config by section, inputs as
 # (and a linear probe's fork_rng restores it), so two trainings in threads of one process would interleave
 # their draws and neither would reproduce. Trainings run in parallel across processes (Dask workers).
 _TRAINING = threading.Lock()
+KNN = declare("knn", KNN_VERSION, "usseg_core.knn.search_knn", keyed_as={"settings": "*"})
+HEAD = declare("head", HEAD_VERSION, "HeadSpec.train",
+               unkeyed={"checkpoint_path": "where training resumes from (the artifact's own checkpoint)",
+                        "device": "where it runs: part of no key (docs/architecture.md, Devices)",
+                        "progress": "a progress bar"})
 
 
 def training_slot() -> threading.Lock:
@@ -39,7 +45,7 @@ def _feature_upstream(infos: list[dict]) -> dict:
 
 
 @stage_task("mine-knn")
-def ensure_knn(storage: str, feature_infos: list[dict], settings: KnnSettings | None = None) -> dict:
+def ensure_knn(storage: str, feature_infos: list[FeaturesRef], settings: KnnSettings | None = None) -> ArtifactRef:
     """Cosine top-k over the pooled, L2-normalised features of the crop set (column 0 = self).
 
     The key covers every feature artifact (hence backbone fingerprint, resolution and crop set), k
@@ -51,29 +57,23 @@ def ensure_knn(storage: str, feature_infos: list[dict], settings: KnnSettings | 
     from usseg_core.knn import search_knn
 
     settings = settings or KnnSettings()
-    k, store = settings.k, ArtifactStore(storage)
-    upstream = _feature_upstream(feature_infos)
+    k = settings.k
     params = {"k": k, **settings.key_params()}
-    key = artifact_key("knn", KNN_VERSION, params, upstream)
-    art = store.get("knn", key)
-    if art is None:
-        feats = open_features(feature_infos)
-        metas = [store.find(i["key"]).meta for i in feature_infos]
-        art = store.begin("knn", key, version=KNN_VERSION, params=params, upstream=upstream,
-                          dataset=metas[0].get("dataset"), backbone=metas[0].get("backbone"),
-                          backbone_fingerprint=metas[0].get("backbone_fingerprint"),
-                          views=[m.get("view") for m in metas])
-        result = search_knn(feats.pooled_all(), k, settings)
-        np.save(art.file("knn.npy"), result.table)
-        store.finish(art, n_items=int(result.table.shape[0]), k=k, search=result.meta)
+
+    def body(work: Work) -> dict:
+        result = work.core(search_knn, open_features(feature_infos).pooled_all(), k=k, settings=settings)
+        np.save(work.art.file("knn.npy"), result.table)
         if result.meta.get("fallback"):
-            logger().warning("knn/%s: %s search missed recall floor %.3f; fell back to %s", key,
+            logger().warning("knn/%s: %s search missed recall floor %.3f; fell back to %s", work.art.key,
                              result.meta["method"], settings.recall_floor, result.meta["fallback"])
-        logger().info("mined knn/%s: %d items, top-%d, %s, recall@7 %.4f, %.1f s", key, result.table.shape[0],
-                      k, result.meta["method"], result.meta["recall_at_7"], result.meta["seconds"])
-    else:
-        logger().info("cache hit: knn/%s", key)
-    return {"key": key, "path": str(art.file("knn.npy"))}
+        logger().info("mined knn/%s: %d items, top-%d, %s, recall@7 %.4f, %.1f s", work.art.key,
+                      result.table.shape[0], k, result.meta["method"], result.meta["recall_at_7"],
+                      result.meta["seconds"])
+        return {"n_items": int(result.table.shape[0]), "k": k, "search": result.meta}
+
+    return run_stage(storage, KNN, params, _feature_upstream(feature_infos), body,
+                     lambda art, hit: ArtifactRef.of(art, str(art.file("knn.npy")), hit), inputs=feature_infos,
+                     info={"views": [r.get("view") for r in feature_infos]})
 
 
 def head_inputs_upstream(inputs: dict) -> dict:
@@ -177,7 +177,7 @@ def _shorter_run(store: ArtifactStore, params: dict, upstream: dict, primary: st
 
 @stage_task("train-head")
 def ensure_head(storage: str, method: str, dataset: str, n_classes: int, inputs: dict,
-                overrides: dict | None = None, device: str = "auto") -> dict:
+                overrides: dict | None = None, device: str = "auto") -> HeadRef:
     """Train (or find) a registered head on its cached inputs; resumes from its checkpoint after a crash.
 
     ``inputs`` maps the head's declared inputs to task references: ``features`` (list of five-crop
@@ -189,32 +189,34 @@ def ensure_head(storage: str, method: str, dataset: str, n_classes: int, inputs:
     spec = get_head(method)
     config = spec.config(dataset, overrides)
     key, params, upstream = head_artifact_key(method, dataset, n_classes, inputs, overrides)
-    store = ArtifactStore(storage)
-    art = store.get("head", key)
-    if art is not None:
-        logger().info("cache hit: head/%s (%s)", key, method)
-        return {"key": key, "path": str(art.file("head.pt")), "method": method}
     first = inputs.get("features", inputs.get("views"))[0]
-    meta0 = store.find(first["key"]).meta
-    art = store.begin("head", key, version=HEAD_VERSION, params=params, upstream=upstream,
-                      dataset=dataset, backbone=meta0.get("backbone"),
-                      backbone_fingerprint=meta0.get("backbone_fingerprint"), method=method)
-    ckpt, continued = art.file("checkpoint.pt"), art.meta.get("continued_from")
-    if not ckpt.exists():
-        shorter = _shorter_run(store, params, upstream, spec.primary)
-        if shorter is not None:  # a longer run of a finished one: continue from its last checkpoint
-            logger().info("head/%s continues head/%s from step %s (same config and inputs, %d steps)", key,
-                          shorter.key, shorter.meta.get("steps"), _steps(params, spec.primary))
-            shutil.copyfile(shorter.file("checkpoint.pt"), ckpt)
-            continued = shorter.key
-            art.update_meta(continued_from=continued)
-    with training_slot():
-        trained = spec.train(open_head_inputs(inputs, n_classes), config,
-                             checkpoint_path=ckpt, device=device, progress=True)
-    save_head(art.file("head.pt"), method, n_classes, config, trained.payload)
-    store.finish(art, **trained.meta, history=trained.history[-20:], steps=trained.steps_done,
-                 seconds_per_step=trained.seconds_per_step, worker=worker_id(), continued_from=continued)
-    return {"key": key, "path": str(art.file("head.pt")), "method": method}
+
+    def train(head_inputs, *, config, checkpoint_path, device, progress):
+        return spec.train(head_inputs, config, checkpoint_path=checkpoint_path, device=device, progress=progress)
+
+    def body(work: Work) -> dict:
+        store, art = work.store, work.art
+        ckpt, continued = art.file("checkpoint.pt"), art.meta.get("continued_from")
+        if not ckpt.exists():
+            shorter = _shorter_run(store, params, upstream, spec.primary)
+            if shorter is not None:  # a longer run of a finished one: continue from its last checkpoint
+                logger().info("head/%s continues head/%s from step %s (same config and inputs, %d steps)",
+                              art.key, shorter.key, shorter.meta.get("steps"), _steps(params, spec.primary))
+                shutil.copyfile(shorter.file("checkpoint.pt"), ckpt)
+                continued = shorter.key
+                art.update_meta(continued_from=continued)
+        with training_slot():
+            trained = work.core(train, open_head_inputs(inputs, n_classes), config=config, checkpoint_path=ckpt,
+                                device=device, progress=True)
+        save_head(art.file("head.pt"), method, n_classes, config, trained.payload)
+        return {**trained.meta, "history": trained.history[-20:], "steps": trained.steps_done,
+                "seconds_per_step": trained.seconds_per_step, "worker": worker_id(), "continued_from": continued}
+
+    def ref(art, hit: bool) -> HeadRef:
+        return HeadRef.of(art, str(art.file("head.pt")), hit, method=method)
+
+    return run_stage(storage, HEAD, params, upstream, body, ref, inputs=[first],
+                     info={"dataset": dataset, "method": method}, hit_note=lambda art: f"({method})")
 
 
 @functools.lru_cache(maxsize=8)

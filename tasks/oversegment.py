@@ -14,9 +14,9 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.common import DataRef, ensure_manifest, logger, worker_id
+from tasks.common import DataRef, ensure_manifest, worker_id
+from tasks.stage import ManifestRef, OversegmentRef, Work, declare, run_stage
 from usseg_core.overseg import OversegSchedule, oversegment, segment_stem
-from usseg_core.store import ArtifactStore, artifact_key
 
 OVERSEG_VERSION = 1
 
@@ -29,7 +29,7 @@ def _detector(name: str, weights: str | None):
 
 
 @task(name="oversegment-shard", cache_policy=NO_CACHE, retries=1)
-def oversegment_shard(folder: str, data: DataRef, ids: list[str], detector: str, weights: str | None,
+def oversegment_shard(folder: str, data: DataRef, ids: list[str], *, detector: str, weights: str | None,
                       schedule: dict) -> dict:
     from pathlib import Path
 
@@ -63,45 +63,51 @@ def oversegment_shard(folder: str, data: DataRef, ids: list[str], detector: str,
     return {"written": done, "regions": regions, "worker": worker}
 
 
+OVERSEGMENT = declare("oversegment", OVERSEG_VERSION, "tasks.oversegment.oversegment_shard",
+                      unkeyed={"folder": "where the artifact is", "data": "keyed as dataset / split, and by the "
+                               "manifest's hash", "ids": "which images a shard writes",
+                               "weights": "keyed by the detector's fingerprint (upstream)"})
+
+
 def ensure_oversegmentation(storage: str, data: DataRef, detector: str, weights: str | None,
-                            schedule: OversegSchedule, shard_size: int = 16, manifest: dict | None = None) -> dict:
+                            schedule: OversegSchedule, shard_size: int = 16,
+                            manifest: ManifestRef | None = None) -> OversegmentRef:
     """The oversegmentation of every image of ``data`` (a cache hit costs key look-ups only).
 
-    Returns ``{"key", "path" (artifact folder, ``segments/<stem>.png`` per image), "manifest" (the
-    split's manifest reference: its ``path`` lists the ids in order), "n_images", "cache_hit",
-    "workers"}``. Runs inside a flow: shards of ``shard_size`` images are mapped as Prefect tasks onto
-    the flow's task runner and write disjoint files.
+    Runs inside a flow: shards of ``shard_size`` images are mapped as Prefect tasks onto the flow's task
+    runner and write disjoint files; a killed run resumes with the images it had not written.
     """
-    store = ArtifactStore(storage)
     manifest = manifest or ensure_manifest(data, storage)
     fingerprint = _detector(detector, weights).fingerprint
     params = {"dataset": data.name, "split": data.split, "detector": detector, "schedule": asdict(schedule)}
-    upstream = {"manifest": manifest["hash"], "detector": fingerprint}
-    key = artifact_key("oversegment", OVERSEG_VERSION, params, upstream)
-    out = {"key": key, "manifest": manifest}
-    art = store.get("oversegment", key)
-    if art is not None:
-        logger().info("cache hit: oversegment/%s", key)
-        return {**out, "path": str(art.path), "n_images": art.meta["n_images"], "cache_hit": True, "workers": []}
-    art = store.begin("oversegment", key, version=OVERSEG_VERSION, params=params, upstream=upstream,
-                      dataset=data.name, split=data.split, detector=detector)
-    for sub in ("edges", "ucm2", "segments"):
-        art.file(sub).mkdir(exist_ok=True)
-    from usseg_core.datasets.manifest import Manifest
+    workers: list = []
 
-    ids = Manifest.from_json(manifest["path"]).ids
-    futures = [oversegment_shard.submit(str(art.path), data, ids[a:a + shard_size], detector, weights,
-                                        asdict(schedule)) for a in range(0, len(ids), shard_size)]
-    results = [f.result() for f in futures]
-    regions: dict = {}
-    for r in results:
-        regions.update(r["regions"])
-    missing = [i for i in ids if not art.file(f"segments/{segment_stem(i)}.png").exists()]
-    if missing:
-        raise RuntimeError(f"oversegment/{key}: {len(missing)} images not written; re-run to resume")
-    counts = [r["n_regions"] for r in regions.values()]
-    workers = sorted({r["worker"] for r in results if r["written"]})
-    store.finish(art, n_images=len(ids), detector_fingerprint=fingerprint,
-                 regions_this_run=regions if len(regions) <= 500 else None,
-                 mean_regions=float(np.mean(counts)) if counts else None, workers=workers)
-    return {**out, "path": str(art.path), "n_images": len(ids), "cache_hit": False, "workers": workers}
+    def body(work: Work) -> dict:
+        from usseg_core.datasets.manifest import Manifest
+
+        art = work.art
+        for sub in ("edges", "ucm2", "segments"):
+            art.file(sub).mkdir(exist_ok=True)
+        ids = Manifest.from_json(manifest.path).ids
+        futures = [work.core(oversegment_shard.submit, str(art.path), data, ids[a:a + shard_size],
+                             detector=detector, weights=weights, schedule=asdict(schedule))
+                   for a in range(0, len(ids), shard_size)]
+        results = [f.result() for f in futures]
+        regions: dict = {}
+        for r in results:
+            regions.update(r["regions"])
+        missing = [i for i in ids if not art.file(f"segments/{segment_stem(i)}.png").exists()]
+        if missing:
+            raise RuntimeError(f"oversegment/{art.key}: {len(missing)} images not written; re-run to resume")
+        counts = [r["n_regions"] for r in regions.values()]
+        workers.extend(sorted({r["worker"] for r in results if r["written"]}))
+        return {"n_images": len(ids), "detector_fingerprint": fingerprint,
+                "regions_this_run": regions if len(regions) <= 500 else None,
+                "mean_regions": float(np.mean(counts)) if counts else None, "workers": list(workers)}
+
+    def ref(art, hit: bool) -> OversegmentRef:
+        return OversegmentRef.of(art, str(art.path), hit, n_images=art.meta["n_images"], manifest=manifest,
+                                 workers=list(workers))
+
+    return run_stage(storage, OVERSEGMENT, params, {"manifest": manifest.hash, "detector": fingerprint}, body,
+                     ref, info={"dataset": data.name, "split": data.split, "detector": detector})

@@ -14,10 +14,11 @@ from prefect.cache_policies import NO_CACHE
 from tasks.common import (BackboneRef, DataRef, backbone_fingerprint, ensure_manifest, load_backbone,
                           load_manifest, logger)
 from tasks.extract import feature_params, resolve_view
+from tasks.stage import ManifestRef, ViewsRef, Work, declare, run_stage
 from usseg_core.device import resolve_precision
 from usseg_core.errors import ConfigError
 from usseg_core.features import FeatureStore, extract_into
-from usseg_core.store import ArtifactStore, artifact_key
+from usseg_core.store import ArtifactStore
 from usseg_core.viewbank import (DRAWS_FILE, PLAIN, WARPED, ViewBankConfig, check_base_view, draw_views,
                                  load_draws, render_view, save_draws, summarize_draws)
 from usseg_core.views import ViewSpec
@@ -27,7 +28,7 @@ STORES = ((PLAIN, False), (WARPED, True))  # (file, geometric): plain = P(base(x
 
 
 @task(name="views-shard", cache_policy=NO_CACHE, retries=1)
-def views_shard(storage: str, key: str, data: DataRef, manifest_path: str, view: dict,
+def views_shard(storage: str, key: str, data: DataRef, manifest_path: str, *, view: dict,
                 backbone: BackboneRef, start: int, stop: int, batch_size: int, precision: str) -> dict:
     """Embed the missing plain and warped items of one shard ``[start, stop)`` (one writer per shard)."""
     import os
@@ -68,17 +69,25 @@ def _write_draws(path, draws: list) -> None:
     save_draws(path, draws)
 
 
+VIEWS = declare("views", VIEWS_VERSION, "tasks.views.views_shard",
+                unkeyed={"storage": "where the artifact is", "key": "the artifact (the key itself)",
+                         "data": "keyed as dataset / split / options, and by the manifest's hash",
+                         "manifest_path": "keyed by the manifest's content hash",
+                         "backbone": "keyed by its name and weights fingerprint",
+                         "start": "which items a shard writes", "stop": "which items a shard writes",
+                         "batch_size": "how many items go through the backbone at once"})
+
+
 def ensure_views(storage: str, data: DataRef, backbone: BackboneRef, base_view: ViewSpec,
                  config: ViewBankConfig, *, batch_size: int = 8, precision: str = "auto",
-                 shard_size: int = 64, manifest: dict | None = None) -> dict:
+                 shard_size: int = 64, manifest: ManifestRef | None = None) -> ViewsRef:
     """The view bank of (data, backbone, base view, draws config): a cache hit costs key look-ups only.
 
-    Returns ``{"key", "path" (artifact folder), "n_images", "n_views", "view", "manifest", "cache_hit",
-    "workers"}``. Runs inside a flow: shards (``shard_size`` items, rounded up to whole images) are
-    mapped as Prefect tasks onto the flow's task runner and write disjoint chunks of both stores.
+    Runs inside a flow: shards (``shard_size`` items, rounded up to whole images) are mapped as Prefect
+    tasks onto the flow's task runner and write disjoint chunks of both stores; the draws are recorded at
+    begin, so an interrupted bank resumes with the same draws.
     """
     log = logger()
-    store = ArtifactStore(storage)
     manifest = manifest or ensure_manifest(data, storage)
     view = resolve_view(base_view, data, manifest, backbone)
     check_base_view(view)
@@ -86,41 +95,47 @@ def ensure_views(storage: str, data: DataRef, backbone: BackboneRef, base_view: 
     precision = resolve_precision(precision, backbone.device)  # once, here: the key and every shard get it
     params = feature_params(data, view, precision)
     params.update(backbone=backbone.name, views=config.params())
-    key = artifact_key("views", VIEWS_VERSION, params, {"manifest": manifest["hash"], "backbone": fingerprint})
-    out = {"key": key, "view": view.params(), "manifest": manifest, "n_views": config.n_views}
-    art = store.get("views", key)
-    if art is not None:
-        log.info("cache hit: views/%s (%d images x %d views) - no backbone work", key,
-                 art.meta["n_images"], art.meta["n_views"])
-        return {**out, "path": str(art.path), "n_images": art.meta["n_images"], "cache_hit": True,
-                "workers": []}
-
-    model = load_backbone(backbone)
-    view.check_multiple(model.input_multiple)
     ids = load_manifest(manifest).ids
-    draws = [draw_views(config, id_, view.output_size()) for id_ in ids]  # cheap: in the flow process
     n_views, n = config.n_views, len(ids) * config.n_views
-    art = store.begin("views", key, version=VIEWS_VERSION, params=params,
-                      upstream={"manifest": manifest["key"], "backbone": fingerprint},
-                      dataset=data.name, split=data.split, backbone=backbone.name,
-                      backbone_fingerprint=fingerprint, weights=backbone.weights or (
-                          "random-init" if backbone.random_weights else "default"),
-                      skipped=manifest["skipped"], n_images=len(ids), n_views=n_views,
-                      config=config.params(), draws_summary=summarize_draws(draws))
-    _write_draws(art.file(DRAWS_FILE), draws)
-    h, w = view.output_size()
-    shard = -(-shard_size // n_views) * n_views  # whole images per shard: one decode per image and store
-    stores = [FeatureStore.create(art.file(name), n, model.dim, h // model.stride, w // model.stride,
-                                  shard_size=shard) for name, _ in STORES]
-    todo = [(a, b) for a, b in stores[0].shards() if any(s.missing(a, b) for s in stores)]
-    log.info("extracting views/%s: %d images x %d views (plain + warped) in %d shards (%d items already done)",
-             key, len(ids), n_views, len(todo), 2 * n - sum(len(s.missing()) for s in stores))
-    futures = [views_shard.submit(storage, key, data, manifest["path"], view.params(), backbone, a, b,
-                                  batch_size, precision) for a, b in todo]
-    results = [f.result() for f in futures]
-    if not all(s.is_complete() for s in stores):
-        raise RuntimeError(f"views/{key}: some items were not written; re-run to resume")
-    store.finish(art, n_items=n, shape=list(stores[0].shape), stride=model.stride, dim=model.dim,
-                 view=view.params(), workers=sorted({r["worker"] for r in results}))
-    return {**out, "path": str(art.path), "n_images": len(ids), "cache_hit": False,
-            "workers": sorted({r["worker"] for r in results if r["written"]})}
+    workers: list = []
+    draws: list = []
+
+    def prepare() -> None:
+        view.check_multiple(load_backbone(backbone).input_multiple)
+        draws.extend(draw_views(config, id_, view.output_size()) for id_ in ids)  # cheap: in the flow process
+
+    def body(work: Work) -> dict:
+        model, art = load_backbone(backbone), work.art
+        _write_draws(art.file(DRAWS_FILE), draws)
+        h, w = view.output_size()
+        shard = -(-shard_size // n_views) * n_views  # whole images per shard: one decode per image and store
+        stores = [FeatureStore.create(art.file(name), n, model.dim, h // model.stride, w // model.stride,
+                                      shard_size=shard) for name, _ in STORES]
+        todo = [(a, b) for a, b in stores[0].shards() if any(s.missing(a, b) for s in stores)]
+        log.info("extracting views/%s: %d images x %d views (plain + warped) in %d shards (%d items already "
+                 "done)", art.key, len(ids), n_views, len(todo), 2 * n - sum(len(s.missing()) for s in stores))
+        futures = [work.core(views_shard.submit, storage, art.key, data, manifest.path, view=view.params(),
+                             backbone=backbone, start=a, stop=b, batch_size=batch_size, precision=precision)
+                   for a, b in todo]
+        results = [f.result() for f in futures]
+        if not all(s.is_complete() for s in stores):
+            raise RuntimeError(f"views/{art.key}: some items were not written; re-run to resume")
+        workers.extend(sorted({r["worker"] for r in results if r["written"]}))
+        return {"n_items": n, "shape": list(stores[0].shape), "stride": model.stride, "dim": model.dim,
+                "view": view.params(), "workers": sorted({r["worker"] for r in results})}
+
+    def ref(art, hit: bool) -> ViewsRef:
+        return ViewsRef.of(art, str(art.path), hit, n_images=art.meta["n_images"], n_views=config.n_views,
+                           view=view.params(), manifest=manifest, workers=list(workers))
+
+    def info() -> dict:
+        return {"dataset": data.name, "split": data.split, "backbone": backbone.name,
+                "backbone_fingerprint": fingerprint,
+                "weights": backbone.weights or ("random-init" if backbone.random_weights else "default"),
+                "skipped": manifest.skipped, "n_images": len(ids), "n_views": n_views, "config": config.params(),
+                "draws_summary": summarize_draws(draws)}
+
+    return run_stage(storage, VIEWS, params, {"manifest": manifest.hash, "backbone": fingerprint}, body, ref,
+                     record_upstream={"manifest": manifest.key, "backbone": fingerprint}, prepare=prepare,
+                     info=info, hit_note=lambda art: (f"({art.meta['n_images']} images x {art.meta['n_views']} "
+                                                      "views) - no backbone work"))
