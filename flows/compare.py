@@ -11,7 +11,7 @@ heads draw from torch's global RNG: see ``tasks.heads``), and evaluation starts 
 """
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -23,6 +23,8 @@ from orchestration.refs import resolved
 from tasks.cluster import ensure_kmeans
 from tasks.compare import N_OVERLAY, baseline_name, ensure_comparison
 from tasks.evaluate import run_evaluation
+from tasks.predictors import Predictor
+from tasks.stage import EvaluationRef
 from tasks.heads import ensure_head, head_artifact_key
 from usseg_core import report
 from usseg_core.crf import CRFParams
@@ -64,9 +66,9 @@ def _head_group(plan: dict, head: str) -> dict:
     return next(g for g in plan["groups"] if g.get("head_key") and g["method"] == head)
 
 
-def _main_predictor(group: dict) -> dict:
+def _main_predictor(group: dict) -> Predictor:
     """A head's main unsupervised predictor: its own clusterer, else k-means on its codes."""
-    by_kind = {p["kind"]: p for p in group["predictors"]}
+    by_kind = {p.kind: p for p in group["predictors"]}
     return by_kind.get("own") or by_kind["kmeans"]
 
 
@@ -86,8 +88,8 @@ def _overlay_plan(first: dict[str, tuple], run_crf: bool) -> dict:
             "n_items": plan["manifest"]["n"], "run_crf": run_crf, "crf": asdict(CRFParams()), "columns": columns}
 
 
-def _column(title: str, group: dict, pred: dict, evaluation: dict) -> dict:
-    unique = {**pred, "name": f"{title}:{pred['name']}"}  # names key the predictions of one shard
+def _column(title: str, group: dict, pred: Predictor, evaluation: EvaluationRef) -> dict:
+    unique = replace(pred, name=f"{title}:{pred.name}")  # names key the predictions of one shard
     return {"title": title, "predictor": pred["name"], "evaluation_path": evaluation["path"],
             "group": {"method": group["method"], "head": group["head"], "predictors": [unique]}}
 
@@ -110,14 +112,13 @@ def compare_runs(spec: CompareSpec) -> dict:
         first.setdefault(run.head, (plan, evaluation, baseline))
         main = _main_predictor(_head_group(plan, run.head))  # its row label, as the results table writes it
         records.append({"head": run.head, "seed": run.seed, "baseline": baseline,
-                        "main": main.get("label", main["kind"]), "head_key": trained["head"]["key"],
-                        "evaluation_key": evaluation["key"], "evaluation_path": evaluation["path"],
-                        "kmeans_key": trained["kmeans"]["key"], "raw_kmeans_key": trained["raw_kmeans"]["key"],
+                        "main": main.row_label, "head_key": trained["head"].key,
+                        "evaluation_key": evaluation.key, "evaluation_path": evaluation.path,
+                        "kmeans_key": trained["kmeans"].key, "raw_kmeans_key": trained["raw_kmeans"].key,
                         "trained_now": t["trained_now"]})
     class_names = first[runs[0].head][0]["class_names"]
     result = ensure_comparison(storage, report_params(spec), records, class_names, _overlay_plan(first, spec.run_crf))
-    result["trained"] = [f"{r['head']}/seed{r['seed']}" for r in records if r["trained_now"]]
-    return result
+    return {**result, "trained": [f"{r['head']}/seed{r['seed']}" for r in records if r["trained_now"]]}
 
 
 def _publish(result: dict, spec: CompareSpec) -> None:

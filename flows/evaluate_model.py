@@ -28,6 +28,7 @@ from orchestration.refs import data_ref, resolved
 from tasks.common import ensure_manifest, logger
 from tasks.evaluate import run_evaluation
 from tasks.extract import ensure_features
+from tasks.predictors import predictors_for
 from usseg_core.crf import CRFParams
 from usseg_core.errors import ConfigError
 from usseg_core.spec import EvaluateModelSpec
@@ -78,11 +79,7 @@ def model_plan(storage: str, model: str, n_classes: int) -> dict:
     if backbone.weights and not Path(backbone.weights).is_file():
         raise ConfigError(f"head {key}: backbone weights file {backbone.weights} does not exist")
     head_path = str(art.file("head.pt"))
-    preds, notes = [], []
-    clusterer = get_head(method).clusterer
-    if clusterer:
-        preds.append({"name": clusterer, "kind": "own", "label": clusterer,
-                      "n_pred": int(meta["params"]["n_classes"]), "key": key, "head": head_path})
+    notes = []
     probe = store.get("linear-probe", meta["linear_probe"]) if meta.get("linear_probe") else None
     if probe is None:  # a trained head: the newest probe trained on its codes
         probe = _newest([p for p in store.iter_artifacts("linear-probe")
@@ -92,17 +89,18 @@ def model_plan(storage: str, model: str, n_classes: int) -> dict:
         if pn != n_classes:
             raise ConfigError(f"linear probe {probe.key} of head {key} has {pn} classes but the dataset has "
                               f"{n_classes}")
-        preds.append({"name": "linear", "kind": "linear", "n_pred": pn, "key": probe.key,
-                      "probe": str(probe.file("probe.pt")), "n_classes": pn})
     else:
         notes.append(f"no linear probe for head {key}: linear-probe rows skipped")
     kms = [k for k in store.iter_artifacts("kmeans") if k.complete and k.meta.get("upstream", {}).get("head") == key]
     km = _newest([k for k in kms if k.meta["params"].get("k") == n_classes]) or _newest(kms)
-    if km is not None:
-        preds.insert(1 if clusterer else 0, {"name": "kmeans", "kind": "kmeans", "n_pred": int(km.meta["params"]["k"]),
-                                             "key": km.key, "centroids": str(km.file("centroids.npy"))})
-    else:
+    if km is None:
         notes.append(f"no k-means artifact for head {key}: k-means rows skipped")
+    preds = predictors_for(
+        get_head(method), n_classes=n_classes, head_ref={"key": key, "path": head_path},
+        head_classes=int(meta["params"]["n_classes"]),
+        kmeans={"key": km.key, "path": str(km.file("centroids.npy"))} if km is not None else None,
+        k=int(km.meta["params"]["k"]) if km is not None else None,
+        probe={"key": probe.key, "path": str(probe.file("probe.pt"))} if probe is not None else None)
     if not preds:
         raise ConfigError(f"head {key} ({method}) has no clusterer of its own, no linear probe and no k-means: "
                           "nothing to evaluate")

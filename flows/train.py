@@ -18,10 +18,10 @@ from tasks.cluster import ensure_kmeans, ensure_linear_probe
 from tasks.common import ensure_manifest, logger
 from tasks.evaluate import results_markdown, run_evaluation
 from tasks.extract import ensure_features
-from tasks.heads import ensure_head, ensure_knn
-from tasks.oversegment import ensure_oversegmentation
+from tasks.heads import ensure_head
+from tasks.inputs import InputContext, ensure_inputs
+from tasks.predictors import predictors_for
 from tasks.retrieval import add_retrieval
-from tasks.views import ensure_views
 from usseg_core.crf import CRFParams
 from usseg_core.datasets.registry import dataset_class
 from usseg_core.errors import ConfigError
@@ -35,26 +35,12 @@ def train_inputs(run: RunSpec) -> dict:
     """The head's cached inputs (shared by every seed): ``inputs``, ``cluster_on`` (the features both
     k-means are fitted on), ``n_classes``, ``k`` and the head's own ``clusterer`` name."""
     spec = get_head(run.head)
-    storage, ref = run.storage, backbone_ref(run)
     datas = [data_ref(run, s) for s in run.splits]
     ds = datas[0].dataset()
     n_classes = ds.n_classes
-    inputs: dict = {}
-    cluster_on = None  # the features k-means (codes and raw) is fitted on
-    if spec.needs & {"five_crop", "knn"}:
-        crops = run.crops_config().view(ds, run.resolution)  # the dataset's reference view, or --set crops.*
-        inputs["features"] = cluster_on = [ensure_features(storage, d, ref, crops) for d in datas]
-        if "knn" in spec.needs:
-            inputs["knn"] = ensure_knn(storage, inputs["features"], settings=run.knn_config())
-    if "oversegment" in spec.needs:  # before the views: a detector that cannot be built fails early
-        ocfg = run.overseg_config()  # same DataRefs, hence same manifests and image order, as the views
-        inputs["oversegment"] = [ensure_oversegmentation(storage, d, ocfg.detector, ocfg.weights,
-                                                         ocfg.schedule(run.dataset)) for d in datas]
-    if "views" in spec.needs:
-        base, vcfg = ds.protocol.eval_view(run.resolution), run.views_config()  # the eval frame, smaller
-        cluster_on = [ensure_features(storage, d, ref, base) for d in datas]  # un-augmented frames
-        inputs["views"] = [ensure_views(storage, d, ref, base, vcfg, manifest=b["manifest"])
-                           for d, b in zip(datas, cluster_on)]
+    ctx = InputContext(run, run.storage, backbone_ref(run), datas, ds)
+    cluster_on = ensure_inputs(ctx, spec.needs)  # the input-stage table, in its order
+    inputs = ctx.inputs
     if cluster_on is None:
         raise ConfigError(f"head {run.head!r} declares no feature input ({sorted(spec.needs)})")
     return {"inputs": inputs, "cluster_on": cluster_on, "n_classes": n_classes,
@@ -92,25 +78,18 @@ def evaluation_plan(trained: dict, run: RunSpec) -> dict:
     view = ViewSpec.from_params(feats["view"])
     flips = ensure_features(storage, data, ref, view.flipped(), manifest=manifest)
     n_classes, k, head = trained["n_classes"], trained["k"], trained["head"]
-    method_preds = []
-    if trained["clusterer"]:
-        method_preds.append({"name": trained["clusterer"], "kind": "own", "label": trained["clusterer"],
-                             "n_pred": n_classes, "key": head["key"], "head": head["path"]})
-    method_preds.append({"name": "kmeans", "kind": "kmeans", "n_pred": k, "key": trained["kmeans"]["key"],
-                         "centroids": trained["kmeans"]["path"]})
     labelled = [s for s in run.splits if s != run.eval_split]
+    probe = None
     if labelled:
         pdata = data_ref(run, labelled[0])
         pfeats = ensure_features(storage, pdata, ref, view)
         probe = ensure_linear_probe(storage, head, pfeats, pdata, view.params(), n_classes, seed=run.seed,
                                     device=run.device)
-        method_preds.append({"name": "linear", "kind": "linear", "n_pred": n_classes, "key": probe["key"],
-                             "probe": probe["path"], "n_classes": n_classes})
     groups = [
-        {"method": "raw-features", "head": None, "predictors": [
-            {"name": "raw-kmeans", "kind": "kmeans", "n_pred": k, "key": trained["raw_kmeans"]["key"],
-             "centroids": trained["raw_kmeans"]["path"]}]},
-        {"method": head["method"], "head": head["path"], "head_key": head["key"], "predictors": method_preds},
+        {"method": "raw-features", "head": None, "predictors": predictors_for(
+            None, n_classes=n_classes, kmeans=trained["raw_kmeans"], k=k, kmeans_name="raw-kmeans")},
+        {"method": head["method"], "head": head["path"], "head_key": head["key"], "predictors": predictors_for(
+            get_head(run.head), n_classes=n_classes, head_ref=head, kmeans=trained["kmeans"], k=k, probe=probe)},
     ]
     retrieval = get_head(run.head).retrieval if run.retrieval is None else run.retrieval
     if retrieval and labelled:  # HSG's protocol, on the head's codes and on the raw features alike

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
+from tasks.stage import ArtifactRef
 from usseg_core.store import atomic_write_json, now_iso
 
 RUNS_FOLDER = "_runs"
@@ -15,8 +16,9 @@ PICTURES = ("confusion.png", "overlays.png")
 def produced(result: Any) -> list[dict]:
     """Every artifact a flow result names: ``[{"stage", "key", "path", "cache_hit"}]``, first seen first.
 
-    A result names an artifact with a dict holding ``key`` and ``path`` (the tasks' return convention);
-    the stage is the folder above the key in the path.
+    A result names an artifact with a reference (:class:`tasks.stage.ArtifactRef`, what stage tasks
+    return, its upstream references inside it included) or a dict holding ``key`` and ``path``; the stage
+    is the folder above the key in the path.
     """
     seen: dict[str, dict] = {}
     for item in _walk(result):
@@ -30,7 +32,11 @@ def produced(result: Any) -> list[dict]:
 
 
 def _walk(obj: Any) -> Iterator[dict]:
-    if isinstance(obj, dict):
+    if isinstance(obj, ArtifactRef):
+        yield {"key": obj.key, "path": obj.path, "cache_hit": obj.cache_hit}
+        for value in obj.values():
+            yield from _walk(value)
+    elif isinstance(obj, dict):
         if isinstance(obj.get("key"), str) and isinstance(obj.get("path"), str):
             yield obj
         for value in obj.values():

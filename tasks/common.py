@@ -13,12 +13,12 @@ import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from prefect import Task, get_run_logger
+from prefect import Task
 from prefect.cache_policies import NO_CACHE
 
 from usseg_core.datasets import get_dataset
 from usseg_core.datasets.manifest import Manifest, build_manifest
-from tasks.stage import ManifestRef, Work, declare, run_stage
+from tasks.stage import ManifestRef, Work, declare, logger, run_stage
 from usseg_core.store import atomic_write_json, canonical_json, lookups_only_active
 
 MANIFEST_VERSION = 1
@@ -71,16 +71,6 @@ def stage_task(name: str, **options):
     """``@stage_task("kmeans")``: the :class:`StageTask` of an ``ensure_*`` function (never Prefect-cached:
     the artifact store is the cache)."""
     return lambda fn: StageTask(fn=fn, name=name, cache_policy=NO_CACHE, **options)
-
-
-def logger():
-    """The Prefect run logger inside a run, a plain logger outside one (tests, notebooks)."""
-    try:
-        return get_run_logger()
-    except Exception:  # noqa: BLE001 - MissingContextError outside a run
-        import logging
-
-        return logging.getLogger("usseg")
 
 
 def worker_id() -> str:

@@ -17,9 +17,11 @@ import numpy as np
 from tasks.common import DataRef, logger, stage_task
 from tasks.evaluate import evaluate_shard, evaluation_rows, predictor_scores
 from usseg_core import report
+from tasks.stage import CompareRef, Work, declare, run_stage
 from usseg_core.store import ArtifactStore, artifact_key
 
 COMPARE_VERSION = 1
+COMPARE = declare("compare", COMPARE_VERSION, "usseg_core.report.summarise")
 N_OVERLAY = 4  # example images in the side-by-side overlay (evenly spaced over the split)
 # Raw-feature baselines are named after the features their k-means is fitted on (a head's training input).
 FITTED_ON = {"five_crop": "five-crops", "full": "frames", "center_crop": "centre crops"}
@@ -78,7 +80,7 @@ def comparison_key(params: dict, runs: list[dict]) -> tuple[str, dict]:
 
 @stage_task("compare-report")
 def ensure_comparison(storage: str, params: dict, runs: list[dict], class_names: list[str],
-                      overlay: dict | None) -> dict:
+                      overlay: dict | None) -> CompareRef:
     """The comparison artifact over finished runs (cached by their keys); writes every file users look at.
 
     ``runs``: one dict per head x seed (``head``, ``seed``, ``baseline``, ``main``, ``head_key``,
@@ -86,38 +88,42 @@ def ensure_comparison(storage: str, params: dict, runs: list[dict], class_names:
     ``overlay``: what :func:`overlay_examples` needs (the evaluation plan's split, features and one predictor
     column per head), or None for no overlay picture.
     """
-    store = ArtifactStore(storage)
-    key, upstream = comparison_key(params, runs)
-    art = store.get("compare", key)
-    if art is not None:
-        logger().info("cache hit: compare/%s", key)
-        return {"key": key, "path": str(art.path), "cache_hit": True, **_load(store, art)}
-    art = store.begin("compare", key, version=COMPARE_VERSION, params=params, upstream=upstream,
-                      dataset=params["dataset"], backbone=params.get("backbone"))
-    for r in runs:
-        r.update(training_record(storage, r["head_key"]))
-    rows = collect_rows(store, runs)
-    summary = report.summarise(rows)
-    _write_tables(art, rows, summary, runs)
-    series = _iou_series(summary, runs, class_names, params["run_crf"])
-    from usseg_core.viz import iou_bars, overlay_grid
+    _, upstream = comparison_key(params, runs)
+    rows: list = []
 
-    crf = "with CRF" if params["run_crf"] else "no CRF"
-    iou_bars(art.file("per_class_iou.png"), class_names, series,
-             f"{params['dataset']}/{params['eval_split']}: per-class IoU, mean ± std over seeds ({crf})")
-    pictures = ["per_class_iou.png"]
-    if overlay:
-        examples, columns = overlay_examples(overlay)
-        if examples:
-            overlay_grid(art.file("overlays.png"), examples, len(class_names), columns=columns)
-            pictures.append("overlays.png")
-    page = _html(params, summary, runs, art, pictures)
-    art.file("report.html").write_text(page)
-    art.file("report.md").write_text(summary_markdown(params, summary, runs))
-    store.finish(art, summary=summary, n_runs=len(runs), pictures=pictures)
-    logger().info("compare/%s: %d runs, %d summary rows -> %s", key, len(runs), len(summary),
-                  art.file("report.html"))
-    return {"key": key, "path": str(art.path), "cache_hit": False, "summary": summary, "runs": runs, "rows": rows}
+    def body(work: Work) -> dict:
+        art = work.art
+        for r in runs:
+            r.update(training_record(storage, r["head_key"]))
+        rows.extend(collect_rows(work.store, runs))
+        summary = work.core(report.summarise, rows)
+        _write_tables(art, rows, summary, runs)
+        series = _iou_series(summary, runs, class_names, params["run_crf"])
+        from usseg_core.viz import iou_bars, overlay_grid
+
+        crf = "with CRF" if params["run_crf"] else "no CRF"
+        iou_bars(art.file("per_class_iou.png"), class_names, series,
+                 f"{params['dataset']}/{params['eval_split']}: per-class IoU, mean ± std over seeds ({crf})")
+        pictures = ["per_class_iou.png"]
+        if overlay:
+            examples, columns = overlay_examples(overlay)
+            if examples:
+                overlay_grid(art.file("overlays.png"), examples, len(class_names), columns=columns)
+                pictures.append("overlays.png")
+        page = _html(params, summary, runs, art, pictures)
+        art.file("report.html").write_text(page)
+        art.file("report.md").write_text(summary_markdown(params, summary, runs))
+        logger().info("compare/%s: %d runs, %d summary rows -> %s", art.key, len(runs), len(summary),
+                      art.file("report.html"))
+        return {"summary": summary, "n_runs": len(runs), "pictures": pictures}
+
+    def ref(art, hit: bool) -> CompareRef:
+        if hit:
+            return CompareRef.of(art, str(art.path), True, **_load(ArtifactStore(storage), art))
+        return CompareRef.of(art, str(art.path), False, summary=art.meta["summary"], runs=runs, rows=rows)
+
+    return run_stage(storage, COMPARE, params, upstream, body, ref,
+                     info={"dataset": params["dataset"], "backbone": params.get("backbone")})
 
 
 def _load(store: ArtifactStore, art) -> dict:
@@ -167,9 +173,10 @@ def overlay_examples(overlay: dict) -> tuple[list[dict], list[str]]:
         assignments.append(predictor_scores(pred, cms[f"{c['predictor']}__crf_{flag}"]).assignment)
     examples = []
     for i in picks:
-        kept = evaluate_shard.fn(DataRef(**overlay["data"]), overlay["manifest_path"], overlay["view"],
-                                 overlay["feats_path"], overlay["flips_path"], groups, overlay["n_classes"], i,
-                                 i + 1, overlay["run_crf"], overlay["crf"], [i])["examples"][i]
+        kept = evaluate_shard.fn(DataRef(**overlay["data"]), overlay["manifest_path"], overlay["feats_path"],
+                                 overlay["flips_path"], view=overlay["view"], groups=groups,
+                                 n_classes=overlay["n_classes"], start=i, stop=i + 1, run_crf=overlay["run_crf"],
+                                 crf=overlay["crf"], examples=[i])["examples"][i]
         row = {"image": kept["image"], "label": kept["label"]}
         for c, a in zip(cols, assignments):
             p = kept["pred"][f"{c['group']['predictors'][0]['name']}|{flag}"]

@@ -20,12 +20,13 @@ from prefect.cache_policies import NO_CACHE
 from tasks.common import DataRef, load_manifest, logger
 from tasks.heads import image_codes, load_head
 from tasks.retrieval import load_memory
+from tasks.stage import EvaluationRef, Work, declare, run_stage
 from usseg_core.crf import CRFParams, dense_crf
 from usseg_core.device import resolve_device, to_device
 from usseg_core.features import FeatureStore
 from usseg_core.metrics import OVERCLUSTER_MODES, ConfusionMatrix, hungarian_scores, identity_scores
 from usseg_core.spec import DEFAULT_OVERCLUSTER
-from usseg_core.store import ArtifactStore, artifact_key
+from usseg_core.store import ArtifactStore, artifact_key  # noqa: F401 - ArtifactStore: the store run_stage opens
 from usseg_core.views import ViewSpec, prepare_image_for_label, prepare_label
 
 CPU = torch.device("cpu")
@@ -33,8 +34,14 @@ EVAL_VERSION = 3  # 2: a group's head is its key (head_key), not its folder: key
 N_EXAMPLES = 6
 # Predictor kinds whose outputs are class ids: scored as they are, no Hungarian matching.
 CLASS_KINDS = frozenset({"linear", "retrieval"})
-# Predictor fields that are file locations, not parameters: the predictor's "key" stands for them.
-_PATH_FIELDS = ("centroids", "probe", "head", "memory")
+EVALUATION = declare("evaluation", EVAL_VERSION, "tasks.evaluate.evaluate_shard",
+                     unkeyed={"groups": "keyed as params 'groups' without file locations (each predictor's "
+                                        "artifact key is upstream)",
+                              "n_classes": "the labelled dataset's classes (keyed by the features' manifest)",
+                              "start": "which images a shard scores", "stop": "which images a shard scores",
+                              "examples": "which images the pictures show (N_EXAMPLES spread over the split)",
+                              "device": "where it runs: part of no key (docs/architecture.md, Devices)",
+                              "overcluster": "keyed when not the default (earlier artifacts keep their keys)"})
 
 
 @functools.lru_cache(maxsize=16)
@@ -56,24 +63,24 @@ def _memory(path: str, n_classes: int):
 
 
 def _own_logits(p: dict, codes: torch.Tensor) -> torch.Tensor:
-    return load_head(p["head"], str(codes.device)).cluster_logits(codes)  # STEGO's probe, PiCIE's centroids
+    return load_head(p["path"], str(codes.device)).cluster_logits(codes)  # STEGO's probe, PiCIE's centroids
 
 
 def _kmeans_logits(p: dict, codes: torch.Tensor) -> torch.Tensor:
     from usseg_core.cluster import cluster_logits
 
-    return cluster_logits(codes, _centroids(p["centroids"], codes.device), alpha=2.0)
+    return cluster_logits(codes, _centroids(p["path"], codes.device), alpha=2.0)
 
 
 def _linear_logits(p: dict, codes: torch.Tensor) -> torch.Tensor:
-    return _linear(p["probe"], codes.shape[1], p["n_classes"], codes.device)(codes)
+    return _linear(p["path"], codes.shape[1], p["n_classes"], codes.device)(codes)
 
 
 def _retrieval_logits(p: dict, codes: torch.Tensor) -> torch.Tensor:  # HSG's kNN label transfer
     from usseg_core.retrieval import retrieval_logits
 
     # The segment memory is a faiss-cpu index: retrieval runs on the host whatever the codes' device.
-    return retrieval_logits(codes.cpu(), _memory(p["memory"], p["n_classes"]), tuple(p["grid"]), p["iters"],
+    return retrieval_logits(codes.cpu(), _memory(p["path"], p["n_classes"]), tuple(p["grid"]), p["iters"],
                             p["k"], p["vote"], pool_to=tuple(p["pool_to"]))
 
 
@@ -111,7 +118,7 @@ def image_hierarchy(head_path: str, feats: FeatureStore, i: int, size: tuple[int
 
 
 @task(name="evaluate-shard", cache_policy=NO_CACHE)
-def evaluate_shard(data: DataRef, manifest_path: str, view: dict, feats_path: str, flips_path: str | None,
+def evaluate_shard(data: DataRef, manifest_path: str, feats_path: str, flips_path: str | None, *, view: dict,
                    groups: list[dict], n_classes: int, start: int, stop: int, run_crf: bool,
                    crf: dict, examples: list[int], device: str = "auto") -> dict:
     """Confusion matrices of every predictor (with and without CRF) on items [start, stop).
@@ -161,7 +168,7 @@ def eval_key(params: dict, upstream: dict) -> str:
 def run_evaluation(storage: str, data: DataRef, manifest: dict, view: ViewSpec, feats: dict,
                    flips: dict | None, groups: list[dict], class_names: list[str], *,
                    run_crf: bool = True, crf: CRFParams = CRFParams(), shard_size: int = 16,
-                   title: str = "", device: str = "auto", overcluster: str = DEFAULT_OVERCLUSTER) -> dict:
+                   title: str = "", device: str = "auto", overcluster: str = DEFAULT_OVERCLUSTER) -> EvaluationRef:
     """The evaluation artifact: results table (parquet, CSV, markdown), confusion PNG, overlays PNG.
 
     ``overcluster`` is the Hungarian protocol for clusters beyond the class count
@@ -171,44 +178,44 @@ def run_evaluation(storage: str, data: DataRef, manifest: dict, view: ViewSpec, 
     ``device`` is where each shard computes codes and logits (resolved on its worker; not in the key)."""
     if overcluster not in OVERCLUSTER_MODES:
         raise ValueError(f"overcluster must be one of {OVERCLUSTER_MODES}, got {overcluster!r}")
-    store = ArtifactStore(storage)
     params = {"run_crf": run_crf, "crf": asdict(crf), "view": view.params(),
               "groups": [{k: v for k, v in g.items() if k not in ("predictors", "head")} | {
-                  "predictors": [{k: v for k, v in p.items() if k not in _PATH_FIELDS}
-                                 for p in g["predictors"]]} for g in groups]}
+                  "predictors": [p.params() for p in g["predictors"]]} for g in groups]}
     if overcluster != DEFAULT_OVERCLUSTER:
         params["overcluster"] = overcluster
     upstream = {"features": feats["key"], "flips": flips["key"] if flips else "none",
                 **{f"{g['method']}.{p['name']}": p.get("key", "") for g in groups for p in g["predictors"]}}
-    key = eval_key(params, upstream)
-    art = store.get("evaluation", key)
-    if art is not None:
-        logger().info("cache hit: evaluation/%s", key)
-        rows = evaluation_rows(art)
-        return {"key": key, "path": str(art.path), "rows": rows, "cache_hit": True}
-    art = store.begin("evaluation", key, version=EVAL_VERSION, params=params, upstream=upstream,
-                      dataset=data.name, split=data.split)
-    n = manifest["n"]
-    n_classes = len(class_names)
-    examples = list(np.linspace(0, n - 1, min(N_EXAMPLES, n)).astype(int))
-    started = time.perf_counter()
-    futures = [evaluate_shard.submit(data, manifest["path"], view.params(), feats["path"],
-                                     flips["path"] if flips else None, groups, n_classes, a,
-                                     min(a + shard_size, n), run_crf, asdict(crf), examples, device)
-               for a in range(0, n, shard_size)]
-    cms: dict[str, np.ndarray] = {}
-    kept: dict[int, dict] = {}
-    for f in futures:
-        res = f.result()
-        for name, m in res["cms"].items():
-            cms[name] = cms.get(name, 0) + m
-        kept.update(res["examples"])
-    rows = _score_rows(cms, groups, class_names, overcluster)
-    _write_outputs(art, rows, cms, groups, class_names, kept, title or f"{data.name}/{data.split}", overcluster)
-    seconds = time.perf_counter() - started
-    store.finish(art, rows=rows, columns=list(rows[0]) if rows else [], n_images=n, seconds=round(seconds, 3),
-                 images_per_s=round(n / seconds, 3))
-    return {"key": key, "path": str(art.path), "rows": rows, "cache_hit": False}
+    rows: list = []
+
+    def body(work: Work) -> dict:
+        n = manifest["n"]
+        n_classes = len(class_names)
+        examples = list(np.linspace(0, n - 1, min(N_EXAMPLES, n)).astype(int))
+        started = time.perf_counter()
+        futures = [work.core(evaluate_shard.submit, data, manifest["path"], feats["path"],
+                             flips["path"] if flips else None, view=view.params(), groups=groups,
+                             n_classes=n_classes, start=a, stop=min(a + shard_size, n), run_crf=run_crf,
+                             crf=asdict(crf), examples=examples, device=device)
+                   for a in range(0, n, shard_size)]
+        cms: dict[str, np.ndarray] = {}
+        kept: dict[int, dict] = {}
+        for f in futures:
+            res = f.result()
+            for name, m in res["cms"].items():
+                cms[name] = cms.get(name, 0) + m
+            kept.update(res["examples"])
+        rows.extend(work.core(_score_rows, cms, groups, class_names, overcluster=overcluster))
+        _write_outputs(work.art, rows, cms, groups, class_names, kept, title or f"{data.name}/{data.split}",
+                       overcluster)
+        seconds = time.perf_counter() - started
+        return {"rows": rows, "columns": list(rows[0]) if rows else [], "n_images": n,
+                "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 3)}
+
+    def ref(art, hit: bool) -> EvaluationRef:
+        return EvaluationRef.of(art, str(art.path), hit, rows=evaluation_rows(art) if hit else rows)
+
+    return run_stage(storage, EVALUATION, params, upstream, body, ref, key=eval_key(params, upstream),
+                     inputs=[feats], info=lambda: {"dataset": data.name, "split": data.split})
 
 
 def evaluation_rows(art) -> list[dict]:
@@ -259,7 +266,7 @@ def _score_rows(cms: dict, groups: list[dict], class_names: list[str],
                 if name not in cms:
                     continue
                 sc = predictor_scores(p, cms[name], overcluster)
-                row = {"method": g["method"], "clusterer": p.get("label", p["kind"]), "crf": crf_flag == "yes",
+                row = {"method": g["method"], "clusterer": p.get("label") or p["kind"], "crf": crf_flag == "yes",
                        "overcluster": "identity" if p["kind"] in CLASS_KINDS else overcluster,  # class outputs: no matching
                        "accuracy": round(100 * sc.accuracy, 2), "miou": round(100 * sc.miou, 2)}
                 row.update({f"iou_{c}": round(100 * float(v), 2) if np.isfinite(v) else None

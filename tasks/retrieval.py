@@ -15,13 +15,16 @@ import torch
 
 from tasks.common import DataRef, load_manifest, logger, stage_task
 from tasks.heads import image_codes
+from tasks.predictors import retrieval_predictor
+from tasks.stage import MemoryRef, Work, declare, run_stage
 from usseg_core.features import FeatureStore
-from usseg_core.retrieval import (K_DEFAULT, KMEANS_ITERS, VOTE_DEFAULT, SegmentMemory, build_memory,
-                                  check_options, dataset_grid)
-from usseg_core.store import ArtifactStore, artifact_key
+from usseg_core.retrieval import K_DEFAULT, KMEANS_ITERS, VOTE_DEFAULT, SegmentMemory, build_memory, dataset_grid
+from usseg_core.store import artifact_key
 from usseg_core.views import ViewSpec, prepare_label
 
 MEMORY_VERSION = 1
+MEMORY = declare("segment-memory", MEMORY_VERSION, "usseg_core.retrieval.build_memory",
+                 unkeyed={"pool_to": "the feature grid of the upstream features (keyed by their key)"})
 PROTOTYPES, LABELS, IMAGE_INDEX = "prototypes.npy", "labels.npy", "image_index.npy"
 
 
@@ -35,7 +38,7 @@ def memory_key(head: dict | None, feats: dict, view_params: dict, n_classes: int
 
 @stage_task("segment-memory")
 def ensure_segment_memory(storage: str, head: dict | None, feats: dict, data: DataRef, view_params: dict,
-                          n_classes: int, grid: tuple[int, int], iters: int = KMEANS_ITERS) -> dict:
+                          n_classes: int, grid: tuple[int, int], iters: int = KMEANS_ITERS) -> MemoryRef:
     """Segment prototypes of a labelled split with their majority ground-truth labels.
 
     ``head`` None uses the raw backbone features (the baseline). Files: prototypes.npy (S, D) float32
@@ -43,38 +46,43 @@ def ensure_segment_memory(storage: str, head: dict | None, feats: dict, data: Da
     from); the metadata counts the segments per class. Returns ``{"key", "path", "pool_to"}``, with
     ``pool_to`` the feature grid (h, w) the k-means ran at.
     """
-    store = ArtifactStore(storage)
-    key, params, upstream = memory_key(head, feats, view_params, n_classes, grid, iters)
-    art = store.get("segment-memory", key)
-    if art is not None:
-        logger().info("cache hit: segment-memory/%s", key)
-        return {"key": key, "path": str(art.path), "pool_to": art.meta["pool_to"], "cache_hit": True}
+    _, params, upstream = memory_key(head, feats, view_params, n_classes, grid, iters)
     fstore = FeatureStore(feats["path"])
-    ids = load_manifest(feats["manifest"]).ids
-    if len(fstore) != len(ids):
-        raise ValueError(f"{feats['path']}: {len(fstore)} feature items for {len(ids)} images; the memory "
-                         "needs one view per image (not five-crop features)")
-    pool_to = [int(s) for s in fstore.dense.shape[-2:]]
-    art = store.begin("segment-memory", key, version=MEMORY_VERSION, params=params, upstream=upstream,
-                      dataset=data.name, split=data.split)
-    ds, vs = data.dataset(), ViewSpec.from_params(view_params)
-    head_path = head["path"] if head else None
+    pool_to: list = []
 
-    def items():
-        for i, id_ in enumerate(ids):
-            label = prepare_label(ds.load_label(id_), vs)
-            yield image_codes(head_path, fstore, None, i, label.shape), torch.from_numpy(label)
+    def prepare() -> None:
+        ids = load_manifest(feats["manifest"]).ids
+        if len(fstore) != len(ids):
+            raise ValueError(f"{feats['path']}: {len(fstore)} feature items for {len(ids)} images; the memory "
+                             "needs one view per image (not five-crop features)")
+        pool_to.extend(int(s) for s in fstore.dense.shape[-2:])
 
-    protos, labels, image = build_memory(items(), n_classes, tuple(grid), iters, tuple(pool_to))
-    if len(labels) == 0:
-        raise ValueError(f"{data.name}/{data.split}: no segment of the labelled split has a valid label")
-    np.save(art.file(PROTOTYPES), protos)
-    np.save(art.file(LABELS), labels)
-    np.save(art.file(IMAGE_INDEX), image)
-    counts = np.bincount(labels, minlength=n_classes).tolist()
-    store.finish(art, n_segments=int(len(labels)), n_images=len(ids), pool_to=pool_to, class_counts=counts)
-    logger().info("segment-memory/%s: %d segments from %d images", key, len(labels), len(ids))
-    return {"key": key, "path": str(art.path), "pool_to": pool_to, "cache_hit": False}
+    def body(work: Work) -> dict:
+        ids = load_manifest(feats["manifest"]).ids
+        ds, vs = data.dataset(), ViewSpec.from_params(view_params)
+        head_path = head["path"] if head else None
+
+        def items():
+            for i, id_ in enumerate(ids):
+                label = prepare_label(ds.load_label(id_), vs)
+                yield image_codes(head_path, fstore, None, i, label.shape), torch.from_numpy(label)
+
+        protos, labels, image = work.core(build_memory, items(), n_classes=n_classes, grid=tuple(grid),
+                                          iters=iters, pool_to=tuple(pool_to))
+        if len(labels) == 0:
+            raise ValueError(f"{data.name}/{data.split}: no segment of the labelled split has a valid label")
+        np.save(work.art.file(PROTOTYPES), protos)
+        np.save(work.art.file(LABELS), labels)
+        np.save(work.art.file(IMAGE_INDEX), image)
+        counts = np.bincount(labels, minlength=n_classes).tolist()
+        logger().info("segment-memory/%s: %d segments from %d images", work.art.key, len(labels), len(ids))
+        return {"n_segments": int(len(labels)), "n_images": len(ids), "pool_to": pool_to, "class_counts": counts}
+
+    def ref(art, hit: bool) -> MemoryRef:
+        return MemoryRef.of(art, str(art.path), hit, pool_to=art.meta["pool_to"])
+
+    return run_stage(storage, MEMORY, params, upstream, body, ref, prepare=prepare, inputs=[feats],
+                     info={"dataset": data.name, "split": data.split})
 
 
 @functools.lru_cache(maxsize=4)
@@ -82,19 +90,6 @@ def load_memory(path: str, n_classes: int) -> SegmentMemory:
     """The memory of a segment-memory artifact folder (cached per process, faiss index included)."""
     return SegmentMemory(torch.from_numpy(np.load(f"{path}/{PROTOTYPES}")),
                          torch.from_numpy(np.load(f"{path}/{LABELS}")), n_classes)
-
-
-def retrieval_predictor(memory: dict, n_classes: int, grid, iters: int = KMEANS_ITERS, k: int = K_DEFAULT,
-                        vote: str = VOTE_DEFAULT, name: str = "retrieval") -> dict:
-    """The evaluation's predictor dict for kNN label transfer from ``memory`` (its outputs are classes).
-
-    ``name`` must be unique over all groups of one evaluation (confusion matrices are keyed by it).
-    """
-    check_options(k, vote)
-    label = f"retrieval-k{k}" if vote == VOTE_DEFAULT else f"retrieval-k{k}-{vote}"
-    return {"name": name, "kind": "retrieval", "label": label, "n_pred": n_classes, "n_classes": n_classes,
-            "key": memory["key"], "memory": memory["path"], "pool_to": list(memory["pool_to"]),
-            "grid": [int(g) for g in grid], "iters": int(iters), "k": int(k), "vote": vote}
 
 
 def add_retrieval(groups: list[dict], storage: str, pdata: DataRef, pfeats: dict, view_params: dict,

@@ -79,9 +79,9 @@ def segment_images(images: list[Path], model: str, out: Path, *, clusterer: str 
     if clusterer == "own" and head.clusterer is None:  # HSG: per-image groups only; k-means labels the pixels
         clusterer = "kmeans"
     if clusterer in ("own", head.clusterer):
-        pred = {"kind": "own", "head": head_path}
+        pred = {"kind": "own", "path": head_path}
     elif clusterer == "kmeans":
-        pred = {"kind": "kmeans", "centroids": _kmeans_of(store, head_art.key, k or head.n_classes)}
+        pred = {"kind": "kmeans", "path": _kmeans_of(store, head_art.key, k or head.n_classes)}
     else:
         raise ConfigError(f"clusterer {clusterer!r}: use {head.clusterer or 'own'} (the head's own) or kmeans")
     out.mkdir(parents=True, exist_ok=True)

@@ -173,7 +173,9 @@ class Stage:
 
 
 STAGES: dict[str, Stage] = {}
-# (stage, core argument) of every keyword checked in this process: what tests/tasks/test_key_coverage.py reads
+# What this process checked: the stages whose core was called, and (stage, keyword) of every argument
+# (tests/tasks/test_key_coverage.py reads them after a run of every stage)
+CALLED: set[str] = set()
 CHECKED: set[tuple[str, str]] = set()
 
 
@@ -228,6 +230,18 @@ def check_keyed(stage: Stage, params: Mapping[str, Any], kwargs: Mapping[str, An
 _MISSING = object()
 
 
+def logger():
+    """The Prefect run logger inside a run, a plain logger outside one (tests, notebooks)."""
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - MissingContextError outside a run
+        import logging
+
+        return logging.getLogger("usseg")
+
+
 # --- the scaffold ----------------------------------------------------------------------------------
 
 @dataclass
@@ -247,6 +261,7 @@ class Work:
         ``data`` are the inputs read from upstream artifacts (covered by their keys); parameters go by
         keyword."""
         check_keyed(self.stage, self.params, kwargs)
+        CALLED.add(self.stage.name)
         return fn(*data, **kwargs)
 
 
@@ -255,7 +270,7 @@ def run_stage(storage: str, stage: Stage, params: Mapping[str, Any], upstream: M
               inputs=(), record_upstream: Mapping[str, str] | None = None,
               info: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
               prepare: Callable[[], None] | None = None, hit_note: Callable[[Artifact], str] | None = None,
-              log=None) -> ArtifactRef:
+              key: str | None = None, log=None) -> ArtifactRef:
     """The stage's artifact: found by key, or computed by ``body`` and finished.
 
     Args:
@@ -270,13 +285,13 @@ def run_stage(storage: str, stage: Stage, params: Mapping[str, Any], upstream: M
         prepare: work after a miss and before begin: checks (a failure leaves no folder behind) and what
             ``info`` records.
         hit_note: text after ``cache hit: <stage>/<key>`` in the log.
+        key: the key from the stage's own key function, where it has one that callers share
+            (default ``artifact_key(stage.name, stage.version, params, upstream)``).
     """
     if log is None:
-        from tasks.common import logger
-
         log = logger()
     store = ArtifactStore(storage)
-    key = artifact_key(stage.name, stage.version, params, upstream)
+    key = key or artifact_key(stage.name, stage.version, params, upstream)
     art = store.get(stage.name, key)
     if art is not None:
         log.info("cache hit: %s/%s%s", stage.name, key, f" {hit_note(art)}" if hit_note else "")
