@@ -22,6 +22,7 @@ from tasks.heads import ensure_head
 from tasks.inputs import InputContext, ensure_inputs
 from tasks.predictors import predictors_for
 from tasks.retrieval import add_retrieval
+from tasks.stage import ArtifactRef, HeadRef
 from usseg_core.crf import CRFParams
 from usseg_core.datasets.registry import dataset_class
 from usseg_core.errors import ConfigError
@@ -47,7 +48,7 @@ def train_inputs(run: RunSpec) -> dict:
             "k": run.n_clusters or n_classes, "clusterer": spec.clusterer}
 
 
-def trained_stages(prepared: dict, head: dict, kmeans: dict, raw_kmeans: dict) -> dict:
+def trained_stages(prepared: dict, head: HeadRef, kmeans: ArtifactRef, raw_kmeans: ArtifactRef) -> dict:
     """What evaluation needs of a trained run (the result of :func:`train_stages`)."""
     return {**prepared["inputs"], "head": head, "kmeans": kmeans, "raw_kmeans": raw_kmeans,
             "n_classes": prepared["n_classes"], "k": prepared["k"], "clusterer": prepared["clusterer"],

@@ -1,7 +1,9 @@
 """Shared pieces of the tasks layer: dataset references, manifests and backbone fingerprints.
 
-Tasks resolve artifact keys, skip work whose artifact is complete, call the core and record lineage.
-Everything passed between tasks is plain data (dicts, strings) so that tasks can run on Dask workers.
+Tasks resolve artifact keys, skip work whose artifact is complete, call the core and record lineage, all
+through the one scaffold of ``tasks/stage.py``. What passes between tasks is plain data and frozen
+dataclasses (data and backbone references here, artifact references in ``tasks/stage.py``), so that tasks
+can run on Dask workers.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks.common import DataRef, load_manifest, logger
 from tasks.heads import image_codes, load_head
 from tasks.retrieval import load_memory
-from tasks.stage import EvaluationRef, Work, declare, run_stage
+from tasks.stage import EvaluationRef, FeaturesRef, ManifestRef, Work, declare, run_stage
 from usseg_core.crf import CRFParams, dense_crf
 from usseg_core.device import resolve_device, to_device
 from usseg_core.features import FeatureStore
@@ -165,8 +165,8 @@ def eval_key(params: dict, upstream: dict) -> str:
     return artifact_key("evaluation", EVAL_VERSION, params, upstream)
 
 
-def run_evaluation(storage: str, data: DataRef, manifest: dict, view: ViewSpec, feats: dict,
-                   flips: dict | None, groups: list[dict], class_names: list[str], *,
+def run_evaluation(storage: str, data: DataRef, manifest: ManifestRef, view: ViewSpec, feats: FeaturesRef,
+                   flips: FeaturesRef | None, groups: list[dict], class_names: list[str], *,
                    run_crf: bool = True, crf: CRFParams = CRFParams(), shard_size: int = 16,
                    title: str = "", device: str = "auto", overcluster: str = DEFAULT_OVERCLUSTER) -> EvaluationRef:
     """The evaluation artifact: results table (parquet, CSV, markdown), confusion PNG, overlays PNG.

@@ -36,11 +36,11 @@ def training_slot() -> threading.Lock:
     return _TRAINING
 
 
-def open_features(infos: list[dict]) -> ConcatFeatures:
+def open_features(infos: list[FeaturesRef]) -> ConcatFeatures:
     return ConcatFeatures([FeatureStore(i["path"]) for i in infos])
 
 
-def _feature_upstream(infos: list[dict]) -> dict:
+def _feature_upstream(infos: list[FeaturesRef]) -> dict:
     return head_inputs_upstream({"features": infos})
 
 

@@ -16,7 +16,7 @@ import torch
 from tasks.common import DataRef, load_manifest, logger, stage_task
 from tasks.heads import image_codes
 from tasks.predictors import retrieval_predictor
-from tasks.stage import MemoryRef, Work, declare, run_stage
+from tasks.stage import FeaturesRef, HeadRef, MemoryRef, Work, declare, run_stage
 from usseg_core.features import FeatureStore
 from usseg_core.retrieval import K_DEFAULT, KMEANS_ITERS, VOTE_DEFAULT, SegmentMemory, build_memory, dataset_grid
 from usseg_core.store import artifact_key
@@ -28,7 +28,7 @@ MEMORY = declare("segment-memory", MEMORY_VERSION, "usseg_core.retrieval.build_m
 PROTOTYPES, LABELS, IMAGE_INDEX = "prototypes.npy", "labels.npy", "image_index.npy"
 
 
-def memory_key(head: dict | None, feats: dict, view_params: dict, n_classes: int, grid, iters: int
+def memory_key(head: HeadRef | None, feats: FeaturesRef, view_params: dict, n_classes: int, grid, iters: int
                ) -> tuple[str, dict, dict]:
     params = {"grid": [int(g) for g in grid], "iters": int(iters), "n_classes": int(n_classes),
               "view": view_params}
@@ -37,14 +37,14 @@ def memory_key(head: dict | None, feats: dict, view_params: dict, n_classes: int
 
 
 @stage_task("segment-memory")
-def ensure_segment_memory(storage: str, head: dict | None, feats: dict, data: DataRef, view_params: dict,
+def ensure_segment_memory(storage: str, head: HeadRef | None, feats: FeaturesRef, data: DataRef, view_params: dict,
                           n_classes: int, grid: tuple[int, int], iters: int = KMEANS_ITERS) -> MemoryRef:
     """Segment prototypes of a labelled split with their majority ground-truth labels.
 
     ``head`` None uses the raw backbone features (the baseline). Files: prototypes.npy (S, D) float32
     unit, labels.npy (S,) int64, image_index.npy (S,) int64 (item of the split each segment comes
-    from); the metadata counts the segments per class. Returns ``{"key", "path", "pool_to"}``, with
-    ``pool_to`` the feature grid (h, w) the k-means ran at.
+    from); the metadata counts the segments per class. The reference's ``pool_to`` is the feature grid
+    (h, w) the k-means ran at.
     """
     _, params, upstream = memory_key(head, feats, view_params, n_classes, grid, iters)
     fstore = FeatureStore(feats["path"])
