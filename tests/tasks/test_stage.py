@@ -2,12 +2,16 @@
 every parameter a stage hands its core is part of its key."""
 from __future__ import annotations
 
-import logging
 import pickle
 from pathlib import Path
 
 import pytest
 
+import tasks.cluster  # noqa: F401 - every stage module declares its stage at import
+import tasks.compare  # noqa: F401
+import tasks.evaluate  # noqa: F401
+import tasks.inputs  # noqa: F401 - manifest, features, knn, head, kmeans, oversegment, views
+import tasks.retrieval  # noqa: F401
 from orchestration.publish import produced
 from tasks.stage import (STAGES, ArtifactRef, FeaturesRef, ManifestRef, Stage, UnkeyedParameter, check_keyed,
                          run_stage)
@@ -25,7 +29,15 @@ def _ref(art, hit):
     return ArtifactRef.of(art, str(art.path), hit)
 
 
-def _toy(storage, params=PARAMS, calls=None, **core_kwargs):
+class _Log:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def info(self, fmt, *args) -> None:
+        self.lines.append(fmt % args)
+
+
+def _toy(storage, params=PARAMS, calls=None, log=None, **core_kwargs):
     def body(work):
         (calls if calls is not None else []).append(work.art.key)
         out = work.core(_fit, [1, 2], **({"lr": params["lr"], "epochs": params["epochs"]} | core_kwargs))
@@ -35,17 +47,17 @@ def _toy(storage, params=PARAMS, calls=None, **core_kwargs):
     upstream = {"features": FeaturesRef(stage="features", key="f0", path="/x", n=1, view={}, dataset="toyset",
                                         backbone="vit", backbone_fingerprint="fp",
                                         manifest=ManifestRef(stage="manifest", key="m", path="/m", hash="h", n=1))}
-    return run_stage(str(storage), TOY, params, {"features": "f0"}, body, _ref, inputs=upstream.values())
+    return run_stage(str(storage), TOY, params, {"features": "f0"}, body, _ref, inputs=upstream.values(),
+                     log=log or _Log())
 
 
-def test_miss_then_hit_key_lineage_and_log(tmp_path, caplog):
-    calls: list = []
-    with caplog.at_level(logging.INFO, logger="usseg"):
-        first = _toy(tmp_path, calls=calls)
-        again = _toy(tmp_path, calls=calls)
+def test_miss_then_hit_key_lineage_and_log(tmp_path):
+    calls, log = [], _Log()
+    first = _toy(tmp_path, calls=calls, log=log)
+    again = _toy(tmp_path, calls=calls, log=log)
     assert first.key == artifact_key("toy", 1, PARAMS, {"features": "f0"}) == again.key and len(calls) == 1
     assert (first.cache_hit, again.cache_hit) == (False, True)
-    assert f"cache hit: toy/{first.key}" in caplog.text
+    assert log.lines == [f"cache hit: toy/{first.key}"]
     meta = ArtifactStore(tmp_path).get("toy", first.key).meta
     assert (meta["dataset"], meta["backbone"], meta["backbone_fingerprint"]) == ("toyset", "vit", "fp")
     assert meta["n_items"] == 2 and meta["upstream"] == {"features": "f0"}
@@ -101,10 +113,6 @@ def test_settings_objects_are_compared_as_their_key_form():
 
 
 def test_every_stage_is_declared_once_with_reasons():
-    import tasks.compare  # noqa: F401 - every stage module declares its stage at import
-    import tasks.evaluate  # noqa: F401
-    import tasks.inputs  # noqa: F401
-
     assert set(STAGES) == {"manifest", "features", "knn", "head", "kmeans", "linear-probe", "views",
                            "oversegment", "evaluation", "segment-memory", "compare"}
     for stage in STAGES.values():
