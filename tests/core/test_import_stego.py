@@ -208,9 +208,9 @@ def test_linear_probe_and_head_serve_evaluation_predictors(reference, imported):
     _, out = imported
     codes = torch.randn(2, DIM, 4, 4)
     with torch.no_grad():
-        own = predictor_logits({"kind": "own", "head": str(out.head_path)}, codes)
+        own = predictor_logits({"kind": "own", "path": str(out.head_path)}, codes)
         assert torch.equal(own.argmax(1), lit.cluster_probe(codes, None)[1].argmax(1))
-        linear = predictor_logits({"kind": "linear", "probe": str(out.probe_path), "n_classes": N_CLASSES}, codes)
+        linear = predictor_logits({"kind": "linear", "path": str(out.probe_path), "n_classes": N_CLASSES}, codes)
         assert torch.allclose(linear, lit.linear_probe(codes), atol=1e-6)
 
 

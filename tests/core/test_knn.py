@@ -235,6 +235,7 @@ def test_set_knn_reaches_ensure_knn_and_its_artifact(tmp_path, monkeypatch):
     """--set knn.method=hnsw --set knn.ef_search=48: parsed, routed (run and compare), validated, passed to
     ensure_knn, searched with, keyed and recorded."""
     import flows.train as train
+    import tasks.inputs as input_stages
     from usseg_core.spec import RunSpec, route_overrides
     from tasks.heads import KNN_VERSION, ensure_knn
     from usseg_core.config import parse_set_options
@@ -249,8 +250,8 @@ def test_set_knn_reaches_ensure_knn_and_its_artifact(tmp_path, monkeypatch):
                    data_root=str(ensure_synthetic(tmp_path / "data", n_train=2, n_val=1, height=32, width=32)))
     assert "knn.method" not in spec.head_overrides()
     calls = {}
-    monkeypatch.setattr(train, "ensure_features", lambda *a, **kw: {"key": "features", "path": "-"})
-    monkeypatch.setattr(train, "ensure_knn", lambda storage, feats, settings: calls.setdefault("knn", settings))
+    monkeypatch.setattr(input_stages, "ensure_features", lambda *a, **kw: {"key": "features", "path": "-"})
+    monkeypatch.setattr(input_stages, "ensure_knn", lambda storage, feats, settings: calls.setdefault("knn", settings))
     train.train_inputs(spec)
     assert calls["knn"] == expected
 
