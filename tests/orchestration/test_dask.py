@@ -39,7 +39,7 @@ def test_two_dask_workers_share_shards_and_match_threads_bit_for_bit(prefect_har
     assert a["done"][:].all() and b["done"][:].all()
 
 
-@flow(name="test-views-and-oversegment", task_runner=SettingTaskRunner())
+@flow(name="test-views-and-oversegment", task_runner=SettingTaskRunner(parameter="task_runner"))
 def _views_and_oversegment(data_root: str, storage: str, task_runner: str = "threads") -> dict:
     """The two per-image input stages of HSG in one flow run (one Dask cluster for both)."""
     from tasks.common import BackboneRef, DataRef
