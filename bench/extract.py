@@ -28,7 +28,8 @@ def main() -> None:
     from prefect import flow
 
     from flows.extract import extract_features
-    from tasks.common import BackboneRef, DataRef, load_backbone
+    from tasks.backbone import BackboneRef, load_backbone
+    from tasks.manifest import DataRef
     from usseg_core.features import embed
     from usseg_core.spec import ExtractSpec
     from usseg_core.views import ViewSpec, prepare_item

@@ -61,7 +61,7 @@ def extraction(device, batches: int, batch: int, side: int) -> dict:
     """img/s of the backbone in bf16 and fp32 on the same batches, and the bf16 vs fp32 difference."""
     import torch
 
-    from tasks.common import BackboneRef, load_backbone
+    from tasks.backbone import BackboneRef, load_backbone
     from usseg_core.features import embed
 
     backbone = load_backbone(BackboneRef(VIT8, random_weights=True, device=str(device)))
@@ -120,7 +120,7 @@ def equal(device, storage: Path, head_keys: dict) -> dict:
     """CUDA vs CPU on the same small inputs; each value against TOLERANCES."""
     import torch
 
-    from tasks.common import BackboneRef, load_backbone
+    from tasks.backbone import BackboneRef, load_backbone
     from usseg_core.cluster import cluster_logits, spherical_kmeans
     from usseg_core.features import embed
     from usseg_core.heads import load_head

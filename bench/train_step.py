@@ -64,7 +64,8 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from tasks.common import BackboneRef, DataRef, load_backbone
+    from tasks.backbone import BackboneRef, load_backbone
+    from tasks.manifest import DataRef
     from usseg_core.features import FeatureStore, extract_into
     from usseg_core.heads.stego import stego_config_for
     from usseg_core.knn import mine_knn

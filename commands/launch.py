@@ -9,7 +9,7 @@ that only to find there is nothing to do. So, in this order:
 2. A healthy ``usseg up`` service for this storage (``<storage>/_service/service.json`` or
    ``$USSEG_STATE``): the flow runs on it, and the output says so.
 3. Otherwise the flow's body runs once under :func:`usseg_core.store.lookups_only`: stage tasks run inline
-   (``tasks.common.StageTask``) and the first artifact that would have to be computed raises
+   (``tasks.stage.StageTask``) and the first artifact that would have to be computed raises
    ``NotCached`` before any of its work. If nothing was missing, that pass *is* the answer: the same
    result dict, the same cache-hit lines, and the run record under ``storage/_runs/`` (without Prefect
    artifacts, since no flow run exists). If something was missing, the flow runs as usual, on a

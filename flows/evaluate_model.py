@@ -25,7 +25,8 @@ from orchestration.publish import publish_run
 from orchestration.runner import SettingTaskRunner
 from flows.train import publish_results
 from orchestration.refs import data_ref, resolved
-from tasks.common import ensure_manifest, logger
+from tasks.manifest import ensure_manifest
+from tasks.stage import logger
 from tasks.evaluate import run_evaluation
 from tasks.extract import ensure_features
 from tasks.predictors import predictors_for

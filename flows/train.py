@@ -15,14 +15,14 @@ from orchestration.publish import in_flow_run, publish_run
 from orchestration.refs import backbone_ref, data_ref, resolved
 from orchestration.runner import SettingTaskRunner
 from tasks.cluster import ensure_kmeans, ensure_linear_probe
-from tasks.common import ensure_manifest, logger
+from tasks.manifest import ensure_manifest
+from tasks.stage import ArtifactRef, HeadRef, logger
 from tasks.evaluate import results_markdown, run_evaluation
 from tasks.extract import ensure_features
 from tasks.heads import ensure_head
 from tasks.inputs import InputContext, ensure_inputs
 from tasks.predictors import predictors_for
 from tasks.retrieval import add_retrieval
-from tasks.stage import ArtifactRef, HeadRef
 from usseg_core.crf import CRFParams
 from usseg_core.datasets.registry import dataset_class
 from usseg_core.errors import ConfigError

@@ -18,7 +18,8 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from orchestration.settings import storage_root
-from tasks.common import BackboneRef, backbone_fingerprint, logger
+from tasks.backbone import BackboneRef, backbone_fingerprint
+from tasks.stage import logger
 from usseg_core.spec import DEFAULT_BACKBONE
 from usseg_core.store import atomic_write_json, now_iso
 

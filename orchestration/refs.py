@@ -5,7 +5,8 @@ from typing import TypeVar
 
 from orchestration.settings import data_root as resolve_data_root
 from orchestration.settings import storage_root
-from tasks.common import BackboneRef, DataRef
+from tasks.backbone import BackboneRef
+from tasks.manifest import DataRef
 from usseg_core.spec import DataSpec, Where
 
 S = TypeVar("S", bound=Where)

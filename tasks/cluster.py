@@ -7,10 +7,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tasks.common import DataRef, load_manifest, logger, stage_task
+from tasks.manifest import DataRef, load_manifest
+from tasks.stage import ArtifactRef, FeaturesRef, Work, declare, logger, run_stage, stage_task
 from tasks.heads import load_head, open_features
 from usseg_core.device import resolve_device, to_device
-from tasks.stage import ArtifactRef, FeaturesRef, Work, declare, run_stage
 from usseg_core.views import ViewSpec, prepare_label
 
 CPU = torch.device("cpu")

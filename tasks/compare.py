@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.common import DataRef, logger, stage_task
+from tasks.manifest import DataRef
+from tasks.stage import CompareRef, Work, declare, logger, run_stage, stage_task
 from tasks.evaluate import evaluate_shard, evaluation_rows, predictor_scores
 from usseg_core import report
-from tasks.stage import CompareRef, Work, declare, run_stage
 from usseg_core.store import ArtifactStore, artifact_key
 
 COMPARE_VERSION = 1

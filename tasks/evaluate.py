@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.common import DataRef, load_manifest, logger
+from tasks.manifest import DataRef, load_manifest
+from tasks.stage import EvaluationRef, FeaturesRef, ManifestRef, Work, declare, logger, run_stage
 from tasks.heads import image_codes, load_head
 from tasks.retrieval import load_memory
-from tasks.stage import EvaluationRef, FeaturesRef, ManifestRef, Work, declare, run_stage
 from usseg_core.crf import CRFParams, dense_crf
 from usseg_core.device import resolve_device, to_device
 from usseg_core.features import FeatureStore

@@ -5,9 +5,10 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.common import (BackboneRef, DataRef, backbone_fingerprint, ensure_manifest, input_multiple,
-                          load_backbone, load_manifest, logger, worker_id)
-from tasks.stage import FeaturesRef, ManifestRef, Work, declare, run_stage
+from tasks.backbone import BackboneRef, backbone_fingerprint, input_multiple, load_backbone
+from tasks.manifest import DataRef, ensure_manifest, load_manifest
+from tasks.stage import (IMAGE_SHARD_UNKEYED, FeaturesRef, ManifestRef, Work, declare, logger, run_stage,
+                         worker_id)
 from usseg_core.device import PRECISIONS, resolve_precision
 from usseg_core.features import FeatureStore, extract_into
 from usseg_core.store import ArtifactStore
@@ -111,13 +112,7 @@ def resolve_view(view: ViewSpec, data: DataRef, manifest: ManifestRef, backbone:
     return resolve_full_size(view, hw, input_multiple(backbone.name))
 
 
-FEATURES = declare("features", FEATURES_VERSION, "tasks.extract.extract_shard",
-                   unkeyed={"storage": "where the artifact is", "key": "the artifact (the key itself)",
-                            "data": "keyed as dataset / split / options, and by the manifest's hash",
-                            "manifest_path": "keyed by the manifest's content hash",
-                            "backbone": "keyed by its name and weights fingerprint",
-                            "start": "which items a shard writes", "stop": "which items a shard writes",
-                            "batch_size": "how many items go through the backbone at once"})
+FEATURES = declare("features", FEATURES_VERSION, "tasks.extract.extract_shard", unkeyed=IMAGE_SHARD_UNKEYED)
 
 
 def ensure_features(storage: str, data: DataRef, backbone: BackboneRef, view: ViewSpec, *,

@@ -9,12 +9,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tasks.common import logger, stage_task, worker_id
+from tasks.stage import ArtifactRef, FeaturesRef, HeadRef, Work, declare, logger, run_stage, stage_task, worker_id
 from usseg_core.device import to_device
 from usseg_core.errors import ConfigError
 from usseg_core.features import ConcatFeatures, FeatureStore
 from usseg_core.knn import KnnSettings
-from tasks.stage import ArtifactRef, FeaturesRef, HeadRef, Work, declare, run_stage
 from usseg_core.store import ArtifactStore, artifact_key
 
 KNN_VERSION = 2  # 2: the search method and its parameters in the key (knn.*), what ran in meta

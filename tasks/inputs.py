@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from tasks.common import BackboneRef, DataRef
+from tasks.backbone import BackboneRef
+from tasks.manifest import DataRef
 from tasks.extract import ensure_features
 from tasks.heads import ensure_knn
 from tasks.oversegment import ensure_oversegmentation

@@ -14,8 +14,8 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.common import DataRef, ensure_manifest, worker_id
-from tasks.stage import ManifestRef, OversegmentRef, Work, declare, run_stage
+from tasks.manifest import DataRef, ensure_manifest
+from tasks.stage import ManifestRef, OversegmentRef, Work, declare, run_stage, worker_id
 from usseg_core.overseg import OversegSchedule, oversegment, segment_stem
 
 OVERSEG_VERSION = 1

@@ -13,10 +13,10 @@ import functools
 import numpy as np
 import torch
 
-from tasks.common import DataRef, load_manifest, logger, stage_task
+from tasks.manifest import DataRef, load_manifest
+from tasks.stage import FeaturesRef, HeadRef, MemoryRef, Work, declare, logger, run_stage, stage_task
 from tasks.heads import image_codes
 from tasks.predictors import retrieval_predictor
-from tasks.stage import FeaturesRef, HeadRef, MemoryRef, Work, declare, run_stage
 from usseg_core.features import FeatureStore
 from usseg_core.retrieval import K_DEFAULT, KMEANS_ITERS, VOTE_DEFAULT, SegmentMemory, build_memory, dataset_grid
 from usseg_core.store import artifact_key

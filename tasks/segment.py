@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tasks.common import BackboneRef, load_backbone
+from tasks.backbone import BackboneRef, load_backbone
 from tasks.evaluate import hierarchy_maps, predictor_logits
 from tasks.heads import load_head
 from usseg_core.crf import CRFParams, dense_crf

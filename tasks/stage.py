@@ -26,9 +26,13 @@ code uses the attributes.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterator
+
+from prefect import Task
+from prefect.cache_policies import NO_CACHE
 
 from usseg_core.store import (Artifact, ArtifactStore, NotCached, artifact_key, canonical_json,
                               lookups_only_active)
@@ -179,6 +183,17 @@ CALLED: set[str] = set()
 CHECKED: set[tuple[str, str]] = set()
 
 
+# What a backbone shard task (features, view bank) passes to its core that is not part of the key, and why.
+IMAGE_SHARD_UNKEYED = {
+    "storage": "where the artifact is", "key": "the artifact (the key itself)",
+    "data": "keyed as dataset / split / options, and by the manifest's hash",
+    "manifest_path": "keyed by the manifest's content hash",
+    "backbone": "keyed by its name and weights fingerprint",
+    "start": "which items a shard writes", "stop": "which items a shard writes",
+    "batch_size": "how many items go through the backbone at once",
+}
+
+
 def declare(name: str, version: int | str, core: str, *, unkeyed: Mapping[str, str] | None = None,
             keyed_as: Mapping[str, str] | None = None) -> Stage:
     """Declare a stage once, at import of its module (a second declaration of a name is an error)."""
@@ -306,3 +321,61 @@ def run_stage(storage: str, stage: Stage, params: Mapping[str, Any], upstream: M
     final = body(Work(stage, store, art, params, dict(upstream or {})))
     store.finish(art, **dict(final or {}))
     return ref(art, False)
+
+
+# --- the Prefect task of a stage --------------------------------------------------------------------
+
+class Done:
+    """The already-computed result of a stage task called under ``lookups_only`` (a future's API)."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def result(self, *args, **kwargs):
+        return self.value
+
+    def wait(self, *args, **kwargs) -> None:
+        return None
+
+
+def _resolved(obj):
+    """``obj`` with every :class:`Done` in it (nested in lists, tuples, dicts) replaced by its value, as
+    Prefect resolves futures passed to a task."""
+    if isinstance(obj, Done):
+        return obj.value
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_resolved(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _resolved(v) for k, v in obj.items()}
+    return obj
+
+
+class StageTask(Task):
+    """A stage's Prefect task (``ensure_*``: find the artifact or compute it).
+
+    Under :func:`usseg_core.store.lookups_only` it runs inline, without Prefect: a look-up needs no task
+    run, and a miss raises ``NotCached`` before any work. Otherwise it is an ordinary task.
+    """
+
+    def __call__(self, *args, **kwargs):
+        if lookups_only_active():
+            return self.fn(*_resolved(args), **_resolved(kwargs))
+        return super().__call__(*args, **kwargs)
+
+    def submit(self, *args, **kwargs):
+        if lookups_only_active():
+            return Done(self.fn(*_resolved(args), **_resolved(kwargs)))
+        return super().submit(*args, **kwargs)
+
+
+def stage_task(name: str, **options):
+    """``@stage_task("kmeans")``: the :class:`StageTask` of an ``ensure_*`` function (never Prefect-cached:
+    the artifact store is the cache)."""
+    return lambda fn: StageTask(fn=fn, name=name, cache_policy=NO_CACHE, **options)
+
+
+def worker_id() -> str:
+    """``host:pid`` of the process running a task (recorded by shards and trainings: where work ran)."""
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"

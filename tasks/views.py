@@ -11,10 +11,10 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.common import (BackboneRef, DataRef, backbone_fingerprint, ensure_manifest, load_backbone,
-                          load_manifest, logger)
+from tasks.backbone import BackboneRef, backbone_fingerprint, load_backbone
+from tasks.manifest import DataRef, ensure_manifest, load_manifest
+from tasks.stage import IMAGE_SHARD_UNKEYED, ManifestRef, ViewsRef, Work, declare, logger, run_stage
 from tasks.extract import feature_params, resolve_view
-from tasks.stage import ManifestRef, ViewsRef, Work, declare, run_stage
 from usseg_core.device import resolve_precision
 from usseg_core.errors import ConfigError
 from usseg_core.features import FeatureStore, extract_into
@@ -69,13 +69,7 @@ def _write_draws(path, draws: list) -> None:
     save_draws(path, draws)
 
 
-VIEWS = declare("views", VIEWS_VERSION, "tasks.views.views_shard",
-                unkeyed={"storage": "where the artifact is", "key": "the artifact (the key itself)",
-                         "data": "keyed as dataset / split / options, and by the manifest's hash",
-                         "manifest_path": "keyed by the manifest's content hash",
-                         "backbone": "keyed by its name and weights fingerprint",
-                         "start": "which items a shard writes", "stop": "which items a shard writes",
-                         "batch_size": "how many items go through the backbone at once"})
+VIEWS = declare("views", VIEWS_VERSION, "tasks.views.views_shard", unkeyed=IMAGE_SHARD_UNKEYED)
 
 
 def ensure_views(storage: str, data: DataRef, backbone: BackboneRef, base_view: ViewSpec,

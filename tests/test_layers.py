@@ -29,11 +29,6 @@ LAYER_OF = {
     "commands": "commands",
 }
 
-# Known violations, each a strict xfail below: when it is gone the test XPASSes, and its entry is deleted here.
-KNOWN_UPWARD: dict = {}
-# Cycles owned by another piece of work: frozenset of modules -> reason.
-KNOWN_CYCLES: dict = {}
-
 
 def layer_of(module: str) -> str:
     parts = module.split(".")
@@ -169,34 +164,22 @@ def _cycle_path(group: list[str]) -> str:
 
 
 def test_every_module_has_a_layer_and_parses():
-    assert "usseg_core.store" in modules() and "tasks.common" in modules()
+    assert "usseg_core.store" in modules() and "tasks.manifest" in modules()
     for module in modules():
         layer_of(module)
     assert imports()
 
 
 def test_no_import_runs_up_a_layer():
-    found = {pair: rule for pair, rule in upward_imports().items() if pair not in KNOWN_UPWARD}
+    found = upward_imports()
     lines = [f"{a} imports {b} (line {imports()[a][b]}): {rule}" for (a, b), rule in sorted(found.items())]
     assert not lines, "\n".join(lines)
 
 
-@pytest.mark.parametrize("importer, imported", [
-    pytest.param(a, b, marks=pytest.mark.xfail(strict=True, reason=why)) for (a, b), why in KNOWN_UPWARD.items()])
-def test_known_upward_import_is_gone(importer, imported):
-    assert (importer, imported) not in upward_imports(), f"{importer} still imports {imported}"
-
-
 def test_no_import_cycle():
-    cycles = [g for g in import_cycles() if frozenset(g) not in KNOWN_CYCLES]
+    cycles = import_cycles()
     lines = [f"import cycle between {', '.join(g)}: {_cycle_path(g)}" for g in cycles]
     assert not lines, "\n".join(lines) + "\n(lazy imports inside functions count: move the shared piece down)"
-
-
-@pytest.mark.parametrize("group", [
-    pytest.param(sorted(g), marks=pytest.mark.xfail(strict=True, reason=why)) for g, why in KNOWN_CYCLES.items()])
-def test_known_cycle_is_gone(group):
-    assert group not in import_cycles(), f"still a cycle: {_cycle_path(group)}"
 
 
 def test_the_core_never_imports_prefect():

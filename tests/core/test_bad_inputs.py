@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.common import BackboneRef, DataRef, _listing_signature, ensure_manifest
+from tasks.backbone import BackboneRef
+from tasks.manifest import DataRef, _listing_signature, ensure_manifest
 from tasks.extract import resolve_view, upscale_factor, warn_if_upscaled
 from usseg_core.datasets import get_dataset
 from usseg_core.datasets.manifest import build_manifest

@@ -49,7 +49,7 @@ def _one_error_line(res) -> str:
 
 
 def test_evaluate_imported_head(setup, tmp_path, prefect_harness):
-    from tasks.common import DataRef, load_manifest
+    from tasks.manifest import DataRef, load_manifest
     from tasks.heads import load_head
     from usseg_core.backbones import get_backbone
     from usseg_core.features import FeatureStore, embed

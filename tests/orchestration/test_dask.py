@@ -42,7 +42,8 @@ def test_two_dask_workers_share_shards_and_match_threads_bit_for_bit(prefect_har
 @flow(name="test-views-and-oversegment", task_runner=SettingTaskRunner(parameter="task_runner"))
 def _views_and_oversegment(data_root: str, storage: str, task_runner: str = "threads") -> dict:
     """The two per-image input stages of HSG in one flow run (one Dask cluster for both)."""
-    from tasks.common import BackboneRef, DataRef
+    from tasks.backbone import BackboneRef
+    from tasks.manifest import DataRef
     from tasks.oversegment import ensure_oversegmentation
     from tasks.views import ensure_views
     from usseg_core.overseg import OversegSchedule

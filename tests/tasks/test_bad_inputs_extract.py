@@ -8,7 +8,8 @@ from PIL import Image
 from prefect import flow
 
 import tasks.extract as extract
-from tasks.common import BackboneRef, DataRef
+from tasks.backbone import BackboneRef
+from tasks.manifest import DataRef
 from tasks.extract import ensure_features
 from usseg_core.views import ViewSpec
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from prefect import flow
 
-from tasks.common import BackboneRef, DataRef, ensure_manifest
+from tasks.backbone import BackboneRef
+from tasks.manifest import DataRef, ensure_manifest
 from tasks.evaluate import run_evaluation
 from tasks.extract import ensure_features
 from tasks.retrieval import add_retrieval, ensure_segment_memory, retrieval_predictor

@@ -9,7 +9,8 @@ import pytest
 import zarr
 from prefect import flow
 
-from tasks.common import BackboneRef, DataRef
+from tasks.backbone import BackboneRef
+from tasks.manifest import DataRef
 from tasks.views import ensure_views
 from usseg_core.datasets.synthetic import ensure_synthetic
 from usseg_core.viewbank import ViewBank, ViewBankConfig

@@ -1,85 +1,19 @@
-"""Shared pieces of the tasks layer: dataset references, manifests and backbone fingerprints.
-
-Tasks resolve artifact keys, skip work whose artifact is complete, call the core and record lineage, all
-through the one scaffold of ``tasks/stage.py``. What passes between tasks is plain data and frozen
-dataclasses (data and backbone references here, artifact references in ``tasks/stage.py``), so that tasks
-can run on Dask workers.
-"""
+"""Which data a run reads (:class:`DataRef`) and the stage that fingerprints it: the split's manifest."""
 from __future__ import annotations
 
 import functools
 import hashlib
 import json
 import os
-import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from prefect import Task
-from prefect.cache_policies import NO_CACHE
-
+from tasks.stage import ManifestRef, Work, declare, logger, run_stage, stage_task
 from usseg_core.datasets import get_dataset
 from usseg_core.datasets.manifest import Manifest, build_manifest
-from tasks.stage import ManifestRef, Work, declare, logger, run_stage
-from usseg_core.store import atomic_write_json, canonical_json, lookups_only_active
+from usseg_core.store import canonical_json
 
 MANIFEST_VERSION = 1
-
-
-class Done:
-    """The already-computed result of a stage task called under ``lookups_only`` (a future's API)."""
-
-    def __init__(self, value) -> None:
-        self.value = value
-
-    def result(self, *args, **kwargs):
-        return self.value
-
-    def wait(self, *args, **kwargs) -> None:
-        return None
-
-
-def _resolved(obj):
-    """``obj`` with every :class:`Done` in it (nested in lists, tuples, dicts) replaced by its value, as
-    Prefect resolves futures passed to a task."""
-    if isinstance(obj, Done):
-        return obj.value
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_resolved(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _resolved(v) for k, v in obj.items()}
-    return obj
-
-
-class StageTask(Task):
-    """A stage's Prefect task (``ensure_*``: find the artifact or compute it).
-
-    Under :func:`usseg_core.store.lookups_only` it runs inline, without Prefect: a look-up needs no task
-    run, and a miss raises ``NotCached`` before any work. Otherwise it is an ordinary task.
-    """
-
-    def __call__(self, *args, **kwargs):
-        if lookups_only_active():
-            return self.fn(*_resolved(args), **_resolved(kwargs))
-        return super().__call__(*args, **kwargs)
-
-    def submit(self, *args, **kwargs):
-        if lookups_only_active():
-            return Done(self.fn(*_resolved(args), **_resolved(kwargs)))
-        return super().submit(*args, **kwargs)
-
-
-def stage_task(name: str, **options):
-    """``@stage_task("kmeans")``: the :class:`StageTask` of an ``ensure_*`` function (never Prefect-cached:
-    the artifact store is the cache)."""
-    return lambda fn: StageTask(fn=fn, name=name, cache_policy=NO_CACHE, **options)
-
-
-def worker_id() -> str:
-    """``host:pid`` of the process running a task (recorded by shards and trainings: where work ran)."""
-    import socket
-
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass(frozen=True)
@@ -182,68 +116,3 @@ def ensure_manifest(data: DataRef, storage: str) -> ManifestRef:
 
 def load_manifest(info: ManifestRef) -> Manifest:
     return Manifest.from_json(info["path"])
-
-
-# --- backbones -------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class BackboneRef:
-    """Which backbone: registry name, optional weights file, random-init flag and seed."""
-
-    name: str
-    weights: str | None = None
-    random_weights: bool = False
-    seed: int = 0
-    device: str = "auto"
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    def identity(self) -> str:
-        """What decides the weights (not the device): the fingerprint-cache key."""
-        if self.random_weights:
-            return f"{self.name}|random|{self.seed}"
-        if self.weights:
-            st = os.stat(self.weights)
-            return f"{self.name}|{Path(self.weights).resolve()}|{st.st_size}|{st.st_mtime_ns}"
-        return f"{self.name}|default"
-
-
-_lock = threading.Lock()
-
-
-@functools.lru_cache(maxsize=4)
-def load_backbone(ref: BackboneRef):
-    """The backbone, built once per process (tasks on one worker share it)."""
-    from usseg_core.backbones import get_backbone
-
-    with _lock:
-        return get_backbone(ref.name, weights=ref.weights, random_weights=ref.random_weights,
-                            device=ref.device, seed=ref.seed)
-
-
-def backbone_fingerprint(ref: BackboneRef, storage: str) -> str:
-    """sha256 of the backbone's weights, memoised in ``<storage>/_fingerprints.json`` by file identity.
-
-    A cache hit therefore costs a stat() and no backbone work; a replaced weights file (new size or
-    mtime) is hashed again.
-    """
-    path = Path(storage) / "_fingerprints.json"
-    identity = ref.identity()
-    with _lock:
-        known = json.loads(path.read_text()) if path.exists() else {}
-    if identity in known:
-        return known[identity]
-    fp = load_backbone(ref).fingerprint
-    with _lock:
-        known = json.loads(path.read_text()) if path.exists() else {}
-        known[identity] = fp
-        atomic_write_json(path, known)
-    return fp
-
-
-def input_multiple(name: str) -> int:
-    """Input-size multiple of a backbone, read from its torch-free spec row (no timm import)."""
-    from usseg_core.backbones.specs import backbone_spec
-
-    return backbone_spec(name).input_multiple
