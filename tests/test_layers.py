@@ -13,7 +13,6 @@ import ast
 from functools import lru_cache
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("usseg_core", "tasks", "orchestration", "flows", "commands")
