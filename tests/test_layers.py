@@ -13,7 +13,6 @@ import ast
 from functools import lru_cache
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("usseg_core", "tasks", "orchestration", "flows", "commands")
 LAYERS = ("core", "tasks", "orchestration", "flows", "commands")  # low to high
