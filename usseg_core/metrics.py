@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from usseg_core.spec import OVERCLUSTER_MODES  # the run option's one definition
+from usseg_core.spec import DEFAULT_OVERCLUSTER, OVERCLUSTER_MODES  # the run option's one definition
 
 
 def _to_numpy_int(a: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -127,7 +127,7 @@ def _scores_from_assignment(cm: np.ndarray, assignment: np.ndarray) -> Scores:
     return Scores(accuracy=accuracy, miou=miou, iou=iou, assignment=assignment, matrix=mapped)
 
 
-def hungarian_scores(cm: np.ndarray, *, overcluster: str = "unmatched-wrong") -> Scores:
+def hungarian_scores(cm: np.ndarray, *, overcluster: str = DEFAULT_OVERCLUSTER) -> Scores:
     """Match clusters to classes by maximum-weight assignment, then score.
 
     Args:
