@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator
 from prefect import Task
 from prefect.cache_policies import NO_CACHE
 
+from usseg_core.config import keyed_asdict
 from usseg_core.store import (Artifact, ArtifactStore, NotCached, artifact_key, canonical_json,
                               lookups_only_active)
 
@@ -214,7 +215,7 @@ def plain(value: Any) -> Any:
         if callable(getattr(value, method, None)) and not isinstance(value, type):
             return plain(getattr(value, method)())
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return plain(dataclasses.asdict(value))
+        return plain(keyed_asdict(value))
     if isinstance(value, Mapping):
         return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

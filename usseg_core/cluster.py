@@ -213,3 +213,111 @@ def cluster_logits(codes: torch.Tensor, centroids: np.ndarray | torch.Tensor, al
     c = _normalise_rows(c.to(codes.device))  # (K, D)
     z = F.normalize(codes.float(), dim=1, eps=1e-12)  # (B, D, h, w)
     return alpha * torch.einsum("bdhw,kd->bkhw", z, c)  # (B, K, h, w)
+
+
+# --- [code:PiCIE]'s Euclidean k-means (PicieConfig.kmeans = "reference") ---------------------------------
+
+def nearest_euclidean(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Label = argmin ||x - c||² = argmax (2 x·c − |c|²): (n, D) rows, (K, D) raw centroids -> (n,) int64."""
+    c = centroids.to(x.device, torch.float32)
+    return (2 * x.float() @ c.T - (c * c).sum(1)).argmax(1)
+
+
+def _split_empty(centroids: torch.Tensor, sizes: torch.Tensor, generator: torch.Generator) -> None:
+    """faiss's empty-cluster handling (``split_clusters``), in place: each empty cluster takes a copy of a
+    cluster drawn with probability (size − 1) / (n − K), the two pushed apart by ±1/1024 on alternate
+    dimensions, and the size is halved between them."""
+    eps = 1.0 / 1024
+    n, k = int(sizes.sum()), sizes.shape[0]
+    sign = torch.tensor([1.0 if d % 2 == 0 else -1.0 for d in range(centroids.shape[1])], device=centroids.device)
+    for ci in torch.nonzero(sizes == 0).squeeze(1).tolist():
+        probs = (sizes.double() - 1).clamp_min(0) / max(n - k, 1)
+        if float(probs.sum()) <= 0:
+            return  # every cluster holds at most one point: nothing to split
+        cj = int(torch.multinomial(probs.cpu(), 1, generator=generator))
+        centroids[ci] = centroids[cj] * (1 + eps * sign)
+        centroids[cj] = centroids[cj] * (1 - eps * sign)
+        sizes[ci] = sizes[cj] // 2
+        sizes[cj] -= sizes[ci]
+
+
+def euclidean_kmeans(x: torch.Tensor, k: int, *, n_iter: int = 20, seed: int = 0) -> torch.Tensor:
+    """[code:PiCIE]'s k-means init: Euclidean (not spherical) k-means on every row of ``x``.
+
+    faiss ``Clustering(spherical=False)`` with ``n_iter`` iterations, ``k`` random distinct rows as the
+    start and no subsampling; where faiss is missing, the same recipe in torch (Lloyd steps, faiss's
+    splitting of empty clusters). Centroids are the raw cluster means, never normalised.
+
+    Args:
+        x: (n, D) rows on any device, n >= k. k: clusters. n_iter: iterations. seed: the start and splits.
+    Returns:
+        (k, D) float32 centroids on ``x``'s device.
+    """
+    if x.shape[0] < k:
+        raise ConfigError(f"euclidean_kmeans: k={k} clusters but only {x.shape[0]} points")
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
+    if faiss is not None:
+        clus = faiss.Clustering(x.shape[1], k)
+        clus.niter, clus.seed, clus.spherical, clus.verbose = n_iter, seed, False, False
+        clus.max_points_per_centroid = x.shape[0]  # every point, as [code:PiCIE]'s 10,000,000
+        clus.min_points_per_centroid = 1  # only silences faiss's warning on small inputs
+        data = np.ascontiguousarray(x.detach().float().cpu().numpy())
+        index = faiss.IndexFlatL2(x.shape[1])
+        clus.train(data, index)
+        return torch.from_numpy(faiss.vector_to_array(clus.centroids).reshape(k, -1).copy()).to(x.device)
+    generator = torch.Generator().manual_seed(seed)
+    xf = x.float()
+    centroids = xf[torch.randperm(x.shape[0], generator=generator)[:k].to(x.device)].clone()  # (k, D)
+    for _ in range(n_iter):
+        labels = nearest_euclidean(xf, centroids)  # (n,)
+        sizes = torch.bincount(labels, minlength=k)  # (k,)
+        sums = torch.zeros_like(centroids).index_add_(0, labels, xf)  # (k, D)
+        used = sizes > 0
+        centroids[used] = sums[used] / sizes[used, None].float()
+        _split_empty(centroids, sizes, generator)
+    return centroids
+
+
+def running_mean_update(centroids: torch.Tensor, counts: torch.Tensor, x: torch.Tensor,
+                        labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One [code:PiCIE] update group: for each cluster k hit by n_k rows, N_k += n_k and
+    c_k <- (1 − n_k/N_k) c_k + (n_k/N_k) mean_k (an exact running mean when N_k started as the init
+    count); clusters not hit keep their centroid; no renormalisation, no empty-cluster handling.
+
+    Args:
+        centroids: (K, D) float. counts: (K,) float64 running counts N. x: (n, D) rows. labels: (n,) int64.
+    Returns:
+        New (centroids, counts); the inputs are not modified.
+    """
+    k = centroids.shape[0]
+    n = torch.bincount(labels, minlength=k).to(counts)  # (K,)
+    sums = torch.zeros_like(centroids).index_add_(0, labels, x.to(centroids))  # (K, D)
+    total = counts + n
+    hit = n > 0
+    rate = torch.where(hit, n / total.clamp_min(1), torch.zeros_like(n))  # (K,) n_k / N_k
+    means = sums / n.clamp_min(1)[:, None].to(sums)
+    new = torch.where(hit[:, None], (1 - rate[:, None]).to(centroids) * centroids + rate[:, None].to(centroids) * means,
+                      centroids)
+    return new, total
+
+
+def reference_kmeans(init_points: torch.Tensor, update_groups: Iterable[torch.Tensor], k: int, *,
+                     n_iter: int = 20, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """[code:PiCIE]'s mini-batch k-means: :func:`euclidean_kmeans` on ``init_points``, counts seeded by
+    assigning every init point to the init centroids, then one :func:`running_mean_update` per group
+    (each group assigned by Euclidean distance to the centroids from before its update).
+
+    Args:
+        init_points: (n, D) every pixel of the init images. update_groups: (m, D) pixels of each later group.
+    Returns:
+        (centroids (K, D) float32 raw, counts (K,) float64) on ``init_points``' device.
+    """
+    centroids = euclidean_kmeans(init_points, k, n_iter=n_iter, seed=seed)
+    counts = torch.bincount(nearest_euclidean(init_points, centroids), minlength=k).double()
+    for x in update_groups:
+        x = x.to(centroids.device).float()
+        centroids, counts = running_mean_update(centroids, counts, x, nearest_euclidean(x, centroids))
+    return centroids, counts

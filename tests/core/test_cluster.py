@@ -1,10 +1,14 @@
 """spherical_kmeans recovers separated clusters, is deterministic, re-seeds empty clusters;
-assign_clusters / cluster_logits against direct cosine computations."""
+assign_clusters / cluster_logits against direct cosine computations; [code:PiCIE]'s Euclidean k-means
+(faiss and the torch fallback) and running-mean update on a hand-computed case."""
+import sys
+
 import numpy as np
 import pytest
 import torch
 
-from usseg_core.cluster import assign_clusters, cluster_logits, spherical_kmeans
+from usseg_core.cluster import (assign_clusters, cluster_logits, euclidean_kmeans, reference_kmeans,
+                                running_mean_update, spherical_kmeans)
 
 
 def _blobs(rng, k=4, d=16, per=300, spread=0.05):
@@ -100,3 +104,56 @@ def test_kmeans_takes_device_tensors_and_gives_the_numpy_result():
     as_tensor = spherical_kmeans(lambda: (torch.from_numpy(x[a:a + 100]) for a in range(0, 600, 100)), 4, seed=1,
                                  device="cpu")
     np.testing.assert_array_equal(as_numpy, as_tensor)
+
+
+_INIT = torch.tensor([[1.0, 0.0], [0.8, -0.6], [0.0, 1.0]])
+_GROUP = torch.tensor([[0.8, 0.6], [0.6, 0.8]])
+
+
+def _sorted_rows(c: torch.Tensor) -> torch.Tensor:
+    return c[c[:, 0].argsort(descending=True)]
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_reference_kmeans_on_a_hand_computed_case(backend, monkeypatch):
+    if backend == "torch":
+        monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss fails: the torch fallback
+    else:
+        pytest.importorskip("faiss")
+    for seed in range(4):  # any start converges here: {(1,0), (0.8,-0.6)} and {(0,1)}
+        init = euclidean_kmeans(_INIT, 2, n_iter=20, seed=seed)
+        assert torch.allclose(_sorted_rows(init), torch.tensor([[0.9, -0.3], [0.0, 1.0]]), atol=1e-6)
+    mu, counts = reference_kmeans(_INIT, [_GROUP], 2, n_iter=20, seed=0)
+    order = mu[:, 0].argsort(descending=True)
+    mu, counts = mu[order], counts[order]
+    # squared distances to (0,1) vs (0.9,-0.3): (0.8,0.6) 0.80 vs 0.82, (0.6,0.8) 0.40 vs 1.30: both to
+    # (0,1), which becomes (0,1)/3 + (2/3)(0.7, 0.7); (0.9,-0.3) is untouched (no re-seed in this phase)
+    assert torch.allclose(mu, torch.tensor([[0.9, -0.3], [0.46667, 0.8]]), atol=1e-5)
+    assert counts.tolist() == [2.0, 3.0]
+    assert torch.allclose(mu.norm(dim=1), torch.tensor([0.9487, 0.9262]), atol=1e-4)  # not unit
+
+
+def test_running_mean_update_is_an_exact_running_mean_and_leaves_misses_alone():
+    c = torch.tensor([[0.9, -0.3], [0.0, 1.0], [5.0, 5.0]])
+    counts = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)
+    x = torch.tensor([[0.8, 0.6], [0.6, 0.8], [1.0, 0.0]])
+    new, n = running_mean_update(c, counts, x, torch.tensor([1, 1, 0]))
+    assert torch.allclose(new[0], (2 * c[0] + x[2]) / 3)  # mean of 2 old points and 1 new
+    assert torch.allclose(new[1], (c[1] + x[0] + x[1]) / 3)
+    assert torch.equal(new[2], c[2]) and n.tolist() == [3.0, 3.0, 0.0]  # an empty cluster stays as it is
+    assert torch.equal(c[0], torch.tensor([0.9, -0.3]))  # inputs untouched
+
+
+def test_torch_fallback_splits_an_empty_cluster(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    # two coincident points: a start on both leaves one cluster empty (ties go to the first), whose mean
+    # stays (1, 1), so without faiss's split the tie and the empty cluster would last
+    x = torch.tensor([[1.0, 1.0], [1.0, 1.0], [0.0, 1.0], [2.0, 1.0], [10.0, 0.0], [10.0, 1.0]])
+    duplicate_starts = 0
+    for seed in range(12):
+        starts = set(torch.randperm(6, generator=torch.Generator().manual_seed(seed))[:3].tolist())
+        duplicate_starts += {0, 1} <= starts
+        mu = euclidean_kmeans(x, 3, n_iter=10, seed=seed)
+        labels = ((x[:, None] - mu[None]) ** 2).sum(-1).argmin(1)
+        assert torch.bincount(labels, minlength=3).min() >= 1, seed  # no cluster left empty
+    assert duplicate_starts >= 2  # the case was met

@@ -1,4 +1,5 @@
-"""PiCIE: weighted prototype CE by hand, the loss's four terms, cluster weights, k-means against brute-force
+"""PiCIE: weighted prototype CE by hand, the loss's four terms against a per-pixel loop, the reference's
+raw centroids and warp-then-normalise on hand-computed cases, cluster weights, k-means against brute-force
 Lloyd, training that learns, and a mid-epoch resume that is bit-identical."""
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from scipy.optimize import linear_sum_assignment
 from usseg_core.cluster import spherical_kmeans
 from usseg_core.errors import ConfigError, InputError
 from usseg_core.heads import HeadInputs, get_head
-from usseg_core.heads.picie import (PicieConfig, cluster_weights, over_clustering_weights, picie_loss,
-                                    prototype_ce)
-from usseg_core.heads.picie_train import train_picie_head
+from usseg_core.heads.picie import (PicieConfig, PicieTrained, cluster_weights, over_clustering_weights,
+                                    picie_loss, prototype_ce, pseudo_labels)
+from usseg_core.heads.picie_train import train_picie_head, warp_view2
 from usseg_core.viewbank import Geometry, warp_maps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,22 +54,62 @@ def test_over_clustering_weights_damp_the_larger_k():
     assert l1 == pytest.approx(math.log(100) / (math.log(27) + math.log(100))) and l1 > l2
 
 
-def test_picie_loss_is_the_mean_of_within_and_cross_terms():
+def _brute_ce(z: torch.Tensor, mu: torch.Tensor, y: torch.Tensor, w: torch.Tensor, kind: str) -> float:
+    """Weighted prototype CE by a per-pixel loop in float64: logits <z, μ/|μ|> ("unit") or <z, μ> ("raw")."""
+    mu = mu.double() / (mu.double().norm(dim=1, keepdim=True) if kind == "unit" else 1.0)
+    num = den = 0.0
+    for b in range(z.shape[0]):
+        for i in range(z.shape[2]):
+            for j in range(z.shape[3]):
+                logits = [float(z[b, :, i, j].double() @ mu[k]) for k in range(mu.shape[0])]
+                t = int(y[b, i, j])
+                nll = math.log(sum(math.exp(v) for v in logits)) - logits[t]
+                num, den = num + float(w[t]) * nll, den + float(w[t])
+    return num / den
+
+
+@pytest.mark.parametrize("kind", ["unit", "raw"])
+def test_picie_loss_against_a_per_pixel_loop(kind):
     g = torch.Generator().manual_seed(0)
     z1 = F.normalize(torch.randn(2, 4, 3, 3, generator=g), dim=1)
     z2 = F.normalize(torch.randn(2, 4, 3, 3, generator=g), dim=1)
     c = {"lam": 1.0, "mu1": torch.randn(3, 4, generator=g), "mu2": torch.randn(3, 4, generator=g),
          "y1": torch.randint(0, 3, (2, 3, 3), generator=g), "y2": torch.randint(0, 3, (2, 3, 3), generator=g),
          "w1": torch.tensor([0.2, 0.3, 0.5]), "w2": torch.tensor([0.5, 0.25, 0.25])}
-    loss, stats = picie_loss(z1, z2, [c])
-    l11 = prototype_ce(z1, c["mu1"], c["y1"], c["w1"])
-    l22 = prototype_ce(z2, c["mu2"], c["y2"], c["w2"])
-    l12 = prototype_ce(z1, c["mu2"], c["y2"], c["w2"])
-    l21 = prototype_ce(z2, c["mu1"], c["y1"], c["w1"])
-    assert loss.item() == pytest.approx((((l12 + l21) / 2 + (l11 + l22) / 2) / 2).item(), rel=1e-6)
-    assert stats["loss_within"] == pytest.approx(((l11 + l22) / 2).item(), rel=1e-6)
-    loss_h, _ = picie_loss(z1, z2, [{**c, "lam": 0.6}, {**c, "lam": 0.4}])
+    loss, stats = picie_loss(z1, z2, [c], kind)
+    l11 = _brute_ce(z1, c["mu1"], c["y1"], c["w1"], kind)
+    l22 = _brute_ce(z2, c["mu2"], c["y2"], c["w2"], kind)
+    l12 = _brute_ce(z1, c["mu2"], c["y2"], c["w2"], kind)  # cross: view 1 against view 2's clustering
+    l21 = _brute_ce(z2, c["mu1"], c["y1"], c["w1"], kind)
+    assert loss.item() == pytest.approx(((l12 + l21) / 2 + (l11 + l22) / 2) / 2, rel=1e-5)
+    assert stats["loss_within"] == pytest.approx((l11 + l22) / 2, rel=1e-5)
+    assert stats["loss_cross"] == pytest.approx((l12 + l21) / 2, rel=1e-5)
+    loss_h, _ = picie_loss(z1, z2, [{**c, "lam": 0.6}, {**c, "lam": 0.4}], kind)
     assert loss_h.item() == pytest.approx(loss.item(), rel=1e-6)  # λ's sum to 1 over identical clusterings
+
+
+def test_raw_centroids_label_score_and_assign_as_the_reference():
+    z = torch.tensor([1.0, 0.0]).reshape(1, 2, 1, 1)  # a unit code
+    mu = torch.tensor([[0.3, 0.0], [0.8, 0.8], [0.7, 0.3]])
+    # unit: cosines (1, 0.7071, 0.9191) -> 0; raw: ||z − μ||² = (0.49, 0.68, 0.18) -> 2
+    assert pseudo_labels(z, mu, "unit").item() == 0 and pseudo_labels(z, mu, "raw").item() == 2
+    # the raw logits <z, μ> = (0.3, 0.8, 0.7): the reference's evaluation picks 1, not its pseudo-label
+    trained = PicieTrained(2, 2, mu, kind="raw")
+    assert torch.allclose(trained.cluster_logits(z)[0, :, 0, 0], 2 * torch.tensor([0.3, 0.8, 0.7]))
+    assert trained.assign(z).item() == 1 and PicieTrained(2, 2, mu).assign(z).item() == 0
+    one = torch.ones(3)
+    # −log softmax(0.3, 0.8, 0.7)[2] and −log softmax(1, 0.7071, 0.9191)[0]
+    assert prototype_ce(z, mu, torch.tensor([[[2]]]), one, "raw").item() == pytest.approx(1.0208, abs=1e-4)
+    assert prototype_ce(z, mu, torch.tensor([[[0]]]), one, "unit").item() == pytest.approx(0.9815, abs=1e-4)
+
+
+def test_view2_normalises_after_the_warp_as_the_reference():
+    z = torch.tensor([[2.0, 0.0], [0.0, 1.0]]).T.reshape(1, 2, 1, 2)  # (B=1, D=2, h=1, w=2): (2, 0), (0, 1)
+    ident = [Geometry()]  # a 1x1 output samples the midpoint of the two pixels
+    after = warp_view2(z, ident, (1, 1), "after-warp")[0, :, 0, 0]  # normalise((1, 0.5))
+    both = warp_view2(z, ident, (1, 1), "before-and-after-warp")[0, :, 0, 0]  # normalise((0.5, 0.5))
+    assert torch.allclose(after, torch.tensor([0.8944, 0.4472]), atol=1e-4)
+    assert torch.allclose(both, torch.tensor([0.7071, 0.7071]), atol=1e-4)
 
 
 def _lloyd(x: np.ndarray, init: np.ndarray, iters: int = 100) -> np.ndarray:
@@ -202,3 +243,55 @@ def test_config_validation_and_presets():
         PicieConfig(balance="sqrt")
     with pytest.raises(ConfigError, match="2 views"):
         train_picie_head(HeadInputs(n_classes=2, views=[FakeBank(v=1)]), _config(), device="cpu", progress=False)
+
+
+_REFERENCE = dict(centroids="raw", kmeans="reference", normalise="after-warp", kmeans_init_images=8,
+                  kmeans_update_images=4)
+
+
+def test_reference_options_train_and_resume_bit_identical(tmp_path: Path):
+    banks = [FakeBank(), FakeBank(n=6, seed=1)]  # 18 images: init on 8, then groups of 4, 4 and 2
+    cfg = _config(epochs=2, **_REFERENCE)
+    torch.manual_seed(5)
+    full = train_picie_head(HeadInputs(n_classes=2, views=banks), cfg, device="cpu", progress=False)
+    steps = [h for h in full.history if "epoch" not in h]
+    assert all(math.isfinite(h["loss"]) for h in steps) and steps[-1]["loss"] < steps[0]["loss"]
+    norms = full.payload["centroids"].norm(dim=1)
+    assert (norms < 0.999).all()  # running means of unit codes, never renormalised
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(step, _):
+        if step == 7:
+            raise Interrupt
+
+    ckpt = tmp_path / "checkpoint.pt"
+    with pytest.raises(Interrupt):
+        train_picie_head(HeadInputs(n_classes=2, views=banks), cfg, checkpoint_path=ckpt, device="cpu",
+                         progress=False, on_step=stop)
+    torch.manual_seed(999)
+    resumed = train_picie_head(HeadInputs(n_classes=2, views=banks), cfg, checkpoint_path=ckpt, device="cpu",
+                               progress=False)
+    _equal_states(full.payload["head"], resumed.payload["head"])
+    assert torch.equal(full.payload["centroids"], resumed.payload["centroids"])
+    assert full.history == resumed.history
+    # the run on the default options is another run: its checkpoint does not resume this one
+    with pytest.raises(InputError, match="centroids"):
+        train_picie_head(HeadInputs(n_classes=2, views=banks), _config(epochs=2), checkpoint_path=ckpt,
+                         device="cpu", progress=False)
+
+
+def test_reference_options_are_the_paper_datasets_defaults():
+    for dataset in ("cocostuff27", "cityscapes27", "potsdam3"):
+        cfg = get_head("picie").config(dataset)["picie"]
+        assert (cfg.centroids, cfg.kmeans, cfg.normalise) == ("raw", "reference", "after-warp"), dataset
+        assert (cfg.kmeans_init_images, cfg.kmeans_update_images) == (5120, 256)  # [code:PiCIE] 20 x 256, 256
+    for dataset in ("camvid11", "directory", "synthetic"):
+        cfg = get_head("picie").config(dataset)["picie"]
+        assert (cfg.centroids, cfg.kmeans, cfg.normalise) == ("unit", "spherical-reservoir",
+                                                              "before-and-after-warp"), dataset
+    for name, bad in (("centroids", "normed"), ("kmeans", "lloyd"), ("normalise", "never"),
+                      ("kmeans_init_images", 0), ("kmeans_update_images", 0)):
+        with pytest.raises(ConfigError, match=name):
+            PicieConfig(**{name: bad})

@@ -139,3 +139,45 @@ def test_the_registry_helper_guards_duplicates_and_names_the_known_entries():
     assert str(info.value) == "unknown widget 'c'; known: b, a"
     reg.unregister("a")
     assert reg.names() == ["b"] and loads == [1]  # the lazy loader ran once, on the first read
+
+
+def test_a_field_keyed_when_set_enters_the_key_only_off_its_default():
+    from tasks.heads import head_key
+    from usseg_core.heads import config_to_dict
+    from usseg_core.config import KEYED_WHEN_SET
+
+    @dataclasses.dataclass
+    class Old:
+        lr: float = 1e-3
+
+    @dataclasses.dataclass
+    class New:  # Old + an option added later whose default reproduces Old
+        lr: float = 1e-3
+        option: str = dataclasses.field(default="old-way", metadata=KEYED_WHEN_SET)
+
+    inputs = {"views": [{"key": "v0"}]}
+    key = lambda section: head_key("toy", 3, config_to_dict({"toy": section}), inputs)[0]  # noqa: E731
+    assert config_to_dict({"toy": New()}) == {"toy": {"lr": 1e-3}}
+    assert key(New()) == key(Old())  # (a) at its default the marked field leaves the key unchanged
+    assert key(New(option="new-way")) != key(Old())  # (b) set, it changes the key and is recorded
+    assert config_to_dict({"toy": New(option="new-way")}) == {"toy": {"lr": 1e-3, "option": "new-way"}}
+    assert key(New(lr=1e-2)) != key(Old())  # an unmarked field is keyed as ever
+
+
+def test_a_picie_head_saved_before_the_reference_options_loads_with_their_defaults(tmp_path):
+    from usseg_core.heads.picie import PicieHead
+
+    cfg = get_head("picie").config("camvid11")
+    old = {k: v for k, v in cfg["picie"].to_dict().items()
+           if k not in ("centroids", "kmeans", "normalise", "kmeans_init_images", "kmeans_update_images")}
+    head = PicieHead(8, 4)
+    mu = torch.tensor([[3.0, 0, 0, 0], [0, 2.0, 0, 0]])
+    torch.save({"format": 2, "method": "picie", "n_classes": 2, "config": {"picie": old}, "in_dim": 8,
+                "code_dim": 4, "head": head.state_dict(), "centroids": mu}, tmp_path / "head.pt")
+    loaded = load_head(tmp_path)
+    assert loaded.kind == "unit" and torch.allclose(loaded.centroids.norm(dim=1), torch.ones(2))
+    # the paper datasets' heads record and restore the raw centroids
+    save_head(tmp_path / "raw.pt", "picie", 2, get_head("picie").config("cocostuff27"),
+              {"in_dim": 8, "code_dim": 4, "head": head.state_dict(), "centroids": mu})
+    raw = load_head(tmp_path / "raw.pt")
+    assert raw.kind == "raw" and torch.equal(raw.centroids, mu)

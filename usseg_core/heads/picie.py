@@ -50,19 +50,24 @@ Deliberate differences from the paper, and the paper's gaps (docs/methods/picie.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from usseg_core.errors import ConfigError
+from usseg_core.config import KEYED_WHEN_SET, keyed_asdict
 from usseg_core.heads.registry import TrainedHead, dataset_preset
 from usseg_core.heads.stego import StegoHead
 
 BALANCES = ("frequency", "inverse", "none")
+CENTROIDS = ("unit", "raw")
+KMEANS = ("spherical-reservoir", "reference")
+NORMALISE = ("before-and-after-warp", "after-warp")
+# [code:PiCIE]'s choices, the presets of the paper's datasets
+REFERENCE = {"centroids": "raw", "kmeans": "reference", "normalise": "after-warp"}
 
 
 @dataclass
@@ -81,14 +86,29 @@ class PicieConfig:
     kmeans_iters: int = 20  # faiss iterations of the init; [code:PiCIE] kmeans_n_iter 20
     kmeans_epochs: int = 1  # mini-batch update passes after the init (ours)
     seed: int = 0  # seeds the head init, the view pairing, the batch order and the k-means
+    # [code:PiCIE]'s three choices that usseg's first version did differently (docs/methods/picie.md,
+    # Deviations); keyed only when set (usseg_core.config.KEYED_WHEN_SET): the defaults are that
+    # first version, so its artifact keys and checkpoints stay valid.
+    # "raw": [code:PiCIE]'s frozen 1x1 conv holds the raw centroids: logits <z, μ> = |μ| cos, pseudo-labels
+    # argmin ||z − μ||², evaluation argmax <z, μ>; "unit": cosine to unit centroids everywhere (ours)
+    centroids: str = field(default="unit", metadata=KEYED_WHEN_SET)
+    # "reference": [code:PiCIE]'s Euclidean faiss k-means on every pixel of kmeans_init_images images, then
+    # one running-mean pass over the rest in groups of kmeans_update_images; "spherical-reservoir": ours
+    kmeans: str = field(default="spherical-reservoir", metadata=KEYED_WHEN_SET)
+    # "after-warp": [code:PiCIE] warps view 2's raw map, then L2-normalises; "before-and-after-warp": ours
+    normalise: str = field(default="before-and-after-warp", metadata=KEYED_WHEN_SET)
+    kmeans_init_images: int = field(default=5120, metadata=KEYED_WHEN_SET)  # [code:PiCIE] 20 batches x 256
+    kmeans_update_images: int = field(default=256, metadata=KEYED_WHEN_SET)  # [code:PiCIE] batch 256
     checkpoint_every: int = 50  # steps between resumable checkpoints (ours)
     log_every: int = 10  # steps between history entries (ours)
 
     def __post_init__(self) -> None:
-        if self.balance not in BALANCES:
-            raise ConfigError(f"PicieConfig.balance must be one of {BALANCES}, got {self.balance!r}")
+        for name, allowed in (("balance", BALANCES), ("centroids", CENTROIDS), ("kmeans", KMEANS),
+                              ("normalise", NORMALISE)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"PicieConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("dim", "epochs", "batch_size", "k_over", "kmeans_samples", "kmeans_iters",
-                     "checkpoint_every", "log_every"):
+                     "kmeans_init_images", "kmeans_update_images", "checkpoint_every", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"PicieConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.kmeans_epochs < 0:
@@ -97,17 +117,19 @@ class PicieConfig:
             raise ConfigError(f"PicieConfig.dropout must lie in [0, 1), got {self.dropout}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return keyed_asdict(self)  # the KEYED_WHEN_SET options only when set
 
 
 # Per-dataset values that differ from the paper's defaults; an empty row keeps the defaults.
 PICIE_PRESETS: dict[str, dict] = {
-    # [code:PiCIE] train_picie.sh (COCO): lr 1e-4; its frequency-proportional CE weights
-    "cocostuff27": {"lr": 1e-4, "balance": "frequency"},
-    # [code:PiCIE] train_picie_cityscapes.sh: lr 1e-3, 10 epochs; its frequency-proportional CE weights
-    "cityscapes27": {"lr": 1e-3, "balance": "frequency"},
-    # no PiCIE script: the paper's defaults
-    "potsdam3": {},
+    # [code:PiCIE] train_picie.sh (COCO): lr 1e-4; its frequency-proportional CE weights; its raw centroids,
+    # Euclidean k-means and warp-then-normalise (REFERENCE)
+    "cocostuff27": {"lr": 1e-4, "balance": "frequency", **REFERENCE},
+    # [code:PiCIE] train_picie_cityscapes.sh: lr 1e-3, 10 epochs; its frequency-proportional CE weights; REFERENCE
+    "cityscapes27": {"lr": 1e-3, "balance": "frequency", **REFERENCE},
+    # no PiCIE script: the paper's defaults, the code's centroids, k-means and views (REFERENCE)
+    "potsdam3": {**REFERENCE},
+    # ours until measured (three seeds, REFERENCE against these defaults)
     "camvid11": {},
     "directory": {},
     "synthetic": {},
@@ -143,50 +165,70 @@ def cluster_weights(counts: Tensor, balance: str) -> Tensor:
     return w.float()
 
 
-def prototype_logits(codes: Tensor, centroids: Tensor) -> Tensor:
-    """Cosine similarity of unit codes (B, D, h, w) to unit centroids (K, D) -> (B, K, h, w)."""
-    return torch.einsum("bdhw,kd->bkhw", codes, F.normalize(centroids, dim=1))
+def prototype_logits(codes: Tensor, centroids: Tensor, kind: str = "unit") -> Tensor:
+    """Prototype logits of codes (B, D, h, w) against centroids (K, D) -> (B, K, h, w).
+
+    "unit": cosine to the normalised centroids (ours); "raw": <z, μ> = |μ| cos with the raw centroids,
+    [code:PiCIE]'s frozen zero-bias 1x1 conv.
+    """
+    mu = F.normalize(centroids, dim=1) if kind == "unit" else centroids.to(codes)
+    return torch.einsum("bdhw,kd->bkhw", codes, mu)
 
 
-def prototype_ce(codes: Tensor, centroids: Tensor, labels: Tensor, weight: Tensor) -> Tensor:
-    """PiCIE's L_clust: weighted CE of cosine logits against pseudo-labels.
+def pseudo_labels(codes: Tensor, centroids: Tensor, kind: str = "unit") -> Tensor:
+    """Nearest centroid of unit codes (B, D, h, w) -> (B, h, w) int64.
+
+    "unit": argmax cosine; "raw": argmin ||z − μ||² = argmax (2<z, μ> − |μ|²) ([code:PiCIE]'s L2 index),
+    which is not the argmax of the raw logits when the |μ| differ.
+    """
+    if kind == "unit":
+        return prototype_logits(codes, centroids, "unit").argmax(1)
+    mu = centroids.to(codes)
+    return (2 * prototype_logits(codes, mu, "raw") - (mu * mu).sum(1)[None, :, None, None]).argmax(1)
+
+
+def prototype_ce(codes: Tensor, centroids: Tensor, labels: Tensor, weight: Tensor, kind: str = "unit") -> Tensor:
+    """PiCIE's L_clust: weighted CE of the prototype logits (:func:`prototype_logits`) against pseudo-labels.
 
     Args:
         codes: (B, D, h, w) unit codes. centroids: (K, D). labels: (B, h, w) int64 in [0, K).
-        weight: (K,) per-cluster weights (:func:`cluster_weights`).
+        weight: (K,) per-cluster weights (:func:`cluster_weights`). kind: "unit" | "raw" logits.
     Returns:
-        Σ_p w[y_p] · (−log softmax(cos)_p[y_p]) / Σ_p w[y_p] (PyTorch's weighted mean).
+        Σ_p w[y_p] · (−log softmax(logits)_p[y_p]) / Σ_p w[y_p] (PyTorch's weighted mean).
     """
-    return F.cross_entropy(prototype_logits(codes, centroids), labels, weight=weight.to(codes))
+    return F.cross_entropy(prototype_logits(codes, centroids, kind), labels, weight=weight.to(codes))
 
 
-def picie_loss(z1: Tensor, z2: Tensor, clusterings: list[dict]) -> tuple[Tensor, dict]:
+def picie_loss(z1: Tensor, z2: Tensor, clusterings: list[dict], kind: str = "unit") -> tuple[Tensor, dict]:
     """Within + cross-view prototype CE, summed over clusterings with their λ.
 
     Args:
         z1, z2: (B, D, h, w) unit codes of view 1 and of view 2 (already warped onto view 1's grid).
         clusterings: per clustering a dict with ``lam`` and, for each view v ∈ {1, 2}, ``mu{v}`` (K, D),
             ``y{v}`` (B, h, w) int64 and ``w{v}`` (K,).
+        kind: the logits, "unit" (cosine) or "raw" (<z, μ>), ``PicieConfig.centroids``.
     Returns:
         (loss, stats): loss = Σ_c λ_c ((ℓ12 + ℓ21)/2 + (ℓ11 + ℓ22)/2) / 2 ([code:PiCIE]); stats are floats
         ``loss_within``, ``loss_cross`` (λ-weighted) and ``acc_1`` / ``acc_2`` (fraction of pixels whose
-        arg-max centroid is their pseudo-label, first clustering).
+        arg-max logit is their pseudo-label, first clustering).
     """
     total, within_sum, cross_sum = z1.new_zeros(()), 0.0, 0.0
     stats: dict[str, float] = {}
     for ci, c in enumerate(clusterings):
-        l11 = prototype_ce(z1, c["mu1"], c["y1"], c["w1"])
-        l22 = prototype_ce(z2, c["mu2"], c["y2"], c["w2"])
-        l12 = prototype_ce(z1, c["mu2"], c["y2"], c["w2"])
-        l21 = prototype_ce(z2, c["mu1"], c["y1"], c["w1"])
+        l11 = prototype_ce(z1, c["mu1"], c["y1"], c["w1"], kind)
+        l22 = prototype_ce(z2, c["mu2"], c["y2"], c["w2"], kind)
+        l12 = prototype_ce(z1, c["mu2"], c["y2"], c["w2"], kind)
+        l21 = prototype_ce(z2, c["mu1"], c["y1"], c["w1"], kind)
         within, cross = (l11 + l22) / 2, (l12 + l21) / 2
         total = total + c["lam"] * (within + cross) / 2
         within_sum += c["lam"] * float(within.detach())
         cross_sum += c["lam"] * float(cross.detach())
         if ci == 0:
             with torch.no_grad():
-                stats["acc_1"] = float((prototype_logits(z1, c["mu1"]).argmax(1) == c["y1"]).float().mean())
-                stats["acc_2"] = float((prototype_logits(z2, c["mu2"]).argmax(1) == c["y2"]).float().mean())
+                for v in (1, 2):
+                    z = z1 if v == 1 else z2
+                    hit = prototype_logits(z, c[f"mu{v}"], kind).argmax(1) == c[f"y{v}"]
+                    stats[f"acc_{v}"] = float(hit.float().mean())
     stats.update(loss_within=within_sum, loss_cross=cross_sum)
     return total, stats
 
@@ -194,28 +236,42 @@ def picie_loss(z1: Tensor, z2: Tensor, clusterings: list[dict]) -> tuple[Tensor,
 class PicieHead(StegoHead):
     """The projection head with PiCIE's per-pixel L2 normalisation of its output."""
 
-    def embed(self, feats: Tensor) -> Tensor:
-        """Training-mode unit codes (dropout if configured): (B, C, h, w) -> (B, D, h, w)."""
-        return F.normalize(self(feats)[1], dim=1)
+    def embed(self, feats: Tensor, unit: bool = True) -> Tensor:
+        """Training-mode codes (dropout if configured): (B, C, h, w) -> (B, D, h, w), unit unless ``unit=False``."""
+        z = self(feats)[1]
+        return F.normalize(z, dim=1) if unit else z
 
-    def codes(self, feats: Tensor) -> Tensor:
-        return F.normalize(self._project(feats), dim=1)
+    def codes(self, feats: Tensor, unit: bool = True) -> Tensor:
+        z = self._project(feats)
+        return F.normalize(z, dim=1) if unit else z
 
 
 class PicieTrained(TrainedHead):
-    """A trained PiCIE head: unit codes and the last epoch's view-1 centroids as its clusterer."""
+    """A trained PiCIE head: unit codes and the last epoch's view-1 centroids as its clusterer.
+
+    With ``centroids="unit"`` the buffer holds unit centroids and the logits are cosines; with "raw" it holds
+    [code:PiCIE]'s raw centroids and the logits are <z, μ> on the codes as given: bilinearly upsampled unit
+    codes give exactly the reference's upsampled logits, and the arg-max is the reference's.
+    """
 
     method = "picie"
     clusterer = "centroids"
 
-    def __init__(self, in_dim: int, code_dim: int, centroids: Tensor, dropout: float = 0.0) -> None:
+    def __init__(self, in_dim: int, code_dim: int, centroids: Tensor, dropout: float = 0.0,
+                 kind: str = "unit") -> None:
         super().__init__(in_dim, code_dim, int(centroids.shape[0]))
+        if kind not in CENTROIDS:
+            raise ConfigError(f"PicieTrained: centroids must be one of {CENTROIDS}, got {kind!r}")
         self.head = PicieHead(in_dim, code_dim, dropout)
-        self.register_buffer("centroids", F.normalize(centroids.float(), dim=1))  # (K, D)
+        self.kind = kind
+        mu = centroids.float()
+        self.register_buffer("centroids", F.normalize(mu, dim=1) if kind == "unit" else mu)  # (K, D)
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> "PicieTrained":
-        head = cls(ckpt["in_dim"], ckpt["code_dim"], ckpt["centroids"], ckpt["config"]["picie"]["dropout"])
+        cfg = ckpt["config"]["picie"]  # a field marked KEYED_WHEN_SET is absent at its default
+        kind = cfg.get("centroids", PicieConfig.centroids)
+        head = cls(ckpt["in_dim"], ckpt["code_dim"], ckpt["centroids"], cfg["dropout"], kind)
         head.head.load_state_dict(ckpt["head"])
         return head
 
@@ -224,4 +280,6 @@ class PicieTrained(TrainedHead):
 
     def cluster_logits(self, codes: Tensor) -> Tensor:
         # alpha 2 like every other row's CRF unary (STEGO's probe, k-means); the arg-max is the paper's.
+        if self.kind == "raw":
+            return 2.0 * prototype_logits(codes.float(), self.centroids, "raw")
         return 2.0 * prototype_logits(F.normalize(codes, dim=1), self.centroids)

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from usseg_core.cluster import spherical_kmeans
+from usseg_core.cluster import reference_kmeans, spherical_kmeans
 from usseg_core.errors import ConfigError
 from usseg_core.features import prefetch_iter
 from usseg_core.heads.picie import (PicieConfig, PicieHead, cluster_weights, over_clustering_weights,
-                                    picie_loss)
+                                    picie_loss, pseudo_labels)
 from usseg_core.heads.bank_training import BankMethod
 from usseg_core.heads.registry import HeadInputs, TrainedState, config_to_dict
 from usseg_core.device import pinned, resolve_device, to_device
@@ -28,6 +28,18 @@ from usseg_core.viewbank import warp_maps
 
 PICIE_RESUMABLE = RESUMABLE_FIELDS | {"epochs"}
 _CLUSTER_BATCH = 32  # images per forward in the clustering pass
+_ORDER_STREAM = 0x9C1E  # tags the generator of the "reference" k-means image order (apart from the plan's)
+
+
+def warp_view2(z: Tensor, geoms: list, out_hw, normalise: str) -> Tensor:
+    """View 2's raw head output (B, D, h, w) warped by G onto view 1's grid -> (B, D, *out_hw), unit per pixel.
+
+    "before-and-after-warp" (ours): normalised, warped, normalised again (bilinear blends shorten unit
+    codes); "after-warp" ([code:PiCIE]): warped raw, then normalised, so a longer code weighs more in a blend.
+    """
+    if normalise == "before-and-after-warp":
+        z = F.normalize(z, dim=1)
+    return F.normalize(warp_maps(z, geoms, out_size=tuple(out_hw)), dim=1)
 
 
 class PiciePlan(NamedTuple):
@@ -97,14 +109,17 @@ class PicieMethod(BankMethod):
 
     def _view2(self, f2: Tensor, idx: np.ndarray, a: np.ndarray, train: bool, out_hw) -> Tensor:
         """Unit codes of view 2 = G_a(f(P_b x)): embedded on the whole frame, then its *code map* warped by G_a."""
-        z2 = (self.head.embed if train else self.head.codes)(to_device(f2, self.device))
-        return F.normalize(warp_maps(z2, self.bank.geometries(idx, a), out_size=tuple(out_hw)), dim=1)
+        z2 = (self.head.embed if train else self.head.codes)(to_device(f2, self.device), unit=False)
+        return warp_view2(z2, self.bank.geometries(idx, a), out_hw, self.config.normalise)
 
-    def _codes(self, view: int, pairs: np.ndarray) -> Iterator[tuple[np.ndarray, Tensor]]:
-        """Eval codes of one view of every image, in batches (read one batch ahead)."""
+    def _codes(self, view: int, pairs: np.ndarray,
+               images: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, Tensor]]:
+        """Eval codes of one view of ``images`` (default every image), in batches (read one batch ahead)."""
+        images = np.arange(self.bank.n) if images is None else np.asarray(images)
+
         def batches() -> Iterator[tuple[np.ndarray, Tensor]]:
-            for start in range(0, self.bank.n, _CLUSTER_BATCH):
-                idx = np.arange(start, min(start + _CLUSTER_BATCH, self.bank.n))
+            for start in range(0, len(images), _CLUSTER_BATCH):
+                idx = np.sort(images[start:start + _CLUSTER_BATCH])
                 kind, v = ("warped", pairs[idx, 0]) if view == 1 else ("plain", pairs[idx, 1])
                 yield idx, self.bank.batch(kind, idx, v)
 
@@ -120,6 +135,9 @@ class PicieMethod(BankMethod):
         """k-means on each view separately (the epoch's view pairs, ``plan.pairs``) and the epoch's fixed
         pseudo-labels."""
         pairs = plan.pairs
+        # [code:PiCIE]'s one image order per epoch, both views alike; its own generator, so that the plan's
+        # draws (and with them every run on the default k-means) are unchanged
+        order = np.random.default_rng([self.config.seed, epoch, _ORDER_STREAM]).permutation(self.bank.n)
         self.head.eval()
         stats: dict[str, float] = {}
         self.clusterings = []
@@ -131,10 +149,13 @@ class PicieMethod(BankMethod):
                         yield z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float()  # (B*h*w, D)
 
                 seed = int(self.config.seed * 100_003 + epoch * 101 + ci * 11 + view)
-                mu = torch.from_numpy(spherical_kmeans(pixels, k, n_epochs=self.config.kmeans_epochs,
-                                                       init_samples=self.config.kmeans_samples,
-                                                       n_init_iter=self.config.kmeans_iters, seed=seed,
-                                                       device=str(self.device)))
+                if self.config.kmeans == "reference":
+                    mu = self._reference_kmeans(view, pairs, k, seed, order)
+                else:
+                    mu = torch.from_numpy(spherical_kmeans(pixels, k, n_epochs=self.config.kmeans_epochs,
+                                                           init_samples=self.config.kmeans_samples,
+                                                           n_init_iter=self.config.kmeans_iters, seed=seed,
+                                                           device=str(self.device)))
                 labels, counts, fit = self._assign(view, mu, pairs)
                 c[f"mu{view}"], c[f"y{view}"] = mu, labels
                 c[f"w{view}"] = cluster_weights(counts, self.config.balance)
@@ -146,14 +167,33 @@ class PicieMethod(BankMethod):
         self.head.train()
         return stats
 
+    def _pixels(self, view: int, pairs: np.ndarray, images: np.ndarray) -> Tensor:
+        """Every pixel code (n · h · w, D) of one view of ``images``, on the device."""
+        return torch.cat([z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float()
+                          for _, z in self._codes(view, pairs, images)])
+
+    def _reference_kmeans(self, view: int, pairs: np.ndarray, k: int, seed: int, order: np.ndarray) -> Tensor:
+        """[code:PiCIE]'s k-means of one view: init on every pixel of the first ``kmeans_init_images`` images
+        of ``order``, then one running-mean update per group of ``kmeans_update_images`` of the rest
+        (``usseg_core.cluster.reference_kmeans``). Raw centroids (K, D) on the CPU."""
+        n_init, group = self.config.kmeans_init_images, self.config.kmeans_update_images
+        rest = order[n_init:]
+        groups = (self._pixels(view, pairs, rest[s:s + group]) for s in range(0, len(rest), group))
+        mu, _ = reference_kmeans(self._pixels(view, pairs, order[:n_init]), groups, k,
+                                 n_iter=self.config.kmeans_iters, seed=seed)
+        return mu.float().cpu()
+
     def _assign(self, view: int, mu: Tensor, pairs: np.ndarray) -> tuple[Tensor, Tensor, float]:
-        """Pseudo-labels (N, h, w) int16, cluster pixel counts (K,), mean cosine to the assigned centroid."""
+        """Pseudo-labels (N, h, w) int16 (nearest centroid, ``pseudo_labels``), cluster pixel counts (K,),
+        mean cosine to the assigned centroid."""
         labels = torch.empty((self.bank.n, *self.bank.shape[1:]), dtype=torch.int16)
         counts = torch.zeros(mu.shape[0], dtype=torch.float64)
         cos_sum, n_pix = 0.0, 0
-        centres = F.normalize(mu.to(self.device), dim=1)
+        mu = mu.to(self.device)
+        centres = F.normalize(mu, dim=1)
         for idx, z in self._codes(view, pairs):
-            best, lab = torch.einsum("bdhw,kd->bkhw", z, centres).max(dim=1)  # (B, h, w)
+            lab = pseudo_labels(z, mu, self.config.centroids)  # (B, h, w)
+            best = torch.einsum("bdhw,kd->bkhw", z, centres).gather(1, lab[:, None])[:, 0]  # (B, h, w)
             labels[torch.from_numpy(idx)] = lab.to(torch.int16).cpu()
             counts += torch.bincount(lab.flatten().cpu(), minlength=mu.shape[0]).double()
             cos_sum, n_pix = cos_sum + float(best.sum()), n_pix + best.numel()
@@ -167,7 +207,7 @@ class PicieMethod(BankMethod):
         labels = [{**{k: c[k].to(self.device) for k in ("mu1", "mu2", "w1", "w2")}, "lam": c["lam"],
                    "y1": to_device(c["y1"][t], self.device).long(), "y2": to_device(c["y2"][t], self.device).long()}
                   for c in self.clusterings]
-        loss, stats = picie_loss(z1, z2, labels)
+        loss, stats = picie_loss(z1, z2, labels, self.config.centroids)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from usseg_core.config import keyed_asdict
 from usseg_core.device import resolve_device
 from usseg_core.errors import ConfigError, InputError
 from usseg_core.registry import Registry
@@ -246,10 +247,11 @@ def demo_overrides(heads: Sequence[str]) -> dict[str, Any]:
 
 
 def config_to_dict(config: Mapping[str, Any]) -> dict[str, dict]:
-    """JSON-able form of resolved config sections (tuples become lists)."""
+    """JSON-able form of resolved config sections (tuples become lists; fields marked
+    :data:`~usseg_core.config.KEYED_WHEN_SET` left out at their defaults)."""
     out = {}
     for name, section in config.items():
-        d = section.to_dict() if hasattr(section, "to_dict") else dataclasses.asdict(section)
+        d = section.to_dict() if hasattr(section, "to_dict") else keyed_asdict(section)
         out[name] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
     return out
 
