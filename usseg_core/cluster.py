@@ -1,9 +1,13 @@
-"""Cosine (spherical) clustering of code vectors, docs/methods/protocol.md S6(a).
+"""Clustering of code vectors, docs/methods/protocol.md S6(a).
 
-STEGO's paper calls its cluster probe a "cosine-distance mini-batch k-means"; PiCIE runs FAISS k-means
-on unit vectors and then refines with per-batch running-count updates. ``spherical_kmeans`` is that
-streaming recipe on cosine similarity, so it can fit centroids on codes that do not fit in memory;
-``assign_clusters`` / ``cluster_logits`` apply centroids to vectors or (B, D, h, w) code maps.
+STEGO's paper calls its cluster probe a "cosine-distance mini-batch k-means". ``spherical_kmeans`` is a
+streaming cosine recipe (a faiss spherical init on a reservoir sample, then per-batch running-count
+updates, renormalised), so it can fit centroids on codes that do not fit in memory; ``assign_clusters`` /
+``cluster_logits`` apply centroids to vectors or (B, D, h, w) code maps.
+
+[code:PiCIE]'s own k-means is Euclidean, not spherical: ``reference_kmeans`` (``euclidean_kmeans`` on every
+init pixel, then ``running_mean_update`` per group of pixels, raw centroids never renormalised),
+PiCIE's ``kmeans="reference"`` (docs/methods/picie.md §2.2).
 """
 from __future__ import annotations
 
@@ -109,7 +113,7 @@ def spherical_kmeans(
     """Streamed cosine mini-batch k-means.
 
     Pass 0 draws a reservoir sample of up to ``init_samples`` points and initialises with
-    ``faiss.Kmeans(spherical=True)`` (PiCIE's init, [code:PiCIE] 20 iterations) or a torch k-means++
+    ``faiss.Kmeans(spherical=True)`` (20 iterations, as [code:PiCIE]'s Euclidean init) or a torch k-means++
     fallback. Each of ``n_epochs`` further passes assigns every batch by cosine and moves each
     centroid towards its batch mean with per-centroid rate (batch count / running count) (Sculley's
     mini-batch k-means, PiCIE-style running counts), then renormalises. After each pass, clusters that

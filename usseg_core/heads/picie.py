@@ -2,13 +2,13 @@
 
 PiCIE alternates two steps every epoch:
 
-1. **Clustering pass** (no gradient): embed both views of every training image and run cosine mini-batch
+1. **Clustering pass** (no gradient): embed both views of every training image and run mini-batch
    k-means on each view *separately*, giving centroids μ¹, μ² and pseudo-labels y¹, y² that stay fixed for
    the epoch. View 1 is z¹ = f(G(P¹(x))) (the image is warped, then embedded); view 2 is
    z² = G(f(P²(x))) (embedded, then the *code map* is warped with the same G): photometric invariance
    between P¹ and P², geometric equivariance through G.
-2. **Training pass**: prototype cross-entropy with logits = cosine similarity to the frozen centroids
-   (no temperature, as [code:PiCIE]'s frozen 1x1 conv), within views (z¹ vs y¹/μ¹, z² vs y²/μ²) and across
+2. **Training pass**: prototype cross-entropy with logits = similarity to the frozen centroids
+   (no temperature), within views (z¹ vs y¹/μ¹, z² vs y²/μ²) and across
    views (z¹ vs y²/μ², z² vs y¹/μ¹); total = ((ℓ₁₂ + ℓ₂₁)/2 + (ℓ₁₁ + ℓ₂₂)/2) / 2 as [code:PiCIE].
 
 Deliberate differences from the paper, and the paper's gaps (docs/methods/picie.md §6.10–11), resolved:
@@ -37,15 +37,24 @@ Deliberate differences from the paper, and the paper's gaps (docs/methods/picie.
 * **Learning rate and length.** Adam β = (0.9, 0.999), no weight decay, 10 epochs (paper). The paper's
   lr is 1e-3; [code:PiCIE]'s COCO script uses 1e-4 (a later "unstable training" fix), its Cityscapes
   script 1e-3: the ``cocostuff27`` preset takes 1e-4, every other dataset 1e-3.
-* **k-means.** ``usseg_core.cluster.spherical_kmeans``: faiss spherical k-means on a reservoir sample of
-  pixel codes (PiCIE's faiss init; [code:PiCIE] 20 iterations), then running-count mini-batch updates
-  ([code:PiCIE]'s running average), the same code on CPU and GPU. K = number of classes.
+* **[code:PiCIE]'s centroids, k-means and view 2 (options).** [code:PiCIE]'s frozen zero-bias 1x1 conv
+  holds the *raw* centroids: logits <z, μ> = |μ| cos, pseudo-labels argmin ||z − μ||², evaluation
+  argmax <z, μ>; its k-means is Euclidean (faiss, not spherical) on every pixel of 5,120 images, then one
+  exact running-mean pass in groups of 256 images, never renormalised; it warps view 2's raw map and
+  normalises after. usseg's first version used cosine to unit centroids (``centroids="unit"``), spherical
+  k-means on a pixel reservoir with renormalised running-count updates (``kmeans="spherical-reservoir"``,
+  ``usseg_core.cluster.spherical_kmeans``) and normalise-warp-normalise (``normalise=
+  "before-and-after-warp"``); these stay the fields' defaults (and ``camvid11``'s until measured), the
+  ``cocostuff27`` / ``cityscapes27`` / ``potsdam3`` presets take [code:PiCIE]'s ("raw", "reference",
+  "after-warp"; ``usseg_core.cluster.reference_kmeans``). K = number of classes. usseg keeps its one
+  fractional crop box G for both views where [code:PiCIE] rounds separate boxes at image and feature
+  resolution (docs/methods/picie.md, Deviations).
 * **+H over-clustering** (optional, ``over_clustering=True``): a second clustering with K₂ = ``k_over``
   (100) on the same views, loss λ₁ L_K₁ + λ₂ L_K₂ with λ₁ = log K₂ / (log K₁ + log K₂) and
   λ₂ = log K₁ / (log K₁ + log K₂) (the paper's garbled formula read as "stop the K = 100 term from
   dominating", docs/methods/picie.md §2.2; the released code has no +H path).
 * **The method's own clusterer** at evaluation is the last epoch's view-1 centroids μ¹ (PiCIE's
-  "prototype classifier", Table 1). The reference's final protocol, fresh k-means on un-augmented
+  "prototype classifier", Table 1), scored as in training (cosine, or <z, μ> with ``centroids="raw"``). The reference's final protocol, fresh k-means on un-augmented
   training codes, is the shared k-means row of the same results table.
 """
 from __future__ import annotations
