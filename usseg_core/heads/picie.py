@@ -54,8 +54,9 @@ Deliberate differences from the paper, and the paper's gaps (docs/methods/picie.
   λ₂ = log K₁ / (log K₁ + log K₂) (the paper's garbled formula read as "stop the K = 100 term from
   dominating", docs/methods/picie.md §2.2; the released code has no +H path).
 * **The method's own clusterer** at evaluation is the last epoch's view-1 centroids μ¹ (PiCIE's
-  "prototype classifier", Table 1), scored as in training (cosine, or <z, μ> with ``centroids="raw"``). The reference's final protocol, fresh k-means on un-augmented
-  training codes, is the shared k-means row of the same results table.
+  "prototype classifier", Table 1), scored as in training (cosine, or <z, μ> with ``centroids="raw"``).
+  The reference's final protocol, fresh k-means on un-augmented training codes, is the shared k-means row
+  of the same results table.
 """
 from __future__ import annotations
 
@@ -91,9 +92,9 @@ class PicieConfig:
     balance: str = "inverse"  # CE cluster weights: paper "balanced"; [code:PiCIE] counts/sum = "frequency" (docstring)
     over_clustering: bool = False  # "+H": a second clustering with k_over clusters (paper Table 1)
     k_over: int = 100  # K₂ of "+H" (paper)
-    kmeans_samples: int = 100_000  # pixel codes in the k-means init sample (ours; [code:PiCIE] 20 x 256 images)
-    kmeans_iters: int = 20  # faiss iterations of the init; [code:PiCIE] kmeans_n_iter 20
-    kmeans_epochs: int = 1  # mini-batch update passes after the init (ours)
+    kmeans_samples: int = 100_000  # init sample of kmeans="spherical-reservoir" (ours; [code:PiCIE] 5,120 images)
+    kmeans_iters: int = 20  # faiss iterations of the init (either k-means); [code:PiCIE] kmeans_n_iter 20
+    kmeans_epochs: int = 1  # update passes after the init of kmeans="spherical-reservoir" (ours; [code:PiCIE] 1)
     seed: int = 0  # seeds the head init, the view pairing, the batch order and the k-means
     # [code:PiCIE]'s three choices that usseg's first version did differently (docs/methods/picie.md,
     # Deviations); keyed only when set (usseg_core.config.KEYED_WHEN_SET): the defaults are that

@@ -4,6 +4,8 @@ Everything that makes an epoch (the view pairing, both views' centroids, pseudo-
 method state, checkpointed with the loop's: a run interrupted mid-epoch resumes bit-identically. The view
 pairing is drawn with the batch order, by the planner (``usseg_core.trainer``): at an epoch's first step the
 pairs (a, b), then the epoch's order, the same draws in the same order as one generator always made them.
+The image order of ``kmeans="reference"`` ([code:PiCIE]'s one shuffle per epoch) is a function of the seed
+and the epoch, drawn from a generator of its own: nothing to checkpoint, and the plan's draws unchanged.
 """
 from __future__ import annotations
 
