@@ -206,20 +206,17 @@ def test_over_clustering_adds_a_second_clustering():
     assert res.meta["k"] == [2, 5] and res.payload["centroids_over"].shape == (5, 4)
 
 
-def test_mid_epoch_interrupt_resumes_bit_identical(tmp_path: Path):
-    banks = [FakeBank(), FakeBank(n=6, seed=1)]  # two splits: 18 images, 4 steps per epoch
-    cfg = _config(epochs=2)
-    torch.manual_seed(5)
-    full = train_picie_head(HeadInputs(n_classes=2, views=banks), cfg, device="cpu", progress=False)
+def _interrupt_and_resume(banks, cfg, ckpt: Path, full) -> None:
+    """Stop a run at step 7 (epoch 1, step 3 of 4: the last checkpoint, step 6, is mid-epoch), resume it
+    under another global seed, and check it ends exactly where the uninterrupted run ``full`` ended."""
 
     class Interrupt(Exception):
         pass
 
     def stop(step, _):
-        if step == 7:  # epoch 1, step 3 of 4: the last checkpoint (step 6) is mid-epoch
+        if step == 7:
             raise Interrupt
 
-    ckpt = tmp_path / "checkpoint.pt"
     with pytest.raises(Interrupt):
         train_picie_head(HeadInputs(n_classes=2, views=banks), cfg, checkpoint_path=ckpt, device="cpu",
                          progress=False, on_step=stop)
@@ -230,6 +227,15 @@ def test_mid_epoch_interrupt_resumes_bit_identical(tmp_path: Path):
     _equal_states(full.payload["head"], resumed.payload["head"])
     assert torch.equal(full.payload["centroids"], resumed.payload["centroids"])
     assert full.history == resumed.history
+
+
+def test_mid_epoch_interrupt_resumes_bit_identical(tmp_path: Path):
+    banks = [FakeBank(), FakeBank(n=6, seed=1)]  # two splits: 18 images, 4 steps per epoch
+    cfg = _config(epochs=2)
+    torch.manual_seed(5)
+    full = train_picie_head(HeadInputs(n_classes=2, views=banks), cfg, device="cpu", progress=False)
+    ckpt = tmp_path / "checkpoint.pt"
+    _interrupt_and_resume(banks, cfg, ckpt, full)
     # another learning rate is not a resumable change
     with pytest.raises(InputError, match="lr"):
         train_picie_head(HeadInputs(n_classes=2, views=banks), _config(epochs=2, lr=0.5), checkpoint_path=ckpt,
@@ -258,24 +264,8 @@ def test_reference_options_train_and_resume_bit_identical(tmp_path: Path):
     assert all(math.isfinite(h["loss"]) for h in steps) and steps[-1]["loss"] < steps[0]["loss"]
     norms = full.payload["centroids"].norm(dim=1)
     assert (norms < 0.999).all()  # running means of unit codes, never renormalised
-
-    class Interrupt(Exception):
-        pass
-
-    def stop(step, _):
-        if step == 7:
-            raise Interrupt
-
     ckpt = tmp_path / "checkpoint.pt"
-    with pytest.raises(Interrupt):
-        train_picie_head(HeadInputs(n_classes=2, views=banks), cfg, checkpoint_path=ckpt, device="cpu",
-                         progress=False, on_step=stop)
-    torch.manual_seed(999)
-    resumed = train_picie_head(HeadInputs(n_classes=2, views=banks), cfg, checkpoint_path=ckpt, device="cpu",
-                               progress=False)
-    _equal_states(full.payload["head"], resumed.payload["head"])
-    assert torch.equal(full.payload["centroids"], resumed.payload["centroids"])
-    assert full.history == resumed.history
+    _interrupt_and_resume(banks, cfg, ckpt, full)
     # the run on the default options is another run: its checkpoint does not resume this one
     with pytest.raises(InputError, match="centroids"):
         train_picie_head(HeadInputs(n_classes=2, views=banks), _config(epochs=2), checkpoint_path=ckpt,
