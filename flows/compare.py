@@ -95,8 +95,8 @@ def _column(title: str, group: dict, pred: Predictor, evaluation: EvaluationRef)
 
 
 def compare_runs(spec: CompareSpec) -> dict:
-    """The comparison body: inputs once per head, training fanned out, evaluations, the report."""
-    spec = resolved(spec)
+    """The comparison body (``spec`` resolved by the flow): inputs once per head, training fanned out,
+    evaluations, the report."""
     storage, runs = spec.storage, spec.runs()
     prepared: dict[str, dict] = {}
     for run in runs:  # seeds share their head's inputs; each stage fans its own shards out

@@ -23,4 +23,7 @@ def data_ref(run: Where, split: str) -> DataRef:
 def resolved(spec: S) -> S:
     """``spec`` with its storage and data root resolved (flag -> environment -> Prefect variable -> default)."""
     storage = str(storage_root(spec.storage))
-    return spec.changed(storage=storage, data_root=str(resolve_data_root(spec.dataset, spec.data_root, storage)))
+    root = str(resolve_data_root(spec.dataset, spec.data_root, storage))
+    if (storage, root) == (spec.storage, spec.data_root):
+        return spec  # already resolved (the CLI resolves both): no second validation of the whole spec
+    return spec.changed(storage=storage, data_root=root)
