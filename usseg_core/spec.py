@@ -110,7 +110,9 @@ class DataSpec(Where):
 
     @model_validator(mode="after")
     def _check_backbone(self):
-        _check_backbone(self.backbone)
+        from usseg_core.backbones.specs import backbone_spec  # the torch-free table
+
+        backbone_spec(self.backbone)  # "unknown backbone 'x'; known: ..."
         if self.random_weights and self.weights is not None:
             raise ConfigError(f"backbone {self.backbone!r}: give either weights={self.weights!r} or "
                               "random_weights, not both")
@@ -396,12 +398,6 @@ def check_run(run: RunSpec) -> None:
                 raise ConfigError(f"--set {section}.num_neighbors={wanted}: positives are drawn from KNN ranks "
                                   f"1..num_neighbors, but the KNN table keeps {knn.k} neighbours (knn.k); use "
                                   f"num_neighbors <= {knn.k} or --set knn.k={wanted}")
-
-
-def _check_backbone(name: str) -> None:
-    from usseg_core.backbones.specs import backbone_spec  # the torch-free table
-
-    backbone_spec(name)  # "unknown backbone 'x'; known: ..."
 
 
 def _section(fields: dict, prefix: str, cls: type, what: str):
