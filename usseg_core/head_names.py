@@ -40,6 +40,5 @@ BUILTIN_HEAD_CARDS: dict[str, HeadCard] = {
                     {"hsg.epochs": 4}),
 }
 
-# Derived views for the CLI (no second table): name -> summary, and every built-in head's demo overrides.
+# The derived view the CLI's help reads (no second table): name -> summary.
 BUILTIN_HEADS: dict[str, str] = {name: card.summary for name, card in BUILTIN_HEAD_CARDS.items()}
-DEMO_OVERRIDES: dict[str, Any] = {k: v for card in BUILTIN_HEAD_CARDS.values() for k, v in card.demo.items()}

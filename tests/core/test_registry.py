@@ -78,14 +78,14 @@ def test_the_torch_free_head_names_are_the_registry():
 
 def test_heads_declare_their_demo_and_capabilities():
     """HeadSpec says what flows used to find out by name or by probing (``hasattr(head, "levels")``)."""
-    from usseg_core.head_names import BUILTIN_HEAD_CARDS, DEMO_OVERRIDES
+    from usseg_core.head_names import BUILTIN_HEAD_CARDS
+    from usseg_core.heads import demo_overrides
     from usseg_core.heads.builtin import StegoTrained
     from usseg_core.heads.hsg import HsgTrained
     from usseg_core.heads.picie import PicieTrained
 
     # the demo's lengths, as `usseg demo` has always used them (each head's HeadSpec.demo)
-    assert DEMO_OVERRIDES == {"stego.steps": 200, "picie.epochs": 4, "hsg.epochs": 4}
-    assert {k: v for h in BUILTIN_HEAD_CARDS for k, v in get_head(h).demo.items()} == DEMO_OVERRIDES
+    assert demo_overrides(list(BUILTIN_HEAD_CARDS)) == {"stego.steps": 200, "picie.epochs": 4, "hsg.epochs": 4}
     assert dict(get_head("omh").demo) == {"stego.steps": 200}  # OMH's primary section is STEGO's
     for name, trained in {"stego": StegoTrained, "omh": StegoTrained, "picie": PicieTrained, "hsg": HsgTrained}.items():
         spec = get_head(name)

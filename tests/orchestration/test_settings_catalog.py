@@ -84,7 +84,9 @@ def test_prefect_yaml_has_every_head_dataset_with_schedules_and_triggers():
 
 def test_synthetic_deployments_train_as_long_as_the_demo():
     """The synthetic deployments exist to try things quickly: the demo's lengths, the papers' elsewhere."""
-    from usseg_core.head_names import DEMO_OVERRIDES
+    from usseg_core.heads import demo_overrides, list_heads
+
+    DEMO_OVERRIDES = demo_overrides(list_heads())  # what the generator writes for the compare deployment
     from usseg_core.heads import get_head
     from usseg_core.spec import RunSpec
 
