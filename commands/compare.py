@@ -11,7 +11,7 @@ from rich.text import Text
 
 from commands.common import (BackboneOpt, CrfOpt, DataRootOpt, DatasetOpt, DeviceOpt, EvalResolutionOpt,
                                EvalSplitOpt, OnErrorOpt, OverclusterOpt, RandomWeightsOpt, ResolutionOpt, RunnerOpt,
-                               SetOpt, StorageOpt, TrainSplitOpt, WeightsOpt, path_or_none, spec_default)
+                               StorageOpt, TrainSplitOpt, WeightsOpt, path_or_none, spec_default)
 from orchestration.settings import storage_root
 from usseg_core.config import parse_set_options
 from usseg_core.head_names import BUILTIN_HEADS

@@ -24,7 +24,6 @@ from tasks.inputs import InputContext, ensure_inputs
 from tasks.predictors import predictors_for
 from tasks.retrieval import add_retrieval
 from usseg_core.crf import CRFParams
-from usseg_core.datasets.registry import dataset_class
 from usseg_core.errors import ConfigError
 from usseg_core.heads import get_head, list_heads
 from usseg_core.spec import RunSpec

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.manifest import DataRef, load_manifest
-from tasks.stage import EvaluationRef, FeaturesRef, ManifestRef, Work, declare, logger, run_stage
+from tasks.manifest import DataRef
+from tasks.stage import EvaluationRef, FeaturesRef, ManifestRef, Work, declare, run_stage
 from tasks.heads import image_codes, load_head
 from tasks.retrieval import load_memory
 from usseg_core.crf import CRFParams, dense_crf
