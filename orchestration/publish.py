@@ -3,10 +3,10 @@
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from tasks.stage import ArtifactRef
 from usseg_core.store import atomic_write_json, now_iso
 
 RUNS_FOLDER = "_runs"
@@ -32,11 +32,7 @@ def produced(result: Any) -> list[dict]:
 
 
 def _walk(obj: Any) -> Iterator[dict]:
-    if isinstance(obj, ArtifactRef):
-        yield {"key": obj.key, "path": obj.path, "cache_hit": obj.cache_hit}
-        for value in obj.values():
-            yield from _walk(value)
-    elif isinstance(obj, dict):
+    if isinstance(obj, Mapping):  # a dict, or an ArtifactRef (a read-only mapping over its fields)
         if isinstance(obj.get("key"), str) and isinstance(obj.get("path"), str):
             yield obj
         for value in obj.values():
