@@ -46,10 +46,11 @@ def _train_all(runs: list[RunSpec], prepared: dict[str, dict]) -> list[dict]:
     submitted, raw = [], {}
     for run in runs:
         p = prepared[run.head]
-        key, _, _ = head_artifact_key(run.head, run.dataset, p["n_classes"], p["inputs"], run.head_settings())
+        settings = run.head_settings()
+        key, _, _ = head_artifact_key(run.head, run.dataset, p["n_classes"], p["inputs"], settings)
         cached = store.get("head", key) is not None
-        head = ensure_head.submit(storage, run.head, run.dataset, p["n_classes"], p["inputs"],
-                                  run.head_settings(), run.device)
+        head = ensure_head.submit(storage, run.head, run.dataset, p["n_classes"], p["inputs"], settings,
+                                  run.device)
         seed = run.seed
         km = ensure_kmeans.submit(storage, head, p["cluster_on"], p["k"], seed=seed, device=run.device)
         ident = (tuple(f["key"] for f in p["cluster_on"]), p["k"], seed)  # STEGO and OMH share theirs
