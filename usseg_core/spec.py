@@ -34,8 +34,9 @@ RETRIEVAL_K = 20  # twke18/HSG hsg/models/predictions/segsort.py: top_k_ranking(
 # Namespaces of --set keys that configure a shared input stage rather than the head.
 VIEWS_PREFIX, OVERSEG_PREFIX, KNN_PREFIX, CROPS_PREFIX = "views.", "overseg.", "knn.", "crops."
 STAGE_PREFIXES = (VIEWS_PREFIX, OVERSEG_PREFIX, KNN_PREFIX, CROPS_PREFIX)
-# --set keys that are run fields, not configuration (kept for the command lines users already type).
-RUN_FIELD_SETS = ("seed", "n_clusters", "dataset_options")
+# --set keys that are run fields, not configuration (kept for the command lines users already type);
+# ``seed`` is one too, for a single run (RunSpec): a comparison sets its seeds with --seeds.
+RUN_FIELD_SETS = ("n_clusters", "dataset_options")
 
 OnError = Literal["raise", "skip"]
 Overcluster = Literal["unmatched-wrong", "majority", "reference-drop"]  # see usseg_core.metrics.hungarian_scores
@@ -180,7 +181,7 @@ class RunSettings(DataSpec):
                                                            "over-clusters).")
     retrieval_k: int = Field(RETRIEVAL_K, ge=1, description="Segment retrieval: memory segments voting per "
                                                             "test segment (twke18/HSG: 20).")
-    retrieval_vote: Vote = Field("majority", description="Segment retrieval vote: majority (twke18/HSG) | "
+    retrieval_vote: Vote = Field(RETRIEVAL_VOTES[0], description="Segment retrieval vote: majority (twke18/HSG) | "
                                                          "weighted.")
     overcluster: Overcluster = Field(DEFAULT_OVERCLUSTER, description="With more clusters than classes: "
                                      "unmatched-wrong | majority | reference-drop (STEGO's).")
@@ -211,7 +212,7 @@ class RunSettings(DataSpec):
             raise ConfigError(f"--set on_error={sets['on_error']}: not a config setting; invalid files are "
                               f"handled by the option --on-error fail|skip of every command that reads images "
                               f"(here: --on-error {sets['on_error']})")
-        for name in ("n_clusters", "dataset_options"):
+        for name in RUN_FIELD_SETS:
             if name in sets:
                 _move(data, name, sets.pop(name))
         data["overrides"] = sets
