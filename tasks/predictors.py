@@ -10,16 +10,16 @@ go through it, so a predictor has the same name, label and key fields wherever i
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from typing import Any, Iterator
+from dataclasses import dataclass
 
+from tasks.stage import FieldMapping
 from usseg_core.retrieval import K_DEFAULT, KMEANS_ITERS, VOTE_DEFAULT, check_options
 
 RAW_KINDS = ("kmeans",)  # the raw-feature baseline: k-means on the backbone's features (+ retrieval)
 
 
 @dataclass(frozen=True, kw_only=True)
-class Predictor(Mapping):
+class Predictor(FieldMapping):
     """One predictor of an evaluation group.
 
     ``name`` is unique over an evaluation (its confusion matrices are keyed by it); ``label`` is the
@@ -44,26 +44,15 @@ class Predictor(Mapping):
     def params(self) -> dict:
         """What the evaluation key covers of it: every set field but the file location (``key`` stands
         for it)."""
-        return {n: v for n, v in self._set().items() if n != "path"}
+        return {n: v for n, v in self._items().items() if n != "path"}
 
     @property
     def row_label(self) -> str:
         return self.label or self.kind
 
-    def _set(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
-
-    def __getitem__(self, name: str) -> Any:
-        value = self._set()
-        if name not in value:
-            raise KeyError(name)
-        return value[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._set())
-
-    def __len__(self) -> int:
-        return len(self._set())
+    def _items(self) -> dict:
+        """The set fields only (a retrieval field is None for the other kinds)."""
+        return {n: v for n, v in super()._items().items() if v is not None}
 
 
 def retrieval_predictor(memory: Mapping, n_classes: int, grid, iters: int = KMEANS_ITERS, k: int = K_DEFAULT,

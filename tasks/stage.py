@@ -43,8 +43,28 @@ LINEAGE = ("dataset", "backbone", "backbone_fingerprint")
 
 # --- references ------------------------------------------------------------------------------------
 
+class FieldMapping(Mapping):
+    """A frozen dataclass that also reads as a read-only mapping of its fields (``ref["key"]``,
+    ``dict(ref)``); a subclass narrows which fields by overriding :meth:`_items`."""
+
+    def _items(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def __getitem__(self, name: str) -> Any:
+        items = self._items()
+        if name not in items:
+            raise KeyError(name)
+        return items[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items())
+
+    def __len__(self) -> int:
+        return len(self._items())
+
+
 @dataclass(frozen=True, kw_only=True)
-class ArtifactRef(Mapping):
+class ArtifactRef(FieldMapping):
     """A complete artifact: its stage, key, the file or folder its readers open, whether this run found
     it in the store, and its lineage (None where the stage has none)."""
 
@@ -55,22 +75,6 @@ class ArtifactRef(Mapping):
     dataset: str | None = None
     backbone: str | None = None
     backbone_fingerprint: str | None = None
-
-    # read-only mapping over the fields
-    def __getitem__(self, name: str) -> Any:
-        if name not in self._names():
-            raise KeyError(name)
-        return getattr(self, name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names())
-
-    def __len__(self) -> int:
-        return len(self._names())
-
-    @classmethod
-    def _names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
 
     @classmethod
     def of(cls, art: Artifact, path: str, cache_hit: bool | None, **extra: Any):
