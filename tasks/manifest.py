@@ -63,6 +63,10 @@ def _listing_signature(ds, *, content: bool = False) -> str:
     from usseg_core.errors import InputError
 
     h = hashlib.sha256()
+
+    def add(line: str) -> None:  # a name that is not valid UTF-8 keeps its bytes (os.fsencode's surrogates)
+        h.update(line.encode("utf-8", "surrogateescape"))
+
     if content:  # the default keeps the signature (and manifest keys) of earlier versions
         h.update(b"content\n")
     for id_ in ds.ids():
@@ -73,13 +77,13 @@ def _listing_signature(ds, *, content: bool = False) -> str:
             try:
                 if content:
                     size, sha = file_sha256(path)
-                    h.update(f"{rel}\0{size}\0{sha}\n".encode())
+                    add(f"{rel}\0{size}\0{sha}\n")
                 else:
                     st = os.stat(path)
-                    h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                    add(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n")
             except (OSError, InputError) as err:
                 problem = err.problem if isinstance(err, InputError) else (err.strerror or str(err))
-                h.update(f"{rel}\0missing\0{problem}\n".encode())
+                add(f"{rel}\0missing\0{problem}\n")
     return h.hexdigest()
 
 

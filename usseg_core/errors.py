@@ -8,6 +8,18 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def printable(text: str) -> str:
+    """``text`` (an id, a path, a message naming one) as valid text: a file name that is not valid UTF-8 (a
+    folder copied from an old system: ``café.png`` written in Latin-1) reaches Python with surrogates
+    (os.fsdecode), which cannot be hashed, logged or sent to Prefect as text; its undecodable bytes become
+    backslash escapes (``caf\\xe9.png``), the same on every run."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 class UssegError(Exception):
     """Base class of every error usseg raises on purpose."""
 
@@ -23,7 +35,7 @@ class InputError(UssegError):
     def __init__(self, path: str | Path, problem: str) -> None:
         self.path = Path(path)
         self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
+        super().__init__(printable(f"{self.path}: {problem}"))
 
 
 class WeightsError(UssegError):

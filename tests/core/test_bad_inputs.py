@@ -172,3 +172,37 @@ def test_tiny_image_warns_with_its_name_and_size(caplog):
     assert caplog.text == ""
     assert upscale_factor((100, 100), ViewSpec("five_crop", 224)) == pytest.approx(4.48)
     assert upscale_factor((8, 8), ViewSpec("full", None, size=(64, 32))) == 8.0
+
+
+# ---------------------------------------------------------------------- a file name that is not UTF-8
+def test_a_file_name_that_is_not_utf8_is_accepted_with_a_stable_escaped_id(tmp_path):
+    """``caf\\xe9.png`` (café in Latin-1, from an old system): the image is read, its id is the escaped name
+    on every listing, the listing signature and manifest hash are stable; a broken one is named escaped, and
+    ``on_error="skip"`` lists it escaped."""
+    root = tmp_path / "old"
+    _png(root / "a.png", 16, 16, 10)
+    raw = os.path.join(os.fsencode(root), b"caf\xe9.png")
+    Image.fromarray(np.full((16, 16, 3), 200, dtype=np.uint8)).save(os.fsdecode(raw))
+    assert os.path.exists(raw)
+    ds = get_dataset("directory", root, "all")
+    assert ds.ids() == ["a", "caf\\xe9"]
+    assert int(ds.load_image("caf\\xe9")[0, 0, 0]) == 200
+    signature = _listing_signature(ds)
+    assert signature == _listing_signature(get_dataset("directory", root, "all"))
+    assert _listing_signature(ds, content=True) != signature
+    manifest = build_manifest(ds, progress=False)
+    manifest.to_json(tmp_path / "m.json")
+    again = type(manifest).from_json(tmp_path / "m.json")
+    assert again.hash == manifest.hash and again.image_path("caf\\xe9").read_bytes() == open(raw, "rb").read()
+
+    with open(os.path.join(os.fsencode(root), b"bad\xe9.png"), "wb") as fh:
+        fh.write(b"\x89PNG not really")
+    broken = get_dataset("directory", root, "all")
+    with pytest.raises(InputError) as err:
+        build_manifest(broken, progress=False)
+    assert str(err.value) == f"{root}/bad\\xe9.png: is not an image file Pillow can identify"
+    str(err.value).encode("utf-8")  # printable: no surrogate reaches a log or the terminal
+    skipped = build_manifest(broken, on_error="skip", progress=False)
+    assert skipped.ids == ["a", "caf\\xe9"]
+    assert skipped.skipped == [{"id": "bad\\xe9", "path": "bad\\xe9.png",
+                                "problem": "is not an image file Pillow can identify"}]

@@ -317,3 +317,29 @@ def test_a_task_failing_on_a_dask_worker_keeps_its_traceback_off_the_terminal(tm
                           env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert "raised: boom on a worker" in done.stdout, done.stdout + done.stderr
     assert ("Traceback" in done.stdout + done.stderr) == debug, done.stderr
+
+
+def test_extract_accepts_a_file_name_that_is_not_utf8_and_skips_a_broken_one(tmp_path):
+    """A folder copied from an old system: ``caf\\xe9.png`` (Latin-1) is extracted under an escaped id; a broken
+    ``bad\\xe9.png`` is one escaped line under --on-error fail (exit 4) and listed escaped under skip."""
+    data = _images(tmp_path / "data", 2)
+    with open(os.path.join(os.fsencode(data), b"caf\xe9.png"), "wb") as fh:
+        fh.write((data / "im000.png").read_bytes())
+    with open(os.path.join(os.fsencode(data), b"bad\xe9.png"), "wb") as fh:
+        fh.write(b"\x89PNG not really")
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    args = ("extract", "--dataset", "directory", "--data-root", str(data), "--random-weights", "--resolution", "64",
+            "--storage", str(storage))
+    done = usseg(tmp_path, *args)
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert done.stderr.splitlines()[-1].startswith(f"error: {data}/bad\\xe9.png: is not an image file Pillow can")
+    done = usseg(tmp_path, *args, "--on-error", "skip")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "(3 items)" in done.stdout
+    last = done.stdout.splitlines()[-1]
+    assert "; 1 files skipped (invalid; listed in " in last
+    manifest = json.loads(Path(last.rsplit("listed in ", 1)[1].rstrip(")")).read_text())
+    assert [e["id"] for e in manifest["entries"]] == ["caf\\xe9", "im000", "im001"]
+    assert manifest["skipped"] == [{"id": "bad\\xe9", "path": "bad\\xe9.png",
+                                    "problem": "is not an image file Pillow can identify"}]

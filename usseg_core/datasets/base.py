@@ -14,7 +14,7 @@ import numpy as np
 from usseg_core import imageio
 from usseg_core.datasets.mappings import LabelMapping
 from usseg_core.datasets.protocol import DatasetProtocol
-from usseg_core.errors import ConfigError, InputError
+from usseg_core.errors import ConfigError, InputError, printable
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -274,10 +274,10 @@ def paired_folder_index(
         InputError: two images in the folder share a stem (their ids would collide).
     """
     index: dict[str, tuple[str, str | None]] = {}
-    for image in list_image_files(images_dir):
-        id = id_prefix + image.stem
+    for image in list_image_files(images_dir):  # a name that is not UTF-8 keeps its file; its id is escaped
+        id = id_prefix + printable(image.stem)
         if id in index:
-            raise InputError(images_dir, f"two images share the name {image.stem!r}: ids would collide")
+            raise InputError(images_dir, f"two images share the name {id!r}: ids would collide")
         label = None if labels_dir is None else relposix(labels_dir / (image.stem + label_ext), root)
         index[id] = (relposix(image, root), label)
     return index

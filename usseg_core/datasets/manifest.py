@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from tqdm.auto import tqdm
 
 from usseg_core.datasets.base import Dataset
-from usseg_core.errors import ConfigError, InputError
+from usseg_core.errors import ConfigError, InputError, printable
 
 MANIFEST_VERSION = 1
 _CHUNK = 1 << 20
@@ -204,7 +204,7 @@ def build_manifest(
             path = err.path.as_posix()
             if err.path.is_absolute() and err.path.is_relative_to(dataset.root):
                 path = err.path.relative_to(dataset.root).as_posix()
-            skipped.append({"id": id, "path": path, "problem": err.problem})
+            skipped.append({"id": id, "path": printable(path), "problem": printable(err.problem)})
     if not entries:
         raise InputError(dataset.root, f"no valid images in {dataset.name} split {dataset.split!r} ({len(skipped)} skipped)")
     return Manifest(dataset.name, dataset.split, str(dataset.root), entries, skipped)
