@@ -1,7 +1,9 @@
-"""``usseg up`` / ``down`` / ``status`` (the Prefect service) and ``usseg storage lineage`` / ``du`` / ``gc``."""
+"""``usseg up`` / ``down`` / ``status`` (the Prefect service) and ``usseg storage lineage`` / ``du`` / ``gc`` /
+``verify``."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -11,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
-from commands.common import StorageOpt, existing_storage, human
+from commands.common import EXIT_INPUT, StorageOpt, existing_storage, human
 
 console = Console()
 
@@ -38,6 +40,7 @@ def _storage_app(app: typer.Typer) -> typer.Typer:
 def register(app: typer.Typer) -> None:
     register_service(app)
     register_storage(_storage_app(app))
+    register_verify(_storage_app(app))
 
 
 def register_service(app: typer.Typer) -> None:
@@ -142,6 +145,40 @@ def register_storage(storage_app: typer.Typer) -> None:
             console.print(f"removed {len(plan)} artifacts, {human(size)} freed")
         else:
             console.print(f"{len(plan)} artifacts, {human(size)}: dry run, pass --delete to remove them")
+
+
+def register_verify(storage_app: typer.Typer) -> None:
+    @storage_app.command("verify")
+    def verify(key: Optional[str] = typer.Argument(None, help="Artifact key (a unique prefix); default every "
+                                                   "artifact."),
+               storage: Optional[Path] = StorageOpt) -> None:
+        """Check whole artifacts: recorded file digests, every Zarr chunk's checksum and presence, finite
+        values, done marks, loadable .pt/.npy/.json files. One line per artifact; exit 4 if any is damaged."""
+        import time
+
+        from usseg_core.integrity import verify_artifact
+        from usseg_core.store import ArtifactStore
+
+        store = ArtifactStore(existing_storage(storage))
+        arts = [store.find(key)] if key else list(store.iter_artifacts())
+        counts: dict[str, int] = {}
+        damaged = []
+        t0 = time.perf_counter()
+        for n, art in enumerate(arts, 1):
+            v = verify_artifact(art)
+            counts[v.status] = counts.get(v.status, 0) + 1
+            what = "; ".join(v.problems) if v.problems else "; ".join(v.notes)
+            console.print(f"[{n}/{len(arts)}] {art.stage}/{art.key}: {v.status}" + (f" ({what})" if what else ""),
+                          markup=False, soft_wrap=True)
+            if v.status == "damaged":
+                damaged.append(art)
+        summary = ", ".join(f"{c} {s}" for s, c in sorted(counts.items())) or "no artifacts"
+        console.print(f"{len(arts)} artifacts checked in {time.perf_counter() - t0:.1f} s: {summary}", markup=False)
+        if damaged:
+            sys.stdout.flush()
+            sys.stderr.write(f"error: {len(damaged)} damaged artifacts: delete "
+                             + " ".join(str(a.path) for a in damaged) + " to recompute them\n")
+            raise typer.Exit(code=EXIT_INPUT)
 
 
 def _label(node) -> str:

@@ -1,6 +1,9 @@
 """Feature extraction tasks: resolve the feature artifact, map shards over workers, finish it."""
 from __future__ import annotations
 
+import contextlib
+from typing import Callable, Iterator
+
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -10,11 +13,14 @@ from tasks.manifest import DataRef, ensure_manifest, load_manifest
 from tasks.stage import (IMAGE_SHARD_UNKEYED, FeaturesRef, ManifestRef, Work, declare, logger, run_stage,
                          worker_id)
 from usseg_core.device import PRECISIONS, resolve_precision
-from usseg_core.features import FeatureStore, extract_into
+from usseg_core.errors import InputError
+from usseg_core.features import FeatureStore, NonFiniteFeatures, extract_into
 from usseg_core.store import ArtifactStore
 from usseg_core.views import ViewSpec, prepare_item, resolve_full_size
 
-FEATURES_VERSION = 1
+# 2: every chunk carries a crc32c and is written even when it equals the fill value (caches that detect
+#    their own damage, docs/architecture.md "Integrity"); version-1 stores cannot be checked
+FEATURES_VERSION = 2
 
 
 def feature_params(data: DataRef, view: ViewSpec, precision: str) -> dict:
@@ -54,11 +60,23 @@ def extract_shard(storage: str, key: str, data: DataRef, manifest_path: str, *, 
         return prepare_item(image, vs, i % vs.per_image)
 
     model = load_backbone(backbone)
-    written = extract_into(fstore, model, load_item, todo, batch_size=batch_size, precision=precision)
+    with naming_images(lambda i: ds.image_path(ids[i // vs.per_image]), f"features/{key}"):
+        written = extract_into(fstore, model, load_item, todo, batch_size=batch_size, precision=precision)
     if len(upscaled) > UPSCALE_WARN_NAMED:
         log.warning("%d more images of items [%d, %d) are upscaled more than %gx (e.g. %s)",
                     len(upscaled) - UPSCALE_WARN_NAMED, start, stop, UPSCALE_WARN_FACTOR, upscaled[-1])
     return {"start": start, "written": written, "worker": worker}
+
+
+@contextlib.contextmanager
+def naming_images(image_of: Callable[[int], object], artifact: str) -> Iterator[None]:
+    """Features refused as non-finite become an error naming the image file they came from."""
+    try:
+        yield
+    except NonFiniteFeatures as exc:
+        raise InputError(image_of(exc.item), f"the backbone gave {exc.count} non-finite {exc.array} values "
+                         f"(nan/inf) for it (item {exc.item} of {artifact}): refused, nothing of it was written; "
+                         "try fp32 precision, or leave the image out") from exc
 
 
 UPSCALE_WARN_FACTOR = 2.0

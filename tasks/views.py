@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks.backbone import BackboneRef, backbone_fingerprint, load_backbone
 from tasks.manifest import DataRef, ensure_manifest, load_manifest
 from tasks.stage import IMAGE_SHARD_UNKEYED, ManifestRef, ViewsRef, Work, declare, logger, run_stage
-from tasks.extract import feature_params, resolve_view
+from tasks.extract import feature_params, naming_images, resolve_view
 from usseg_core.device import resolve_precision
 from usseg_core.errors import ConfigError
 from usseg_core.features import FeatureStore, extract_into
@@ -23,7 +23,7 @@ from usseg_core.viewbank import (DRAWS_FILE, PLAIN, WARPED, ViewBankConfig, chec
                                  load_draws, render_view, save_draws, summarize_draws)
 from usseg_core.views import ViewSpec
 
-VIEWS_VERSION = 1
+VIEWS_VERSION = 2  # 2: crc32c in every chunk, every chunk written (as features version 2)
 STORES = ((PLAIN, False), (WARPED, True))  # (file, geometric): plain = P(base(x)), warped = G(P(base(x)))
 
 
@@ -55,8 +55,9 @@ def views_shard(storage: str, key: str, data: DataRef, manifest_path: str, *, vi
             i, v = divmod(k, n_views)
             return render_view(image(i), vs, draws[i][v], geometric=geometric)
 
-        written += extract_into(stores[name], model, load_item, todo[name], batch_size=batch_size,
-                                precision=precision)
+        with naming_images(lambda k: ds.image_path(ids[k // n_views]), f"views/{key} {name}"):
+            written += extract_into(stores[name], model, load_item, todo[name], batch_size=batch_size,
+                                    precision=precision)
     return {"start": start, "written": written, "worker": worker}
 
 

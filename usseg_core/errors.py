@@ -44,3 +44,25 @@ class WeightsError(UssegError):
 
 class ConfigError(UssegError):
     """A parameter, registry name or setting is invalid."""
+
+
+class DamagedArtifact(InputError):
+    """A file of a stored artifact is damaged or missing: a checksum or size that does not match what was
+    written, a chunk of a written item missing, non-finite values. The cached result cannot be trusted; the
+    message names the artifact and the folder to delete (exit code 4, as every :class:`InputError`).
+
+    Attributes:
+        folder: the artifact folder (``<storage>/<stage>/<key>``), or the damaged store outside one.
+        problem: what is damaged, e.g. ``item 17 (features.zarr/dense/c/17/0/0/0): checksum mismatch``.
+    """
+
+    def __init__(self, folder: str | Path, problem: str) -> None:
+        self.folder = self.path = Path(folder)
+        self.problem = problem
+        label = "/".join(self.folder.parts[-2:])
+        UssegError.__init__(self, f"{label}: {problem}; the cache is damaged: delete {self.folder} to recompute "
+                            "it (usseg storage verify lists every damaged artifact)")
+
+    def __reduce__(self):  # pickles (Dask workers) with its two arguments, not its message
+        return type(self), (self.folder, self.problem)
+

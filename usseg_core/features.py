@@ -6,6 +6,11 @@ Layout of one feature artifact (docs/architecture.md, "Feature store"): a Zarr v
 - ``pooled`` ``(N, C)`` float32: global average of the dense map (computed in fp32 before the cast);
 - ``done``   ``(N,)`` bool: an item is marked done only after its dense and pooled rows are written.
 
+Every chunk ends with a crc32c and every chunk is written, even one equal to the fill value: a damaged
+chunk, a missing chunk of an item marked done, or a non-finite value read raises
+:class:`~usseg_core.errors.DamagedArtifact` naming the item (usseg_core/integrity.py); non-finite values are
+refused on write (:class:`NonFiniteFeatures`).
+
 ``pooled`` and ``done`` are chunked by *shard* (``shard_size`` items): a shard is written by exactly one
 worker, so workers never touch each other's chunks, and a killed run resumes item by item from ``done``.
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import queue
@@ -32,11 +38,12 @@ import numcodecs.blosc
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
 from zarr.core.sync import sync as zarr_sync
 
 from usseg_core.device import autocast_for, resolve_precision  # noqa: F401  (the one precision policy)
-from usseg_core.errors import ConfigError
+from usseg_core.errors import ConfigError, UssegError
+from usseg_core.integrity import checked_read, chunk_damage, chunk_key, in_complete_artifact, n_nonfinite, payload
 
 DENSE, POOLED, DONE = "dense", "pooled", "done"
 MEMORY_ENV = "USSEG_FEATURE_MEMORY"  # bytes of dense features training may hold in RAM: "8G", "512M", "0"
@@ -47,6 +54,20 @@ _log = logging.getLogger("usseg")
 
 def _compressor() -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+
+
+WRITE_ALL = {"write_empty_chunks": True}  # a chunk equal to the fill value is written too: absent = damaged
+
+
+class NonFiniteFeatures(UssegError):
+    """Features to be written hold nan or inf (``item``: the first such item's index); nothing was written."""
+
+    def __init__(self, store: Path, item: int, count: int, array: str) -> None:
+        self.store, self.item, self.count, self.array = store, item, count, array
+        super().__init__(f"{store}: item {item}: {count} non-finite {array} values (nan/inf) refused")
+
+    def __reduce__(self):  # pickles (Dask workers) with its arguments, not its message
+        return type(self), (self.store, self.item, self.count, self.array)
 
 
 def memory_budget() -> int:
@@ -65,7 +86,8 @@ def memory_budget() -> int:
 
 class _ChunkFiles:
     """Direct reads of a dense array's chunk files, when they are what :meth:`FeatureStore.create` writes:
-    a local store, one item per chunk, little-endian bytes then one Blosc codec, nothing else.
+    a local store, one item per chunk, little-endian bytes, one Blosc codec, then crc32c, nothing else.
+    Each file's crc32c is checked before it is decoded, and its values for nan / inf after.
 
     A background reader next to a Python training loop must hold the GIL as little as possible. Zarr 3's
     read path runs per chunk in Python (asyncio tasks, indexers, buffers: ~1.7 ms of one core per
@@ -74,24 +96,21 @@ class _ChunkFiles:
     slows it by 1.15x (measured, see bench/scale.py). Any other layout reads through Zarr.
     """
 
-    def __init__(self, dense: zarr.Array, root: Path, key: Callable[[int], str], fill: float) -> None:
-        self.dense, self.root, self.key, self.fill = dense, root, key, fill
+    def __init__(self, dense: zarr.Array, root: Path, missing: Callable[[int, int], None]) -> None:
+        self.dense, self.root, self.missing = dense, root, missing
 
     @classmethod
-    def of(cls, dense: zarr.Array) -> "_ChunkFiles | None":
-        from zarr.codecs import BytesCodec
+    def of(cls, dense: zarr.Array, root: Path, missing: Callable[[int, int], None]) -> "_ChunkFiles | None":
         from zarr.storage import LocalStore
 
-        meta = dense.metadata
-        codecs = getattr(meta, "codecs", ())
-        plain = (len(codecs) == 2 and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], BloscCodec)
+        codecs = getattr(dense.metadata, "codecs", ())
+        plain = (len(codecs) == 3 and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], BloscCodec)
+                 and isinstance(codecs[2], Crc32cCodec)
                  and (codecs[0].endian is None or codecs[0].endian.value == sys.byteorder))
         if (not plain or not isinstance(dense.store, LocalStore) or dense.chunks != (1, *dense.shape[1:])
                 or np.dtype(dense.dtype) != np.float16):
             return None
-        ndim = len(dense.shape)
-        return cls(dense, Path(dense.store.root) / dense.path,
-                   lambda i: meta.encode_chunk_key((i,) + (0,) * (ndim - 1)), float(dense.fill_value))
+        return cls(dense, root, missing)
 
     def read_into(self, items: np.ndarray, out: np.ndarray, inverse: np.ndarray) -> None:
         """``out[j] = dense[items[inverse[j]]]``: each distinct chunk read and decoded once."""
@@ -102,12 +121,20 @@ class _ChunkFiles:
                 out[j] = out[first[k]]
                 continue
             first[k] = j
+            i = int(items[k])
+            chunk = self.root / chunk_key(self.dense, i)
             try:
-                data = (self.root / self.key(int(items[k]))).read_bytes()
-            except FileNotFoundError:  # a chunk never written holds the fill value
-                out[j] = self.fill
+                data = chunk.read_bytes()
+            except FileNotFoundError:  # damage, unless the item was never written: then the fill value
+                self.missing(i, i + 1)
+                out[j] = self.dense.fill_value
                 continue
-            numcodecs.blosc.decompress(data, item)
+            body = payload(data)
+            if body is None:
+                raise chunk_damage(chunk, (i, i + 1), "checksum mismatch")
+            numcodecs.blosc.decompress(body, item)
+            if n_nonfinite(item):
+                raise chunk_damage(chunk, (i, i + 1), f"{n_nonfinite(item)} non-finite values (nan/inf)")
             out[j] = item
 
 
@@ -138,8 +165,11 @@ class FeatureStore:
         self.dense = self.group[DENSE]
         self.pooled = self.group[POOLED]
         self.done = self.group[DONE]
+        if mode != "r":  # Zarr does not store this setting: every writer sets it
+            self.dense, self.pooled, self.done = (a.with_config(WRITE_ALL) for a in (self.dense, self.pooled,
+                                                                                     self.done))
         self._cache: np.ndarray | None = None
-        self._files = _ChunkFiles.of(self.dense)  # None: reads go through Zarr
+        self._files = _ChunkFiles.of(self.dense, self.path / DENSE, functools.partial(self._missing, DENSE))
 
     @classmethod
     def create(cls, path: str | Path, n: int, dim: int, h: int, w: int,
@@ -153,12 +183,29 @@ class FeatureStore:
             raise ConfigError(f"{path}: existing feature store has shape {store.dense.shape}, "
                               f"expected {(n, dim, h, w)}; remove the incomplete artifact")
         group = zarr.open_group(str(path), mode="w")
-        group.create_array(DENSE, shape=(n, dim, h, w), chunks=(1, dim, h, w), dtype="float16",
-                           compressors=_compressor(), fill_value=0)
-        group.create_array(POOLED, shape=(n, dim), chunks=(shard_size, dim), dtype="float32",
-                           compressors=_compressor(), fill_value=0)
-        group.create_array(DONE, shape=(n,), chunks=(shard_size,), dtype="bool", fill_value=False)
+        codecs = dict(compressors=(_compressor(), Crc32cCodec()), config=WRITE_ALL)  # crc32c of each chunk
+        group.create_array(DENSE, shape=(n, dim, h, w), chunks=(1, dim, h, w), dtype="float16", fill_value=0,
+                           **codecs)
+        group.create_array(POOLED, shape=(n, dim), chunks=(shard_size, dim), dtype="float32", fill_value=0,
+                           **codecs)
+        group.create_array(DONE, shape=(n,), chunks=(shard_size,), dtype="bool", fill_value=False, **codecs)
         return cls(path, mode="r+")
+
+    # --- integrity: every read is checked, a damaged or missing chunk of a written item raises ------------
+
+    def _missing(self, array: str, a: int, b: int) -> None:
+        """The chunk of items ``[a, b)`` is absent: damage when one is marked done or the artifact is
+        complete (every chunk is written); else they were never written and read as the fill value."""
+        try:
+            done = bool(np.asarray(self.done[a:b]).any())
+        except ValueError:  # its done chunk is damaged too
+            done = True
+        if done or in_complete_artifact(self.path):
+            raise chunk_damage(self.path / array / chunk_key(self.group[array], a), (a, b), "missing")
+
+    def _zarr_read(self, array: str, items: np.ndarray, read: Callable[[], np.ndarray]) -> np.ndarray:
+        return checked_read(self.group[array], self.path / array, items, read,
+                            lambda a, b: self._missing(array, a, b))
 
     def __len__(self) -> int:
         return int(self.dense.shape[0])
@@ -182,12 +229,21 @@ class FeatureStore:
         return [start + int(i) for i in np.flatnonzero(~done)]
 
     def write(self, indices: Sequence[int], dense: np.ndarray, pooled: np.ndarray) -> None:
-        """Write items; ``indices`` must be contiguous and inside one shard (one writer per chunk)."""
+        """Write items; ``indices`` must be contiguous and inside one shard (one writer per chunk).
+
+        Non-finite values (after the cast to float16: a value above 65504 becomes inf) raise
+        :class:`NonFiniteFeatures` naming the first such item, and nothing is written."""
         a, b = int(indices[0]), int(indices[-1]) + 1
         if b - a != len(indices) or a // self.shard_size != (b - 1) // self.shard_size:
             raise ValueError("write() takes contiguous indices inside one shard")
-        self.dense[a:b] = dense.astype(np.float16)
-        self.pooled[a:b] = pooled.astype(np.float32)
+        with np.errstate(over="ignore"):  # an overflow becomes inf, refused below
+            dense, pooled = dense.astype(np.float16), pooled.astype(np.float32)
+        for name, values in ((DENSE, dense), (POOLED, pooled)):
+            if n_nonfinite(values):
+                first = next(j for j in range(len(values)) if n_nonfinite(values[j]))
+                raise NonFiniteFeatures(self.path, a + first, n_nonfinite(values[first]), name)
+        self.dense[a:b] = dense
+        self.pooled[a:b] = pooled
         self.done[a:b] = True  # last: done implies the data is there
 
     @property
@@ -201,7 +257,7 @@ class FeatureStore:
         if self.nbytes > (memory_budget() if max_bytes is None else max_bytes):
             return False
         if self._cache is None:
-            self._cache = np.asarray(self.dense[:])
+            self._cache = self._zarr_read(DENSE, np.arange(len(self)), lambda: np.asarray(self.dense[:]))
         return True
 
     def unload(self) -> None:
@@ -215,7 +271,7 @@ class FeatureStore:
     def __getitem__(self, i: int) -> np.ndarray:
         if self._cache is not None:
             return self._cache[i]
-        return np.asarray(self.dense[int(i)])
+        return self.read_batch([int(i)])[0]
 
     def read_batch(self, indices: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
         """``store[i]`` for every i in ``indices`` (any order, repeats allowed): ``(B, C, h, w)``.
@@ -235,13 +291,13 @@ class FeatureStore:
         if self._files is not None:
             self._files.read_into(uniq, out, inverse)
             return out
-        chunks = _read_chunks(self.dense, uniq)
+        chunks = self._zarr_read(DENSE, uniq, lambda: np.stack(_read_chunks(self.dense, uniq)))
         for j, k in enumerate(inverse):
             out[j] = chunks[k]
         return out
 
     def pooled_all(self) -> np.ndarray:
-        return np.asarray(self.pooled[:], dtype=np.float32)
+        return self._zarr_read(POOLED, np.arange(len(self)), lambda: np.asarray(self.pooled[:], dtype=np.float32))
 
     def is_complete(self) -> bool:
         return bool(np.asarray(self.done[:]).all())

@@ -6,6 +6,11 @@ input (a parameter, a dataset manifest, a backbone fingerprint) gives a new fold
 overwritten in place. The completion marker ``_COMPLETE`` is written last, by atomic rename: a folder
 without it is *incomplete* and is resumed or discarded, never read as a result.
 
+Integrity (docs/architecture.md, "Integrity"): at finish, ``meta.json`` records the sha256 and size of
+every file of the artifact outside its Zarr stores (``files``); a cache hit (:meth:`ArtifactStore.get`)
+checks them and raises :class:`~usseg_core.errors.DamagedArtifact` naming the folder to delete. Zarr chunks
+carry their own crc32c, checked when they are read (``usseg_core/integrity.py``).
+
 This module decides nothing about *which* artifacts exist; the tasks layer does. It never imports Prefect.
 """
 from __future__ import annotations
@@ -23,11 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from usseg_core.errors import ConfigError, InputError, UssegError
+from usseg_core.errors import ConfigError, DamagedArtifact, InputError, UssegError
 
 KEY_LENGTH = 16
 MARKER = "_COMPLETE"
 META = "meta.json"
+FILES = "files"  # meta.json entry: relpath -> {"sha256", "size"} of every file outside a *.zarr folder
+HIT_HASH_LIMIT = 64 << 20  # a cache hit hashes recorded files up to this many bytes in all, else checks sizes
 
 
 def canonical_json(obj: Any) -> str:
@@ -113,6 +120,54 @@ def folder_size(path: Path) -> int:
     return total
 
 
+def _recorded_paths(folder: Path) -> Iterator[Path]:
+    """Files of an artifact that ``meta.json`` records: all but meta.json, the marker, dot-files (an
+    interrupted atomic write's temporary) and whatever lies in a ``*.zarr`` folder (chunks carry a crc32c)."""
+    for dirpath, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.endswith(".zarr") and not d.startswith("."))
+        for name in sorted(files):
+            path = Path(dirpath) / name
+            if name.startswith(".") or (Path(dirpath) == folder and name in (META, MARKER)):
+                continue
+            yield path
+
+
+def file_digests(folder: Path) -> dict[str, dict]:
+    """``{relpath: {"sha256", "size"}}`` of the files :func:`_recorded_paths` names."""
+    return {p.relative_to(folder).as_posix(): {"sha256": file_sha256(p), "size": p.stat().st_size}
+            for p in _recorded_paths(folder)}
+
+
+def file_problems(art: "Artifact", *, hashes: bool = True) -> list[str]:
+    """What differs from the digests recorded at finish: a missing file, a size, a sha256 (``hashes``).
+
+    An artifact finished before digests were recorded has none: nothing to compare (empty list)."""
+    problems = []
+    for rel, want in sorted((art.meta.get(FILES) or {}).items()):
+        path = art.path / rel
+        try:
+            size = path.stat().st_size
+        except OSError:
+            problems.append(f"{rel}: missing")
+            continue
+        if size != want["size"]:
+            problems.append(f"{rel}: {size} bytes, {want['size']} were written")
+        elif hashes and file_sha256(path) != want["sha256"]:
+            problems.append(f"{rel}: sha256 differs from the one recorded when it was written")
+    return problems
+
+
+def check_files(art: "Artifact") -> None:
+    """Raise :class:`DamagedArtifact` when a recorded file of ``art`` is missing or changed (sha256 when the
+    recorded files total at most :data:`HIT_HASH_LIMIT` bytes, else sizes only: ``usseg storage verify``
+    hashes every file)."""
+    total = sum(int(d.get("size", 0)) for d in (art.meta.get(FILES) or {}).values())
+    problems = file_problems(art, hashes=total <= HIT_HASH_LIMIT)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise DamagedArtifact(art.path, problems[0] + more)
+
+
 class NotCached(UssegError):
     """Raised by :meth:`ArtifactStore.begin` under :func:`lookups_only`: this artifact would be computed."""
 
@@ -194,11 +249,19 @@ class ArtifactStore:
         return self.root / stage / key
 
     def get(self, stage: str, key: str) -> Artifact | None:
-        """The complete artifact, or None when it does not exist or is incomplete."""
+        """The complete artifact, or None when it does not exist or is incomplete.
+
+        Its recorded files are checked (:func:`check_files`): a damaged one raises :class:`DamagedArtifact`,
+        never a silent cache hit."""
         path = self.path(stage, key)
         if not (path / MARKER).exists():
             return None
-        return Artifact(stage, key, path, _read_meta(path))
+        try:
+            art = Artifact(stage, key, path, _read_meta(path))
+        except InputError as exc:
+            raise DamagedArtifact(path, f"{META}: {exc.problem}") from exc
+        check_files(art)
+        return art
 
     def open(self, stage: str, key: str) -> Artifact:
         """The artifact whether complete or not (None-safe counterpart of get)."""
@@ -227,6 +290,7 @@ class ArtifactStore:
     def finish(self, art: Artifact, **fields: Any) -> Artifact:
         """Record final metadata, then write the completion marker last (atomic rename)."""
         art.meta.update(fields)
+        art.meta[FILES] = file_digests(art.path)
         art.meta["completed"] = now_iso()
         art.meta["size_bytes"] = folder_size(art.path)
         atomic_write_json(art.path / META, art.meta)
