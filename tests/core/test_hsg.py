@@ -274,7 +274,7 @@ def test_mid_epoch_interrupt_resumes_bit_identical(tmp_path: Path):
 def test_config_validation_presets_and_inputs():
     assert get_head("hsg").config("camvid11")["hsg"].test_grid == (6, 8)
     coco = get_head("hsg").config("cocostuff27")["hsg"]
-    assert (coco.lr, coco.weight_decay, coco.knn_k, coco.knn_mode) == (0.003, 5e-4, 2, "within_across")
+    assert (coco.lr, coco.weight_decay, coco.knn_k, coco.knn_mode) == (0.003, 5e-4, 2, "per_view")
     with pytest.raises(ConfigError, match="knn_mode"):
         get_head("hsg").config("camvid11", {"knn_mode": "all"})
     with pytest.raises(ConfigError, match="oversegmentation"):

@@ -40,20 +40,29 @@ Deliberate differences from the paper, and its gaps (docs/methods/hsg.md §6.3�
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from usseg_core.config import KEYED_WHEN_SET, keyed_asdict
 from usseg_core.datasets.registry import dataset_protocol
 from usseg_core.errors import ConfigError
 from usseg_core.heads.registry import TrainedHead, dataset_preset
-from usseg_core.segsort import grid_kmeans
+from usseg_core.segsort import GRID_INITS, grid_kmeans
 
-KNN_MODES = ("pooled", "within_across")
+KNN_MODES = ("pooled", "within_across", "per_view")
+NO_POSITIVE = ("drop", "own-segment")
+MODULARITY = ("dmon", "reference")
+GRAPHS = ("symmetric", "directed")
+COLLAPSE_NORMS = ("valid", "padded")
+SEPARATIONS = ("per-image", "reference")
+# [code:HSG]'s choices where usseg's first version differs (docs/methods/hsg.md, Deviations): the presets of
+# the paper's datasets. Each option's default is that first version and enters artifact keys only when set.
+REFERENCE = {"no_positive": "own-segment", "modularity": "reference", "graph": "directed",
+             "collapse_norm": "padded", "separation": "reference", "g0_grid": "reference", "g0_location": True}
 
 
 @dataclass
@@ -73,7 +82,7 @@ class HsgConfig:
     ffn: int = 256  # transformer FFN width (not stated; ours)
     dropout: float = 0.1  # transformer dropout ([001] §5.7)
     knn_k: int = 4  # kNN graph of L_g ([001] §5.7: 4 pooled for Cityscapes / KITTI, 2 + 2 otherwise)
-    knn_mode: str = "pooled"  # "pooled" | "within_across" (module docstring)
+    knn_mode: str = "pooled"  # "pooled" | "within_across" | "per_view" (module docstring)
     lambda_e: float = 1.0  # λ_E (Table 7, Cityscapes / KITTI / COCO-stuff / Potsdam rows)
     lambda_f: float = 0.1  # λ_F (Table 7)
     lambda_g: float = 0.2  # λ_G (Table 7)
@@ -88,13 +97,48 @@ class HsgConfig:
     seed: int = 0  # head init, batch order, anchor sampling
     checkpoint_every: int = 50  # steps between resumable checkpoints (ours)
     log_every: int = 10  # steps between history entries (ours)
+    # [code:HSG] (twke18/HSG at aa54ddb) where usseg's first version differs (docs/methods/hsg.md,
+    # Deviations); keyed only when set (usseg_core.config.KEYED_WHEN_SET): the defaults are that first
+    # version, so its artifact keys and checkpoints stay valid. REFERENCE sets them all.
+    # L_f for an anchor without positives: "own-segment" = [code:HSG] hsg/utils/segsort/loss.py:61-70,
+    # 183-184: its own segment is the positive, −log e_own / (e_own + Σ_neg), and every anchor is averaged;
+    # "drop": left out of the mean (ours)
+    no_positive: str = field(default="drop", metadata=KEYED_WHEN_SET)
+    # L_g's modularity term: "reference" = 1 − tr(Mᵀ A M − Mᵀ d dᵀ M / 2Σd) / 2Σd (hsg/utils/graph/loss.py:
+    # 63-72, d = row sums of A, so twice DMoN's 2e on a symmetric graph); "dmon": DMoN's −tr(...)/2e, 2e = ΣA
+    modularity: str = field(default="dmon", metadata=KEYED_WHEN_SET)
+    # the kNN graph: "directed" = [code:HSG] (row i keeps its k nearest; loss.py:138 leaves the
+    # symmetrisation commented out); "symmetric": A ∨ Aᵀ (ours, as modularity assumes)
+    graph: str = field(default="symmetric", metadata=KEYED_WHEN_SET)
+    # collapse term: "padded" = [code:HSG] loss.py:82-86, √n_l / n_pad ‖1ᵀ M‖ with n_pad the largest node
+    # count of the batch's images and no −1; "valid": √n_l / n_valid ‖1ᵀ M‖ − 1 (DMoN, ours)
+    collapse_norm: str = field(default="valid", metadata=KEYED_WHEN_SET)
+    # centroid separation: "reference" = [code:HSG] models/predictions/hsg_cs.py:182-223, a SegSort loss of
+    # every level centroid against all centroids of the batch's images at concentration
+    # ``separation_concentration``, weighted by ``separation_weight`` outside λ_G; "per-image": InfoNCE
+    # among one image's centroids at temperature 1, inside λ_G (ours)
+    separation: str = field(default="per-image", metadata=KEYED_WHEN_SET)
+    # [code:HSG] CENTROID_CONT_LOSS_WEIGHT: 0.2 bashscripts/cityscapes/train.sh, 1.0 COCO stage 2 (= its λ_G)
+    separation_weight: float = field(default=0.2, metadata=KEYED_WHEN_SET)
+    separation_concentration: float = field(default=16.0, metadata=KEYED_WHEN_SET)  # [code:HSG] CONCENTRATION
+    # G0's k-means (training and ``levels``): "reference" grid = round(linspace(0, g − 1, n)) per axis, edge
+    # cells half-size (hsg/utils/segsort/common.py:129-153); "floor": equal cells (ours)
+    g0_grid: str = field(default="floor", metadata=KEYED_WHEN_SET)
+    # True: k-means on normalize([embedding, (y − 0.5, x − 0.5)]) (common.py:312-317, 346-352); False: the
+    # embedding alone (ours). Segment prototypes u_s and X0 are means of the embedding either way, as there.
+    g0_location: bool = field(default=False, metadata=KEYED_WHEN_SET)
 
     def __post_init__(self) -> None:
         for name in ("train_grid", "test_grid", "levels", "decay_at"):
             v = getattr(self, name)
             setattr(self, name, tuple(v) if isinstance(v, (list, tuple)) else (v,))
-        if self.knn_mode not in KNN_MODES:
-            raise ConfigError(f"HsgConfig.knn_mode must be one of {KNN_MODES}, got {self.knn_mode!r}")
+        for name, allowed in (("knn_mode", KNN_MODES), ("no_positive", NO_POSITIVE), ("modularity", MODULARITY),
+                              ("graph", GRAPHS), ("collapse_norm", COLLAPSE_NORMS), ("separation", SEPARATIONS),
+                              ("g0_grid", GRID_INITS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"HsgConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not isinstance(self.g0_location, bool):
+            raise ConfigError(f"HsgConfig.g0_location must be true or false, got {self.g0_location!r}")
         for name in ("dim", "hidden", "kmeans_iters", "heads", "enc_layers", "dec_layers", "ffn", "knn_k",
                      "epochs", "batch_size", "anchors_per_view", "checkpoint_every", "log_every"):
             if int(getattr(self, name)) < 1:
@@ -109,16 +153,19 @@ class HsgConfig:
             raise ConfigError(f"HsgConfig.dropout must lie in [0, 1), got {self.dropout}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return keyed_asdict(self)  # the KEYED_WHEN_SET options only when set
 
 
 # Table 7 rows (docs/methods/hsg.md §1.2) per dataset registry name; an empty row keeps the defaults. The test-time
 # n0 (``test_grid``) is the dataset's own declaration (``DatasetProtocol.hsg_test_grid``, HSG [001] §1.3).
-_COCO_ROW = {"lr": 0.003, "weight_decay": 5e-4, "knn_k": 2, "knn_mode": "within_across"}
+# The paper's datasets take [code:HSG]'s choices (REFERENCE); COCO's kNN rule there is top-k inside every
+# view (``per_view``: graph/common.py:95-119 with the view as segment label). CamVid, synthetic and
+# directory keep usseg's first version until the two are measured against each other.
+_COCO_ROW = {"lr": 0.003, "weight_decay": 5e-4, "knn_k": 2, "knn_mode": "per_view", **REFERENCE}
 HSG_PRESETS: dict[str, dict] = {
     "cocostuff27": _COCO_ROW,
     "potsdam3": _COCO_ROW,
-    "cityscapes27": {},
+    "cityscapes27": {**REFERENCE},  # bashscripts/cityscapes/train.sh: DMON_KNN 4 pooled, weights 0.2 / 0.2
     "camvid11": {},
     "directory": {},
     "synthetic": {},
@@ -141,55 +188,82 @@ def contrast_denominator(logits: Tensor, own: Tensor) -> Tensor:
     return torch.logsumexp(logits.scatter(1, own[:, None], float("-inf")), dim=1)
 
 
-def pixel_segment_loss(denominator: Tensor, logits: Tensor, positive: Tensor) -> tuple[Tensor, int]:
-    """HSG Eq. 3, averaged over the anchors whose positive set is not empty.
+def pixel_segment_loss(denominator: Tensor, logits: Tensor, positive: Tensor,
+                       own_logit: Tensor | None = None) -> tuple[Tensor, int]:
+    """HSG Eq. 3 averaged over the anchors.
 
     Args:
         denominator: (A,) :func:`contrast_denominator`.
         logits: (A, P) v_iᵀ u_s / T for the candidate positives of each anchor (e.g. the segments of the
             anchor's own image; any column layout).
         positive: (A, P) bool, G_i^+ in that layout: same group, same image, never the own segment.
+        own_logit: (A,) v_iᵀ u_own / T, or None. None: an anchor without positives is left out of the mean
+            (``no_positive="drop"``). Given: its own segment is its positive, −log e_own / (e_own + Σ_{s≠own}
+            e_s) ([code:HSG] segsort/loss.py:61-70, ``no_positive="own-segment"``), and every anchor counts.
     Returns:
-        (mean of −log Σ_+ exp / Σ_{s ≠ own} exp, number of anchors with positives).
+        (mean of −log Σ_+ exp / Σ_{s ≠ own} exp, number of anchors in the mean).
     """
     has = positive.any(1)
+    # only the rows with positives: a row of −inf would give NaN gradients even where it is not selected
+    num = torch.logsumexp(logits[has].masked_fill(~positive[has], float("-inf")), dim=1)
+    if own_logit is not None:
+        # [code:HSG] forms Σ_same e_s − e_own, which cancels in fp32 when the own term dominates (up to 19
+        # nats on one pixel); the exact log-sum-exp of the positives is kept (docs/methods/hsg.md, Deviations)
+        per = torch.logaddexp(denominator, own_logit) - own_logit  # (A,) −log e_own / (e_own + Σ_{s≠own})
+        per = per.index_put((has.nonzero()[:, 0],), denominator[has] - num)
+        return per.mean(), int(has.numel())
     if not bool(has.any()):
         return logits.sum() * 0.0, 0
-    num = torch.logsumexp(logits[has].masked_fill(~positive[has], float("-inf")), dim=1)
     return (denominator[has] - num).mean(), int(has.sum())
 
 
-def modularity_terms(adj: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
-    """DMoN's two terms of HSG Eq. 8 for one image and one level.
+def modularity_terms(adj: Tensor, m: Tensor, modularity: str = "dmon", collapse: str = "valid",
+                     n_pad: int | None = None) -> tuple[Tensor, Tensor]:
+    """The modularity and collapse terms of HSG Eq. 8 for one image and one level.
 
     Args:
-        adj: (n0, n0) symmetric binary adjacency of the kNN graph over the X0 centroids.
+        adj: (n0, n0) binary adjacency of the kNN graph over the X0 centroids (symmetric or directed).
         m: (n0, n_l) soft assignments M_l (rows sum to 1).
+        modularity: "dmon": −(1/2e) tr(Mᵀ (A − d dᵀ / 2e) M), 2e = Σ A (DMoN); "reference": [code:HSG]'s
+            1 − (1/N) tr(Mᵀ (A − d dᵀ / N) M) with N = 2 Σ d = 2 Σ A (hsg/utils/graph/loss.py:63-72).
+            d = the row sums of A.
+        collapse: "valid": (√n_l / n0) ‖1ᵀ M‖_F − 1 (DMoN); "padded": (√n_l / n_pad) ‖1ᵀ M‖_F, n_pad the
+            padded node count ([code:HSG] loss.py:82-86, no −1).
+        n_pad: the padded node count for ``collapse="padded"`` (≥ n0).
     Returns:
-        (−(1/2e) tr(Mᵀ (A − D Dᵀ / 2e) M), (√n_l / n0) ‖1ᵀ M‖_F − 1); 2e = Σ A (each edge counted twice).
+        (modularity term, collapse term), scalars.
     """
-    two_e = adj.sum().clamp_min(1.0)
+    norm = adj.sum().clamp_min(1.0) * (2.0 if modularity == "reference" else 1.0)
     deg = adj.sum(1)  # (n0,)
     am = adj @ m  # (n0, n_l)
     dm = deg @ m  # (n_l,)
-    tr = (m * am).sum() - (dm * dm).sum() / two_e
+    tr = (m * am).sum() - (dm * dm).sum() / norm
+    mod = 1.0 - tr / norm if modularity == "reference" else -tr / norm
     n0, nl = m.shape
-    collapse = math.sqrt(nl) / n0 * torch.linalg.norm(m.sum(0)) - 1.0
-    return -tr / two_e, collapse
+    size = torch.linalg.norm(m.sum(0)) * math.sqrt(nl)
+    col = size / n_pad if collapse == "padded" else size / n0 - 1.0
+    return mod, col
 
 
-def separation_term(z: Tensor) -> Tensor:
-    """(1/n_l) Σ_k −log softmax_j(z_kᵀ z_j)[k] over the L2-normalised rows of Z_l (n_l, m); no temperature."""
+def separation_term(z: Tensor, concentration: float = 1.0) -> Tensor:
+    """(1/n) Σ_k −log softmax_j(κ z_kᵀ z_j)[k] over the L2-normalised rows of z (n, m), κ = ``concentration``.
+
+    κ = 1 on one image's Z_l is usseg's first version (the paper gives no temperature); [code:HSG]
+    (models/predictions/hsg_cs.py:182-223) takes every centroid of the batch's images at κ = 16: a SegSort
+    loss whose only same-label prototype is the centroid itself, i.e. this InfoNCE.
+    """
     z = F.normalize(z, dim=-1)
-    sim = z @ z.t()
+    sim = z @ z.t() * concentration
     return -torch.log_softmax(sim, dim=1).diagonal().mean()
 
 
-def knn_graph(x: Tensor, view: Tensor, k: int, mode: str) -> Tensor:
-    """Symmetric binary kNN graph (n, n) over unit centroids ``x`` (n, m) of one image (no self loops).
+def knn_graph(x: Tensor, view: Tensor, k: int, mode: str, directed: bool = False) -> Tensor:
+    """Binary kNN graph (n, n) over unit centroids ``x`` (n, m) of one image (no self loops).
 
     ``view`` (n,) long: the view of each centroid. ``pooled``: top-k over all; ``within_across``: top-k in
-    the own view plus top-k among the other views (fewer where fewer exist).
+    the own view plus top-k among the other views; ``per_view``: top-k inside every view ([code:HSG]'s
+    per-segment-label k-NN, hsg/utils/graph/common.py:95-119; equal to ``within_across`` at two views).
+    Fewer where fewer exist. Row i holds i's neighbours; ``directed=False`` symmetrises (A ∨ Aᵀ).
     """
     n = x.shape[0]
     sim = x @ x.t()
@@ -197,16 +271,21 @@ def knn_graph(x: Tensor, view: Tensor, k: int, mode: str) -> Tensor:
     sim = sim.masked_fill(eye, float("-inf"))
     adj = torch.zeros(n, n, dtype=x.dtype, device=x.device)
     same = view[:, None] == view[None, :]
-    pools = [torch.ones_like(same)] if mode == "pooled" else [same, ~same]
+    if mode == "pooled":
+        pools = [torch.ones_like(same)]
+    elif mode == "within_across":
+        pools = [same, ~same]
+    else:
+        pools = [(view[None, :] == v).expand(n, n) for v in torch.unique(view)]
+    kk = min(k, n - 1)
     for pool in pools:
-        s = sim.masked_fill(~pool, float("-inf"))
-        kk = min(k, n - 1)
         if kk < 1:
             continue
-        val, idx = s.topk(kk, dim=1)
-        adj.scatter_(1, idx, (val > float("-inf")).to(x.dtype))
-    adj = torch.maximum(adj, adj.t())
-    return adj
+        val, idx = sim.masked_fill(~pool, float("-inf")).topk(kk, dim=1)
+        # a pool with fewer than kk members pads its top-k with −inf columns: they must not erase an
+        # edge another pool set, hence the maximum
+        adj = torch.maximum(adj, torch.zeros_like(adj).scatter_(1, idx, (val > float("-inf")).to(x.dtype)))
+    return adj if directed else torch.maximum(adj, adj.t())
 
 
 # --- clustering transformer ------------------------------------------------------------------------
@@ -323,13 +402,15 @@ class HsgHead(nn.Module):
         return F.normalize(self.net(feats), dim=1)
 
 
-def hierarchy_labels(hier: Hierarchy, emb: Tensor, grid: tuple[int, int], iters: int) -> list[Tensor]:
+def hierarchy_labels(hier: Hierarchy, emb: Tensor, grid: tuple[int, int], iters: int, init: str = "floor",
+                     location: bool = False) -> list[Tensor]:
     """[G0, G1, ..., G_L] label maps (B, h, w), fine to coarse, of unit embeddings (B, m, h, w).
 
-    G0: spherical k-means (grid init); G_l: winner-take-all of the propagated assignments of each pixel's
-    G0 cluster, so every G_{l+1} group is a union of G_l groups.
+    G0: spherical k-means (grid init; ``init`` and ``location`` as :func:`usseg_core.segsort.grid_kmeans`);
+    G_l: winner-take-all of the propagated assignments of each pixel's G0 cluster, so every G_{l+1} group
+    is a union of G_l groups.
     """
-    g0, cents, counts = grid_kmeans(emb, grid, iters)
+    g0, cents, counts = grid_kmeans(emb, grid, iters, init=init, location=location)
     ms, _ = hier(cents, counts > 0)
     out = [g0]
     for m in ms:
@@ -364,4 +445,4 @@ class HsgTrained(TrainedHead):
     def levels(self, codes: Tensor, grid: tuple[int, int] | None = None) -> list[Tensor]:
         """Per-image hierarchy [G0 (n0 = grid), G1 (n1), G2 (n2)] of codes (B, m, h, w), fine to coarse."""
         return hierarchy_labels(self.hierarchy, F.normalize(codes, dim=1), tuple(grid or self.cfg.test_grid),
-                                self.cfg.kmeans_iters)
+                                self.cfg.kmeans_iters, self.cfg.g0_grid, self.cfg.g0_location)

@@ -133,7 +133,8 @@ def hsg_loss(emb: Tensor, regions: Tensor, hier: Hierarchy, cfg: HsgConfig, n_vi
     B, V = BV // n_views, n_views
     K0 = cfg.train_grid[0] * cfg.train_grid[1]
     with torch.no_grad():
-        g0, _, counts = grid_kmeans(emb.detach(), cfg.train_grid, cfg.kmeans_iters)  # (BV, h, w), (BV, K0)
+        g0, _, counts = grid_kmeans(emb.detach(), cfg.train_grid, cfg.kmeans_iters, init=cfg.g0_grid,
+                                    location=cfg.g0_location)  # (BV, h, w), (BV, K0)
     flat = emb.permute(0, 2, 3, 1).reshape(-1, m)  # (BV*h*w, m)
     view_of = torch.arange(BV, device=emb.device).repeat_interleave(h * w)  # (N,)
     g0f, rf = g0.reshape(-1), regions.reshape(-1)
@@ -156,6 +157,8 @@ def hsg_loss(emb: Tensor, regions: Tensor, hier: Hierarchy, cfg: HsgConfig, n_vi
     a_img = view_of[anchors] // V
     logits = flat[anchors] @ u.t() * cfg.concentration  # (BV*A, S)
     denom = contrast_denominator(logits, own)  # (BV*A,)
+    # no_positive="own-segment": an anchor without positives takes its own segment ([code:HSG])
+    own_logit = logits.gather(1, own[:, None])[:, 0] if cfg.no_positive == "own-segment" else None
     # Positives live in the anchor's own image: segments are sorted by key, hence by image, so each
     # image's segments are one column block; gather it (padded to the largest image) instead of masking S.
     starts = torch.searchsorted(s_img, torch.arange(B + 1, device=emb.device))  # (B+1,)
@@ -166,13 +169,13 @@ def hsg_loss(emb: Tensor, regions: Tensor, hier: Hierarchy, cfg: HsgConfig, n_vi
     cols = torch.where(inblock, cols, own[:, None])  # padding points at the own segment (never positive)
     block = logits.gather(1, cols)
     cand = inblock & (cols != own[:, None])
-    l_e, n_e = pixel_segment_loss(denom, block, cand & (s_region[cols] == rf[anchors][:, None]))
+    l_e, n_e = pixel_segment_loss(denom, block, cand & (s_region[cols] == rf[anchors][:, None]), own_logit)
     total = cfg.lambda_e * l_e
     stats = {"loss_edge": float(l_e.detach()), "anchors_edge": n_e, "segments": S}
     for li, m_l in enumerate(ms):
         win = m_l.argmax(-1)  # (B, V*K0): G_l of each centroid
         grp = win[s_img, s_token]  # (S,)
-        l_f, _ = pixel_segment_loss(denom, block, cand & (grp[cols] == grp[own][:, None]))
+        l_f, _ = pixel_segment_loss(denom, block, cand & (grp[cols] == grp[own][:, None]), own_logit)
         total = total + cfg.lambda_f * l_f
         stats[f"loss_group{li + 1}"] = float(l_f.detach())
         used = [len(torch.unique(win[b][valid[b]])) for b in range(B)]  # collapse watch: groups in use
@@ -180,20 +183,32 @@ def hsg_loss(emb: Tensor, regions: Tensor, hier: Hierarchy, cfg: HsgConfig, n_vi
     l_g = grouping_loss(x0.detach(), valid, ms, zs, cfg, V, K0)
     total = total + cfg.lambda_g * l_g
     stats["loss_grouping"] = float(l_g.detach())
+    if cfg.separation == "reference":  # outside λ_G, over the whole batch ([code:HSG] hsg_cs.py:182-223)
+        l_s = sum(separation_term(z_l.reshape(-1, m), cfg.separation_concentration) for z_l in zs)
+        total = total + cfg.separation_weight * l_s
+        stats["loss_separation"] = float(l_s.detach())
     return total, stats
 
 
 def grouping_loss(x0: Tensor, valid: Tensor, ms: list[Tensor], zs: list[Tensor], cfg: HsgConfig,
                   n_views: int, k0: int) -> Tensor:
-    """L_g (Eq. 8) averaged over the images: Σ_l negative modularity + collapse + separation."""
+    """L_g (Eq. 8) averaged over the images: Σ_l modularity + collapse (+ per-image separation).
+
+    The terms follow ``cfg.modularity``, ``cfg.graph``, ``cfg.collapse_norm`` and ``cfg.separation``
+    (``separation="reference"`` leaves the separation to :func:`hsg_loss`: it spans the batch).
+    """
     view = torch.arange(n_views, device=x0.device).repeat_interleave(k0)  # (V*K0,)
+    n_pad = int(valid.sum(1).max())  # [code:HSG] pads every image's nodes to the batch's largest count
     out = x0.new_zeros(())
     for b in range(x0.shape[0]):
         keep = valid[b]
-        adj = knn_graph(F.normalize(x0[b][keep], dim=-1), view[keep], cfg.knn_k, cfg.knn_mode)
+        adj = knn_graph(F.normalize(x0[b][keep], dim=-1), view[keep], cfg.knn_k, cfg.knn_mode,
+                        directed=cfg.graph == "directed")
         for m_l, z_l in zip(ms, zs):
-            mod, col = modularity_terms(adj, m_l[b][keep])
-            out = out + mod + col + separation_term(z_l[b])
+            mod, col = modularity_terms(adj, m_l[b][keep], cfg.modularity, cfg.collapse_norm, n_pad)
+            out = out + mod + col
+            if cfg.separation == "per-image":
+                out = out + separation_term(z_l[b])
     return out / x0.shape[0]
 
 
