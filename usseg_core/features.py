@@ -225,7 +225,7 @@ class FeatureStore:
 
     def missing(self, start: int = 0, stop: int | None = None) -> list[int]:
         stop = len(self) if stop is None else stop
-        done = np.asarray(self.done[start:stop])
+        done = self._zarr_read(DONE, np.arange(start, stop), lambda: np.asarray(self.done[start:stop]))
         return [start + int(i) for i in np.flatnonzero(~done)]
 
     def write(self, indices: Sequence[int], dense: np.ndarray, pooled: np.ndarray) -> None:
@@ -300,7 +300,7 @@ class FeatureStore:
         return self._zarr_read(POOLED, np.arange(len(self)), lambda: np.asarray(self.pooled[:], dtype=np.float32))
 
     def is_complete(self) -> bool:
-        return bool(np.asarray(self.done[:]).all())
+        return not self.missing()
 
 
 def prefetch_iter(items: Iterable, depth: int = 2) -> Iterator:

@@ -213,6 +213,12 @@ class Artifact:
         target = (self.path / name).resolve()
         if not target.is_relative_to(self.path.resolve()):
             raise InputError(self.path / name, "path escapes the artifact folder")
+        recorded = (self.meta.get(FILES) or {}).get(Path(name).as_posix())
+        if recorded is not None and (self.path / MARKER).exists():  # a reader of a complete artifact's file:
+            size = target.stat().st_size if target.exists() else None  # its size at least (a stat) is checked
+            if size != recorded["size"]:
+                raise DamagedArtifact(self.path, f"{name}: " + ("missing" if size is None else
+                                                                f"{size} bytes, {recorded['size']} were written"))
         return target
 
     def update_meta(self, **fields: Any) -> None:

@@ -232,6 +232,8 @@ def test_finish_records_every_file_outside_zarr_and_a_hit_checks_them(tmp_path):
         store.get("head", KEY)
     assert isinstance(err.value, InputError)  # exit code 4
     assert str(err.value) == _message(art.path, f"head.pt: {len(data) // 2} bytes, {len(data)} were written")
+    with pytest.raises(DamagedArtifact, match="head.pt: "):  # a reader that found the artifact another way
+        store.open("head", KEY).file("head.pt")
     head.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, one bit
     with pytest.raises(DamagedArtifact, match="head.pt: sha256 differs"):
         store.get("head", KEY)
