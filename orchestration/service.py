@@ -6,7 +6,8 @@ pids, storage and data roots), ``server.log``, ``worker.log``, ``deploy.log``, t
 database) and the exact ``prefect.yaml`` that was deployed. Server and worker bind 127.0.0.1 and run with
 telemetry off. Every process is started in its own session, so stopping it stops its children (a worker's
 flow-run processes) too; a process is only signalled after checking that its pid still runs the command
-that was started.
+that was started. While it is healthy, the CLI's own flow runs on this storage go to its API too
+(``commands/launch.py``, through :func:`service_api` and :func:`using_api`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +144,34 @@ def healthy(api_url: str | None, timeout: float = 2.0) -> bool:
             return resp.status == 200
     except OSError:
         return False
+
+
+def service_api(storage: str | os.PathLike | None = None, timeout: float = 1.0) -> str | None:
+    """The API url of a healthy service for ``storage`` (see :func:`state_dir`), or None."""
+    url = read_state(state_dir(storage)).get("api_url")
+    return url if healthy(url, timeout=timeout) else None
+
+
+@contextmanager
+def using_api(api_url: str) -> Iterator[None]:
+    """Within the block, this process's Prefect calls (flow runs, their logs and events, clients) go to
+    ``api_url``, and so do the processes it starts (Dask workers).
+
+    Prefect read its settings when it was imported: setting ``PREFECT_API_URL`` in ``os.environ`` now would
+    reach only child processes, and this process would start a temporary server of its own. So both: the
+    settings context for this process, the environment for its children."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    before = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = api_url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = before
 
 
 def service_env(state: dict[str, Any]) -> dict[str, str]:

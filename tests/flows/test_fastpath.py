@@ -3,6 +3,7 @@ flow run or a server; one missing artifact means a normal flow run, and the look
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -56,17 +57,34 @@ def test_a_miss_does_no_work_and_a_cached_command_is_answered_without_a_flow_run
     assert feat.name in json.loads(records[-1].read_text())["keys"]
 
 
-def test_a_running_usseg_service_is_used_and_named(tmp_path, prefect_harness, monkeypatch):
-    from prefect.settings import PREFECT_API_URL
+def test_a_running_usseg_service_gets_the_flow_run_and_no_temporary_server_starts(tmp_path, prefect_harness,
+                                                                                  monkeypatch):
+    """As a user's shell: no API configured, a healthy service (here the harness's API) for the storage.
+    A cached command is still answered by look-ups; one with work runs on the service. The whole check with
+    a real `usseg up` and CLI processes: tests/orchestration/test_service_used.py."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    api = PREFECT_API_URL.value()
     data, storage = _images(tmp_path, 4), tmp_path / "storage"
-    state = tmp_path / "state"
-    state.mkdir()
-    (state / "service.json").write_text(json.dumps({"api_url": PREFECT_API_URL.value()}))
-    monkeypatch.setenv("USSEG_STATE", str(state))
-    monkeypatch.setattr(fastpath, "api_configured", lambda: False)
-    monkeypatch.setenv("PREFECT_API_URL", "")  # run_flow sets it for the process; restored after the test
+    (storage / "_service").mkdir(parents=True)
+    (storage / "_service" / "service.json").write_text(json.dumps({"api_url": api}))
+    monkeypatch.delenv("USSEG_STATE", raising=False)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    # Without an API url, Prefect would start its temporary server (inside the harness: the harness's own,
+    # which would hide the mistake); count the starts instead.
+    starts, start = [], SubprocessASGIServer.start
+    monkeypatch.setattr(SubprocessASGIServer, "start",
+                        lambda self, *a, **k: starts.append(self) or start(self, *a, **k))
     runs_before, said = _flow_runs(), []
-    out = fastpath.run_flow(extract_features, _params(data, storage), say=said.append)
-    assert said == [f"flow run on the running usseg service at {PREFECT_API_URL.value()} (usseg up)"]
-    assert not out["cache_hit"] and _flow_runs() == runs_before + 1
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert not fastpath.api_configured()
+        out = fastpath.run_flow(extract_features, _params(data, storage), say=said.append)
+    assert not starts and _flow_runs() == runs_before + 1
+    assert "PREFECT_API_URL" not in os.environ  # the service's url was set only for the run
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        again = fastpath.run_flow(extract_features, _params(data, storage), say=said.append)
+    assert said == [f"flow run on the running usseg service at {api} (usseg up)",
+                    "every artifact was already in the store: answered by look-ups, no flow run started"]
+    assert not out["cache_hit"] and again["cache_hit"] and again["key"] == out["key"]
+    assert _flow_runs() == runs_before + 1 and not starts  # the cached command: no flow run
