@@ -105,6 +105,23 @@ class Scores:
         """Flat {name: value} for logging; values stay fractions."""
         return {f"{prefix}accuracy": self.accuracy, f"{prefix}miou": self.miou}
 
+    @property
+    def miou_over_classes(self) -> float:
+        """Σ IoU / n_classes: a class absent from both ground truth and prediction counts as IoU 0
+        (:func:`miou_over_classes`; twke18/HSG's benchmark). ``miou`` leaves such a class out."""
+        return miou_over_classes(self.iou)
+
+
+def miou_over_classes(iou: np.ndarray) -> float:
+    """twke18/HSG's mIoU (``pyscripts/benchmark/benchmark_by_mIoU.py:90-125``): Σ IoU / n_classes.
+
+    Its IoU is tp / (tp + fp + fn + 1e-12), 0 for a class absent from both ground truth and prediction,
+    and the sum is divided by every class. ``iou`` (n_classes,) with NaN for such classes (:class:`Scores`).
+    Never above :attr:`Scores.miou`, equal when every class is present.
+    """
+    iou = np.asarray(iou, dtype=np.float64)
+    return float(np.nansum(iou) / iou.size) if iou.size else float("nan")
+
 
 def _scores_from_assignment(cm: np.ndarray, assignment: np.ndarray) -> Scores:
     """Score ``cm`` (n_pred, n_classes) under a cluster -> class map (-1 = unmatched)."""

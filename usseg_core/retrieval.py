@@ -16,10 +16,13 @@ Where HSG / SegSort leave a choice, this is what the reference code does and wha
 - "weighted" is ours, not in either repo: each neighbour votes with its cosine similarity clamped at 0
   (no temperature to choose; a dissimilar neighbour never votes *against* a class).
 - Memory segments: the memory images are clustered with the test-time grid (HSG's ``bashscripts``
-  pass the same ``--kmeans_num_clusters`` to ``prototype.py`` and ``inference.py``). A segment's label
-  is the majority among its *valid* pixels, segments without one are dropped. HSG counts ignore pixels
-  as a class of their own and drops segments whose majority is "ignore"; ours keeps a segment that is
-  mostly ignore but has some labelled pixels.
+  pass the same ``--kmeans_num_clusters`` to ``prototype.py`` and ``inference.py``). Two rules label
+  them (``MEMORY_LABELS``, :func:`segment_labels`): "valid-majority" (ours, the default): the majority
+  among a segment's *valid* pixels, segments without one dropped, so a segment that is mostly ignore
+  but has some labelled pixels is kept; "reference": HSG's ``find_majority_label_index``
+  (``hsg/utils/segsort/common.py:221-267``) takes the majority over *all* pixels with the ignore value
+  255 as a class of its own (the highest id, so a tie goes to the real class), and
+  ``pyscripts/inference/inference.py:96-106`` then drops the segments whose majority is 255.
 
 Deliberate difference: HSG clusters the full-resolution (upsampled) embedding. :func:`image_segments`
 runs k-means on the codes average-pooled back to about the feature resolution (the upsampled codes are
@@ -41,7 +44,7 @@ from usseg_core.spec import RETRIEVAL_K, RETRIEVAL_VOTES
 from usseg_core.datasets.registry import dataset_protocol
 from usseg_core.segsort import compact_ids, grid_kmeans, segment_means
 
-__all__ = ["K_DEFAULT", "VOTE_DEFAULT", "VOTES", "check_options", "SegmentMemory", "segment_labels",
+__all__ = ["K_DEFAULT", "VOTE_DEFAULT", "VOTES", "MEMORY_LABELS", "check_options", "SegmentMemory", "segment_labels",
            "image_segments", "segment_prototypes", "build_memory", "retrieve", "retrieval_logits", "dataset_grid"]
 
 K_DEFAULT = RETRIEVAL_K  # twke18/HSG: 20 (the run option's default, written in usseg_core/spec.py)
@@ -49,6 +52,8 @@ VOTE_DEFAULT = RETRIEVAL_VOTES[0]  # "majority": twke18/HSG hsg/utils/segsort/ev
 KMEANS_ITERS = 15  # HSG: 15 k-means iterations (docs/methods/protocol.md S6 b)
 LOG_EPS = 1e-4  # floor of the vote distribution before the log: finite unaries for the dense CRF
 FAISS_MIN_MEMORY = 50_000  # "auto" backend: faiss IndexFlatIP from this many memory prototypes on
+# how memory segments get their label (module docstring): ours first (the default), then twke18/HSG's
+MEMORY_LABELS = ("valid-majority", "reference")
 
 
 def dataset_grid(dataset: str) -> tuple[int, int]:
@@ -155,18 +160,28 @@ class SegmentMemory:
 
 # --- segments ---------------------------------------------------------------------------------------
 
-def segment_labels(seg: Tensor, label: Tensor, n_classes: int, ignore: int = -1) -> Tensor:
+def segment_labels(seg: Tensor, label: Tensor, n_classes: int, ignore: int = -1,
+                   rule: str = MEMORY_LABELS[0]) -> Tensor:
     """Majority ground-truth label of every segment id in [0, seg.max()] -> (S,) long.
 
-    ``seg`` (H, W) long (-1 = no segment), ``label`` (H, W) int; pixels labelled ``ignore`` do not vote.
-    A segment with no valid pixel gets -1. Ties go to the lowest class id.
+    ``seg`` (H, W) long (-1 = no segment), ``label`` (H, W) int. Ties go to the lowest class id.
+    ``rule="valid-majority"``: pixels labelled ``ignore`` do not vote; a segment with no valid pixel gets -1.
+    ``rule="reference"`` (twke18/HSG): the ignore pixels vote as one more class after the real ones; a
+    segment whose majority is that class gets -1 (a tie between a class and ignore keeps the class).
     """
+    if rule not in MEMORY_LABELS:
+        raise ValueError(f"rule must be one of {MEMORY_LABELS}, got {rule!r}")
     seg, label = seg.reshape(-1).long(), label.reshape(-1).long()
     n_seg = int(seg.max()) + 1 if seg.numel() else 0
     valid = (seg >= 0) & (label != ignore)
     joint = torch.bincount(seg[valid] * n_classes + label[valid], minlength=n_seg * n_classes)
     counts = joint.reshape(n_seg, n_classes)  # (S, C)
-    return torch.where(counts.sum(1) > 0, counts.argmax(1), torch.full((n_seg,), -1, dtype=torch.long))
+    best, arg = counts.amax(1), counts.argmax(1)  # (S,): argmax returns the first maximum
+    keep = best > 0
+    if rule == "reference":
+        ignored = torch.bincount(seg[(seg >= 0) & (label == ignore)], minlength=n_seg)  # (S,)
+        keep &= best >= ignored
+    return torch.where(keep, arg, torch.full((n_seg,), -1, dtype=torch.long))
 
 
 def _segments_of_unit(x: Tensor, grid: tuple[int, int], iters: int, pool_to: tuple[int, int] | None) -> Tensor:
@@ -205,26 +220,27 @@ def segment_prototypes(codes: Tensor, grid: tuple[int, int], iters: int = KMEANS
 @torch.no_grad()
 def build_memory(items: Iterable[tuple[Tensor, Tensor]], n_classes: int, grid: tuple[int, int],
                  iters: int = KMEANS_ITERS, pool_to: tuple[int, int] | None = None,
-                 ignore: int = -1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 ignore: int = -1, labels: str = MEMORY_LABELS[0]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The labelled memory of a split from its per-image (codes (1, D, H, W) or (D, H, W), label (H, W)).
 
     Every image is cut by :func:`image_segments` (the test-time grid, as HSG's ``prototype.py``), each
-    segment gives its unit mean code and its majority label (:func:`segment_labels`); segments without
-    a valid label are dropped. Returns prototypes (S, D) float32 unit, labels (S,) int64 and the index
-    of the image each prototype comes from (S,) int64.
+    segment gives its unit mean code and its majority label (:func:`segment_labels` under the rule
+    ``labels``, one of ``MEMORY_LABELS``); segments without a label are dropped. Returns prototypes
+    (S, D) float32 unit, labels (S,) int64 and the index of the image each prototype comes from (S,) int64.
     """
-    protos, labels, image = [], [], []
+    rule = labels
+    protos, out_labels, image = [], [], []
     for i, (codes, label) in enumerate(items):
         codes = codes[0] if codes.dim() == 4 else codes
         seg, segment_protos = segment_prototypes(codes, grid, iters, pool_to)
-        lab = segment_labels(seg, torch.as_tensor(label), n_classes, ignore)
+        lab = segment_labels(seg, torch.as_tensor(label), n_classes, ignore, rule)
         keep = lab >= 0
         protos.append(segment_protos[keep])
-        labels.append(lab[keep])
+        out_labels.append(lab[keep])
         image.append(torch.full((int(keep.sum()),), i, dtype=torch.long))
     if not protos:
         raise ValueError("build_memory: no labelled images")
-    return (torch.cat(protos).numpy().astype(np.float32), torch.cat(labels).numpy().astype(np.int64),
+    return (torch.cat(protos).numpy().astype(np.float32), torch.cat(out_labels).numpy().astype(np.int64),
             torch.cat(image).numpy().astype(np.int64))
 
 

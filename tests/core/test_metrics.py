@@ -159,3 +159,19 @@ def test_reference_drop_matches_stego_unsupervised_metrics(cm):
     # and it really differs from the stricter default on these inputs
     d = hungarian_scores(cm, overcluster="unmatched-wrong")
     assert (d.miou, d.accuracy) != pytest.approx((s.miou, s.accuracy))
+
+
+def test_miou_over_classes_is_hsg_benchmark_sum_over_num_classes():
+    from usseg_core.metrics import miou_over_classes
+
+    # rows = prediction, cols = ground truth; class 2 absent from both, class 3 predicted but absent in gt
+    cm = np.array([[4, 1, 0, 0],
+                   [0, 3, 0, 0],
+                   [0, 0, 0, 0],
+                   [1, 0, 0, 0]])
+    sc = identity_scores(cm)
+    # IoU: c0 = 4 / (4 + 1 + 1) = 2/3, c1 = 3 / (3 + 0 + 1) = 3/4, c2 = 0/0, c3 = 0 / (0 + 1 + 0) = 0
+    assert sc.miou == pytest.approx((2 / 3 + 3 / 4 + 0) / 3)  # ours: the absent class left out
+    assert sc.miou_over_classes == pytest.approx((2 / 3 + 3 / 4 + 0 + 0) / 4)  # HSG: Σ IoU / 4
+    assert miou_over_classes(sc.iou) == sc.miou_over_classes
+    assert identity_scores(np.eye(3, dtype=int)).miou_over_classes == pytest.approx(1.0)

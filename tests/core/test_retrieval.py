@@ -121,3 +121,35 @@ def test_memory_then_logits_a_query_identical_to_a_prototype_gets_its_label():
     unlabelled[:, 8:] = -1
     _, labels2, _ = build_memory([(codes, unlabelled)], n_classes=4, grid=(1, 2), iters=3)
     assert labels2.tolist() == [3]
+
+
+def test_reference_memory_labels_count_ignore_as_a_class():
+    """twke18/HSG's rule (find_majority_label_index + the drop of label 255) against ours, by hand."""
+    seg = torch.tensor([[0, 0, 0, 1, 1],
+                        [2, 2, 2, 2, 3]])
+    label = torch.tensor([[1, -1, -1, 2, -1],
+                          [0, 0, -1, -1, -1]])
+    # seg 0: one 1, two ignore -> ours 1, reference drops it (ignore wins 2 : 1)
+    # seg 1: one 2, one ignore -> both 2 (a tie with ignore keeps the class)
+    # seg 2: two 0, two ignore -> both 0; seg 3: only ignore -> both drop it
+    assert segment_labels(seg, label, 3).tolist() == [1, 2, 0, -1]
+    assert segment_labels(seg, label, 3, rule="reference").tolist() == [-1, 2, 0, -1]
+    with pytest.raises(ValueError, match="rule"):
+        segment_labels(seg, label, 3, rule="majority")
+    codes = _two_region_codes()
+    lab = torch.full((12, 16), -1)
+    lab[:, :8] = 3
+    lab[:3, 8:] = 1  # the right segment: 24 pixels of class 1 among 96, the rest ignore
+    _, ours, _ = build_memory([(codes, lab)], n_classes=4, grid=(1, 2), iters=3)
+    _, ref, _ = build_memory([(codes, lab)], n_classes=4, grid=(1, 2), iters=3, labels="reference")
+    assert sorted(ours.tolist()) == [1, 3] and ref.tolist() == [3]
+
+
+def test_memory_key_moves_with_the_label_rule_only_when_set():
+    from tasks.retrieval import memory_key
+
+    feats, view = {"key": "features-key"}, {"policy": "center_crop", "resolution": 32}
+    base = memory_key(None, feats, view, 3, (2, 2), 5)
+    assert memory_key(None, feats, view, 3, (2, 2), 5, "valid-majority") == base  # the default is unkeyed
+    assert "labels" not in base[1]
+    assert memory_key(None, feats, view, 3, (2, 2), 5, "reference")[0] != base[0]
