@@ -175,9 +175,10 @@ def register_verify(storage_app: typer.Typer) -> None:
         summary = ", ".join(f"{c} {s}" for s, c in sorted(counts.items())) or "no artifacts"
         console.print(f"{len(arts)} artifacts checked in {time.perf_counter() - t0:.1f} s: {summary}", markup=False)
         if damaged:
+            many = len(damaged) > 1
             sys.stdout.flush()
-            sys.stderr.write(f"error: {len(damaged)} damaged artifacts: delete "
-                             + " ".join(str(a.path) for a in damaged) + " to recompute them\n")
+            sys.stderr.write(f"error: {len(damaged)} damaged artifact{'s' * many}: delete "
+                             + " ".join(str(a.path) for a in damaged) + f" to recompute {'them' if many else 'it'}\n")
             raise typer.Exit(code=EXIT_INPUT)
 
 
