@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from usseg_core.errors import ConfigError, InputError
 from usseg_core.heads import HeadInputs, get_head
-from usseg_core.heads.hsg import (ClusteringTransformer, HsgConfig, HsgTrained, contrast_denominator,
+from usseg_core.heads.hsg import (REFERENCE, ClusteringTransformer, HsgConfig, HsgTrained, contrast_denominator,
                                   hierarchy_labels, knn_graph, modularity_terms, pixel_segment_loss,
                                   separation_term)
 from usseg_core.heads.hsg_train import hsg_loss, train_hsg_head, view_regions
@@ -244,9 +244,11 @@ def test_loss_has_gradients_for_head_and_transformers():
     assert hier.transformers[1].z_fc.weight.grad.abs().sum() > 0
 
 
-def test_mid_epoch_interrupt_resumes_bit_identical(tmp_path: Path):
+@pytest.mark.parametrize("options", [{}, {"knn_mode": "per_view", **REFERENCE, "warmup_steps": 3}],
+                         ids=["defaults", "reference"])
+def test_mid_epoch_interrupt_resumes_bit_identical(tmp_path: Path, options: dict):
     banks = [FakeBank(), FakeBank(n=4, seed=1)]  # 10 images, 5 steps per epoch
-    cfg = _config(epochs=2)
+    cfg = _config(epochs=2, **options)
     full = train_hsg_head(_inputs(banks), cfg, device="cpu", progress=False)
 
     class Interrupt(Exception):
@@ -267,8 +269,8 @@ def test_mid_epoch_interrupt_resumes_bit_identical(tmp_path: Path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
     assert full.history == resumed.history
     with pytest.raises(InputError, match="lambda_g"):
-        train_hsg_head(_inputs(banks), _config(epochs=2, lambda_g=1.0), checkpoint_path=ckpt, device="cpu",
-                       progress=False)
+        train_hsg_head(_inputs(banks), _config(epochs=2, lambda_g=1.0, **options), checkpoint_path=ckpt,
+                       device="cpu", progress=False)
 
 
 def test_config_validation_presets_and_inputs():

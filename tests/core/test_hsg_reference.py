@@ -226,3 +226,44 @@ def test_training_with_every_reference_option_runs():
                          progress=False)
     steps = [h for h in res.history if "loss" in h]
     assert steps and all(np.isfinite(h["loss"]) and np.isfinite(h["loss_separation"]) for h in steps)
+
+
+# --- H6: optimiser set-up -----------------------------------------------------------------------------
+
+def test_reference_sgd_bias_groups_by_hand():
+    from usseg_core.heads.hsg_train import hsg_optimiser
+
+    w, b = torch.nn.Parameter(torch.ones(1)), torch.nn.Parameter(torch.ones(1))
+    cfg = HsgConfig(lr=0.1, momentum=0.9, weight_decay=0.5, sgd="reference", param_groups="reference")
+    opt = hsg_optimiser([("net.0.weight", w), ("net.0.bias", b)], cfg)
+
+    def step(lr):
+        for g in opt.param_groups:
+            g["lr"] = lr * g["lr_scale"]
+        w.grad, b.grad = torch.ones(1), torch.ones(1)
+        opt.step()
+
+    step(0.1)  # weight: buf = 0.1 (1 + 0.5) = 0.15; bias: lr 0.2, no decay: buf = 0.2
+    assert (w.item(), b.item()) == (pytest.approx(0.85), pytest.approx(0.8))
+    step(0.01)  # the lr drops tenfold; the buffer keeps the old steps: weight buf = 0.9 * 0.15 + 0.01 * 1.425
+    assert w.item() == pytest.approx(0.85 - (0.135 + 0.01425))
+    assert b.item() == pytest.approx(0.8 - (0.9 * 0.2 + 0.02))
+    # torch's SGD on the same two steps: buf = 1.5, then 0.9 * 1.5 + 1.425; p -= lr * buf
+    wt = torch.nn.Parameter(torch.ones(1))
+    t = hsg_optimiser([("w", wt)], HsgConfig(lr=0.1, momentum=0.9, weight_decay=0.5))
+    for lr in (0.1, 0.01):
+        t.param_groups[0]["lr"], wt.grad = lr, torch.ones(1)
+        t.step()
+    assert wt.item() == pytest.approx(1 - 0.15 - 0.01 * (0.9 * 1.5 + 1.425))
+
+
+def test_warmup_then_step_decay_by_hand():
+    from types import SimpleNamespace
+
+    from usseg_core.heads.hsg_train import HsgMethod
+
+    m = SimpleNamespace(config=HsgConfig(lr=0.1, warmup_steps=100), total_steps=1000)
+    lr = [HsgMethod.lr_at(m, t) for t in (0, 50, 99, 100, 319, 320, 750)]
+    assert lr == pytest.approx([0.01, 0.055, 0.1 * (0.1 * 0.01 + 0.99), 0.1, 0.1, 0.01, 0.0001])
+    m.config = HsgConfig(lr=0.1)
+    assert HsgMethod.lr_at(m, 0) == 0.1

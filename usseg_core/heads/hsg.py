@@ -29,10 +29,19 @@ Deliberate differences from the paper, and its gaps (docs/methods/hsg.md §6.3�
 * **Transition softmax** over the next-level index (each row a distribution, docs/methods/hsg.md §1.2, inferred).
 * **kNN graph of L_g** (§1.2): ``knn_mode="pooled"`` = top-``knn_k`` (4) over all views' centroids of an
   image (Cityscapes / KITTI-STEP rule; CamVid, road scenes, takes it), ``"within_across"`` = top-``knn_k``
-  (2) inside the centroid's view plus top-``knn_k`` among the other views (COCO / VOC / Potsdam rule, our
-  reading of "within an image and its augmented views, respectively"). The graph is symmetrised (an
-  undirected graph, as modularity requires: DMoN) and binary.
-* **L_g's separation term** has no temperature in the paper: none here (unit vectors, τ = 1).
+  (2) inside the centroid's view plus top-``knn_k`` among the other views (our first reading of "within an
+  image and its augmented views, respectively"), ``"per_view"`` = top-``knn_k`` inside *every* view
+  ([code:HSG]'s rule, the COCO-stuff and Potsdam presets; the two agree at V = 2 only). Binary; by
+  default symmetrised (``graph="symmetric"``, as DMoN's modularity assumes); [code:HSG] keeps it directed.
+* **L_g's separation term** has no temperature in the paper: by default none (unit vectors, τ = 1) among
+  one image's centroids; [code:HSG] uses concentration 16 over the whole batch (``separation``).
+* **[code:HSG]'s own choices** (twke18/HSG at aa54ddb, docs/methods/hsg.md, Deviations) are options of
+  :class:`HsgConfig`, keyed only when set and all selected by ``REFERENCE`` in the presets of
+  cocostuff27, cityscapes27 and potsdam3: ``no_positive`` (L_f of an anchor without positives),
+  ``modularity``, ``graph``, ``collapse_norm``, ``separation`` (+ weight and concentration) of L_g,
+  ``g0_grid`` and ``g0_location`` of G0's k-means. One deliberate deviation stays: for an anchor with
+  positives the reference forms Σ_same e_s − e_own, which cancels in fp32; we keep the exact
+  log-sum-exp over the positives (:func:`pixel_segment_loss`).
 * **Optimiser**: SGD, momentum 0.9 (not stated), lr and weight decay of Table 7's nearest row, step decay
   ×0.1 (factor not stated) at 32 / 56 / 75 % of the steps ([001] §5.8). Length in epochs over the cached
   images (HSG's 400 Cityscapes epochs train a ResNet from scratch; a light head on frozen features
@@ -61,8 +70,11 @@ COLLAPSE_NORMS = ("valid", "padded")
 SEPARATIONS = ("per-image", "reference")
 # [code:HSG]'s choices where usseg's first version differs (docs/methods/hsg.md, Deviations): the presets of
 # the paper's datasets. Each option's default is that first version and enters artifact keys only when set.
+OPTIMISERS = ("torch", "reference")
+PARAM_GROUPS = ("uniform", "reference")
 REFERENCE = {"no_positive": "own-segment", "modularity": "reference", "graph": "directed",
-             "collapse_norm": "padded", "separation": "reference", "g0_grid": "reference", "g0_location": True}
+             "collapse_norm": "padded", "separation": "reference", "g0_grid": "reference", "g0_location": True,
+             "sgd": "reference", "param_groups": "reference", "warmup_steps": 100}
 
 
 @dataclass
@@ -127,6 +139,15 @@ class HsgConfig:
     # True: k-means on normalize([embedding, (y − 0.5, x − 0.5)]) (common.py:312-317, 346-352); False: the
     # embedding alone (ours). Segment prototypes u_s and X0 are means of the embedding either way, as there.
     g0_location: bool = field(default=False, metadata=KEYED_WHEN_SET)
+    # "reference": [code:HSG] lib/nn/optimizer.py SGD, the lr inside the momentum buffer (buf ← m buf +
+    # lr (g + wd p); p ← p − buf), so a decay slows the step gradually; "torch": torch.optim.SGD (ours)
+    sgd: str = field(default="torch", metadata=KEYED_WHEN_SET)
+    # "reference": biases at twice the lr and without weight decay (models/embeddings/resnet_fcn_hsg_cs.py
+    # get_params_lr); "uniform": one lr and weight decay for every parameter (ours)
+    param_groups: str = field(default="uniform", metadata=KEYED_WHEN_SET)
+    # steps of linear warm-up from lr / 10 to lr ([code:HSG] WARMUP_ITERATION 100, utils/general/train.py
+    # lr_step); 0: none (ours)
+    warmup_steps: int = field(default=0, metadata=KEYED_WHEN_SET)
 
     def __post_init__(self) -> None:
         for name in ("train_grid", "test_grid", "levels", "decay_at"):
@@ -134,11 +155,13 @@ class HsgConfig:
             setattr(self, name, tuple(v) if isinstance(v, (list, tuple)) else (v,))
         for name, allowed in (("knn_mode", KNN_MODES), ("no_positive", NO_POSITIVE), ("modularity", MODULARITY),
                               ("graph", GRAPHS), ("collapse_norm", COLLAPSE_NORMS), ("separation", SEPARATIONS),
-                              ("g0_grid", GRID_INITS)):
+                              ("g0_grid", GRID_INITS), ("sgd", OPTIMISERS), ("param_groups", PARAM_GROUPS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"HsgConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not isinstance(self.g0_location, bool):
             raise ConfigError(f"HsgConfig.g0_location must be true or false, got {self.g0_location!r}")
+        if int(self.warmup_steps) < 0:
+            raise ConfigError(f"HsgConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
         for name in ("dim", "hidden", "kmeans_iters", "heads", "enc_layers", "dec_layers", "ffn", "knn_k",
                      "epochs", "batch_size", "anchors_per_view", "checkpoint_every", "log_every"):
             if int(getattr(self, name)) < 1:

@@ -71,9 +71,7 @@ class HsgMethod(BankMethod):
         torch.manual_seed(config.seed)
         self.head = HsgHead(self.bank.shape[0], config.hidden, config.dim).to(device)
         self.hier = Hierarchy(config).to(device)
-        params = [*self.head.parameters(), *self.hier.parameters()]
-        self.opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                                   weight_decay=config.weight_decay)
+        self.opt = hsg_optimiser([*self.head.named_parameters(), *self.hier.named_parameters()], config)
         self.init_order()
         self.total_steps = config.epochs * self.steps_per_epoch
         self.t = 0  # steps taken (the lr schedule's clock)
@@ -92,9 +90,14 @@ class HsgMethod(BankMethod):
         self.t = int(state["t"])
 
     def lr_at(self, t: int) -> float:
-        """Step decay at the configured fractions of training ([001] §5.8)."""
-        passed = sum(t >= round(f * self.total_steps) for f in self.config.decay_at)
-        return self.config.lr * self.config.decay_factor ** passed
+        """Step decay at the configured fractions of training ([001] §5.8), after a linear warm-up from lr / 10
+        over ``warmup_steps`` ([code:HSG] lr_step: lr (1/10 (1 − t/W) + t/W) while t < W)."""
+        cfg = self.config
+        if t < cfg.warmup_steps:
+            alpha = t / cfg.warmup_steps
+            return cfg.lr * (0.1 * (1 - alpha) + alpha)
+        passed = sum(t >= round(f * self.total_steps) for f in cfg.decay_at)
+        return cfg.lr * cfg.decay_factor ** passed
 
     def plan(self, step: int) -> HsgPlan:
         idx = self.next_images()  # (B,)
@@ -111,12 +114,54 @@ class HsgMethod(BankMethod):
         regions = self.regions[torch.from_numpy(plan.img), torch.from_numpy(plan.views)]
         loss, stats = hsg_loss(emb, to_device(regions, self.device).long(), self.hier, cfg, V)
         for g in self.opt.param_groups:
-            g["lr"] = self.lr_at(self.t)
+            g["lr"] = self.lr_at(self.t) * g.get("lr_scale", 1.0)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         self.t += 1
         return {"loss": loss.detach(), "lr": self.lr_at(self.t - 1), **stats}
+
+
+class ReferenceSGD(torch.optim.Optimizer):
+    """[code:HSG]'s SGD (lib/nn/optimizer.py): buf ← m·buf + lr·(g + wd·p), p ← p − buf.
+
+    torch.optim.SGD keeps the lr outside the buffer (buf ← m·buf + g + wd·p, p ← p − lr·buf): the two agree
+    while the lr is constant; after a change of lr the reference's past steps keep their old size.
+    """
+
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float) -> None:
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else p.grad
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"].mul_(group["momentum"]).add_(d, alpha=group["lr"])
+                p.sub_(buf)
+        return None
+
+
+def hsg_optimiser(named: Sequence[tuple[str, Tensor]], cfg: HsgConfig) -> torch.optim.Optimizer:
+    """The SGD of ``cfg.sgd`` over the named parameters, grouped by ``cfg.param_groups``.
+
+    "reference": the parameters whose name ends in "bias" (conv, linear, attention, BatchNorm) form a group
+    with ``lr_scale`` 2 and no weight decay ([code:HSG] get_params_lr); the step sets each group's lr to
+    ``lr_at(t) * lr_scale``.
+    """
+    if cfg.param_groups == "reference":
+        groups = [{"params": [p for n, p in named if not n.endswith("bias")], "lr_scale": 1.0},
+                  {"params": [p for n, p in named if n.endswith("bias")], "lr_scale": 2.0, "weight_decay": 0.0}]
+    else:
+        groups = [{"params": [p for _, p in named]}]
+    if cfg.sgd == "reference":
+        return ReferenceSGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def hsg_loss(emb: Tensor, regions: Tensor, hier: Hierarchy, cfg: HsgConfig, n_views: int) -> tuple[Tensor, dict]:
