@@ -46,9 +46,9 @@ def ensure_segment_memory(storage: str, head: HeadRef | None, feats: FeaturesRef
     """Segment prototypes of a labelled split with their majority ground-truth labels.
 
     ``head`` None uses the raw backbone features (the baseline). ``labels`` is the labelling rule
-    (``usseg_core.retrieval.MEMORY_LABELS``: "valid-majority", ours, or "reference", twke18/HSG's). Files: prototypes.npy (S, D) float32
-    unit, labels.npy (S,) int64, image_index.npy (S,) int64 (item of the split each segment comes
-    from); the metadata counts the segments per class. The reference's ``pool_to`` is the feature grid
+    (``usseg_core.retrieval.MEMORY_LABELS``: "valid-majority", ours, or "reference", twke18/HSG's).
+    Files: prototypes.npy (S, D) float32 unit, labels.npy (S,) int64, image_index.npy (S,) int64 (item of
+    the split each segment comes from); the metadata counts the segments per class. The reference's ``pool_to`` is the feature grid
     (h, w) the k-means ran at.
     """
     if labels not in MEMORY_LABELS:
