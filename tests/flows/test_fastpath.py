@@ -88,3 +88,9 @@ def test_a_running_usseg_service_gets_the_flow_run_and_no_temporary_server_start
                     "every artifact was already in the store: answered by look-ups, no flow run started"]
     assert not out["cache_hit"] and again["cache_hit"] and again["key"] == out["key"]
     assert _flow_runs() == runs_before + 1 and not starts  # the cached command: no flow run
+
+    monkeypatch.setenv(fastpath.FLOW_RUN_ENV, "always")  # every command a flow run: on the service
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        third = fastpath.run_flow(extract_features, _params(data, storage), say=said.append)
+    assert third["cache_hit"] and said[-1] == said[0]
+    assert _flow_runs() == runs_before + 2 and not starts
