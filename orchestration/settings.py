@@ -8,8 +8,11 @@
 
 ``USSEG_DATA_ROOT`` (and the variable) name a folder with one subfolder per dataset
 (each dataset's ``protocol.folder``); ``--data-root`` names the dataset's own folder. Prefect variables are read only
-when a Prefect API is at hand (inside a run, or ``PREFECT_API_URL`` set, e.g. after ``usseg up``): a plain
-command never starts a temporary server just to read one.
+when a Prefect API is at hand (inside a run, ``PREFECT_API_URL`` set, or a command's flow on a running
+``usseg up`` service, its look-up pass included: ``commands/launch.py``): a plain command never starts a
+temporary server just to read one. A command resolves its storage root before it looks for the service
+(the service is found through it): with the service alone, the variable ``usseg_storage`` does not move a
+command's storage; with ``PREFECT_API_URL`` set it does.
 """
 from __future__ import annotations
 
