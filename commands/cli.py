@@ -20,9 +20,9 @@ from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 from rich.text import Text  # noqa: E402
 
-from commands.common import (EXIT_CODES_HELP, BackboneOpt, OnErrorOpt, RandomWeightsOpt,  # noqa: E402
-                               RunnerOpt, StorageOpt, choice_of, error_exit, existing_storage, human, path_or_none,
-                               spec_default)
+from commands.common import (EXIT_CODES_HELP, EXIT_INTERRUPTED, BackboneOpt, OnErrorOpt, RandomWeightsOpt,  # noqa: E402
+                               RunnerOpt, StorageOpt, choice_of, error_exit, existing_storage, human, interrupted,
+                               path_or_none, spec_default)
 from orchestration.settings import storage_root  # noqa: E402
 from usseg_core.spec import ExtractSpec  # noqa: E402
 
@@ -178,7 +178,11 @@ def main() -> None:
     # commands.launch.prepare_flow_process() first (run_flow does, and `usseg oversegment`).
     try:
         app()
-    except Exception as exc:  # noqa: BLE001 - every failure ends in one line and a documented code
+    except SystemExit as exc:  # typer turns Ctrl-C into exit 130, silently: say it (error_exit)
+        if exc.code == EXIT_INTERRUPTED and interrupted(exc):
+            error_exit(exc)
+        raise
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every failure ends in one line and a code
         error_exit(exc)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 import typer
@@ -82,20 +83,27 @@ def path_or_none(path) -> str | None:
 
 def human(n: float) -> str:
     """Bytes as a short human-readable size."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+    from usseg_core.errors import human_size
+
+    return human_size(n)
 
 
 # --- bad input and errors: one spelling, one line, one exit code per kind ----------------------------
 
-EXIT_USAGE, EXIT_CONFIG, EXIT_INPUT, EXIT_UNEXPECTED = 2, 3, 4, 1
-EXIT_CODES_HELP = ("Exit codes: 0 ok; 1 unexpected error (traceback in <storage>/logs/usseg-errors.log; "
-                   "--debug shows it); 2 usage error (bad option or argument); 3 configuration error "
-                   "(unknown --set key, registry name, setting, missing storage or data root); 4 input or "
-                   "data error (unreadable or invalid image, label or weights file).")
+EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_CONFIG, EXIT_INPUT, EXIT_DISK_FULL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 5, 130
+# The one table of exit codes: --help's epilog, and docs/commands.md's table (tests/flows/test_exit_codes.py
+# checks that the docs list exactly these, and one real command per code).
+EXIT_CODES = {
+    EXIT_OK: "ok",
+    EXIT_UNEXPECTED: "unexpected error (a bug; traceback in <storage>/logs/usseg-errors.log, --debug shows it)",
+    EXIT_USAGE: "usage error (bad option or argument)",
+    EXIT_CONFIG: "configuration error (unknown --set key, registry name, bad setting, missing storage or data root)",
+    EXIT_INPUT: "input or data error (unreadable or invalid image, label or weights file)",
+    EXIT_DISK_FULL: "environment: the storage's disk is full (or the quota); rerun after freeing space to resume",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C); finished artifacts are kept, rerun to resume",
+}
+EXIT_CODES_HELP = "Exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + "."
+INTERRUPTED_LINE = "interrupted; finished artifacts are kept, rerun the command to resume"
 OnErrorOpt = typer.Option("fail", "--on-error", callback=choice_of("--on-error", DataSpec, "on_error",
                                                                   {"fail": "raise"}),
                           help="fail | skip: stop at the first invalid image/label file, or leave invalid files "
@@ -148,8 +156,10 @@ def write_failure_log(exc: BaseException) -> "Path | None":
 
 
 def exit_code(exc: BaseException) -> int:
-    from usseg_core.errors import ConfigError, InputError, UssegError, WeightsError
+    from usseg_core.errors import ConfigError, DiskFull, InputError, UssegError, WeightsError
 
+    if isinstance(exc, DiskFull):
+        return EXIT_DISK_FULL
     if isinstance(exc, (InputError, WeightsError)):
         return EXIT_INPUT
     if isinstance(exc, (ConfigError, UssegError)):
@@ -158,44 +168,140 @@ def exit_code(exc: BaseException) -> int:
 
 
 def handled(exc: BaseException) -> BaseException:
-    """The usseg error inside ``exc`` (Prefect may wrap it), else ``exc``."""
-    from usseg_core.errors import UssegError
+    """The usseg error inside ``exc`` (Prefect may wrap it), else a full disk met outside any stage as a
+    :class:`~usseg_core.errors.DiskFull` naming the file, else ``exc``."""
+    from usseg_core.errors import DiskFull, UssegError, disk_full_cause
 
     seen = exc
     while seen is not None:
         if isinstance(seen, UssegError):
             return seen
         seen = seen.__cause__ or seen.__context__
+    full = disk_full_cause(exc)
+    if full is not None:
+        from pathlib import Path
+
+        where = Path(full.filename).parent if full.filename else Path.cwd()
+        return DiskFull.of(full, where)
     return exc
 
 
-def error_exit(exc: BaseException) -> None:
-    """One literal line on stderr (the last thing printed) and the exit code of the error's kind."""
-    if isinstance(exc, (SystemExit, KeyboardInterrupt)):
-        raise exc
+# --- what a message passed through from a library becomes -------------------------------------------
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+PASSED_THROUGH_MAX = 200  # characters of a library's message kept in the line (the rest goes to the log)
+
+
+def plain_text(text: str) -> str:
+    """``text`` without terminal escapes (torch bolds its advice), on one line, printable."""
+    from usseg_core.errors import printable
+
+    return " ".join(printable(_ANSI.sub("", text)).split())
+
+
+def first_sentence(text: str) -> str:
+    """The first meaningful sentence of a library's message: its first non-empty line, cut after its first
+    full stop, at most :data:`PASSED_THROUGH_MAX` characters."""
+    line = next((ln.strip() for ln in _ANSI.sub("", text).splitlines() if ln.strip()), "")
+    cut = re.search(r"\.(\s|$)", line)
+    if cut:
+        line = line[:cut.start() + 1]
+    return line if len(line) <= PASSED_THROUGH_MAX else line[:PASSED_THROUGH_MAX - 1].rstrip() + "…"
+
+
+def refused_pickle(texts: list[str]) -> str | None:
+    """For torch's ``weights_only`` refusal, what it means for usseg: the file holds a pickled callable
+    (named), which usseg never loads. Never torch's advice to pass ``weights_only=False``."""
+    text = " ".join(_ANSI.sub("", t) for t in texts)
+    if "Weights only load failed" not in text:
+        return None
+    found = (re.search(r"GLOBAL (\S+) (?:whose module|was not an allowed)", text)
+             or re.search(r"Unsupported global: GLOBAL (\S+)", text)
+             or re.search(r"unrecognized function `?([^`]+?)`? which belongs", text))
+    name = f" ({found.group(1)})" if found else ""
+    return (f"the file holds a pickled callable{name}, which usseg never loads: loading it would run code. Only "
+            "tensors and plain containers are read; if you trust the file, re-save its weights as a plain state "
+            "dict (torch.save(model.state_dict(), ...)) or as .safetensors")
+
+
+def error_message(err: BaseException) -> tuple[str, bool]:
+    """The text of ``err`` for its one line: library messages it carries shortened to their first sentence,
+    torch's pickle refusal explained, escapes stripped. Returns (text, whether anything was cut)."""
+    from usseg_core.errors import UssegError
+
+    text = str(err)
+    causes, seen = [], err.__cause__ or err.__context__
+    while seen is not None:
+        causes.append(str(seen))
+        seen = seen.__cause__ or seen.__context__
+    pickle = refused_pickle([text, *causes])
+    cut = False
+    if pickle is not None:
+        at = text.find("Weights only load failed")
+        head = text[:at].rstrip(" (:.") if at >= 0 else text
+        text, cut = f"{head}: {pickle}" if at > 0 else pickle if at == 0 else f"{text}: {pickle}", True
+    for cause in causes:  # a long library message quoted whole in ours
+        for quoted in (cause.strip(), cause.strip().splitlines()[0] if cause.strip() else ""):
+            if len(quoted) > PASSED_THROUGH_MAX and quoted in text:
+                text, cut = text.replace(quoted, first_sentence(quoted)), True
+    if len(text) > 4 * PASSED_THROUGH_MAX and not isinstance(err, UssegError):  # a library's own error
+        text, cut = first_sentence(text), True
+    return plain_text(text), cut
+
+
+def error_line(exc: BaseException) -> tuple[str, int]:
+    """The one line (without ``error: ``) and the exit code of ``exc``; the failure log gets Prefect's held
+    records and the traceback when the run failed in Prefect, the error is a bug, or a message was cut."""
     err = handled(exc)
     code = exit_code(err)
-    log = write_failure_log(exc) if console.FAILURE_RECORDS or code == EXIT_UNEXPECTED else None
+    text, cut = error_message(err)
+    log = write_failure_log(exc) if console.FAILURE_RECORDS or code == EXIT_UNEXPECTED or cut else None
     if code == EXIT_UNEXPECTED:
         if console.DEBUG:
             import traceback
 
             traceback.print_exception(exc, file=sys.stderr)
-        where = f"; traceback in {log}" if log else ""
-        line = f"error: unexpected {type(err).__name__}: {err}{where}"
-    else:
-        line = f"error: {err}" + (f" (Prefect's log of the failed run: {log})" if log else "")
+        return f"unexpected {type(err).__name__}: {text}" + (f"; traceback in {log}" if log else ""), code
+    if cut and log:
+        return f"{text} (full message in {log})", code
+    return text + (f" (Prefect's log of the failed run: {log})" if log else ""), code
+
+
+def interrupted(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is (or ends) a Ctrl-C: a KeyboardInterrupt, or typer's exit 130 raised from one."""
+    while exc is not None:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def say_last(line: str) -> None:
+    """Stop the temporary server first (its "Stopping temporary server" line must not follow ours), then
+    print ``line`` on stderr as the last thing."""
     stop_temporary_server()
     sys.stdout.flush()
     sys.stderr.write(line.replace("\n", " ") + "\n")
     sys.stderr.flush()
+
+
+def error_exit(exc: BaseException) -> None:
+    """One literal line on stderr (the last thing printed) and the exit code of the error's kind; a
+    Ctrl-C is one line and exit 130."""
+    if isinstance(exc, KeyboardInterrupt) or (isinstance(exc, SystemExit) and exc.code == EXIT_INTERRUPTED
+                                              and interrupted(exc)):
+        say_last(INTERRUPTED_LINE)
+        sys.exit(EXIT_INTERRUPTED)
+    if isinstance(exc, SystemExit):
+        raise exc
+    line, code = error_line(exc)
+    say_last(f"error: {line}")
     sys.exit(code)
 
 
 def fail(exc: BaseException) -> None:
     """For commands that catch their own usseg errors: the same line and exit code as :func:`error_exit`,
     as a ``typer.Exit`` (so CliRunner tests see the code)."""
-    err = handled(exc)
-    sys.stdout.flush()
-    sys.stderr.write(f"error: {err}".replace("\n", " ") + "\n")
-    raise typer.Exit(code=exit_code(err))
+    line, code = error_line(exc)
+    say_last(f"error: {line}")
+    raise typer.Exit(code=code)

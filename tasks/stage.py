@@ -26,6 +26,7 @@ code uses the attributes.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -34,8 +35,11 @@ from typing import Any, Callable, Iterator
 from prefect import Task
 from prefect.cache_policies import NO_CACHE
 
+import numpy as np
+
 from usseg_core.config import keyed_asdict
-from usseg_core.store import (Artifact, ArtifactStore, NotCached, artifact_key, canonical_json,
+from usseg_core.errors import DiskFull, disk_full_cause, printable
+from usseg_core.store import (META, Artifact, ArtifactStore, NotCached, artifact_key, canonical_json, folder_size,
                               lookups_only_active)
 
 LINEAGE = ("dataset", "backbone", "backbone_fingerprint")
@@ -251,15 +255,30 @@ _MISSING = object()
 
 
 def logger():
-    """The Prefect run logger inside a run, a plain logger outside one (tests, notebooks)."""
+    """The Prefect run logger inside a run, a plain logger outside one (tests, notebooks); either way, a
+    path argument that is not valid UTF-8 is logged escaped (Prefect's API refuses surrogates)."""
+    import logging
+
     try:
         from prefect import get_run_logger
 
-        return get_run_logger()
+        return PrintableArgs(get_run_logger(), {})
     except Exception:  # noqa: BLE001 - MissingContextError outside a run
-        import logging
+        return PrintableArgs(logging.getLogger("usseg"), {})
 
-        return logging.getLogger("usseg")
+
+class PrintableArgs(logging.LoggerAdapter):
+    """A logger whose string and path arguments are made printable (``caf\\xe9.png``:
+    :func:`usseg_core.errors.printable`) before the record is built."""
+
+    def log(self, level, msg, *args, **kwargs):
+        from pathlib import PurePath
+
+        args = tuple(printable(str(a)) if isinstance(a, (str, PurePath)) else a for a in args)
+        super().log(level, msg, *args, **kwargs)
+
+    def process(self, msg, kwargs):  # the wrapped logger (Prefect's run logger) adds its own context
+        return msg, kwargs
 
 
 # --- the scaffold ----------------------------------------------------------------------------------
@@ -320,12 +339,69 @@ def run_stage(storage: str, stage: Stage, params: Mapping[str, Any], upstream: M
         raise NotCached(stage.name, key)
     if prepare is not None:
         prepare()
-    art = store.begin(stage.name, key, version=stage.version, params=params,
-                      upstream=record_upstream if record_upstream is not None else upstream,
-                      **(lineage_of(inputs) | dict((info() if callable(info) else info) or {})))
-    final = body(Work(stage, store, art, params, dict(upstream or {})))
-    store.finish(art, **dict(final or {}))
+    fresh = not store.path(stage.name, key).exists()
+    try:
+        art = store.begin(stage.name, key, version=stage.version, params=params,
+                          upstream=record_upstream if record_upstream is not None else upstream,
+                          **(lineage_of(inputs) | dict((info() if callable(info) else info) or {})))
+        final = body(Work(stage, store, art, params, dict(upstream or {})))
+        store.finish(art, **dict(final or {}))
+    except Exception as exc:
+        full = disk_full(exc, store, stage.name, key)
+        if fresh and full is None:
+            drop_if_empty(store, stage.name, key)
+        if full is not None and full is not exc:
+            raise full from exc
+        raise
     return ref(art, False)
+
+
+# --- failures: a full disk named, and no empty folder left behind ------------------------------------
+
+def disk_full(exc: BaseException, store: ArtifactStore, stage: str, key: str) -> DiskFull | None:
+    """The :class:`DiskFull` error of an artifact whose writing failed for want of space, else None (a
+    :class:`DiskFull` of a nested stage is returned as it is)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, DiskFull):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    err = disk_full_cause(exc)
+    if err is None:
+        return None
+    folder = store.path(stage, key)
+    return DiskFull.of(err, store.root, f"{stage}/{key}", folder_size(folder), array_bytes(folder))
+
+
+def array_bytes(folder) -> int | None:
+    """Uncompressed bytes of the Zarr arrays under ``folder`` (what a stage writing them will need at most,
+    before compression), or None when it holds none."""
+    import json
+    from math import prod
+
+    total = None
+    for meta in sorted(folder.rglob("zarr.json")) if folder.is_dir() else ():
+        try:
+            doc = json.loads(meta.read_text())
+            if doc.get("node_type") == "array":
+                total = (total or 0) + prod(doc["shape"]) * np.dtype(doc["data_type"]).itemsize
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return total
+
+
+def drop_if_empty(store: ArtifactStore, stage: str, key: str) -> None:
+    """Remove an artifact folder this run began when a failure left nothing in it but its ``meta.json``
+    (a manifest refused on a bad file, a KNN table refused for its size): an empty folder would only show
+    as an incomplete artifact. A folder holding partial work (feature chunks, checkpoints) is kept: a
+    rerun resumes from it."""
+    folder = store.path(stage, key)
+    try:
+        names = {p.name for p in folder.iterdir()}
+    except OSError:
+        return
+    if names <= {META}:
+        store.discard(stage, key)
 
 
 # --- the Prefect task of a stage --------------------------------------------------------------------

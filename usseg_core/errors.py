@@ -5,6 +5,8 @@ message alone tells the user what to fix (docs/contributing.md: validate early, 
 """
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 
@@ -66,3 +68,66 @@ class DamagedArtifact(InputError):
     def __reduce__(self):  # pickles (Dask workers) with its two arguments, not its message
         return type(self), (self.folder, self.problem)
 
+
+def human_size(n: float) -> str:
+    """Bytes as a short human-readable size (``1.5 MiB``)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+# What a write fails with when the storage's disk is full: no space, the user's quota, the file size limit.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def disk_full_cause(exc: BaseException | None) -> OSError | None:
+    """The ``OSError`` of a full disk that ``exc`` is or wraps (a shard task's, re-raised by its future),
+    else None."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+class DiskFull(UssegError):
+    """The storage's disk (or the user's quota, or the file size limit) ran out while an artifact was being
+    written. Nothing of it is marked done; a rerun after freeing space resumes where it stopped (exit code 5).
+
+    Attributes:
+        where: the storage root (or the folder of the file being written, outside an artifact).
+        artifact: ``<stage>/<key>`` being written (or the file).
+        reason: the operating system's message (``[Errno 28] No space left on device``).
+        written: bytes the artifact's folder holds so far (None: unknown).
+        free: bytes free on that file system.
+        total: the artifact's expected size where the stage knows one (uncompressed arrays), else None.
+    """
+
+    def __init__(self, where: str | Path, artifact: str, reason: str, written: int | None, free: int,
+                 total: int | None = None) -> None:
+        self.where, self.artifact, self.reason = Path(where), artifact, reason
+        self.written, self.free, self.total = written, free, total
+        so_far = "" if written is None else f"{human_size(written)} written so far" + (
+            f" of about {human_size(total)} (uncompressed)" if total else "") + ", "
+        super().__init__(printable(
+            f"disk full: writing {artifact} in {self.where} failed ({reason}); {so_far}{human_size(free)} free "
+            "on its disk; free space and rerun the same command (what is finished is kept and the run resumes), "
+            "or pass --storage on a larger disk"))
+
+    @classmethod
+    def of(cls, err: OSError, where: str | Path, artifact: str | None = None, written: int | None = None,
+           total: int | None = None) -> "DiskFull":
+        """From the operating system's error, with the free space of ``where``'s file system."""
+        import shutil
+
+        try:
+            free = shutil.disk_usage(where).free
+        except OSError:
+            free = 0
+        reason = f"[Errno {err.errno}] {err.strerror or os.strerror(err.errno)}"
+        return cls(where, artifact or str(err.filename or "a file"), reason, written, free, total)
+
+    def __reduce__(self):  # pickles (Dask workers) with its arguments, not its message
+        return type(self), (self.where, self.artifact, self.reason, self.written, self.free, self.total)
