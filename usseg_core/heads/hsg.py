@@ -68,10 +68,10 @@ MODULARITY = ("dmon", "reference")
 GRAPHS = ("symmetric", "directed")
 COLLAPSE_NORMS = ("valid", "padded")
 SEPARATIONS = ("per-image", "reference")
-# [code:HSG]'s choices where usseg's first version differs (docs/methods/hsg.md, Deviations): the presets of
-# the paper's datasets. Each option's default is that first version and enters artifact keys only when set.
 OPTIMISERS = ("torch", "reference")
 PARAM_GROUPS = ("uniform", "reference")
+# [code:HSG]'s choices where usseg's first version differs (docs/methods/hsg.md, Deviations): the presets of
+# the paper's datasets. Each option's default is that first version and enters artifact keys only when set.
 REFERENCE = {"no_positive": "own-segment", "modularity": "reference", "graph": "directed",
              "collapse_norm": "padded", "separation": "reference", "g0_grid": "reference", "g0_location": True,
              "sgd": "reference", "param_groups": "reference", "warmup_steps": 100}
@@ -99,10 +99,10 @@ class HsgConfig:
     lambda_f: float = 0.1  # λ_F (Table 7)
     lambda_g: float = 0.2  # λ_G (Table 7)
     lr: float = 0.1  # SGD lr (Table 7 Cityscapes / KITTI rows)
-    momentum: float = 0.9  # not stated (ours)
+    momentum: float = 0.9  # not stated in the paper; [code:HSG] hsg/config/default.py: 0.9
     weight_decay: float = 1e-4  # Table 7 Cityscapes / KITTI rows
     decay_at: tuple[float, ...] = (0.32, 0.56, 0.75)  # step decay points, fractions of training ([001] §5.8)
-    decay_factor: float = 0.1  # not stated (docs/methods/hsg.md §1.2, inferred)
+    decay_factor: float = 0.1  # not stated in the paper (§1.2, inferred); [code:HSG] lr_step: 0.1
     epochs: int = 10  # passes over the cached images (ours: frozen features, see docstring)
     batch_size: int = 8  # images per step, each with all its views (ours; Table 7: 32 crops for Cityscapes)
     anchors_per_view: int = 128  # anchor pixels of L_f per view (ours: memory; docstring)
