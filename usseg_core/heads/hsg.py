@@ -102,7 +102,7 @@ class HsgConfig:
     momentum: float = 0.9  # not stated in the paper; [code:HSG] hsg/config/default.py: 0.9
     weight_decay: float = 1e-4  # Table 7 Cityscapes / KITTI rows
     decay_at: tuple[float, ...] = (0.32, 0.56, 0.75)  # step decay points, fractions of training ([001] §5.8)
-    decay_factor: float = 0.1  # not stated in the paper (§1.2, inferred); [code:HSG] lr_step: 0.1
+    decay_factor: float = 0.1  # not in the paper (docs/methods/hsg.md §1.2); [code:HSG] lr_step: 0.1
     epochs: int = 10  # passes over the cached images (ours: frozen features, see docstring)
     batch_size: int = 8  # images per step, each with all its views (ours; Table 7: 32 crops for Cityscapes)
     anchors_per_view: int = 128  # anchor pixels of L_f per view (ours: memory; docstring)
