@@ -276,3 +276,16 @@ def test_verify_of_a_healthy_store_exits_0_with_a_line_per_artifact(tmp_path):
     assert f"[2/3] head/{KEY}: ok" in lines and f"[1/3] features/{KEY}: ok" in lines
     assert any(line.startswith("[3/3] knn/fedcba9876543210: incomplete") for line in lines)
     assert lines[-1].startswith("3 artifacts checked in ") and lines[-1].endswith(": 1 incomplete, 2 ok")
+
+
+def test_extraction_names_the_image_whose_features_were_refused(tmp_path):
+    from tasks.extract import naming_images
+
+    store = FeatureStore.create(tmp_path / "f.zarr", 8, C, H, H, shard_size=8)
+    dense = _values(8)
+    dense[7, 1, 2, 3] = np.inf
+    with pytest.raises(InputError) as err, naming_images(lambda i: tmp_path / f"img{i // 5}.png", "features/abc"):
+        store.write(list(range(8)), dense, np.zeros((8, C), np.float32))
+    assert str(err.value) == (f"{tmp_path / 'img1.png'}: the backbone gave 1 non-finite dense values (nan/inf) for "
+                              "it (item 7 of features/abc): refused, nothing of it was written; try fp32 precision, "
+                              "or leave the image out")
