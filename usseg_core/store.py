@@ -7,7 +7,7 @@ overwritten in place. The completion marker ``_COMPLETE`` is written last, by at
 without it is *incomplete* and is resumed or discarded, never read as a result.
 
 Integrity (docs/architecture.md, "Integrity"): at finish, ``meta.json`` records the sha256 and size of
-every file of the artifact outside its Zarr stores (``files``); a cache hit (:meth:`ArtifactStore.get`)
+every file of the artifact outside its Zarr stores (``file_digests``); a cache hit (:meth:`ArtifactStore.get`)
 checks them and raises :class:`~usseg_core.errors.DamagedArtifact` naming the folder to delete. Zarr chunks
 carry their own crc32c, checked when they are read (``usseg_core/integrity.py``).
 
@@ -33,7 +33,7 @@ from usseg_core.errors import ConfigError, DamagedArtifact, InputError, UssegErr
 KEY_LENGTH = 16
 MARKER = "_COMPLETE"
 META = "meta.json"
-FILES = "files"  # meta.json entry: relpath -> {"sha256", "size"} of every file outside a *.zarr folder
+FILES = "file_digests"  # meta.json entry: relpath -> {"sha256", "size"} of every file outside a *.zarr folder
 HIT_HASH_LIMIT = 64 << 20  # a cache hit hashes recorded files up to this many bytes in all, else checks sizes
 
 
