@@ -4,11 +4,18 @@ per predictor over the whole split, Hungarian matching, tables and pictures.
 Image-level work (codes, CRF) is sharded and mapped over the flow's task runner; each shard returns
 small confusion matrices that are summed, so memory stays bounded and no multiprocessing pool is used
 (STEGO's CRF pool hangs: STEGO #16).
+
+Memory is bounded by the model input, not the image: codes stay at feature resolution and are upsampled
+to the label's size one band of rows at a time (:func:`upsampled_bands`), each band's logits and argmax
+computed before the next. At full resolution only labels (int16) and, for the dense CRF, one predictor's
+K-channel float32 logits (pydensecrf's unary) exist; no D-channel map does. Segment retrieval (HSG's
+protocol) still clusters each image's full-size codes.
 """
 from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 
 import numpy as np
@@ -21,17 +28,21 @@ from tasks.manifest import DataRef
 from tasks.stage import EvaluationRef, FeaturesRef, ManifestRef, Work, declare, run_stage
 from tasks.heads import image_codes, load_head
 from tasks.retrieval import load_memory
-from usseg_core.crf import CRFParams, dense_crf
+from usseg_core.crf import CRFParams, crf_labels
 from usseg_core.device import resolve_device, to_device
 from usseg_core.features import FeatureStore
 from usseg_core.metrics import OVERCLUSTER_MODES, ConfusionMatrix, hungarian_scores, identity_scores
 from usseg_core.spec import DEFAULT_OVERCLUSTER
 from usseg_core.store import ArtifactStore, artifact_key  # noqa: F401 - ArtifactStore: the store run_stage opens
 from usseg_core.views import ViewSpec, prepare_image_for_label, prepare_label
+from usseg_core.viz import thumbnail
 
 CPU = torch.device("cpu")
 EVAL_VERSION = 3  # 2: a group's head is its key (head_key), not its folder: keys survive a moved store; 3: CRF on BGR
 N_EXAMPLES = 6
+# Bytes of one band's upsampled D-channel codes (float32): the most a band of rows holds of them (472 raw
+# EfficientNet channels x 6000 columns: 5 rows a band). Below it an image is upsampled in one piece.
+BAND_BYTES = 64 << 20
 # Predictor kinds whose outputs are class ids: scored as they are, no Hungarian matching.
 CLASS_KINDS = frozenset({"linear", "retrieval"})
 EVALUATION = declare("evaluation", EVAL_VERSION, "tasks.evaluate.evaluate_shard",
@@ -98,12 +109,106 @@ def predictor_logits(predictor: dict, codes: torch.Tensor) -> torch.Tensor:
     return PREDICTOR_KINDS[kind](predictor, codes)
 
 
+def _bilinear_rows(in_h: int, out_h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two source rows and weights of every output row of a bilinear upsampling (align_corners=False)
+    from ``in_h`` to ``out_h`` rows: i0, i1 (H,) long, w0, w1 (H,) float32.
+
+    Read off ``F.interpolate`` itself (source row k is channel k of an identity), so the weights are its
+    own to the bit rather than a re-derivation of its float32 index arithmetic."""
+    eye = torch.eye(in_h)[None, :, :, None]  # (1, h, h, 1): channel k holds source row k alone
+    wt = F.interpolate(eye, size=(out_h, 1), mode="bilinear", align_corners=False)[0, :, :, 0]  # (h, H)
+    used = wt != 0
+    rows = torch.arange(in_h)[:, None]
+    i0 = torch.where(used, rows, in_h).amin(0).clamp_max(in_h - 1)  # lambda0 = 1 - lambda1 > 0: always used
+    i1 = torch.where(used, rows, -1).amax(0).clamp_min(i0)  # i0 again where the second weight is 0
+    cols = torch.arange(out_h)
+    w1 = torch.where(i1 > i0, wt[i1, cols], torch.zeros(out_h))
+    return i0, i1, wt[i0, cols], w1
+
+
+def band_rows(height: int, width: int, channels: int, band_bytes: int = BAND_BYTES) -> int:
+    """Rows per band so that one band of ``channels`` float32 maps of ``width`` columns holds at most
+    ``band_bytes`` (at least one row)."""
+    return max(1, min(height, band_bytes // (4 * channels * width)))
+
+
+@torch.no_grad()
+def upsampled_bands(codes: torch.Tensor, size: tuple[int, int], band_bytes: int = BAND_BYTES
+                    ) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``F.interpolate(codes, size, mode="bilinear", align_corners=False)`` one band of rows at a time.
+
+    Yields (r0, r1, (1, D, r1 - r0, W)) covering rows [0, H). An output that fits in ``band_bytes`` is
+    that one call. Otherwise each band blends the two source rows of each of its output rows with the
+    interpolation's own row weights (:func:`_bilinear_rows`), at feature width, then upsamples the blend
+    along the width alone: the same values as the full call up to float rounding (a few units in the last
+    place: the kernel sums in another order), never a (D, H, W) map, and no slower than the one call."""
+    height, width = size
+    step = band_rows(height, width, codes.shape[1], band_bytes)
+    if step >= height:
+        yield 0, height, F.interpolate(codes, size=size, mode="bilinear", align_corners=False)
+        return
+    i0, i1, w0, w1 = _bilinear_rows(codes.shape[-2], height)
+    w0, w1 = w0.to(codes.device)[:, None], w1.to(codes.device)[:, None]  # (H, 1)
+    for r0 in range(0, height, step):
+        r1 = min(r0 + step, height)
+        rows = codes[:, :, i0[r0:r1]] * w0[r0:r1] + codes[:, :, i1[r0:r1]] * w1[r0:r1]  # (1, D, n, w)
+        yield r0, r1, F.interpolate(rows, size=(r1 - r0, width), mode="bilinear", align_corners=False)
+
+
+def _label_dtype(n: int) -> type:
+    return np.int16 if n < 2 ** 15 else np.int32
+
+
+@torch.no_grad()
+def predict_labels(predictor: dict, codes: torch.Tensor, size: tuple[int, int], *, image: np.ndarray | None = None,
+                   crf: CRFParams | None = None, band_bytes: int = BAND_BYTES) -> dict[str, np.ndarray]:
+    """One predictor's label maps at ``size`` from feature-resolution codes (1, D, h, w).
+
+    Returns ``{"no": (H, W) argmax of the logits}`` and, when ``crf`` is given, ``"yes"``: the argmax
+    after the dense CRF on ``image`` (H, W, 3) uint8; int16 labels (int32 past 32767 outputs). The
+    predictions equal ``predictor_logits`` of the codes upsampled to ``size`` in one piece (argmax ties
+    aside), computed band by band (:func:`upsampled_bands`): at full size only the labels and, for the
+    CRF, the predictor's K-channel float32 logits. Retrieval clusters whole images: it gets the full-size
+    codes (HSG's protocol; its D-channel map is the one left unbounded)."""
+    height, width = size
+    if predictor["kind"] == "retrieval":
+        bands = [(0, height, F.interpolate(codes, size=size, mode="bilinear", align_corners=False))]
+    else:
+        bands = upsampled_bands(codes, size, band_bytes)
+    labels = logits_full = None
+    for r0, r1, band in bands:
+        logits = predictor_logits(predictor, band)[0]  # (K, n, W)
+        if labels is None:
+            labels = np.empty(size, _label_dtype(logits.shape[0]))
+            if crf is not None:
+                logits_full = np.empty((logits.shape[0], height, width), np.float32)  # the CRF's unary source
+        labels[r0:r1] = logits.argmax(0).cpu().numpy()
+        if logits_full is not None:
+            logits_full[:, r0:r1] = logits.cpu().numpy()
+        del band, logits
+    out = {"no": labels}
+    if crf is not None:
+        out["yes"] = crf_labels(image, logits_full, crf)
+    return out
+
+
+def nearest_rows(in_size: int, out_size: int) -> np.ndarray:
+    """Source index of every output index of ``F.interpolate(mode="nearest")`` (read off the call)."""
+    ramp = torch.arange(in_size, dtype=torch.float64)[None, None, :, None]  # float64: exact indices
+    return F.interpolate(ramp, size=(out_size, 1), mode="nearest")[0, 0, :, 0].long().numpy()
+
+
 @torch.no_grad()
 def hierarchy_maps(head, feats: torch.Tensor, size: tuple[int, int]) -> list[np.ndarray]:
-    """A hierarchical head's levels of features (1, C, h, w): fine to coarse, (H, W) int32 at ``size``."""
+    """A hierarchical head's levels of features (1, C, h, w): fine to coarse, (H, W) int16 at ``size``
+    (nearest neighbour; int32 past 32767 segments), gathered by index: no float map at full size."""
     levels = head.levels(head.codes(feats))  # (1, h, w) each, at feature resolution
-    return [F.interpolate(lv[None].float(), size=size, mode="nearest")[0, 0].to(torch.int32).cpu().numpy()
-            for lv in levels]
+    out = []
+    for lv in levels:
+        small = lv[0].cpu().numpy()
+        rows, cols = nearest_rows(small.shape[0], size[0]), nearest_rows(small.shape[1], size[1])
+        out.append(small.astype(_label_dtype(int(small.max(initial=0)) + 1))[rows[:, None], cols[None, :]])
+    return out
 
 
 def image_hierarchy(head_path: str, feats: FeatureStore, i: int, size: tuple[int, int],
@@ -134,31 +239,38 @@ def evaluate_shard(data: DataRef, manifest_path: str, feats_path: str, flips_pat
     params, dev = CRFParams(**crf), resolve_device(device)
     cms: dict[str, np.ndarray] = {}
     kept: dict[int, dict] = {}
+    size = tuple(int(x) for x in feats.dense.shape[-2:])  # the feature grid: codes stay at it
     for i in range(start, stop):
         image = ds.load_image(ids[i])
-        label = prepare_label(ds.load_label(ids[i]), vs)
+        label = prepare_label(ds.load_label(ids[i]), vs).astype(np.int16)  # class ids < 2**15; -1 = ignore
         rgb = prepare_image_for_label(image, vs)
-        if i in examples:
-            kept[i] = {"image": rgb, "label": label, "pred": {}}
+        if i in examples:  # pictures only: kept at display size
+            kept[i] = {"image": thumbnail(rgb), "label": thumbnail(label), "pred": {}}
         for group in groups:
-            codes = image_codes(group["head"], feats, flips, i, label.shape, dev)
+            codes = image_codes(group["head"], feats, flips, i, size, dev)  # (1, D, h, w): in == out, a copy
             if i in kept and group["head"] is not None:
                 levels = image_hierarchy(group["head"], feats, i, label.shape, dev)
                 if levels is not None:
-                    kept[i]["levels"] = levels
+                    kept[i]["levels"] = [thumbnail(lv) for lv in levels]
             for pred in group["predictors"]:
-                logits = predictor_logits(pred, codes)[0].cpu()  # (K, H, W)
-                outs = {"no": logits.argmax(0).numpy()}
-                if run_crf:
-                    outs["yes"] = dense_crf(rgb, logits.numpy(), params).argmax(0)
+                outs = predict_labels(pred, codes, label.shape, image=rgb, crf=params if run_crf else None)
                 for crf_flag, p in outs.items():
                     name = f"{pred['name']}|{crf_flag}"
-                    cm = ConfusionMatrix(pred["n_pred"], n_classes)
-                    cm.update(p, label)
-                    cms[name] = cms.get(name, 0) + cm.matrix
+                    cms[name] = cms.get(name, 0) + confusion(p, label, pred["n_pred"], n_classes)
                     if i in kept:
-                        kept[i]["pred"][name] = p.astype(np.int16)
+                        kept[i]["pred"][name] = thumbnail(p.astype(np.int16))
     return {"cms": cms, "examples": kept}
+
+
+def confusion(pred: np.ndarray, label: np.ndarray, n_pred: int, n_classes: int,
+              pixels: int = 1 << 20) -> np.ndarray:
+    """(n_pred, n_classes) counts of one image's (H, W) prediction against its label, counted in bands
+    of about ``pixels`` pixels so that the counting's int64 temporaries stay small."""
+    cm = ConfusionMatrix(n_pred, n_classes)
+    step = max(1, pixels // max(1, pred.shape[1]))
+    for r0 in range(0, pred.shape[0], step):
+        cm.update(pred[r0:r0 + step], label[r0:r0 + step])
+    return cm.matrix
 
 
 def eval_key(params: dict, upstream: dict) -> str:

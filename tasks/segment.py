@@ -1,16 +1,20 @@
-"""Segment new images with a trained head: backbone -> codes -> clusterer (-> CRF) -> PNGs."""
+"""Segment new images with a trained head: backbone -> codes -> clusterer (-> CRF) -> PNGs.
+
+The photo's size only sets the labels: codes stay at feature resolution and are upsampled band by band
+(``tasks.evaluate.predict_labels``), so a 24 MP photo needs its labels, its pictures and, with the CRF,
+the K-channel logits, never a D-channel map at its size.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from tasks.backbone import BackboneRef, load_backbone
-from tasks.evaluate import hierarchy_maps, predictor_logits
+from tasks.evaluate import hierarchy_maps, predict_labels
 from tasks.heads import load_head
-from usseg_core.crf import CRFParams, dense_crf
+from usseg_core.crf import CRFParams
 from usseg_core.errors import ConfigError
 from usseg_core.features import embed
 from usseg_core.heads import get_head
@@ -92,10 +96,9 @@ def segment_images(images: list[Path], model: str, out: Path, *, clusterer: str 
         view = resolve_full_size(ViewSpec("full", long_side), image.shape[:2], backbone.input_multiple)
         dense, _ = embed(backbone, prepare_item(image, view)[None])
         with torch.no_grad():
-            codes = F.interpolate(head.codes(torch.from_numpy(dense)), size=image.shape[:2], mode="bilinear",
-                                  align_corners=False)
-            logits = predictor_logits(pred, codes)[0]
-        labels = (dense_crf(image, logits.numpy(), CRFParams()) if crf else logits.numpy()).argmax(0)
+            codes = head.codes(torch.from_numpy(dense))  # (1, D, h, w): upsampled band by band
+        outs = predict_labels(pred, codes, image.shape[:2], image=image, crf=CRFParams() if crf else None)
+        labels = outs["yes" if crf else "no"]
         stem = Path(path).stem
         save_png(out / f"{stem}_labels.png", labels.astype(np.uint8))
         save_png(out / f"{stem}_color.png", colorize(labels, n))

@@ -25,10 +25,59 @@ class CRFParams:
     prob_floor: float = 1e-5  # [code:STEGO] via pydensecrf.utils.unary_from_softmax(clip=1e-5): caps the unary at ~11.5
 
 
+# Pixels per band of the unary's float64 log-softmax and of the labels' argmax: their temporaries stay at
+# K x BAND_PIXELS whatever the image size (the unary itself is K x H x W float32: pydensecrf needs it whole).
+BAND_PIXELS = 1 << 20
+
+
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     """Stable log-softmax over axis 0 (float64 to keep tiny probabilities exact)."""
     z = logits.astype(np.float64) - logits.max(axis=0, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=0, keepdims=True))
+
+
+def _unary(logits: np.ndarray, prob_floor: float) -> np.ndarray:
+    """(K, H*W) float32 ``-log p``, p floored like pydensecrf's ``unary_from_softmax``, one band of rows
+    at a time (the log-softmax is per pixel: the same values as on the whole map)."""
+    n_labels, height, width = logits.shape
+    unary = np.empty((n_labels, height, width), np.float32)
+    step = max(1, BAND_PIXELS // max(1, width))
+    floor = np.log(prob_floor)
+    for r0 in range(0, height, step):
+        unary[:, r0:r0 + step] = -np.maximum(_log_softmax(logits[:, r0:r0 + step]), floor)
+    return unary.reshape(n_labels, -1)
+
+
+def _marginals(image: np.ndarray, logits: np.ndarray, params: CRFParams) -> np.ndarray:
+    """pydensecrf's (K, H*W) float32 marginals (a view of its own buffer)."""
+    import pydensecrf.densecrf as dcrf  # imported here: the CRF is optional for everything else
+
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+    n_labels, height, width = logits.shape
+    if (height, width) != image.shape[:2]:
+        raise ValueError(f"logits spatial size {(height, width)} != image size {image.shape[:2]}")
+
+    # -log p with p floored exactly like pydensecrf's unary_from_softmax (what [code:STEGO] calls):
+    # without the floor a confident probe gives unaries of hundreds that the pairwise terms never move.
+    unary = _unary(logits, params.prob_floor)  # (K, H*W)
+
+    crf = dcrf.DenseCRF2D(width, height, n_labels)
+    crf.setUnaryEnergy(unary)
+    del unary  # pydensecrf keeps its own copy
+    crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
+    # [code:STEGO] crf.py passes BGR (``np.array(to_pil_image(unnorm(img)))[:, :, ::-1]``), and so do we.
+    # It matters: the bilateral kernel's widths are the same for all channels, but pydensecrf's
+    # permutohedral lattice is an approximation that is not invariant to the order of the feature
+    # dimensions -- RGB instead of BGR changes 0.7-2.5 % of the refined labels.
+    bgr = np.ascontiguousarray(image[:, :, ::-1])  # a fresh, writeable C-contiguous copy (pydensecrf needs it)
+    crf.addPairwiseBilateral(
+        sxy=params.bilateral_sxy,
+        srgb=params.bilateral_srgb,
+        rgbim=bgr,
+        compat=params.bilateral_compat,
+    )
+    return np.asarray(crf.inference(params.iterations), dtype=np.float32)  # (K, H*W), no copy
 
 
 def dense_crf(image: np.ndarray, logits: np.ndarray, params: CRFParams = CRFParams()) -> np.ndarray:
@@ -42,34 +91,19 @@ def dense_crf(image: np.ndarray, logits: np.ndarray, params: CRFParams = CRFPara
         params: CRF parameters.
 
     Returns:
-        (K, H, W) float32 marginals; each pixel sums to 1. Take ``argmax(0)`` for the labelling.
+        (K, H, W) float32 marginals; each pixel sums to 1. Take ``argmax(0)`` for the labelling
+        (:func:`crf_labels` does, without an int64 map).
     """
-    import pydensecrf.densecrf as dcrf  # imported here: the CRF is optional for everything else
-
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
     n_labels, height, width = logits.shape
-    if (height, width) != image.shape[:2]:
-        raise ValueError(f"logits spatial size {(height, width)} != image size {image.shape[:2]}")
+    return _marginals(image, logits, params).reshape(n_labels, height, width)  # (K, H, W)
 
-    # -log p with p floored exactly like pydensecrf's unary_from_softmax (what [code:STEGO] calls):
-    # without the floor a confident probe gives unaries of hundreds that the pairwise terms never move.
-    log_p = np.maximum(_log_softmax(logits), np.log(params.prob_floor))  # (K, H, W)
-    unary = np.ascontiguousarray((-log_p).reshape(n_labels, -1), dtype=np.float32)  # (K, H*W)
 
-    crf = dcrf.DenseCRF2D(width, height, n_labels)
-    crf.setUnaryEnergy(unary)
-    crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
-    # [code:STEGO] crf.py passes BGR (``np.array(to_pil_image(unnorm(img)))[:, :, ::-1]``), and so do we.
-    # It matters: the bilateral kernel's widths are the same for all channels, but pydensecrf's
-    # permutohedral lattice is an approximation that is not invariant to the order of the feature
-    # dimensions -- RGB instead of BGR changes 0.7-2.5 % of the refined labels.
-    bgr = np.ascontiguousarray(image[:, :, ::-1])  # a fresh, writeable C-contiguous copy (pydensecrf needs it)
-    crf.addPairwiseBilateral(
-        sxy=params.bilateral_sxy,
-        srgb=params.bilateral_srgb,
-        rgbim=bgr,
-        compat=params.bilateral_compat,
-    )
-    q = crf.inference(params.iterations)  # pydensecrf matrix, (K, H*W)
-    return np.asarray(q, dtype=np.float32).reshape(n_labels, height, width)  # (K, H, W)
+def crf_labels(image: np.ndarray, logits: np.ndarray, params: CRFParams = CRFParams()) -> np.ndarray:
+    """``dense_crf(image, logits, params).argmax(0)`` as (H, W) int16 (int32 past 32767 labels), the
+    argmax taken one band of pixels at a time."""
+    n_labels, height, width = logits.shape
+    q = _marginals(image, logits, params)  # (K, H*W)
+    labels = np.empty(height * width, np.int16 if n_labels < 2 ** 15 else np.int32)
+    for a in range(0, labels.size, BAND_PIXELS):
+        labels[a:a + BAND_PIXELS] = q[:, a:a + BAND_PIXELS].argmax(0)
+    return labels.reshape(height, width)

@@ -24,10 +24,28 @@ def colorize(labels: np.ndarray, n: int) -> np.ndarray:
     return pal[idx]
 
 
+# Pixels per band of :func:`overlay`'s float32 blend: its temporaries stay small for any image size.
+BAND_PIXELS = 1 << 20
+# Long side of the examples kept for the evaluation's pictures (a grid panel is ~300 px wide).
+THUMBNAIL_SIDE = 1024
+
+
 def overlay(image: np.ndarray, labels: np.ndarray, n: int, alpha: float = 0.55) -> np.ndarray:
-    """Colour labels blended over the image (both (H, W[, 3]))."""
-    col = colorize(labels, n).astype(np.float32)
-    return (alpha * col + (1 - alpha) * image.astype(np.float32)).clip(0, 255).astype(np.uint8)
+    """Colour labels blended over the image (both (H, W[, 3])), one band of rows at a time."""
+    out = np.empty(labels.shape + (3,), np.uint8)
+    step = max(1, BAND_PIXELS // max(1, labels.shape[1]))
+    for r0 in range(0, labels.shape[0], step):
+        col = colorize(labels[r0:r0 + step], n).astype(np.float32)
+        blend = alpha * col + (1 - alpha) * image[r0:r0 + step].astype(np.float32)
+        out[r0:r0 + step] = blend.clip(0, 255).astype(np.uint8)
+    return out
+
+
+def thumbnail(array: np.ndarray, max_side: int = THUMBNAIL_SIDE) -> np.ndarray:
+    """(H, W[, C]) at most ``max_side`` on its long side: every s-th pixel (nearest neighbour, so labels
+    stay labels), a copy; an array already that small is returned as it is."""
+    s = -(-max(array.shape[:2]) // max_side)  # ceil
+    return array if s <= 1 else np.ascontiguousarray(array[::s, ::s])
 
 
 def save_png(path: str | Path, array: np.ndarray) -> None:
