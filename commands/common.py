@@ -305,3 +305,38 @@ def fail(exc: BaseException) -> None:
     line, code = error_line(exc)
     say_last(f"error: {line}")
     raise typer.Exit(code=code)
+
+
+# --- what run and compare check before any work, and say after it -----------------------------------
+
+def check_data_fits(spec) -> None:
+    """Refuse, before any server or work, a run or comparison its data cannot feed: a KNN table needs more
+    training items than ``knn.k`` (``tasks.heads.check_knn_rows``, on the listed images)."""
+    from orchestration.refs import resolved
+    from tasks.heads import check_knn_rows
+
+    spec = resolved(spec)
+    for run in spec.runs() if hasattr(spec, "runs") else [spec]:
+        check_knn_rows(run)
+
+
+def skipped_lines(spec) -> list[str]:
+    """Under ``--on-error skip``: one line per split whose manifest left invalid files out, as ``extract``
+    says it (``<split>: N files skipped (invalid; listed in <manifest.json>)``); found by look-ups only."""
+    if spec.on_error != "skip":
+        return []
+    from orchestration.refs import data_ref, resolved
+    from tasks.manifest import ensure_manifest
+    from usseg_core.store import NotCached, lookups_only
+
+    spec = resolved(spec)
+    lines = []
+    for split in dict.fromkeys([*spec.train_split, *([spec.eval_split] if spec.eval_split else [])]):
+        try:
+            with lookups_only():
+                manifest = ensure_manifest(data_ref(spec, split), spec.storage)
+        except NotCached:
+            continue
+        if manifest.skipped:
+            lines.append(f"{split}: {len(manifest.skipped)} files skipped (invalid; listed in {manifest.path})")
+    return lines

@@ -11,7 +11,7 @@ from rich.text import Text
 
 from commands.common import (BackboneOpt, CrfOpt, DataRootOpt, DatasetOpt, DeviceOpt, EvalResolutionOpt,
                                EvalSplitOpt, OnErrorOpt, OverclusterOpt, RandomWeightsOpt, ResolutionOpt, RunnerOpt,
-                               StorageOpt, TrainSplitOpt, WeightsOpt, path_or_none, spec_default)
+                               StorageOpt, TrainSplitOpt, WeightsOpt, path_or_none, skipped_lines, spec_default)
 from orchestration.settings import storage_root
 from usseg_core.config import parse_set_options
 from usseg_core.head_names import BUILTIN_HEADS
@@ -49,9 +49,11 @@ def print_summary(result: dict, title: str) -> None:
 
 def run_compare(spec: CompareSpec) -> dict:
     """Flow ``compare`` on a validated spec (the cheapest way: see commands.launch)."""
-    from flows.compare import compare
+    from commands.common import check_data_fits
     from commands.launch import run_flow
+    from flows.compare import compare
 
+    check_data_fits(spec)
     return run_flow(compare, spec, say=lambda line: print(line, flush=True))
 
 
@@ -112,6 +114,8 @@ def register(app: typer.Typer) -> None:
         result = run_compare(spec)
         print_summary(result, f"usseg compare: {dataset}/{eval_split}, mean ± std over seeds {seeds}")
         _report_lines(result)
+        for line in skipped_lines(spec):
+            print(line, flush=True)
 
     @app.command()
     def demo(

@@ -10,7 +10,8 @@ from rich.table import Table
 
 from commands.common import (BackboneOpt, CrfOpt, DataRootOpt, DatasetOpt, DeviceOpt, EvalResolutionOpt,
                                EvalSplitOpt, OnErrorOpt, OverclusterOpt, RandomWeightsOpt, ResolutionOpt, RunnerOpt,
-                               SetOpt, StorageOpt, TrainSplitOpt, WeightsOpt, choice_of, path_or_none, spec_default)
+                               SetOpt, StorageOpt, TrainSplitOpt, WeightsOpt, choice_of, path_or_none, skipped_lines,
+                               spec_default)
 from orchestration.settings import storage_root
 from usseg_core.config import parse_set_options
 from usseg_core.head_names import BUILTIN_HEADS
@@ -38,9 +39,11 @@ def write_results_csv(rows: list[dict], path: Path) -> None:
 
 def run_pipeline(spec: RunSpec) -> dict:
     """Flow ``pipeline`` on a validated spec (the cheapest way: see commands.launch)."""
+    from commands.common import check_data_fits
     from commands.launch import run_flow
     from flows.train import pipeline
 
+    check_data_fits(spec)
     return run_flow(pipeline, spec, say=lambda line: print(line, flush=True))
 
 
@@ -99,6 +102,8 @@ def register(app: typer.Typer) -> None:
             console.print(f"results written to {results}", markup=False, soft_wrap=True)
         console.print(f"head artifact: {out['trained']['head']['key']}  (use with `usseg segment --model`)",
                       markup=False, soft_wrap=True)
+        for line in skipped_lines(spec):
+            print(line, flush=True)
 
     @app.command()
     def oversegment(

@@ -59,6 +59,12 @@ def ensure_knn(storage: str, feature_infos: list[FeaturesRef], settings: KnnSett
     k = settings.k
     params = {"k": k, **settings.key_params()}
 
+    def prepare() -> None:  # before the folder is begun: a refused table leaves nothing behind
+        counts = [ref.get("n") for ref in feature_infos]
+        rows = sum(int(n) for n in counts if n is not None)
+        if None not in counts and rows < k + 1:
+            raise ConfigError(knn_rows_problem(k, rows, f"the training features hold {rows} items"))
+
     def body(work: Work) -> dict:
         result = work.core(search_knn, open_features(feature_infos).pooled_all(), k=k, settings=settings)
         np.save(work.art.file("knn.npy"), result.table)
@@ -72,7 +78,39 @@ def ensure_knn(storage: str, feature_infos: list[FeaturesRef], settings: KnnSett
 
     return run_stage(storage, KNN, params, _feature_upstream(feature_infos), body,
                      lambda art, hit: ArtifactRef.of(art, str(art.file("knn.npy")), hit), inputs=feature_infos,
-                     info={"views": [r.get("view") for r in feature_infos]})
+                     info={"views": [r.get("view") for r in feature_infos]}, prepare=prepare)
+
+
+def knn_rows_problem(k: int, rows: int, what: str) -> str:
+    """The one line of a KNN table too large for its data: each row needs ``k`` neighbours besides itself."""
+    fix = (f"pass --set knn.k=K with K <= {rows - 1} (and STEGO's/OMH's num_neighbors <= K)" if rows >= 2
+           else "add images")
+    return f"{what}, but knn.k={k} keeps {k} neighbours of each, which needs at least {k + 1}; {fix}"
+
+
+def check_knn_rows(run) -> None:
+    """Refuse, before any work, a run whose KNN table cannot be mined: fewer training items than
+    ``knn.k + 1``. Counts the training splits' listed images (no file is read) times the images each
+    gives in the five-crop training view (5 for five-crops, 1 for a centre crop): an upper bound of what
+    the manifests keep, so it never refuses a run that would have worked. ``run`` is a resolved
+    :class:`~usseg_core.spec.RunSpec` (its data root set)."""
+    from tasks.manifest import DataRef
+    from usseg_core.heads import get_head
+
+    if "knn" not in get_head(run.head).needs:
+        return
+    k = run.knn_config().k
+    images = rows = 0
+    for split in run.splits:
+        ds = DataRef(run.dataset, run.data_root, split, run.dataset_options, run.on_error).dataset()
+        per_image = run.crops_config().view(ds, run.resolution).per_image
+        images += len(ds)
+        rows += len(ds) * per_image
+    if rows < k + 1:
+        splits = ", ".join(run.splits)
+        what = (f"dataset {run.dataset} ({splits}) has {images} images, {rows} training items "
+                f"({rows // max(images, 1)} per image)")
+        raise ConfigError(knn_rows_problem(k, rows, what))
 
 
 def head_inputs_upstream(inputs: dict) -> dict:

@@ -18,6 +18,7 @@ This module imports pydantic only; the registries are imported by the checks, so
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
@@ -94,12 +95,27 @@ class Where(_Spec):
 
         dataset_class(self.dataset)  # "unknown dataset 'x'; known: ..."
         if self.data_root is not None and not Path(self.data_root).expanduser().is_dir():
-            raise InputError(self.data_root, "data root: no such folder")
+            raise ConfigError(f"--data-root {self.data_root}: no such folder")
+        self._check_splits()
         if not _DEVICE.match(self.device):
             raise ConfigError(f"device {self.device!r}: use auto, cpu, cuda or cuda:N")
         if not _RUNNER.match(self.task_runner):
             raise ConfigError(f"task runner {self.task_runner!r}: use threads[:N], dask[:N] or tcp://host:port")
         return self
+
+
+    def _check_splits(self) -> None:
+        """A split that leaves the data root ('..', absolute) is refused naming the option that gave it."""
+        from usseg_core.datasets.base import check_split_name
+
+        for name, option in SPLIT_OPTIONS.items():
+            value = getattr(self, name, None)
+            for split in [value] if isinstance(value, str) else value or []:
+                check_split_name(split, self.data_root or "(--data-root)", option)
+
+
+# The spec fields that name splits, and the command-line option of each (named in their errors).
+SPLIT_OPTIONS = {"split": "--split", "train_split": "--train-split", "eval_split": "--eval-split"}
 
 
 class DataSpec(Where):
@@ -214,7 +230,7 @@ class RunSettings(DataSpec):
                               f"(here: --on-error {sets['on_error']})")
         for name in RUN_FIELD_SETS:
             if name in sets:
-                _move(data, name, sets.pop(name))
+                _move(data, name, sets.pop(name), cls.model_fields[name].annotation)
         data["overrides"] = sets
         return data
 
@@ -244,7 +260,7 @@ class RunSpec(RunSettings):
             return data
         data = dict(data)
         for k in keys:
-            _move(data, "seed", sets.pop(k))
+            _move(data, "seed", sets.pop(k), int, key=k)
         data["overrides"] = sets
         return data
 
@@ -387,6 +403,10 @@ def check_run(run: RunSpec) -> None:
     from usseg_core.heads import get_head
 
     spec = get_head(run.head)  # "unknown head 'x'; known: ..."
+    sections = dict(spec.sections)
+    for key, value in run.head_overrides().items():
+        section, name = spec.split_key(key)
+        check_set_value(key, value, sections[section], name, f"{section}.{name} of head {run.head!r}")
     config = spec.config(run.dataset, run.head_settings())
     run.views_config()
     run.overseg_config().schedule(run.dataset)
@@ -408,15 +428,76 @@ def _section(fields: dict, prefix: str, cls: type, what: str):
     if unknown:
         raise ConfigError(f"--set {prefix}{unknown[0]}: unknown {what} field; valid: "
                           f"{', '.join(prefix + k for k in sorted(known))}")
+    for name, value in fields.items():
+        check_set_value(prefix + name, value, cls, name)
     try:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"--set {prefix}*: {exc}") from exc
 
 
-def _move(data: dict, name: str, value: Any) -> None:
-    """Set run field ``name`` from a ``--set`` key; a conflicting explicit value is an error."""
+def _move(data: dict, name: str, value: Any, hint: Any, key: str | None = None) -> None:
+    """Set run field ``name`` from a ``--set`` key (of type ``hint``); a value of another type, or one
+    conflicting with an explicit value, is an error naming the key."""
+    wanted = _expected(value, hint)
+    if wanted is not None:
+        shown = value if isinstance(value, str) else json.dumps(value)
+        raise ConfigError(f"--set {key or name}={shown}: expected {wanted}")
     given = data.get(name)
     if given is not None and given != value and not (name == "seed" and given == 0):
         raise ConfigError(f"--set {name}={value!r} conflicts with {name}={given!r}")
     data[name] = value
+
+
+def check_set_value(key: str, value: Any, cls: type, name: str, where: str = "") -> None:
+    """Refuse a ``--set`` value whose type does not fit field ``name`` of config dataclass ``cls``, naming the
+    key as typed: ``--set steps=abc: expected an integer (stego.steps of head 'stego')``.
+
+    Values come from the command line parsed as JSON where they parse (``usseg_core.config.parse_set_options``),
+    so ``steps=abc`` arrives as the string 'abc'; the field's own checks then only see values of its type."""
+    import typing
+
+    hint = typing.get_type_hints(cls).get(name)
+    wanted = _expected(value, hint) if hint is not None else None
+    if wanted is not None:
+        shown = value if isinstance(value, str) else json.dumps(value)
+        raise ConfigError(f"--set {key}={shown}: expected {wanted}" + (f" ({where})" if where else ""))
+
+
+def _expected(value: Any, hint: Any) -> str | None:
+    """None when ``value`` (as JSON gives it) fits the type ``hint``, else what was expected, in words."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        wanted = [_expected(value, a) for a in args if a is not type(None)]
+        if value is None and type(None) in args or any(w is None for w in wanted):
+            return None
+        return " or ".join(wanted)
+    if origin is Literal:
+        return None if value in args else "one of " + ", ".join(map(str, args))
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            return _WORDS_OF_LISTS(args)
+        items = args[:1] if (origin is list or (len(args) == 2 and args[1] is Ellipsis)) else args
+        if origin is tuple and items is args and len(value) != len(args):
+            return _WORDS_OF_LISTS(args)
+        bad = [v for i, v in enumerate(value) if _expected(v, items[min(i, len(items) - 1)]) is not None]
+        return _WORDS_OF_LISTS(args) if bad else None
+    checks = {bool: (lambda v: isinstance(v, bool), "true or false"),
+              int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+              float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number")}
+    if hint in checks:
+        fits, words = checks[hint]
+        return None if fits(value) else words
+    return None  # str and other types: the field's own check decides
+
+
+def _WORDS_OF_LISTS(args: tuple) -> str:
+    """``[a,b,c]`` in words: "a list of 3 numbers, e.g. [0.3,0.25,0.3]"."""
+    noun = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
+    if len(args) == 2 and args[1] is Ellipsis or len(args) == 1:
+        return f"a list of {noun.get(args[0], 'values')}, e.g. [1,2]"
+    kinds = {noun.get(a, "values") for a in args}
+    return f"a list of {len(args)} {kinds.pop() if len(kinds) == 1 else 'values'}"

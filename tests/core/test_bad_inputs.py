@@ -206,3 +206,113 @@ def test_a_file_name_that_is_not_utf8_is_accepted_with_a_stable_escaped_id(tmp_p
     assert skipped.ids == ["a", "caf\\xe9"]
     assert skipped.skipped == [{"id": "bad\\xe9", "path": "bad\\xe9.png",
                                 "problem": "is not an image file Pillow can identify"}]
+
+
+# ---------------------------------------------------------------------- messages (issue 27, item 6)
+def test_split_options_and_data_root_are_named_as_typed(tmp_path):
+    from usseg_core.spec import ExtractSpec, RunSpec, build
+
+    root = tmp_path / "root"
+    _png(root / "images" / "a.png", 8, 8)
+    for option, fields in (("--train-split", {"train_split": "../x"}), ("--eval-split", {"eval_split": "/etc"})):
+        with pytest.raises(ConfigError) as err:
+            build(RunSpec, head="stego", dataset="directory", data_root=str(root), **fields)
+        assert str(err.value).startswith(f"{option} '{next(iter(fields.values()))}' leaves the data root {root}")
+    with pytest.raises(ConfigError, match=r"^--split '\.\./x' leaves"):
+        build(ExtractSpec, dataset="directory", data_root=str(root), split="../x")
+    with pytest.raises(ConfigError, match=rf"^--data-root {tmp_path / 'nope'}: no such folder$"):  # exit 3
+        build(RunSpec, head="stego", dataset="directory", data_root=str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match=r"^data root .*/gone does not exist \(pass --data-root"):
+        get_dataset("directory", tmp_path / "gone", "all")
+
+
+def test_a_set_value_of_the_wrong_type_names_the_key_and_set():
+    from usseg_core.spec import CompareSpec, RunSpec, build
+
+    cases = {("stego", "steps", "abc"): "--set steps=abc: expected an integer (stego.steps of head 'stego')",
+             ("stego", "stego.dropout", "high"): "--set stego.dropout=high: expected a number (stego.dropout of "
+                                                 "head 'stego')",
+             ("stego", "pointwise", 1): "--set pointwise=1: expected true or false (stego.pointwise of head 'stego')",
+             ("stego", "knn.k", "many"): "--set knn.k=many: expected an integer",
+             ("picie", "views.n_views", 2.5): "--set views.n_views=2.5: expected an integer",
+             ("hsg", "hsg.levels", (1, "a")): "--set hsg.levels=[1, \"a\"]: expected a list of integers, e.g. "
+                                              "[1,2] (hsg.levels of head 'hsg')",
+             ("stego", "seed", "x"): "--set seed=x: expected an integer",
+             ("stego", "n_clusters", "k"): "--set n_clusters=k: expected an integer"}
+    for (head, key, value), line in cases.items():
+        with pytest.raises(ConfigError) as err:
+            build(RunSpec, head=head, dataset="synthetic",
+                  overrides={key: list(value) if isinstance(value, tuple) else value})
+        assert str(err.value) == line
+    with pytest.raises(ConfigError, match=r"^--set steps=abc: expected an integer"):
+        build(CompareSpec, dataset="synthetic", heads=["stego"], overrides={"steps": "abc"})
+    ok = build(RunSpec, head="hsg", dataset="synthetic", overrides={"hsg.levels": [2, 4], "hsg.dropout": 0})
+    assert ok.overrides == {"hsg.levels": [2, 4], "hsg.dropout": 0}
+
+
+def test_too_few_images_for_the_knn_table_fail_before_any_work(tmp_path):
+    from tasks.heads import check_knn_rows
+    from usseg_core.spec import RunSpec, build
+
+    root = tmp_path / "four"
+    for i in range(4):
+        _png(root / f"{i}.png", 16, 16, 40 * i)
+    run = build(RunSpec, head="stego", dataset="directory", data_root=str(root))
+    with pytest.raises(ConfigError) as err:
+        check_knn_rows(run)
+    assert str(err.value) == ("dataset directory (train) has 4 images, 4 training items (1 per image), but knn.k=30 "
+                              "keeps 30 neighbours of each, which needs at least 31; pass --set knn.k=K with K <= 3 "
+                              "(and STEGO's/OMH's num_neighbors <= K)")
+    check_knn_rows(build(RunSpec, head="stego", dataset="directory", data_root=str(root),
+                         overrides={"knn.k": 3, "num_neighbors": 3}))
+    check_knn_rows(build(RunSpec, head="picie", dataset="directory", data_root=str(root)))  # no KNN table
+
+    from tasks.heads import ensure_knn  # the same check on the features (deployments, skipped files)
+
+    with pytest.raises(ConfigError, match=r"^the training features hold 4 items, but knn.k=30 .* K <= 3 "):
+        ensure_knn.fn(str(tmp_path / "s"), [{"key": "f0", "n": 4, "path": "-"}])
+    assert not (tmp_path / "s" / "knn").exists()  # refused before its folder was begun
+
+
+def test_torch_messages_are_short_plain_and_never_advise_weights_only_false(tmp_path):
+    import torch
+
+    from commands.common import error_message, handled
+    from usseg_core.backbones.weights import load_weights_file
+    from usseg_core.errors import WeightsError
+    from usseg_core.heads import load_head
+
+    class Runs:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    class Calls:
+        def __reduce__(self):
+            return (exec, ("print('pwned')",))
+
+    torch.save({"w": Runs()}, tmp_path / "system.pt")
+    torch.save({"state_dict": Calls()}, tmp_path / "exec.pth")
+    for load, path, name in ((load_head, tmp_path / "system.pt", "posix.system"),
+                             (load_weights_file, tmp_path / "exec.pth", "exec")):
+        with pytest.raises((InputError, WeightsError)) as err:
+            load(path)
+        text, cut = error_message(handled(err.value))
+        assert text.startswith(f"{path}: ") and cut
+        assert f"holds a pickled callable ({name}), which usseg never loads" in text
+        assert "weights_only=False" not in text and "weights_only` set to `False" not in text
+        assert "\x1b" not in text and len(text) < 400
+
+
+def test_a_long_library_message_keeps_its_first_sentence():
+    from commands.common import error_message
+
+    long = "\x1b[1mError(s) in loading state_dict for Head\x1b[0m: size mismatch. " + "x" * 900
+    try:
+        try:
+            raise RuntimeError(long)
+        except RuntimeError as exc:
+            raise InputError("/w/head.pt", f"unreadable head checkpoint ({exc})") from exc
+    except InputError as err:
+        text, cut = error_message(err)
+    assert (text, cut) == ("/w/head.pt: unreadable head checkpoint (Error(s) in loading state_dict for Head: size "
+                           "mismatch.)", True)

@@ -343,3 +343,53 @@ def test_extract_accepts_a_file_name_that_is_not_utf8_and_skips_a_broken_one(tmp
     assert [e["id"] for e in manifest["entries"]] == ["caf\\xe9", "im000", "im001"]
     assert manifest["skipped"] == [{"id": "bad\\xe9", "path": "bad\\xe9.png",
                                     "problem": "is not an image file Pillow can identify"}]
+
+
+def test_fail_prints_its_line_after_the_temporary_server_stopped(monkeypatch, capsys):
+    """`usseg evaluate` (and `usseg import`) catch their own usseg errors with fail(): the temporary server is
+    stopped first, so Prefect's "Stopping temporary server" line comes before the error line, never after."""
+    import inspect
+
+    import typer
+
+    from commands import common as cli_common
+    from commands import importing
+    from orchestration import console
+    from usseg_core.errors import InputError
+
+    monkeypatch.setattr(console, "FAILURE_RECORDS", [])
+    monkeypatch.setattr(cli_common, "stop_temporary_server",
+                        lambda: print("INFO | prefect - Stopping temporary server", file=sys.stderr))
+    with pytest.raises(typer.Exit) as out:
+        cli_common.fail(InputError("/d/labels/a.png", "label value 7 is not in the mapping"))
+    assert out.value.exit_code == 4
+    assert capsys.readouterr().err.splitlines() == ["INFO | prefect - Stopping temporary server",
+                                                    "error: /d/labels/a.png: label value 7 is not in the mapping"]
+    assert "fail(exc)" in inspect.getsource(importing.evaluate_command)
+
+
+def test_run_and_compare_say_which_files_were_skipped(tmp_path):
+    """`usseg run` / `usseg compare --on-error skip` end with the line `extract` prints: per split, how many
+    files were left out and the manifest listing them."""
+    import inspect
+
+    from commands import compare as cli_compare
+    from commands import run as cli_run
+    from commands.common import skipped_lines
+    from tasks.manifest import DataRef, ensure_manifest
+    from usseg_core.spec import CompareSpec, RunSpec, build
+
+    data = _images(tmp_path / "data", 3)
+    (data / "broken.png").write_bytes(b"\x89PNG not really")
+    storage = tmp_path / "storage"
+    run = build(RunSpec, head="picie", dataset="directory", data_root=str(data), train_split="all",
+                eval_split=None, on_error="skip", storage=str(storage))
+    assert skipped_lines(run) == []  # nothing built yet: look-ups only, nothing computed
+    manifest = ensure_manifest.fn(DataRef("directory", str(data), "all", {}, "skip"), str(storage))
+    assert skipped_lines(run) == [f"all: 1 files skipped (invalid; listed in {manifest.path})"]
+    assert skipped_lines(run.changed(on_error="raise")) == []
+    compare = build(CompareSpec, dataset="directory", data_root=str(data), heads=["picie"], seeds=[0],
+                    train_split="all", eval_split=None, on_error="skip", storage=str(storage))
+    assert skipped_lines(compare) == skipped_lines(run)
+    for module in (cli_run, cli_compare):
+        assert "for line in skipped_lines(spec):" in inspect.getsource(module)

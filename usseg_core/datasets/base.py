@@ -71,7 +71,9 @@ class Dataset:
         self._labelled = False
         self._index: dict[str, tuple[str, str | None]] = {}
         self._ids: list[str] = []
-        require_dir(self.root, "dataset root folder does not exist")
+        if not self.root.is_dir():  # a setting (--data-root, $USSEG_DATA_ROOT), not a bad file: exit 3
+            raise ConfigError(f"data root {self.root} " + ("is not a folder" if self.root.exists() else
+                              "does not exist (pass --data-root, or set $USSEG_DATA_ROOT)"))
         check_split_name(split, self.root)
 
     # ------------------------------------------------------------------ index
@@ -186,18 +188,21 @@ def require_dir(path: Path, problem: str) -> Path:
     return path
 
 
-def check_split_name(split: str, root: Path) -> None:
+def check_split_name(split: str, root: Path | str, option: str = "--split") -> None:
     """Refuse a split that names a folder outside the data root (absolute, or with a '..' part).
+
+    ``option`` is the command-line option that gave it (``--train-split``, ``--eval-split``), named in the
+    message.
 
     Raises:
         ConfigError: e.g. "--split '../x' leaves the data root /data".
     """
     if not isinstance(split, str) or not split:
-        raise ConfigError(f"--split {split!r}: a split name is required")
+        raise ConfigError(f"{option} {split!r}: a split name is required")
     posix = split.replace("\\", "/")
     if PurePosixPath(posix).is_absolute() or Path(split).is_absolute() or ".." in PurePosixPath(posix).parts \
             or ":" in split:
-        raise ConfigError(f"--split {split!r} leaves the data root {root}: a split is a name (or a "
+        raise ConfigError(f"{option} {split!r} leaves the data root {root}: a split is a name (or a "
                           "relative folder) inside --data-root")
 
 
