@@ -150,17 +150,20 @@ def compact_ids(ids: Tensor) -> tuple[Tensor, Tensor]:
     return out.reshape(ids.shape), uniq
 
 
-def segment_means(emb: Tensor, seg: Tensor, n_segments: int) -> tuple[Tensor, Tensor]:
+def segment_means(emb: Tensor, seg: Tensor, n_segments: int, normalize: bool = True) -> tuple[Tensor, Tensor]:
     """u_s = normalize(mean of the embeddings of segment s) for every segment id in [0, n_segments).
 
     Args:
         emb: (N, D) pixel embeddings (any norm); differentiable.
         seg: (N,) long segment id per pixel, -1 = no segment.
+        normalize: False gives the plain means (e.g. of position embeddings, [code:HSG] ``segment_mean``).
     Returns:
-        (S, D) unit prototypes (zero rows for empty ids) and (S,) pixel counts.
+        (S, D) unit prototypes (or means; zero rows for empty ids) and (S,) pixel counts.
     """
     keep = seg >= 0
     sums = torch.zeros(n_segments, emb.shape[1], dtype=emb.dtype, device=emb.device)
     sums = sums.index_add(0, seg[keep], emb[keep])
     counts = torch.bincount(seg[keep], minlength=n_segments)
+    if not normalize:
+        return sums / counts.clamp_min(1)[:, None].to(sums.dtype), counts
     return F.normalize(sums, dim=-1), counts

@@ -71,6 +71,8 @@ COLLAPSE_NORMS = ("valid", "padded")
 SEPARATIONS = ("per-image", "reference")
 OPTIMISERS = ("torch", "reference")
 PARAM_GROUPS = ("uniform", "reference")
+TOKENS = ("g0-centroids", "segments")
+TRANSFORMERS = ("ours", "reference")
 # [code:HSG]'s choices where usseg's first version differs (docs/methods/hsg.md, Deviations): the presets of
 # the paper's datasets. Each option's default is that first version and enters artifact keys only when set.
 REFERENCE = {"no_positive": "own-segment", "modularity": "reference", "graph": "directed",
@@ -149,6 +151,16 @@ class HsgConfig:
     # steps of linear warm-up from lr / 10 to lr ([code:HSG] WARMUP_ITERATION 100, utils/general/train.py
     # lr_step); 0: none (ours)
     warmup_steps: int = field(default=0, metadata=KEYED_WHEN_SET)
+    # the transformer's tokens in training: "segments" = [code:HSG] every segment (G0 cluster ∩ UCM region) of
+    # every view of the image, padded to the batch's largest count (models/embeddings/resnet_fcn_hsg_cs.py:
+    # 201-239, 1052-1142), so two segments of one G0 cluster may join different groups; "g0-centroids": the
+    # V x K0 G0 centroids (ours). At test time there is no UCM: the tokens are the G0 clusters either way.
+    tokens: str = field(default="g0-centroids", metadata=KEYED_WHEN_SET)
+    # "reference": [code:HSG]'s clustering transformer (hsg/models/heads/transformer.py:15-139,
+    # models/embeddings/transformer_clusters.py:50-112; usseg_core.heads.hsg_transformer lists each element:
+    # query positions, decoder input fc([mean, std]), learned token positions, final decoder BatchNorm,
+    # separate Z and X heads, xavier init); "ours": usseg's first version
+    transformer: str = field(default="ours", metadata=KEYED_WHEN_SET)
 
     def __post_init__(self) -> None:
         for name in ("train_grid", "test_grid", "levels", "decay_at"):
@@ -156,7 +168,8 @@ class HsgConfig:
             setattr(self, name, tuple(v) if isinstance(v, (list, tuple)) else (v,))
         for name, allowed in (("knn_mode", KNN_MODES), ("no_positive", NO_POSITIVE), ("modularity", MODULARITY),
                               ("graph", GRAPHS), ("collapse_norm", COLLAPSE_NORMS), ("separation", SEPARATIONS),
-                              ("g0_grid", GRID_INITS), ("sgd", OPTIMISERS), ("param_groups", PARAM_GROUPS)):
+                              ("g0_grid", GRID_INITS), ("sgd", OPTIMISERS), ("param_groups", PARAM_GROUPS),
+                              ("tokens", TOKENS), ("transformer", TRANSFORMERS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"HsgConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not isinstance(self.g0_location, bool):
@@ -173,6 +186,9 @@ class HsgConfig:
             raise ConfigError(f"HsgConfig.levels must be positive group counts, got {self.levels}")
         if self.dim % self.heads:
             raise ConfigError(f"HsgConfig.dim ({self.dim}) must be divisible by heads ({self.heads})")
+        if self.transformer == "reference" and self.dim % 2:
+            raise ConfigError(f"HsgConfig.dim ({self.dim}) must be even for transformer=reference (row and "
+                              "column position halves)")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"HsgConfig.dropout must lie in [0, 1), got {self.dropout}")
 
@@ -336,7 +352,9 @@ def hierarchy_labels(hier: Hierarchy, emb: Tensor, grid: tuple[int, int], iters:
     is a union of G_l groups.
     """
     g0, cents, counts = grid_kmeans(emb, grid, iters, init=init, location=location)
-    ms, _ = hier(cents, counts > 0)
+    B, K = cents.shape[:2]
+    token = g0 + torch.arange(B, device=g0.device)[:, None, None] * K  # (B, h, w) flat token of each pixel
+    ms, _ = hier(cents, counts > 0, hier.token_positions(token, B, K))
     out = [g0]
     for m in ms:
         win = m.argmax(-1)  # (B, n0)

@@ -3,8 +3,9 @@
 Per step: B images x all V views of the bank (warped features f(G_v(P_v(x)))); the embeddings of every
 view; G0 (grid k-means per view, no gradient); segments = G0 clusters split by the view's UCM regions
 (the image's segment map cut to the base frame and warped with the view's recorded geometry, computed
-once at start); segment prototypes u_s and G0 centroids X0 (with gradient); the hierarchy of clustering
-transformers over each image's V x K0 centroids; losses of Eq. 9 (``usseg_core.heads.hsg``).
+once at start); segment prototypes u_s and the transformer's tokens X0 (with gradient: each image's V x K0
+G0 centroids, or with ``tokens="segments"`` its segments); the hierarchy of clustering transformers over
+them; losses of Eq. 9 (``usseg_core.heads.hsg``).
 """
 from __future__ import annotations
 
@@ -73,6 +74,9 @@ class HsgMethod(BankMethod):
         self.hier = Hierarchy(config).to(device)
         self.opt = hsg_optimiser([*self.head.named_parameters(), *self.hier.named_parameters()], config)
         self.init_order()
+        if config.transformer == "reference" and self.batch_size < 2:
+            raise ConfigError("hsg transformer=reference needs at least 2 images per step (its decoder-input "
+                              f"MLP normalises over the batch's images); got {self.batch_size}")
         self.total_steps = config.epochs * self.steps_per_epoch
         self.t = 0  # steps taken (the lr schedule's clock)
 
@@ -178,8 +182,8 @@ def hsg_loss(emb: Tensor, regions: Tensor, hier: Hierarchy, cfg: HsgConfig, n_vi
     B, V = BV // n_views, n_views
     K0 = cfg.train_grid[0] * cfg.train_grid[1]
     with torch.no_grad():
-        g0, _, counts = grid_kmeans(emb.detach(), cfg.train_grid, cfg.kmeans_iters, init=cfg.g0_grid,
-                                    location=cfg.g0_location)  # (BV, h, w), (BV, K0)
+        g0, _, _ = grid_kmeans(emb.detach(), cfg.train_grid, cfg.kmeans_iters, init=cfg.g0_grid,
+                               location=cfg.g0_location)  # (BV, h, w)
     flat = emb.permute(0, 2, 3, 1).reshape(-1, m)  # (BV*h*w, m)
     view_of = torch.arange(BV, device=emb.device).repeat_interleave(h * w)  # (N,)
     g0f, rf = g0.reshape(-1), regions.reshape(-1)
@@ -189,10 +193,11 @@ def hsg_loss(emb: Tensor, regions: Tensor, hier: Hierarchy, cfg: HsgConfig, n_vi
     u, _ = segment_means(flat, seg, S)  # (S, m) u_s, with gradient
     s_view, s_cluster, s_region = keys // (K0 * R), (keys // R) % K0, keys % R
     s_img = s_view // V
-    s_token = (s_view % V) * K0 + s_cluster  # index among the image's V*K0 centroids
-    x0, _ = segment_means(flat, view_of * K0 + g0f, BV * K0)  # (BV*K0, m) X0 with gradient
-    x0, valid = x0.reshape(B, V * K0, m), (counts > 0).reshape(B, V * K0)
-    ms, zs = hier(x0, valid)  # M_l (B, V*K0, n_l), Z_l (B, n_l, m)
+    # segments are sorted by key, hence by image: each image's segments are one contiguous block
+    starts = torch.searchsorted(s_img, torch.arange(B + 1, device=emb.device))  # (B+1,)
+    tok = transformer_tokens(cfg.tokens, flat, u, seg, view_of * K0 + g0f, s_view, s_cluster, starts, hier,
+                             (B, V, K0, h, w))
+    ms, zs = hier(tok.x0, tok.valid, tok.pos)  # M_l (B, T, n_l), Z_l (B, n_l, m)
 
     # anchors: a random sample of pixels per view (global torch RNG, checkpointed by the loop)
     A = min(cfg.anchors_per_view, h * w)
@@ -204,9 +209,8 @@ def hsg_loss(emb: Tensor, regions: Tensor, hier: Hierarchy, cfg: HsgConfig, n_vi
     denom = contrast_denominator(logits, own)  # (BV*A,)
     # no_positive="own-segment": an anchor without positives takes its own segment ([code:HSG])
     own_logit = logits.gather(1, own[:, None])[:, 0] if cfg.no_positive == "own-segment" else None
-    # Positives live in the anchor's own image: segments are sorted by key, hence by image, so each
-    # image's segments are one column block; gather it (padded to the largest image) instead of masking S.
-    starts = torch.searchsorted(s_img, torch.arange(B + 1, device=emb.device))  # (B+1,)
+    # Positives live in the anchor's own image, one column block of the segments; gather it (padded to the
+    # largest image) instead of masking S.
     sizes = starts[1:] - starts[:-1]
     offs = torch.arange(int(sizes.max()), device=emb.device)
     cols = starts[a_img][:, None] + offs[None]  # (BV*A, Smax)
@@ -218,14 +222,14 @@ def hsg_loss(emb: Tensor, regions: Tensor, hier: Hierarchy, cfg: HsgConfig, n_vi
     total = cfg.lambda_e * l_e
     stats = {"loss_edge": float(l_e.detach()), "anchors_edge": n_e, "segments": S}
     for li, m_l in enumerate(ms):
-        win = m_l.argmax(-1)  # (B, V*K0): G_l of each centroid
-        grp = win[s_img, s_token]  # (S,)
+        win = m_l.argmax(-1)  # (B, T): G_l of each token
+        grp = win[s_img, tok.of_segment]  # (S,)
         l_f, _ = pixel_segment_loss(denom, block, cand & (grp[cols] == grp[own][:, None]), own_logit)
         total = total + cfg.lambda_f * l_f
         stats[f"loss_group{li + 1}"] = float(l_f.detach())
-        used = [len(torch.unique(win[b][valid[b]])) for b in range(B)]  # collapse watch: groups in use
+        used = [len(torch.unique(win[b][tok.valid[b]])) for b in range(B)]  # collapse watch: groups in use
         stats[f"groups_used{li + 1}"] = float(np.mean(used))
-    l_g = grouping_loss(x0.detach(), valid, ms, zs, cfg, V, K0)
+    l_g = grouping_loss(tok.x0.detach(), tok.valid, tok.view, ms, zs, cfg)
     total = total + cfg.lambda_g * l_g
     stats["loss_grouping"] = float(l_g.detach())
     if cfg.separation == "reference":  # outside λ_G, over the whole batch ([code:HSG] hsg_cs.py:182-223)
@@ -235,19 +239,63 @@ def hsg_loss(emb: Tensor, regions: Tensor, hier: Hierarchy, cfg: HsgConfig, n_vi
     return total, stats
 
 
-def grouping_loss(x0: Tensor, valid: Tensor, ms: list[Tensor], zs: list[Tensor], cfg: HsgConfig,
-                  n_views: int, k0: int) -> Tensor:
+class Tokens(NamedTuple):
+    """The transformer's input X0 for a batch of B images, padded to T tokens per image."""
+
+    x0: Tensor  # (B, T, m) unit token features, with gradient
+    valid: Tensor  # (B, T) bool, False on padding (and on G0 clusters emptied by k-means)
+    view: Tensor  # (B, T) long, the view of each token (kNN graph of L_g)
+    of_segment: Tensor  # (S,) each segment's token index within its image
+    pos: Tensor | None  # (B, T, m) mean pixel position of each token (reference transformer), or None
+
+
+def transformer_tokens(kind: str, flat: Tensor, u: Tensor, seg: Tensor, cluster: Tensor, s_view: Tensor,
+                       s_cluster: Tensor, starts: Tensor, hier: Hierarchy, shape: tuple) -> Tokens:
+    """X0 of ``cfg.tokens``: "g0-centroids" (the V x K0 G0 centroids of each image, ours) or "segments" (every
+    segment of every view of the image, [code:HSG] resnet_fcn_hsg_cs.py:1052-1142, padded to the batch's
+    largest count).
+
+    Args:
+        flat: (N, m) pixel embeddings; u: (S, m) segment prototypes; seg: (N,) segment of each pixel;
+        cluster: (N,) G0 cluster of each pixel, view-major (view * K0 + k); s_view, s_cluster: (S,) view and
+        G0 cluster of each segment; starts: (B+1,) first segment of each image (segments sorted by image);
+        hier: the hierarchy (token positions); shape: (B, V, K0, h, w).
+    """
+    B, V, K0, h, w = shape
+    m, dev = flat.shape[1], flat.device
+    s_img = s_view // V
+    if kind == "segments":
+        T = int((starts[1:] - starts[:-1]).max())
+        of_segment = torch.arange(u.shape[0], device=dev) - starts[s_img]  # rank of the segment in its image
+        at = (s_img, of_segment)
+        x0 = u.new_zeros(B, T, m).index_put(at, u)  # (B, T, m), padded with zeros
+        valid = torch.zeros(B, T, dtype=torch.bool, device=dev).index_put(at, torch.ones_like(s_img, dtype=torch.bool))
+        view = torch.zeros(B, T, dtype=torch.long, device=dev).index_put(at, s_view % V)
+        pixel_token = s_img[seg] * T + of_segment[seg]  # (N,)
+    else:
+        T = V * K0
+        x0, counts = segment_means(flat, cluster, B * T)  # (B*V*K0, m) G0 centroids, with gradient
+        x0, valid = x0.reshape(B, T, m), (counts > 0).reshape(B, T)
+        view = torch.arange(V, device=dev).repeat_interleave(K0).expand(B, T)
+        of_segment = (s_view % V) * K0 + s_cluster
+        pixel_token = cluster  # view-major numbering is image-major too: b * V*K0 + v * K0 + k
+    pos = hier.token_positions(pixel_token.reshape(B * V, h, w), B, T)
+    return Tokens(x0, valid, view, of_segment, pos)
+
+
+def grouping_loss(x0: Tensor, valid: Tensor, view: Tensor, ms: list[Tensor], zs: list[Tensor],
+                  cfg: HsgConfig) -> Tensor:
     """L_g (Eq. 8) averaged over the images: Σ_l modularity + collapse (+ per-image separation).
 
-    The terms follow ``cfg.modularity``, ``cfg.graph``, ``cfg.collapse_norm`` and ``cfg.separation``
-    (``separation="reference"`` leaves the separation to :func:`hsg_loss`: it spans the batch).
+    x0 (B, T, m) the tokens, valid (B, T), view (B, T) each token's view. The terms follow ``cfg.modularity``,
+    ``cfg.graph``, ``cfg.collapse_norm`` and ``cfg.separation`` (``separation="reference"`` leaves the
+    separation to :func:`hsg_loss`: it spans the batch).
     """
-    view = torch.arange(n_views, device=x0.device).repeat_interleave(k0)  # (V*K0,)
     n_pad = int(valid.sum(1).max())  # [code:HSG] pads every image's nodes to the batch's largest count
     out = x0.new_zeros(())
     for b in range(x0.shape[0]):
         keep = valid[b]
-        adj = knn_graph(F.normalize(x0[b][keep], dim=-1), view[keep], cfg.knn_k, cfg.knn_mode,
+        adj = knn_graph(F.normalize(x0[b][keep], dim=-1), view[b][keep], cfg.knn_k, cfg.knn_mode,
                         directed=cfg.graph == "directed")
         for m_l, z_l in zip(ms, zs):
             mod, col = modularity_terms(adj, m_l[b][keep], cfg.modularity, cfg.collapse_norm, n_pad)
