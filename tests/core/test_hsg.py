@@ -244,8 +244,9 @@ def test_loss_has_gradients_for_head_and_transformers():
     assert hier.transformers[1].z_fc.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("options", [{}, {"knn_mode": "per_view", **REFERENCE, "warmup_steps": 3}],
-                         ids=["defaults", "reference"])
+@pytest.mark.parametrize("options", [{}, {"knn_mode": "per_view", **REFERENCE, "warmup_steps": 3},
+                                     {"tokens": "segments", "transformer": "reference"}],
+                         ids=["defaults", "reference", "reference-transformer"])
 def test_mid_epoch_interrupt_resumes_bit_identical(tmp_path: Path, options: dict):
     banks = [FakeBank(), FakeBank(n=4, seed=1)]  # 10 images, 5 steps per epoch
     cfg = _config(epochs=2, **options)

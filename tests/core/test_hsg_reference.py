@@ -213,7 +213,8 @@ def test_reference_presets_and_unchanged_keys_at_the_defaults():
         assert not set(d) & {*REFERENCE, "separation_weight", "separation_concentration"}, ds
     assert HsgConfig(no_positive="own-segment").to_dict()["no_positive"] == "own-segment"
     for name, bad in (("no_positive", "skip"), ("modularity", "newman"), ("graph", "mutual"),
-                      ("collapse_norm", "none"), ("separation", "global"), ("g0_grid", "ceil")):
+                      ("collapse_norm", "none"), ("separation", "global"), ("g0_grid", "ceil"),
+                      ("tokens", "centroids"), ("transformer", "detr")):
         with pytest.raises(Exception, match=name):
             HsgConfig(**{name: bad})
 

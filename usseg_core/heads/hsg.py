@@ -77,7 +77,8 @@ TRANSFORMERS = ("ours", "reference")
 # the paper's datasets. Each option's default is that first version and enters artifact keys only when set.
 REFERENCE = {"no_positive": "own-segment", "modularity": "reference", "graph": "directed",
              "collapse_norm": "padded", "separation": "reference", "g0_grid": "reference", "g0_location": True,
-             "sgd": "reference", "param_groups": "reference", "warmup_steps": 100}
+             "sgd": "reference", "param_groups": "reference", "warmup_steps": 100, "tokens": "segments",
+             "transformer": "reference"}
 
 
 @dataclass
