@@ -39,7 +39,9 @@ Deliberate differences from the paper, and its gaps (docs/methods/hsg.md §6.3�
   :class:`HsgConfig`, keyed only when set and all selected by ``REFERENCE`` in the presets of
   cocostuff27, cityscapes27 and potsdam3: ``no_positive`` (L_f of an anchor without positives),
   ``modularity``, ``graph``, ``collapse_norm``, ``separation`` (+ weight and concentration) of L_g,
-  ``g0_grid`` and ``g0_location`` of G0's k-means. One deliberate deviation stays: for an anchor with
+  ``g0_grid`` and ``g0_location`` of G0's k-means, ``sgd``, ``param_groups``, ``warmup_steps``, and the
+  transformer's ``tokens`` (every segment instead of the G0 centroids) and architecture (``transformer``,
+  :mod:`usseg_core.heads.hsg_transformer`). One deliberate deviation stays: for an anchor with
   positives the reference forms Σ_same e_s − e_own, which cancels in fp32; we keep the exact
   log-sum-exp over the positives (:func:`pixel_segment_loss`).
 * **Optimiser**: SGD, momentum 0.9 (not stated), lr and weight decay of Table 7's nearest row, step decay
