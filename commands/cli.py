@@ -176,6 +176,9 @@ def main() -> None:
     # Nothing of Prefect is imported here (2.5 s for prefect, 4 s more for its server on a 2-core machine;
     # `usseg --help` must stay under a second): every command that runs a flow calls
     # commands.launch.prepare_flow_process() first (run_flow does, and `usseg oversegment`).
+    from commands import common
+
+    common.OWNS_SERVER = True
     try:
         app()
     except SystemExit as exc:  # typer turns Ctrl-C into exit 130, silently: say it (error_exit)

@@ -276,10 +276,16 @@ def interrupted(exc: BaseException | None) -> bool:
     return False
 
 
+# Set by the console entry point (commands.cli.main): this process owns the temporary server it started.
+# A command invoked in-process (typer's CliRunner in tests) must not stop the server of its host process.
+OWNS_SERVER = False
+
+
 def say_last(line: str) -> None:
     """Stop the temporary server first (its "Stopping temporary server" line must not follow ours), then
     print ``line`` on stderr as the last thing."""
-    stop_temporary_server()
+    if OWNS_SERVER:
+        stop_temporary_server()
     sys.stdout.flush()
     sys.stderr.write(line.replace("\n", " ") + "\n")
     sys.stderr.flush()

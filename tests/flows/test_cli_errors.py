@@ -358,6 +358,7 @@ def test_fail_prints_its_line_after_the_temporary_server_stopped(monkeypatch, ca
     from usseg_core.errors import InputError
 
     monkeypatch.setattr(console, "FAILURE_RECORDS", [])
+    monkeypatch.setattr(cli_common, "OWNS_SERVER", True)  # as under commands.cli.main
     monkeypatch.setattr(cli_common, "stop_temporary_server",
                         lambda: print("INFO | prefect - Stopping temporary server", file=sys.stderr))
     with pytest.raises(typer.Exit) as out:
