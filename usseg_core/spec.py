@@ -406,7 +406,8 @@ def check_run(run: RunSpec) -> None:
     sections = dict(spec.sections)
     for key, value in run.head_overrides().items():
         section, name = spec.split_key(key)
-        check_set_value(key, value, sections[section], name, f"{section}.{name} of head {run.head!r}")
+        check_set_value(key, value, sections[section], name,
+                        f"field {name!r} of head {run.head!r} section {section!r}")
     config = spec.config(run.dataset, run.head_settings())
     run.views_config()
     run.overseg_config().schedule(run.dataset)
@@ -451,7 +452,7 @@ def _move(data: dict, name: str, value: Any, hint: Any, key: str | None = None) 
 
 def check_set_value(key: str, value: Any, cls: type, name: str, where: str = "") -> None:
     """Refuse a ``--set`` value whose type does not fit field ``name`` of config dataclass ``cls``, naming the
-    key as typed: ``--set steps=abc: expected an integer (stego.steps of head 'stego')``.
+    key as typed: ``--set steps=abc: expected an integer (field 'steps' of head 'stego' section 'stego')``.
 
     Values come from the command line parsed as JSON where they parse (``usseg_core.config.parse_set_options``),
     so ``steps=abc`` arrives as the string 'abc'; the field's own checks then only see values of its type."""

@@ -229,19 +229,19 @@ def test_split_options_and_data_root_are_named_as_typed(tmp_path):
 def test_a_set_value_of_the_wrong_type_names_the_key_and_set():
     from usseg_core.spec import CompareSpec, RunSpec, build
 
-    cases = {("stego", "steps", "abc"): "--set steps=abc: expected an integer (stego.steps of head 'stego')",
-             ("stego", "stego.dropout", "high"): "--set stego.dropout=high: expected a number (stego.dropout of "
-                                                 "head 'stego')",
-             ("stego", "pointwise", 1): "--set pointwise=1: expected true or false (stego.pointwise of head 'stego')",
+    head = "of head 'stego' section 'stego'"
+    cases = {("stego", "steps", "abc"): f"--set steps=abc: expected an integer (field 'steps' {head})",
+             ("stego", "stego.dropout", "high"): f"--set stego.dropout=high: expected a number (field 'dropout' {head})",
+             ("stego", "pointwise", 1): f"--set pointwise=1: expected true or false (field 'pointwise' {head})",
              ("stego", "knn.k", "many"): "--set knn.k=many: expected an integer",
              ("picie", "views.n_views", 2.5): "--set views.n_views=2.5: expected an integer",
              ("hsg", "hsg.levels", (1, "a")): "--set hsg.levels=[1, \"a\"]: expected a list of integers, e.g. "
-                                              "[1,2] (hsg.levels of head 'hsg')",
+                                              "[1,2] (field 'levels' of head 'hsg' section 'hsg')",
              ("stego", "seed", "x"): "--set seed=x: expected an integer",
              ("stego", "n_clusters", "k"): "--set n_clusters=k: expected an integer"}
-    for (head, key, value), line in cases.items():
+    for (name, key, value), line in cases.items():
         with pytest.raises(ConfigError) as err:
-            build(RunSpec, head=head, dataset="synthetic",
+            build(RunSpec, head=name, dataset="synthetic",
                   overrides={key: list(value) if isinstance(value, tuple) else value})
         assert str(err.value) == line
     with pytest.raises(ConfigError, match=r"^--set steps=abc: expected an integer"):

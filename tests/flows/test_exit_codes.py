@@ -43,8 +43,8 @@ def test_exit_0_ok_and_2_usage(tmp_path):
 def test_exit_3_config_and_4_input(tmp_path):
     storage = tmp_path / "storage"
     done = usseg(tmp_path, "run", "stego", "--dataset", "synthetic", "--set", "steps=abc", "--storage", str(storage))
-    assert (done.returncode, done.stderr) == (3, "error: --set steps=abc: expected an integer (stego.steps of "
-                                                 "head 'stego')\n")
+    assert (done.returncode, done.stderr) == (3, "error: --set steps=abc: expected an integer (field 'steps' of "
+                                                 "head 'stego' section 'stego')\n")
     data = _images(tmp_path / "data", 1)
     (data / "bad.png").write_bytes(b"\x89PNG not really")
     storage.mkdir()
