@@ -19,7 +19,7 @@ from tasks.manifest import ensure_manifest
 from tasks.stage import ArtifactRef, HeadRef, logger
 from tasks.evaluate import results_markdown, run_evaluation
 from tasks.extract import ensure_features
-from tasks.heads import ensure_head
+from tasks.heads import check_knn_rows, ensure_head
 from tasks.inputs import InputContext, ensure_inputs
 from tasks.predictors import predictors_for
 from tasks.retrieval import add_retrieval
@@ -35,6 +35,7 @@ def train_inputs(run: RunSpec) -> dict:
     """The head's cached inputs (shared by every seed): ``inputs``, ``cluster_on`` (the features both
     k-means are fitted on), ``n_classes``, ``k`` and the head's own ``clusterer`` name."""
     spec = get_head(run.head)
+    check_knn_rows(run)  # a deployment's run gets the CLI's early refusal too (before any extraction)
     datas = [data_ref(run, s) for s in run.splits]
     ds = datas[0].dataset()
     n_classes = ds.n_classes
