@@ -98,7 +98,7 @@ EXIT_CODES = {
     EXIT_UNEXPECTED: "unexpected error (a bug; traceback in <storage>/logs/usseg-errors.log, --debug shows it)",
     EXIT_USAGE: "usage error (bad option or argument)",
     EXIT_CONFIG: "configuration error (unknown --set key, registry name, bad setting, missing storage or data root)",
-    EXIT_INPUT: "input or data error (unreadable or invalid image, label or weights file)",
+    EXIT_INPUT: "input or data error (unreadable or invalid image, label or weights file; a damaged cache: usseg storage verify)",
     EXIT_DISK_FULL: "environment: the storage's disk is full (or the quota); rerun after freeing space to resume",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C); finished artifacts are kept, rerun to resume",
 }
