@@ -35,6 +35,7 @@ MARKER = "_COMPLETE"
 META = "meta.json"
 FILES = "file_digests"  # meta.json entry: relpath -> {"sha256", "size"} of every file outside a *.zarr folder
 HIT_HASH_LIMIT = 64 << 20  # a cache hit hashes recorded files up to this many bytes in all, else checks sizes
+HIT_HASH_FILES = 512  # ... and up to this many files (an oversegmentation holds 3 per image: sizes only)
 
 
 def canonical_json(obj: Any) -> str:
@@ -159,10 +160,11 @@ def file_problems(art: "Artifact", *, hashes: bool = True) -> list[str]:
 
 def check_files(art: "Artifact") -> None:
     """Raise :class:`DamagedArtifact` when a recorded file of ``art`` is missing or changed (sha256 when the
-    recorded files total at most :data:`HIT_HASH_LIMIT` bytes, else sizes only: ``usseg storage verify``
-    hashes every file)."""
-    total = sum(int(d.get("size", 0)) for d in (art.meta.get(FILES) or {}).values())
-    problems = file_problems(art, hashes=total <= HIT_HASH_LIMIT)
+    recorded files total at most :data:`HIT_HASH_LIMIT` bytes in at most :data:`HIT_HASH_FILES` files, else
+    sizes only: ``usseg storage verify`` hashes every file)."""
+    recorded = (art.meta.get(FILES) or {}).values()
+    total = sum(int(d.get("size", 0)) for d in recorded)
+    problems = file_problems(art, hashes=total <= HIT_HASH_LIMIT and len(recorded) <= HIT_HASH_FILES)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise DamagedArtifact(art.path, problems[0] + more)
