@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -119,9 +120,22 @@ def main() -> None:
                     help="$USSEG_FULL_MAX_SIDE: the long side of the evaluation's model input (default 480, the "
                          "small images' own: both runs feed the model the same input size)")
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary data, stores and outputs")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="usseg-memory-"))
+    try:
+        rows = run_all(args, tmp)
+    finally:
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    report(args, rows)
+
+
+def run_all(args, tmp: Path) -> list[dict]:
+    """Write the data, run both commands on both sizes; one row per run."""
     root = tmp / "data"
     write_split(root, "train", args.small, N_TRAIN, seed=0)
     write_split(root, "val", args.small, 2, seed=100)
@@ -150,7 +164,10 @@ def main() -> None:
             seg = measure(["segment", "--model", head, str(photo), "--out", str(tmp / f"out-{case}"),
                            "--storage", str(storage), *crf], env)
             rows.append({"command": "usseg segment", "case": case, **seg})
+    return rows
 
+
+def report(args, rows: list[dict]) -> None:
     big_hw, small_hw = args.big, args.small
     print(f"\npeak memory, big {big_hw[1]}x{big_hw[0]} vs small {small_hw[1]}x{small_hw[0]} "
           f"({'CRF on' if args.crf else '--no-crf'}), model input long side {args.max_side}, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
