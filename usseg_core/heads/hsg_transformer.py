@@ -26,16 +26,11 @@ Two architectures (``HsgConfig.transformer``):
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from usseg_core.segsort import segment_means
-
-if TYPE_CHECKING:
-    from usseg_core.heads.hsg import HsgConfig
 
 
 class TokenBatchNorm(nn.Module):
@@ -268,7 +263,7 @@ class Hierarchy(nn.Module):
     one ``pos_embed``): the caller averages :meth:`positions` over each X0 token's pixels.
     """
 
-    def __init__(self, cfg: HsgConfig) -> None:
+    def __init__(self, cfg) -> None:  # cfg: usseg_core.heads.hsg.HsgConfig (not imported: hsg imports us)
         super().__init__()
         self.levels = tuple(int(n) for n in cfg.levels)
         self.reference = cfg.transformer == "reference"
