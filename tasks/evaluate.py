@@ -7,8 +7,9 @@ small confusion matrices that are summed, so memory stays bounded and no multipr
 
 Memory is bounded by the model input, not the image: codes stay at feature resolution and are upsampled
 to the label's size one band of rows at a time (:func:`upsampled_bands`), each band's logits and argmax
-computed before the next. At full resolution only labels (int16) and, for the dense CRF, one predictor's
-K-channel float32 logits (pydensecrf's unary) exist; no D-channel map does. Segment retrieval (HSG's
+computed before the next. At full resolution only labels (int16) exist, no D-channel map; the dense CRF
+runs at the label's size up to ``$USSEG_CRF_MAX_PIXELS`` (1 MP; then one predictor's K-channel float32
+logits are its unary) and on a capped grid beyond it (:func:`predict_labels`). Segment retrieval (HSG's
 protocol) still clusters each image's full-size codes.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from tasks.manifest import DataRef
 from tasks.stage import EvaluationRef, FeaturesRef, ManifestRef, Work, declare, run_stage
 from tasks.heads import image_codes, load_head
 from tasks.retrieval import load_memory
-from usseg_core.crf import CRFParams, crf_labels
+from usseg_core.crf import CRF_MAX_PIXELS, CRFParams, crf_grid, crf_image, crf_labels, crf_max_pixels, dense_crf
 from usseg_core.device import resolve_device, to_device
 from usseg_core.features import FeatureStore
 from usseg_core.metrics import OVERCLUSTER_MODES, ConfusionMatrix, hungarian_scores, identity_scores
@@ -52,7 +53,8 @@ EVALUATION = declare("evaluation", EVAL_VERSION, "tasks.evaluate.evaluate_shard"
                               "start": "which images a shard scores", "stop": "which images a shard scores",
                               "examples": "which images the pictures show (N_EXAMPLES spread over the split)",
                               "device": "where it runs: part of no key (docs/architecture.md, Devices)",
-                              "overcluster": "keyed when not the default (earlier artifacts keep their keys)"})
+                              "overcluster": "keyed when not the default (earlier artifacts keep their keys)",
+                              "crf_max_pixels": "keyed when not the default (earlier artifacts keep their keys)"})
 
 
 @functools.lru_cache(maxsize=16)
@@ -159,37 +161,71 @@ def _label_dtype(n: int) -> type:
     return np.int16 if n < 2 ** 15 else np.int32
 
 
+def _logit_bands(predictor: dict, codes: torch.Tensor, size: tuple[int, int], band_bytes: int
+                 ) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(r0, r1, (K, r1 - r0, W)) logits of one predictor on ``codes`` upsampled to ``size``, band by band.
+    Retrieval clusters whole images: it gets the codes upsampled in one piece (HSG's protocol)."""
+    if predictor["kind"] == "retrieval":
+        bands = [(0, size[0], F.interpolate(codes, size=size, mode="bilinear", align_corners=False))]
+    else:
+        bands = upsampled_bands(codes, size, band_bytes)
+    for r0, r1, band in bands:
+        yield r0, r1, predictor_logits(predictor, band)[0]
+        del band
+
+
 @torch.no_grad()
 def predict_labels(predictor: dict, codes: torch.Tensor, size: tuple[int, int], *, image: np.ndarray | None = None,
-                   crf: CRFParams | None = None, band_bytes: int = BAND_BYTES) -> dict[str, np.ndarray]:
+                   crf: CRFParams | None = None, band_bytes: int = BAND_BYTES,
+                   crf_max_pixels: int = CRF_MAX_PIXELS) -> dict[str, np.ndarray]:
     """One predictor's label maps at ``size`` from feature-resolution codes (1, D, h, w).
 
     Returns ``{"no": (H, W) argmax of the logits}`` and, when ``crf`` is given, ``"yes"``: the argmax
     after the dense CRF on ``image`` (H, W, 3) uint8; int16 labels (int32 past 32767 outputs). The
     predictions equal ``predictor_logits`` of the codes upsampled to ``size`` in one piece (argmax ties
     aside), computed band by band (:func:`upsampled_bands`): at full size only the labels and, for the
-    CRF, the predictor's K-channel float32 logits. Retrieval clusters whole images: it gets the full-size
-    codes (HSG's protocol; its D-channel map is the one left unbounded)."""
+    CRF of an image within ``crf_max_pixels``, the predictor's K-channel float32 logits. A bigger image
+    is refined on the grid :func:`usseg_core.crf.crf_grid` (:func:`_grid_crf_labels`). Retrieval clusters
+    whole images: it gets the full-size codes (HSG's protocol; its D-channel map is the one left unbounded)."""
     height, width = size
-    if predictor["kind"] == "retrieval":
-        bands = [(0, height, F.interpolate(codes, size=size, mode="bilinear", align_corners=False))]
-    else:
-        bands = upsampled_bands(codes, size, band_bytes)
+    full_crf = crf is not None and crf_grid(height, width, crf_max_pixels) == (height, width)
     labels = logits_full = None
-    for r0, r1, band in bands:
-        logits = predictor_logits(predictor, band)[0]  # (K, n, W)
+    for r0, r1, logits in _logit_bands(predictor, codes, size, band_bytes):  # (K, n, W)
         if labels is None:
             labels = np.empty(size, _label_dtype(logits.shape[0]))
-            if crf is not None:
+            if full_crf:
                 logits_full = np.empty((logits.shape[0], height, width), np.float32)  # the CRF's unary source
         labels[r0:r1] = logits.argmax(0).cpu().numpy()
         if logits_full is not None:
             logits_full[:, r0:r1] = logits.cpu().numpy()
-        del band, logits
+        del logits
     out = {"no": labels}
-    if crf is not None:
+    if full_crf:
         out["yes"] = crf_labels(image, logits_full, crf)
+    elif crf is not None:
+        out["yes"] = _grid_crf_labels(predictor, codes, image, crf, crf_grid(height, width, crf_max_pixels),
+                                      band_bytes)
     return out
+
+
+def _grid_crf_labels(predictor: dict, codes: torch.Tensor, image: np.ndarray, crf: CRFParams,
+                     grid: tuple[int, int], band_bytes: int) -> np.ndarray:
+    """The dense CRF of a big image on ``grid`` (h, w): the predictor's logits of the codes upsampled to
+    the grid (what [code:STEGO] refines at its crop size), the image shrunk to it by area averaging; the
+    refined (K, h, w) marginals are upsampled bilinearly to the image's size band by band and each band's
+    argmax kept. Full-size buffers: the (H, W) labels alone (a band holds K x ``band_bytes`` / D floats at
+    most); interpolating marginals rather than copying grid labels puts the boundaries between grid pixels."""
+    logits = None
+    for r0, r1, band in _logit_bands(predictor, codes, grid, band_bytes):  # (K, n, w)
+        if logits is None:
+            logits = np.empty((band.shape[0], *grid), np.float32)
+        logits[:, r0:r1] = band.cpu().numpy()
+    marginals = torch.from_numpy(dense_crf(crf_image(image, grid), logits, crf))[None]  # (1, K, h, w)
+    del logits
+    labels = np.empty(image.shape[:2], _label_dtype(marginals.shape[1]))
+    for r0, r1, band in upsampled_bands(marginals, image.shape[:2], band_bytes):  # (1, K, n, W)
+        labels[r0:r1] = band[0].argmax(0).numpy()
+    return labels
 
 
 def nearest_rows(in_size: int, out_size: int) -> np.ndarray:
@@ -225,7 +261,8 @@ def image_hierarchy(head_path: str, feats: FeatureStore, i: int, size: tuple[int
 @task(name="evaluate-shard", cache_policy=NO_CACHE)
 def evaluate_shard(data: DataRef, manifest_path: str, feats_path: str, flips_path: str | None, *, view: dict,
                    groups: list[dict], n_classes: int, start: int, stop: int, run_crf: bool,
-                   crf: dict, examples: list[int], device: str = "auto") -> dict:
+                   crf: dict, examples: list[int], device: str = "auto",
+                   crf_max_pixels: int = CRF_MAX_PIXELS) -> dict:
     """Confusion matrices of every predictor (with and without CRF) on items [start, stop).
 
     Codes and logits run on ``device`` (resolved here, on the worker); each predictor's logits of an
@@ -253,7 +290,8 @@ def evaluate_shard(data: DataRef, manifest_path: str, feats_path: str, flips_pat
                 if levels is not None:
                     kept[i]["levels"] = [thumbnail(lv) for lv in levels]
             for pred in group["predictors"]:
-                outs = predict_labels(pred, codes, label.shape, image=rgb, crf=params if run_crf else None)
+                outs = predict_labels(pred, codes, label.shape, image=rgb, crf=params if run_crf else None,
+                                      crf_max_pixels=crf_max_pixels)
                 for crf_flag, p in outs.items():
                     name = f"{pred['name']}|{crf_flag}"
                     cms[name] = cms.get(name, 0) + confusion(p, label, pred["n_pred"], n_classes)
@@ -287,7 +325,10 @@ def run_evaluation(storage: str, data: DataRef, manifest: ManifestRef, view: Vie
     (:data:`usseg_core.metrics.OVERCLUSTER_MODES`); every row's ``overcluster`` column names it. It enters
     the key only when it is not the default, so artifacts written before the option keep their keys.
 
-    ``device`` is where each shard computes codes and logits (resolved on its worker; not in the key)."""
+    ``device`` is where each shard computes codes and logits (resolved on its worker; not in the key).
+    The dense CRF of a label bigger than ``$USSEG_CRF_MAX_PIXELS`` (default
+    :data:`usseg_core.crf.CRF_MAX_PIXELS`) runs on a capped grid (:func:`predict_labels`); the budget enters
+    the key only when it is not the default."""
     if overcluster not in OVERCLUSTER_MODES:
         raise ValueError(f"overcluster must be one of {OVERCLUSTER_MODES}, got {overcluster!r}")
     params = {"run_crf": run_crf, "crf": asdict(crf), "view": view.params(),
@@ -295,6 +336,9 @@ def run_evaluation(storage: str, data: DataRef, manifest: ManifestRef, view: Vie
                   "predictors": [p.params() for p in g["predictors"]]} for g in groups]}
     if overcluster != DEFAULT_OVERCLUSTER:
         params["overcluster"] = overcluster
+    max_pixels = crf_max_pixels()  # $USSEG_CRF_MAX_PIXELS: read once, here
+    if run_crf and max_pixels != CRF_MAX_PIXELS:
+        params["crf_max_pixels"] = max_pixels
     upstream = {"features": feats["key"], "flips": flips["key"] if flips else "none",
                 **{f"{g['method']}.{p['name']}": p.get("key", "") for g in groups for p in g["predictors"]}}
     rows: list = []
@@ -307,7 +351,7 @@ def run_evaluation(storage: str, data: DataRef, manifest: ManifestRef, view: Vie
         futures = [work.core(evaluate_shard.submit, data, manifest["path"], feats["path"],
                              flips["path"] if flips else None, view=view.params(), groups=groups,
                              n_classes=n_classes, start=a, stop=min(a + shard_size, n), run_crf=run_crf,
-                             crf=asdict(crf), examples=examples, device=device)
+                             crf=asdict(crf), examples=examples, device=device, crf_max_pixels=max_pixels)
                    for a in range(0, n, shard_size)]
         cms: dict[str, np.ndarray] = {}
         kept: dict[int, dict] = {}
@@ -380,7 +424,9 @@ def _score_rows(cms: dict, groups: list[dict], class_names: list[str],
                 sc = predictor_scores(p, cms[name], overcluster)
                 row = {"method": g["method"], "clusterer": p.get("label") or p["kind"], "crf": crf_flag == "yes",
                        "overcluster": "identity" if p["kind"] in CLASS_KINDS else overcluster,  # class outputs: no matching
-                       "accuracy": round(100 * sc.accuracy, 2), "miou": round(100 * sc.miou, 2)}
+                       "accuracy": round(100 * sc.accuracy, 2), "miou": round(100 * sc.miou, 2),
+                       # twke18/HSG's benchmark mIoU: Σ IoU / n_classes (an absent class counts 0; metrics.py)
+                       "miou_classes": round(100 * sc.miou_over_classes, 2)}
                 row.update({f"iou_{c}": round(100 * float(v), 2) if np.isfinite(v) else None
                             for c, v in zip(class_names, sc.iou)})
                 rows.append(row)

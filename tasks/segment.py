@@ -1,8 +1,8 @@
 """Segment new images with a trained head: backbone -> codes -> clusterer (-> CRF) -> PNGs.
 
 The photo's size only sets the labels: codes stay at feature resolution and are upsampled band by band
-(``tasks.evaluate.predict_labels``), so a 24 MP photo needs its labels, its pictures and, with the CRF,
-the K-channel logits, never a D-channel map at its size.
+(``tasks.evaluate.predict_labels``), so a 24 MP photo needs its labels and its pictures, never a D-channel
+map at its size; the dense CRF of a photo over ``$USSEG_CRF_MAX_PIXELS`` (1 MP) runs on a capped grid.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from tasks.backbone import BackboneRef, load_backbone
 from tasks.evaluate import hierarchy_maps, predict_labels
 from tasks.heads import load_head
-from usseg_core.crf import CRFParams
+from usseg_core.crf import CRFParams, crf_max_pixels
 from usseg_core.errors import ConfigError
 from usseg_core.features import embed
 from usseg_core.heads import get_head
@@ -90,6 +90,7 @@ def segment_images(images: list[Path], model: str, out: Path, *, clusterer: str 
         raise ConfigError(f"clusterer {clusterer!r}: use {head.clusterer or 'own'} (the head's own) or kmeans")
     out.mkdir(parents=True, exist_ok=True)
     n = head.n_classes
+    max_pixels = crf_max_pixels()  # a bigger photo is refined on a capped grid (usseg_core/crf.py)
     written = []
     for path in images:
         image = read_rgb(path)
@@ -97,7 +98,8 @@ def segment_images(images: list[Path], model: str, out: Path, *, clusterer: str 
         dense, _ = embed(backbone, prepare_item(image, view)[None])
         with torch.no_grad():
             codes = head.codes(torch.from_numpy(dense))  # (1, D, h, w): upsampled band by band
-        outs = predict_labels(pred, codes, image.shape[:2], image=image, crf=CRFParams() if crf else None)
+        outs = predict_labels(pred, codes, image.shape[:2], image=image, crf=CRFParams() if crf else None,
+                              crf_max_pixels=max_pixels)
         labels = outs["yes" if crf else "no"]
         stem = Path(path).stem
         save_png(out / f"{stem}_labels.png", labels.astype(np.uint8))

@@ -4,12 +4,23 @@ STEGO refines both the cluster-probe and the linear-probe outputs with the pyden
 solver, with parameters borrowed from MaskContrast ([code:STEGO] ``crf.py``). This module runs it on
 one image; mapping it over images/workers is the orchestration's job (fork pools deadlock inside
 pydensecrf, STEGO #16 -- so no multiprocessing here).
+
+Big images: pydensecrf costs about 200 + 20 K bytes per pixel (6.7 GB at 24 MP for K = 4), so an image of
+more than :data:`CRF_MAX_PIXELS` pixels is refined on a grid of at most that many (:func:`crf_grid`, the
+image shrunk by area averaging, :func:`crf_image`) and the refined marginals are upsampled back by the
+caller (``tasks.evaluate.predict_labels``). [code:STEGO] runs its CRF at the evaluation crop (320 or 448 px),
+so a capped grid is closer to the reference than a full-resolution CRF on a photo
+(docs/methods/protocol.md S7). Images within the budget are refined at their own size, as before.
 """
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
+
+from usseg_core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -28,6 +39,46 @@ class CRFParams:
 # Pixels per band of the unary's float64 log-softmax and of the labels' argmax: their temporaries stay at
 # K x BAND_PIXELS whatever the image size (the unary itself is K x H x W float32: pydensecrf needs it whole).
 BAND_PIXELS = 1 << 20
+
+
+# The most pixels the dense CRF runs on (1024 x 1024): images up to 1024 x 768 and 1280 x 800 are refined at
+# their own size; a bigger one on the largest grid of its aspect within it. pydensecrf then needs at most
+# about (200 + 20 K) MB (300 MB at K = 4, 740 MB at K = 27) whatever the image.
+CRF_MAX_PIXELS = 1 << 20
+CRF_MAX_PIXELS_ENV = "USSEG_CRF_MAX_PIXELS"
+
+
+def crf_max_pixels() -> int:
+    """The CRF's pixel budget in force: ``$USSEG_CRF_MAX_PIXELS`` if set, else :data:`CRF_MAX_PIXELS`."""
+    raw = os.environ.get(CRF_MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return CRF_MAX_PIXELS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ConfigError(f"{CRF_MAX_PIXELS_ENV}={raw!r}: must be a positive integer (pixels)")
+    return value
+
+
+def crf_grid(height: int, width: int, max_pixels: int = CRF_MAX_PIXELS) -> tuple[int, int]:
+    """(h, w) the CRF runs at for an (height, width) image: the image's own size within ``max_pixels``,
+    else both sides scaled by one factor (rounded down, at least 1) so that h * w <= max_pixels."""
+    if height * width <= max_pixels:
+        return height, width
+    scale = math.sqrt(max_pixels / (height * width))
+    return max(1, int(height * scale)), max(1, int(width * scale))
+
+
+def crf_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 image shrunk to ``size`` (h, w) by area averaging (PIL's box filter); unchanged
+    when it already has that size."""
+    if image.shape[:2] == tuple(size):
+        return image
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BOX))
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -73,3 +73,41 @@ def test_crf_passes_bgr_like_the_reference():
     rgb = _direct_pydensecrf(img, logits).argmax(0)
     np.testing.assert_array_equal(got, bgr)
     assert (bgr != rgb).any()  # the lattice is not channel-order invariant: RGB would give other labels
+
+
+def test_crf_grid_keeps_small_images_and_caps_big_ones():
+    from usseg_core.crf import CRF_MAX_PIXELS, crf_grid
+
+    for size in [(360, 480), (768, 1024), (800, 1280), (1024, 1024)]:
+        assert crf_grid(*size) == size  # within the budget: the image's own size
+    for h, w in [(4000, 6000), (1025, 1024), (3, 100000), (100000, 1)]:
+        gh, gw = crf_grid(h, w)
+        assert 1 <= gh <= h and 1 <= gw <= w and gh * gw <= CRF_MAX_PIXELS
+        assert abs(gh / gw - h / w) <= max(1 / gw, h / w / gh) + 1e-9  # the aspect, to a pixel
+    assert crf_grid(4000, 6000) == (836, 1254)
+    assert crf_grid(61, 83, 1200) == (29, 40)
+
+
+def test_crf_budget_from_the_environment(monkeypatch):
+    from usseg_core.crf import CRF_MAX_PIXELS, crf_max_pixels
+    from usseg_core.errors import ConfigError
+
+    monkeypatch.delenv("USSEG_CRF_MAX_PIXELS", raising=False)
+    assert crf_max_pixels() == CRF_MAX_PIXELS == 1024 * 1024
+    monkeypatch.setenv("USSEG_CRF_MAX_PIXELS", "250000")
+    assert crf_max_pixels() == 250000
+    for bad in ("0", "-3", "1.5e6", "many"):
+        monkeypatch.setenv("USSEG_CRF_MAX_PIXELS", bad)
+        with pytest.raises(ConfigError, match="USSEG_CRF_MAX_PIXELS"):
+            crf_max_pixels()
+
+
+def test_crf_image_is_the_box_filtered_image():
+    from usseg_core.crf import crf_image
+
+    img = np.random.default_rng(2).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    assert crf_image(img, (40, 60)) is img
+    half = crf_image(img, (20, 30))  # exact halving: the box filter is the mean of each 2 x 2 block
+    means = img.reshape(20, 2, 30, 2, 3).astype(np.float64).mean((1, 3))
+    assert half.dtype == np.uint8 and half.shape == (20, 30, 3)
+    assert np.abs(half - means).max() <= 1  # PIL rounds in fixed point: within one grey level

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from tasks.evaluate import confusion, hierarchy_maps, predict_labels, predictor_logits, upsampled_bands
-from usseg_core.crf import CRFParams
+from usseg_core.crf import CRFParams, crf_grid
 from usseg_core.metrics import ConfusionMatrix
 
 REPO = Path(__file__).resolve().parents[2]
@@ -121,6 +121,36 @@ def test_band_predictions_equal_the_full_size_path(predictors, kind, crf):
         one_band = predict_labels(pred, codes, SIZE, image=image, crf=CRFParams() if crf else None)
         for flag in want:  # below the band budget: the same calls as before, bit for bit
             np.testing.assert_array_equal(one_band[flag], want[flag])
+
+
+def _reference_grid_crf(pred: dict, codes: torch.Tensor, image: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """The capped-grid CRF written out in one piece: logits of the codes upsampled to the grid, the image
+    box-filtered to it (PIL), pydensecrf, the marginals upsampled bilinearly to the image, argmax."""
+    from PIL import Image
+
+    logits = predictor_logits(pred, F.interpolate(codes, size=grid, mode="bilinear", align_corners=False))[0]
+    small = np.asarray(Image.fromarray(image).resize(grid[::-1], Image.BOX))
+    q = torch.from_numpy(_reference_crf(small, logits.numpy(), CRFParams()))[None]
+    return F.interpolate(q, size=image.shape[:2], mode="bilinear", align_corners=False)[0].argmax(0).numpy()
+
+
+@pytest.mark.parametrize("kind", ["kmeans", "own", "linear"])
+def test_crf_of_a_big_image_runs_on_the_capped_grid(predictors, kind):
+    image, pred = _blobs(SIZE, seed=4), predictors[kind]
+    codes = torch.randn(1, D, *GRID, generator=torch.Generator().manual_seed(5))
+    within = predict_labels(pred, codes, SIZE, image=image, crf=CRFParams(), crf_max_pixels=SIZE[0] * SIZE[1])
+    np.testing.assert_array_equal(within["yes"], _reference(pred, codes, image, True)["yes"])  # at its own size
+    budget = 1200  # 61 x 83 -> 29 x 40
+    grid = crf_grid(*SIZE, budget)
+    assert grid == (29, 40)
+    want = _reference_grid_crf(pred, codes, image, grid)
+    got = predict_labels(pred, codes, SIZE, image=image, crf=CRFParams(), crf_max_pixels=budget)
+    assert got["yes"].dtype == np.int16 and got["yes"].shape == SIZE
+    np.testing.assert_array_equal(got["yes"], want)
+    np.testing.assert_array_equal(got["no"], within["no"])  # the CRF-free labels stay at full size
+    banded = predict_labels(pred, codes, SIZE, image=image, crf=CRFParams(), crf_max_pixels=budget,
+                            band_bytes=SMALL_BANDS)
+    assert (banded["yes"] == want).mean() > 0.999  # bands: the same values up to rounding
 
 
 def test_confusion_in_bands_equals_one_update():
