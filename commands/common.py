@@ -19,10 +19,13 @@ def spec_default(cls: type, name: str):
 
 
 def spec_choices(cls: type, name: str) -> tuple[str, ...]:
-    """The values a ``Literal`` spec field accepts."""
-    from typing import get_args
+    """The values a ``Literal`` spec field accepts (of ``Literal[...] | None``: the literal's values)."""
+    from typing import Literal, get_args, get_origin
 
-    return get_args(cls.model_fields[name].annotation)
+    values: list = []
+    for arg in get_args(cls.model_fields[name].annotation):
+        values.extend(get_args(arg) if get_origin(arg) is Literal else [] if arg is type(None) else [arg])
+    return tuple(values)
 
 
 def choice_of(flag: str, cls: type, name: str, spellings: dict | None = None):

@@ -76,6 +76,10 @@ def register(app: typer.Typer) -> None:
         retrieval_vote: str = typer.Option(spec_default(RunSettings, "retrieval_vote"),
                                            callback=choice_of("--retrieval-vote", RunSettings, "retrieval_vote"),
                                            help="Retrieval vote: majority (twke18/HSG) | weighted."),
+        retrieval_labels: Optional[str] = typer.Option(
+            None, callback=choice_of("--retrieval-labels", RunSettings, "retrieval_labels"),
+            help="Retrieval memory labels: valid-majority (ours) | reference (twke18/HSG); default: the "
+                 "dataset's (reference on cocostuff27, cityscapes27, potsdam3)."),
         results: Optional[Path] = typer.Option(None, help="Write the results table as CSV here."),
         on_error: str = OnErrorOpt,
         overcluster: str = OverclusterOpt,
@@ -90,7 +94,8 @@ def register(app: typer.Typer) -> None:
                      train_split=train_split, eval_split=eval_split, backbone=backbone,
                      weights=path_or_none(weights), random_weights=random_weights, resolution=resolution,
                      eval_resolution=eval_resolution, run_crf=run_crf, retrieval=retrieval,
-                     retrieval_k=retrieval_k, retrieval_vote=retrieval_vote, on_error=on_error,
+                     retrieval_k=retrieval_k, retrieval_vote=retrieval_vote, retrieval_labels=retrieval_labels,
+                     on_error=on_error,
                      overcluster=overcluster, overrides=parse_set_options(overrides), seed=seed, device=device,
                      task_runner=task_runner, storage=str(storage_root(storage)))
         out = run_pipeline(spec)

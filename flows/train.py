@@ -94,8 +94,9 @@ def evaluation_plan(trained: dict, run: RunSpec) -> dict:
     ]
     retrieval = get_head(run.head).retrieval if run.retrieval is None else run.retrieval
     if retrieval and labelled:  # HSG's protocol, on the head's codes and on the raw features alike
+        labels = run.retrieval_labels or ds.protocol.retrieval_labels  # None: the dataset's protocol
         add_retrieval(groups, storage, pdata, pfeats, view.params(), n_classes, run.dataset,
-                      k=run.retrieval_k, vote=run.retrieval_vote)
+                      k=run.retrieval_k, vote=run.retrieval_vote, memory_labels=labels)
     elif retrieval:
         logger().warning("segment retrieval needs a labelled training split other than %s; rows skipped",
                          run.eval_split)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from usseg_core.spec import RETRIEVAL_K, RETRIEVAL_VOTES
+from usseg_core.datasets.protocol import RETRIEVAL_LABELS
 from usseg_core.datasets.registry import dataset_protocol
 from usseg_core.segsort import compact_ids, grid_kmeans, segment_means
 
@@ -53,7 +54,7 @@ KMEANS_ITERS = 15  # HSG: 15 k-means iterations (docs/methods/protocol.md S6 b)
 LOG_EPS = 1e-4  # floor of the vote distribution before the log: finite unaries for the dense CRF
 FAISS_MIN_MEMORY = 50_000  # "auto" backend: faiss IndexFlatIP from this many memory prototypes on
 # how memory segments get their label (module docstring): ours first (the default), then twke18/HSG's
-MEMORY_LABELS = ("valid-majority", "reference")
+MEMORY_LABELS = RETRIEVAL_LABELS  # defined torch-free, beside the dataset protocols that choose one
 
 
 def dataset_grid(dataset: str) -> tuple[int, int]:

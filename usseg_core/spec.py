@@ -44,6 +44,7 @@ Overcluster = Literal["unmatched-wrong", "majority", "reference-drop"]  # see us
 OVERCLUSTER_MODES = get_args(Overcluster)
 DEFAULT_OVERCLUSTER = OVERCLUSTER_MODES[0]  # ours: unmatched clusters count as errors
 Vote = Literal["majority", "weighted"]  # majority: twke18/HSG utils/segsort/eval.py; weighted: ours
+RetrievalLabels = Literal["valid-majority", "reference"]  # usseg_core.datasets.protocol.RETRIEVAL_LABELS
 RETRIEVAL_VOTES = get_args(Vote)
 Policy = Literal["center_crop", "five_crop", "full"]
 Precision = Literal["auto", "fp32", "bf16"]
@@ -199,6 +200,10 @@ class RunSettings(DataSpec):
                                                             "test segment (twke18/HSG: 20).")
     retrieval_vote: Vote = Field(RETRIEVAL_VOTES[0], description="Segment retrieval vote: majority (twke18/HSG) | "
                                                          "weighted.")
+    retrieval_labels: RetrievalLabels | None = Field(None, description="Segment retrieval's memory labels: "
+                                                     "valid-majority (ours) | reference (twke18/HSG); None: the "
+                                                     "dataset's protocol (reference on cocostuff27, "
+                                                     "cityscapes27, potsdam3).")
     overcluster: Overcluster = Field(DEFAULT_OVERCLUSTER, description="With more clusters than classes: "
                                      "unmatched-wrong | majority | reference-drop (STEGO's).")
 

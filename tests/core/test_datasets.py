@@ -50,14 +50,16 @@ def test_unknown_option_is_config_error(tmp_path):
 
 
 def test_missing_root_and_split(tmp_path):
-    err = _err(get_dataset, "camvid11", tmp_path / "nowhere", "val")
-    assert "nowhere" in str(err)
+    with pytest.raises(ConfigError, match="nowhere does not exist") as info:  # a missing root: exit 3, config
+        get_dataset("camvid11", tmp_path / "nowhere", "val")
+    assert "--data-root" in str(info.value)
     err = _err(get_dataset, "camvid11", tmp_path, "val")
     assert str(tmp_path / "val") in str(err)
 
 
 TINY_PROTOCOL = DatasetProtocol(folder=None, eval_policy="full", eval_size=None, train_policy="center_crop",
-                                train_crop_resize="short_side", overseg_schedule="coco", hsg_test_grid=(6, 6))
+                                train_crop_resize="short_side", overseg_schedule="coco", hsg_test_grid=(6, 6),
+                                retrieval_labels="valid-majority")
 
 
 def test_register_dataset_decorator(tmp_path):
@@ -130,7 +132,12 @@ def test_a_dataset_without_protocol_or_preset_fails_naming_what_is_missing():
                         train_crop_resize="short_side", overseg_schedule="coco")
     with pytest.raises(ConfigError, match="eval_size 320: a positive side for center_crop, None for full"):
         DatasetProtocol(folder=None, eval_policy="full", eval_size=320, train_policy="center_crop",
-                        train_crop_resize="short_side", overseg_schedule="coco", hsg_test_grid=(6, 6))
+                        train_crop_resize="short_side", overseg_schedule="coco", hsg_test_grid=(6, 6),
+                        retrieval_labels="valid-majority")
+    with pytest.raises(ConfigError, match="retrieval_labels 'mode': valid valid-majority, reference"):
+        DatasetProtocol(folder=None, eval_policy="full", eval_size=None, train_policy="center_crop",
+                        train_crop_resize="short_side", overseg_schedule="coco", hsg_test_grid=(6, 6),
+                        retrieval_labels="mode")
 
     @register_dataset("_test_new")
     class New(Dataset):

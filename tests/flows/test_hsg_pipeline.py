@@ -55,3 +55,11 @@ def test_run_hsg_end_to_end_both_protocols_hierarchy_and_cache_hits(synthetic_sm
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert artifact_mtimes(storage) == before  # all cache hits
+
+    # --retrieval-labels reaches the memory: a second memory per predictor keyed with twke18/HSG's rule
+    memories = {p.name for p in (storage / "segment-memory").iterdir()}
+    res = CliRunner().invoke(app, args + ["--no-crf", "--retrieval-labels", "reference"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    new = [p for p in (storage / "segment-memory").iterdir() if p.name not in memories]
+    assert len(new) == 2  # the raw features' and the head's
+    assert all(json.loads((p / "meta.json").read_text())["params"]["labels"] == "reference" for p in new)

@@ -138,3 +138,17 @@ def test_a_bad_setting_is_one_line_and_exit_3_before_any_server_or_work(tmp_path
     (line,) = done.stderr.splitlines()  # one line: no traceback, no "Starting temporary server"
     assert line.startswith("error: ") and says in line, line
     assert done.stdout == "" and not storage.exists() and not (tmp_path / "prefect-home").exists()
+
+
+def test_retrieval_labels_one_set_of_values_and_a_default_per_dataset():
+    from usseg_core.datasets.protocol import RETRIEVAL_LABELS
+    from usseg_core.datasets.registry import dataset_protocol
+    from usseg_core.spec import RetrievalLabels, build
+
+    assert typing.get_args(RetrievalLabels) == RETRIEVAL_LABELS  # the spec's and the protocols' values agree
+    with pytest.raises(ConfigError, match="retrieval_labels"):
+        build(RunSpec, head="hsg", dataset="synthetic", retrieval_labels="mode")
+    assert build(RunSpec, head="hsg", dataset="synthetic").retrieval_labels is None  # None: the dataset's
+    paper = {"cocostuff27", "cityscapes27", "potsdam3"}
+    for name in paper | {"camvid11", "directory", "synthetic"}:
+        assert dataset_protocol(name).retrieval_labels == ("reference" if name in paper else "valid-majority")

@@ -37,6 +37,7 @@ class Cityscapes27(Dataset):
         train_policy="five_crop", train_crop_resize="short_side",
         overseg_schedule="cityscapes",  # HSG [001] §5.8: Cityscapes with PMI edges
         hsg_test_grid=(12, 24),  # HSG [001] §1.3: n0 = 12 x 24 for Cityscapes
+        retrieval_labels="reference",  # twke18/HSG's memory labels (docs/methods/hsg.md, Deviations: H7)
     )
 
     def __init__(self, root: str | Path, split: str) -> None:

@@ -46,6 +46,7 @@ class CocoStuff27(Dataset):
         train_policy="five_crop", train_crop_resize="short_side",
         overseg_schedule="coco",  # HSG [001] §5.8: COCO-stuff with SE edges
         hsg_test_grid=(6, 6),  # HSG [001] §1.3: n0 = 6 x 6 for COCO-stuff
+        retrieval_labels="reference",  # twke18/HSG's memory labels (docs/methods/hsg.md, Deviations: H7)
     )
 
     def __init__(

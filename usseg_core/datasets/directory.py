@@ -75,6 +75,7 @@ class DirectoryDataset(Dataset):
         train_policy="center_crop", train_crop_resize="short_side",
         overseg_schedule="coco",  # HSG's everyday-photo setting (COCO-stuff, SE edges): the closest to any folder
         hsg_test_grid=(6, 6),  # HSG [001] §1.3's most common n0 (VOC, COCO-stuff, Potsdam)
+        retrieval_labels="valid-majority",  # ours (not a reference dataset)
     )
 
     def __init__(

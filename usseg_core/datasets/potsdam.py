@@ -46,6 +46,7 @@ class Potsdam3(Dataset):
         train_policy="center_crop", train_crop_resize="short_side",
         overseg_schedule="potsdam",  # HSG [001] §5.8: Potsdam with PMI edges
         hsg_test_grid=(6, 6),  # HSG [001] §1.3: n0 = 6 x 6 for Potsdam
+        retrieval_labels="reference",  # twke18/HSG's memory labels (docs/methods/hsg.md, Deviations: H7)
     )
 
     def __init__(self, root: str | Path, split: str, include_unlabelled: bool = False) -> None:

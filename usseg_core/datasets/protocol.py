@@ -15,6 +15,11 @@ from typing import TYPE_CHECKING
 
 from usseg_core.errors import ConfigError
 
+# How segment retrieval labels its memory segments (usseg_core.retrieval): "valid-majority" (ours: majority over
+# the labelled pixels) | "reference" (twke18/HSG utils/segsort/common.py:221-267: majority over every pixel, 255
+# included, then the segments whose majority is 255 dropped)
+RETRIEVAL_LABELS = ("valid-majority", "reference")
+
 if TYPE_CHECKING:  # views imports torch; the protocol stays importable without it
     from usseg_core.views import ViewSpec
 
@@ -64,6 +69,9 @@ class DatasetProtocol:
         train_crop_resize: how a five-crop becomes square: ``"short_side"`` (STEGO) or ``"squash"``.
         overseg_schedule: HSG's UCM threshold schedule, a key of :data:`SCHEDULES`.
         hsg_test_grid: HSG's test-time n0, the (rows, cols) grid of its per-image k-means (HSG [001] §1.3).
+        retrieval_labels: how segment retrieval labels its memory segments (``usseg_core.retrieval.RETRIEVAL_LABELS``):
+            ``"reference"`` (twke18/HSG: majority over every pixel, 255 included, then segments whose majority
+            is 255 dropped) or ``"valid-majority"`` (ours: majority over the labelled pixels).
     """
 
     folder: str | None
@@ -73,6 +81,7 @@ class DatasetProtocol:
     train_crop_resize: str
     overseg_schedule: str
     hsg_test_grid: tuple[int, int]
+    retrieval_labels: str
 
     def __post_init__(self) -> None:
         checks = [
@@ -88,6 +97,8 @@ class DatasetProtocol:
              f"overseg_schedule {self.overseg_schedule!r}: valid {', '.join(SCHEDULES)}"),
             (len(self.hsg_test_grid) == 2 and min(self.hsg_test_grid) >= 1,
              f"hsg_test_grid {self.hsg_test_grid!r}: two positive ints (rows, cols)"),
+            (self.retrieval_labels in RETRIEVAL_LABELS,
+             f"retrieval_labels {self.retrieval_labels!r}: valid {', '.join(RETRIEVAL_LABELS)}"),
         ]
         wrong = [message for ok, message in checks if not ok]
         if wrong:

@@ -293,6 +293,7 @@ class SyntheticDataset(PairedFolderDataset):
         # artifact keys depend on them); small synthetic frames need no Cityscapes-sized region cap
         overseg_schedule="coco",
         hsg_test_grid=(6, 6),
+        retrieval_labels="valid-majority",  # ours (not a reference dataset)
     )
 
     def __init__(self, root: str | Path, split: str) -> None:
