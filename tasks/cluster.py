@@ -5,7 +5,6 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from tasks.manifest import DataRef, load_manifest
 from tasks.stage import ArtifactRef, FeaturesRef, Work, declare, logger, run_stage, stage_task
@@ -68,10 +67,13 @@ def ensure_kmeans(storage: str, head: ArtifactRef | None, feature_infos: list[Fe
 
 def labelled_code_batches(head_path: str | None, feature_info: dict, data: DataRef, view: ViewSpec,
                           batch: int = 4, device: torch.device = CPU) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(codes upsampled to the label grid (B, D, H, W), labels (B, H, W)) of a labelled split.
+    """(codes at feature resolution (B, D, h, w), labels (B, H, W) int16) of a labelled split.
 
-    Full-frame views keep each label at its own size, so a folder of mixed image sizes gives labels of
-    different shapes: a batch holds up to ``batch`` consecutive items of one label shape.
+    The probe's loss upsamples its K-channel logits to the label's size band by band
+    (``LinearProbe.loss``): the same as upsampling the D-channel codes, up to float rounding, without a
+    (B, D, H, W) map (6.7 GB an image at 24 MP and 70 channels). Full-frame views keep each label at its
+    own size, so a folder of mixed image sizes gives labels of different shapes: a batch holds up to
+    ``batch`` consecutive items of one label shape.
     """
     feats = open_features([feature_info])
     ids = load_manifest(feature_info["manifest"]).ids
@@ -81,12 +83,11 @@ def labelled_code_batches(head_path: str | None, feature_info: dict, data: DataR
     def emit(idx: list[int], labels: list[np.ndarray]):
         with torch.no_grad():
             codes = head.codes(to_device(np.stack([feats[i] for i in idx]).astype(np.float32), device))
-            codes = F.interpolate(codes, size=labels[0].shape, mode="bilinear", align_corners=False)
         return codes, to_device(np.stack(labels), device)
 
     idx, labels = [], []
     for i in range(len(ids)):
-        label = prepare_label(ds.load_label(ids[i]), view)
+        label = prepare_label(ds.load_label(ids[i]), view).astype(np.int16)  # class ids < 2**15; -1 = ignore
         if labels and (len(idx) == batch or label.shape != labels[0].shape):
             yield emit(idx, labels)
             idx, labels = [], []

@@ -131,3 +131,25 @@ def test_train_linear_probe_fits_separable_codes_deterministically():
 def test_train_linear_probe_without_batches_is_an_error():
     with pytest.raises(ValueError, match="no batch"):
         train_linear_probe(lambda: iter(()), 3, epochs=1)
+
+
+@pytest.mark.parametrize("band_bytes", [1, 4 * 2 * 3 * 37 * 5, 1 << 30])  # a row a band, 5 rows, one piece
+def test_linear_probe_loss_on_feature_codes_equals_upsampled_codes(band_bytes):
+    """The loss and gradient of codes at feature resolution (logits upsampled, band by band) equal the
+    old computation on codes upsampled to the label's size, up to float rounding."""
+    torch.manual_seed(3)
+    probe = LinearProbe(6, 3)
+    codes = torch.randn(2, 6, 5, 7)
+    labels = torch.randint(-1, 4, (2, 29, 37))  # 3 is out of range: ignored too
+    labels[1, :9] = -1  # whole bands without a labelled pixel
+    full = F.interpolate(codes, size=(29, 37), mode="bilinear", align_corners=False)
+    want = probe.loss(full, labels)
+    (g_want_w, g_want_b) = torch.autograd.grad(want, [probe.conv.weight, probe.conv.bias])
+    got = probe.loss(codes, labels.to(torch.int16), band_bytes=band_bytes)
+    (g_w, g_b) = torch.autograd.grad(got, [probe.conv.weight, probe.conv.bias])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_w, g_want_w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_b, g_want_b, rtol=1e-5, atol=1e-6)
+    none = probe.loss(codes, torch.full((2, 29, 37), -1), band_bytes=band_bytes)
+    assert none.item() == 0.0
+    none.backward()

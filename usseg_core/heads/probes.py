@@ -11,6 +11,9 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from usseg_core.bands import BAND_BYTES, band_rows, bilinear_band, bilinear_rows
 
 
 class ClusterProbe(nn.Module):
@@ -57,17 +60,24 @@ class LinearProbe(nn.Module):
         """(B, D, h, w) -> class logits (B, n_classes, h, w)."""
         return self.conv(codes)
 
-    def loss(self, codes: Tensor, labels: Tensor) -> Tensor:
+    def loss(self, codes: Tensor, labels: Tensor, band_bytes: int = BAND_BYTES) -> Tensor:
         """Mean CE over labelled pixels; labels (B, H, W) int with −1 = ignore.
 
-        Logits are bilinearly upsampled to the label size when it differs ([code:STEGO]). Labels outside
-        [0, n_classes) are ignored too; a batch with no labelled pixel gives a zero loss, not NaN.
+        Logits are bilinearly upsampled to the label size when it differs ([code:STEGO]): pass codes at
+        feature resolution, the probe being a 1x1 conv, upsampling its K-channel logits equals the logits
+        of upsampled codes up to float rounding (both are linear, the bilinear weights sum to 1). Logits
+        of more than ``band_bytes`` at the label's size are upsampled and scored one band of rows at a
+        time, each band recomputed in the backward pass (:func:`_banded_ce_sum`): no (B, K, H, W) map.
+        Labels outside [0, n_classes) are ignored too; a batch with no labelled pixel gives a zero loss,
+        not NaN.
         """
         logits = self(codes)  # (B, K, h, w)
-        if logits.shape[-2:] != labels.shape[-2:]:
-            logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        labels = labels.long()
-        labels = torch.where((labels >= 0) & (labels < self.n_classes), labels, torch.full_like(labels, -1))
+        size = tuple(labels.shape[-2:])
+        if logits.shape[-2:] != size and band_rows(*size, logits.shape[0] * logits.shape[1], band_bytes) < size[0]:
+            return _banded_mean_ce(logits, labels, self.n_classes, band_bytes)
+        if logits.shape[-2:] != size:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        labels = _valid_labels(labels, self.n_classes)
         if not bool((labels >= 0).any()):
             return logits.sum() * 0.0
         return F.cross_entropy(logits, labels, ignore_index=-1)
@@ -75,6 +85,35 @@ class LinearProbe(nn.Module):
     def predict(self, codes: Tensor) -> Tensor:
         """(B, D, h, w) -> (B, h, w) class index."""
         return self(codes).argmax(dim=1)
+
+
+def _valid_labels(labels: Tensor, n_classes: int) -> Tensor:
+    """Labels as long with every value outside [0, n_classes) set to -1 (ignored)."""
+    labels = labels.long()
+    return torch.where((labels >= 0) & (labels < n_classes), labels, torch.full_like(labels, -1))
+
+
+def _banded_mean_ce(logits: Tensor, labels: Tensor, n_classes: int, band_bytes: int) -> Tensor:
+    """:meth:`LinearProbe.loss` of (B, K, h, w) logits against (B, H, W) labels, band by band: the sum of
+    each band's cross-entropy over the count of labelled pixels. Each band runs under activation
+    checkpointing, so autograd keeps only the small logits and recomputes a band in the backward pass."""
+    height, width = labels.shape[-2:]
+    rows = bilinear_rows(logits.shape[-2], height, logits.device)
+    step = band_rows(height, width, logits.shape[0] * logits.shape[1], band_bytes)
+    total, count = logits.sum() * 0.0, 0
+    for r0 in range(0, height, step):
+        r1 = min(r0 + step, height)
+        band = _valid_labels(labels[:, r0:r1], n_classes)  # (B, n, W)
+        valid = int((band >= 0).sum())
+        if valid:
+            count += valid
+            total = total + checkpoint(_band_ce_sum, logits, band, rows, r0, r1, use_reentrant=False)
+    return total / max(count, 1)
+
+
+def _band_ce_sum(logits: Tensor, labels: Tensor, rows: tuple, r0: int, r1: int) -> Tensor:
+    band = bilinear_band(logits, rows, r0, r1, labels.shape[-1])  # (B, K, n, W)
+    return F.cross_entropy(band, labels, ignore_index=-1, reduction="sum")
 
 
 def train_linear_probe(codes_iter_factory: Callable[[], Iterable[tuple[Tensor, Tensor]]], n_classes: int, *,
