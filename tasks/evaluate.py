@@ -10,7 +10,7 @@ to the label's size one band of rows at a time (:func:`upsampled_bands`), each b
 computed before the next. At full resolution only labels (int16) exist, no D-channel map; the dense CRF
 runs at the label's size up to ``$USSEG_CRF_MAX_PIXELS`` (1 MP; then one predictor's K-channel float32
 logits are its unary) and on a capped grid beyond it (:func:`predict_labels`). Segment retrieval (HSG's
-protocol) still clusters each image's full-size codes.
+protocol) clusters each image's codes in the same bands (``usseg_core.retrieval.segment_prototypes``).
 """
 from __future__ import annotations
 
@@ -95,6 +95,13 @@ def _retrieval_logits(p: dict, codes: torch.Tensor) -> torch.Tensor:  # HSG's kN
                             p["k"], p["vote"], pool_to=tuple(p["pool_to"]))
 
 
+def _retrieval_segments(p: dict, codes: torch.Tensor, size: tuple[int, int], band_bytes: int):
+    from usseg_core.retrieval import retrieval_segments
+
+    return retrieval_segments(codes.cpu(), _memory(p["path"], p["n_classes"]), tuple(p["grid"]), p["iters"],
+                              p["k"], p["vote"], pool_to=tuple(p["pool_to"]), size=size, band_bytes=band_bytes)
+
+
 # predictor kind -> (predictor dict, codes (1, D, H, W)) -> logits (1, K, H, W)
 PREDICTOR_KINDS = {"own": _own_logits, "kmeans": _kmeans_logits, "linear": _linear_logits,
                    "retrieval": _retrieval_logits}
@@ -116,12 +123,15 @@ def _label_dtype(n: int) -> type:
 def _logit_bands(predictor: dict, codes: torch.Tensor, size: tuple[int, int], band_bytes: int
                  ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """(r0, r1, (K, r1 - r0, W)) logits of one predictor on ``codes`` upsampled to ``size``, band by band.
-    Retrieval clusters whole images: it gets the codes upsampled in one piece (HSG's protocol)."""
+    Retrieval segments the whole image first (HSG's protocol, itself band by band), then reads each band's
+    logits off its segments."""
     if predictor["kind"] == "retrieval":
-        bands = [(0, size[0], F.interpolate(codes, size=size, mode="bilinear", align_corners=False))]
-    else:
-        bands = upsampled_bands(codes, size, band_bytes)
-    for r0, r1, band in bands:
+        seg, table = _retrieval_segments(predictor, codes, size, band_bytes)  # (H, W), (S, C)
+        step = band_rows(*size, table.shape[1], band_bytes)
+        for r0 in range(0, size[0], step):
+            yield r0, min(r0 + step, size[0]), table[seg[r0:r0 + step].long()].permute(2, 0, 1)
+        return
+    for r0, r1, band in upsampled_bands(codes, size, band_bytes):
         yield r0, r1, predictor_logits(predictor, band)[0]
         del band
 
@@ -137,8 +147,8 @@ def predict_labels(predictor: dict, codes: torch.Tensor, size: tuple[int, int], 
     predictions equal ``predictor_logits`` of the codes upsampled to ``size`` in one piece (argmax ties
     aside), computed band by band (:func:`upsampled_bands`): at full size only the labels and, for the
     CRF of an image within ``crf_max_pixels``, the predictor's K-channel float32 logits. A bigger image
-    is refined on the grid :func:`usseg_core.crf.crf_grid` (:func:`_grid_crf_labels`). Retrieval clusters
-    whole images: it gets the full-size codes (HSG's protocol; its D-channel map is the one left unbounded)."""
+    is refined on the grid :func:`usseg_core.crf.crf_grid` (:func:`_grid_crf_labels`). Retrieval segments
+    the whole image (HSG's protocol) band by band too: at full size it adds the (H, W) segment ids."""
     height, width = size
     full_crf = crf is not None and crf_grid(height, width, crf_max_pixels) == (height, width)
     labels = logits_full = None

@@ -72,7 +72,8 @@ def ensure_segment_memory(storage: str, head: HeadRef | None, feats: FeaturesRef
         def items():
             for i, id_ in enumerate(ids):
                 label = prepare_label(ds.load_label(id_), vs)
-                yield image_codes(head_path, fstore, None, i, label.shape), torch.from_numpy(label)
+                # feature-resolution codes: build_memory upsamples them to the label band by band
+                yield image_codes(head_path, fstore, None, i, tuple(pool_to)), torch.from_numpy(label)
 
         rule = {} if labels == MEMORY_LABELS[0] else {"labels": labels}  # keyed only when set (memory_key)
         protos, seg_labels, image = work.core(build_memory, items(), n_classes=n_classes, grid=tuple(grid),

@@ -29,6 +29,12 @@ runs k-means on the codes average-pooled back to about the feature resolution (t
 a bilinear interpolation of that grid, so pooling loses little) and then assigns every full-resolution
 pixel to its nearest centroid in one matmul: the k-means costs ``iters`` passes over h*w instead of
 H*W pixels, the segment boundaries still sit at label resolution.
+
+Memory: given feature-resolution codes and the label's ``size``, :func:`segment_prototypes` upsamples
+them one band of rows at a time (``usseg_core.bands``) when the (D, H, W) map would pass ``band_bytes``:
+a pass for the pooled k-means input, a pass for each pixel's segment and the segment sums, giving the
+same segments and, up to float rounding, the same prototypes as the map in one piece (which is what runs
+below the budget, to the bit as before).
 """
 from __future__ import annotations
 
@@ -40,19 +46,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from usseg_core.bands import BAND_BYTES, band_rows, upsampled_bands
 from usseg_core.spec import RETRIEVAL_K, RETRIEVAL_VOTES
 from usseg_core.datasets.protocol import RETRIEVAL_LABELS
 from usseg_core.datasets.registry import dataset_protocol
 from usseg_core.segsort import compact_ids, grid_kmeans, segment_means
 
 __all__ = ["K_DEFAULT", "VOTE_DEFAULT", "VOTES", "MEMORY_LABELS", "check_options", "SegmentMemory", "segment_labels",
-           "image_segments", "segment_prototypes", "build_memory", "retrieve", "retrieval_logits", "dataset_grid"]
+           "image_segments", "segment_prototypes", "build_memory", "retrieve", "retrieval_logits", "retrieval_segments",
+           "dataset_grid"]
 
 K_DEFAULT = RETRIEVAL_K  # twke18/HSG: 20 (the run option's default, written in usseg_core/spec.py)
 VOTE_DEFAULT = RETRIEVAL_VOTES[0]  # "majority": twke18/HSG hsg/utils/segsort/eval.py majority_label_from_topk
 KMEANS_ITERS = 15  # HSG: 15 k-means iterations (docs/methods/protocol.md S6 b)
 LOG_EPS = 1e-4  # floor of the vote distribution before the log: finite unaries for the dense CRF
 FAISS_MIN_MEMORY = 50_000  # "auto" backend: faiss IndexFlatIP from this many memory prototypes on
+COUNT_PIXELS = 1 << 20  # pixels per chunk of segment_labels' int64 counting: its temporaries stay small
 # how memory segments get their label (module docstring): ours first (the default), then twke18/HSG's
 MEMORY_LABELS = RETRIEVAL_LABELS  # defined torch-free, beside the dataset protocols that choose one
 
@@ -172,15 +181,20 @@ def segment_labels(seg: Tensor, label: Tensor, n_classes: int, ignore: int = -1,
     """
     if rule not in MEMORY_LABELS:
         raise ValueError(f"rule must be one of {MEMORY_LABELS}, got {rule!r}")
-    seg, label = seg.reshape(-1).long(), label.reshape(-1).long()
+    seg, label = seg.reshape(-1), label.reshape(-1)
     n_seg = int(seg.max()) + 1 if seg.numel() else 0
-    valid = (seg >= 0) & (label != ignore)
-    joint = torch.bincount(seg[valid] * n_classes + label[valid], minlength=n_seg * n_classes)
-    counts = joint.reshape(n_seg, n_classes)  # (S, C)
+    counts = torch.zeros(n_seg * n_classes, dtype=torch.long)
+    ignored = torch.zeros(n_seg, dtype=torch.long)
+    for a in range(0, seg.numel(), COUNT_PIXELS):  # integer counts: the same sums in any order
+        s, lab = seg[a:a + COUNT_PIXELS].long(), label[a:a + COUNT_PIXELS].long()
+        valid = (s >= 0) & (lab != ignore)
+        counts += torch.bincount(s[valid] * n_classes + lab[valid], minlength=n_seg * n_classes)
+        if rule == "reference":
+            ignored += torch.bincount(s[(s >= 0) & (lab == ignore)], minlength=n_seg)  # (S,)
+    counts = counts.reshape(n_seg, n_classes)  # (S, C)
     best, arg = counts.amax(1), counts.argmax(1)  # (S,): argmax returns the first maximum
     keep = best > 0
     if rule == "reference":
-        ignored = torch.bincount(seg[(seg >= 0) & (label == ignore)], minlength=n_seg)  # (S,)
         keep &= best >= ignored
     return torch.where(keep, arg, torch.full((n_seg,), -1, dtype=torch.long))
 
@@ -210,21 +224,75 @@ def image_segments(codes: Tensor, grid: tuple[int, int], iters: int = KMEANS_ITE
 
 @torch.no_grad()
 def segment_prototypes(codes: Tensor, grid: tuple[int, int], iters: int = KMEANS_ITERS,
-                       pool_to: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
-    """:func:`image_segments` of ``codes`` (D, H, W) and their unit mean codes -> seg (H, W), (S, D)."""
+                       pool_to: tuple[int, int] | None = None, size: tuple[int, int] | None = None,
+                       band_bytes: int = BAND_BYTES) -> tuple[Tensor, Tensor]:
+    """:func:`image_segments` of ``codes`` (D, H, W) and their unit mean codes -> seg (H, W), (S, D).
+
+    With ``size``, ``codes`` (D, h, w) are first upsampled bilinearly to ``size`` (H, W): in one piece
+    when that map holds at most ``band_bytes`` (or ``pool_to`` is None), else band by band
+    (:func:`_banded_segment_prototypes`; seg is then int16, int32 past 32767 clusters)."""
+    if size is not None and tuple(size) != tuple(codes.shape[-2:]):
+        if pool_to is not None and band_rows(*size, codes.shape[0], band_bytes) < size[0]:
+            return _banded_segment_prototypes(codes, tuple(size), grid, iters, tuple(pool_to), band_bytes)
+        codes = F.interpolate(codes[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
     x = F.normalize(codes.float(), dim=0)  # (D, H, W), normalised once for both steps
     seg = _segments_of_unit(x, grid, iters, pool_to)
     protos, _ = segment_means(x.flatten(1).T, seg.reshape(-1), int(seg.max()) + 1)  # (S, D)
     return seg, protos
 
 
+def _pool_bins(n: int, out: int) -> Tensor:
+    """(out, n) float32 0/1: input index j is in ``adaptive_avg_pool``'s bin i, [floor(i n / out),
+    ceil((i + 1) n / out))."""
+    i = torch.arange(out)[:, None]
+    j = torch.arange(n)[None, :]
+    return ((j >= (i * n) // out) & (j < -((-(i + 1) * n) // out))).float()
+
+
+def _unit_bands(codes: Tensor, size: tuple[int, int], band_bytes: int):
+    # (r0, r1, (D, n, W) unit codes of rows [r0, r1) of codes (D, h, w) upsampled to size)
+    for r0, r1, band in upsampled_bands(codes[None].float(), size, band_bytes):
+        yield r0, r1, F.normalize(band[0], dim=0)
+
+
+def _banded_segment_prototypes(codes: Tensor, size: tuple[int, int], grid: tuple[int, int], iters: int,
+                               pool_to: tuple[int, int], band_bytes: int) -> tuple[Tensor, Tensor]:
+    """:func:`segment_prototypes` of ``codes`` (D, h, w) upsampled to ``size``, one band of rows at a
+    time: the adaptive average pool as sums over each band's rows and columns, then each pixel's nearest
+    live centroid and the segment sums; ids made contiguous in increasing order as ``compact_ids`` does."""
+    (height, width), dim = size, codes.shape[0]
+    rows, cols = _pool_bins(height, pool_to[0]), _pool_bins(width, pool_to[1])  # (ph, H), (pw, W)
+    pooled = torch.zeros(dim, *pool_to)
+    for r0, r1, x in _unit_bands(codes, size, band_bytes):
+        pooled += torch.einsum("on,dnp->dop", rows[:, r0:r1], x @ cols.T)  # (D, ph, pw) sums
+    pooled /= rows.sum(1)[:, None] * cols.sum(1)[None, :]
+    _, cents, counts = grid_kmeans(F.normalize(pooled[None], dim=1), tuple(grid), iters)  # (1, K, D), (1, K)
+    n_clusters = cents.shape[1]
+    raw = torch.empty(size, dtype=torch.int16 if n_clusters < 2 ** 15 else torch.int32)
+    sums, sizes = torch.zeros(n_clusters, dim), torch.zeros(n_clusters, dtype=torch.long)
+    for r0, r1, x in _unit_bands(codes, size, band_bytes):
+        sims = cents[0] @ x.flatten(1)  # (K, n*W)
+        ids = sims.masked_fill((counts[0] == 0)[:, None], float("-inf")).argmax(0)  # (n*W,)
+        raw[r0:r1] = ids.reshape(r1 - r0, width)
+        sums.index_add_(0, ids, x.flatten(1).T)
+        sizes += torch.bincount(ids, minlength=n_clusters)
+    used = sizes > 0
+    new_id = (torch.cumsum(used, 0) - 1).to(raw.dtype)  # (K,): contiguous ids of the used clusters
+    step = max(1, COUNT_PIXELS // width)
+    for r0 in range(0, height, step):  # each row relabelled once, through an int64 index of one chunk
+        raw[r0:r0 + step] = new_id[raw[r0:r0 + step].long()]
+    return raw, F.normalize(sums[used], dim=-1)
+
+
 @torch.no_grad()
 def build_memory(items: Iterable[tuple[Tensor, Tensor]], n_classes: int, grid: tuple[int, int],
                  iters: int = KMEANS_ITERS, pool_to: tuple[int, int] | None = None,
-                 ignore: int = -1, labels: str = MEMORY_LABELS[0]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The labelled memory of a split from its per-image (codes (1, D, H, W) or (D, H, W), label (H, W)).
+                 ignore: int = -1, labels: str = MEMORY_LABELS[0],
+                 band_bytes: int = BAND_BYTES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The labelled memory of a split from its per-image (codes (1, D, h, w) or (D, h, w), label (H, W)).
 
-    Every image is cut by :func:`image_segments` (the test-time grid, as HSG's ``prototype.py``), each
+    Codes at another size than the label's (feature resolution) are upsampled to it by
+    :func:`segment_prototypes` (band by band past ``band_bytes``). Every image is cut by :func:`image_segments` (the test-time grid, as HSG's ``prototype.py``), each
     segment gives its unit mean code and its majority label (:func:`segment_labels` under the rule
     ``labels``, one of ``MEMORY_LABELS``); segments without a label are dropped. Returns prototypes
     (S, D) float32 unit, labels (S,) int64 and the index of the image each prototype comes from (S,) int64.
@@ -233,7 +301,8 @@ def build_memory(items: Iterable[tuple[Tensor, Tensor]], n_classes: int, grid: t
     protos, out_labels, image = [], [], []
     for i, (codes, label) in enumerate(items):
         codes = codes[0] if codes.dim() == 4 else codes
-        seg, segment_protos = segment_prototypes(codes, grid, iters, pool_to)
+        seg, segment_protos = segment_prototypes(codes, grid, iters, pool_to, size=tuple(label.shape[-2:]),
+                                                 band_bytes=band_bytes)
         lab = segment_labels(seg, torch.as_tensor(label), n_classes, ignore, rule)
         keep = lab >= 0
         protos.append(segment_protos[keep])
@@ -254,7 +323,17 @@ def retrieval_logits(codes: Tensor, memory: SegmentMemory, grid: tuple[int, int]
     The distribution is floored at ``LOG_EPS`` before the log so a dense CRF gets finite unaries; its
     argmax is the retrieved label (class ids: score without matching).
     """
-    seg, protos = segment_prototypes(codes[0], grid, iters, pool_to)  # (H, W) in [0, S), (S, D)
+    seg, logits = retrieval_segments(codes, memory, grid, iters, k, vote, pool_to)  # (H, W), (S, C)
+    return logits[seg.long()].permute(2, 0, 1)[None]  # (1, C, H, W)
+
+
+@torch.no_grad()
+def retrieval_segments(codes: Tensor, memory: SegmentMemory, grid: tuple[int, int], iters: int = KMEANS_ITERS,
+                       k: int = K_DEFAULT, vote: str = VOTE_DEFAULT, pool_to: tuple[int, int] | None = None,
+                       size: tuple[int, int] | None = None, band_bytes: int = BAND_BYTES) -> tuple[Tensor, Tensor]:
+    """:func:`retrieval_logits` as each pixel's segment (H, W) and each segment's log vote distribution
+    (S, n_classes): ``logits[seg]`` is the map, which a caller can take one band at a time. ``codes``
+    (1, D, h, w) are upsampled to ``size`` first when given (:func:`segment_prototypes`)."""
+    seg, protos = segment_prototypes(codes[0], grid, iters, pool_to, size=size, band_bytes=band_bytes)
     dist = memory.retrieve(protos, k, vote)  # (S, C)
-    logits = torch.log(dist + LOG_EPS)
-    return logits[seg].permute(2, 0, 1)[None]  # (1, C, H, W)
+    return seg, torch.log(dist + LOG_EPS)

@@ -153,3 +153,43 @@ def test_memory_key_moves_with_the_label_rule_only_when_set():
     assert memory_key(None, feats, view, 3, (2, 2), 5, "valid-majority") == base  # the default is unkeyed
     assert "labels" not in base[1]
     assert memory_key(None, feats, view, 3, (2, 2), 5, "reference")[0] != base[0]
+
+
+def test_pool_bins_are_adaptive_average_pooling():
+    from usseg_core.retrieval import _pool_bins
+
+    x = torch.randn(3, 29, 37)
+    for out in [(5, 7), (29, 37), (4, 10), (1, 1)]:
+        rows, cols = _pool_bins(29, out[0]), _pool_bins(37, out[1])
+        mine = torch.einsum("oh,dhw,pw->dop", rows, x, cols) / (rows.sum(1)[:, None] * cols.sum(1)[None, :])
+        torch.testing.assert_close(mine, F.adaptive_avg_pool2d(x[None], out)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["valid-majority", "reference"])
+def test_segments_of_feature_codes_in_bands_equal_the_upsampled_map(rule):
+    """Codes at feature resolution with the label's size, band by band (a band of one row, of four rows):
+    the same segments, memory labels and retrieved labels as the codes upsampled in one piece, the
+    prototypes equal up to float rounding."""
+    from usseg_core.retrieval import retrieval_segments, segment_prototypes
+
+    gen = torch.Generator().manual_seed(0)
+    small = torch.randn(6, 5, 7, generator=gen)  # (D, h, w): a feature grid
+    size = (41, 53)
+    full = F.interpolate(small[None], size=size, mode="bilinear", align_corners=False)[0]
+    label = torch.randint(-1, 4, size, generator=gen)
+    want_seg, want_protos = segment_prototypes(full, (2, 3), 5, (5, 7))
+    memory_want = build_memory([(full[None], label)], 4, (2, 3), 5, (5, 7), labels=rule)
+    for band_bytes in (1, 4 * 6 * 53 * 4, 1 << 30):
+        seg, protos = segment_prototypes(small, (2, 3), 5, (5, 7), size=size, band_bytes=band_bytes)
+        assert seg.shape == size
+        np.testing.assert_array_equal(seg.long().numpy(), want_seg.numpy())
+        torch.testing.assert_close(protos, want_protos, rtol=1e-5, atol=1e-6)
+        got = build_memory([(small[None], label)], 4, (2, 3), 5, (5, 7), labels=rule, band_bytes=band_bytes)
+        np.testing.assert_array_equal(got[1], memory_want[1])
+        np.testing.assert_array_equal(got[2], memory_want[2])
+        np.testing.assert_allclose(got[0], memory_want[0], rtol=1e-5, atol=1e-6)
+        memory = SegmentMemory(torch.from_numpy(got[0]), torch.from_numpy(got[1]), 4)
+        seg, table = retrieval_segments(small[None], memory, (2, 3), 5, k=3, pool_to=(5, 7), size=size,
+                                        band_bytes=band_bytes)
+        want = retrieval_logits(full[None], memory, (2, 3), 5, k=3, pool_to=(5, 7))[0].argmax(0)
+        np.testing.assert_array_equal(table[seg.long()].argmax(-1).numpy(), want.numpy())

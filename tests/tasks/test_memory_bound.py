@@ -82,7 +82,12 @@ def predictors(tmp_path_factory) -> dict[str, dict]:
     np.save(folder / "centroids.npy", torch.randn(K, D).numpy())
     torch.save(LinearProbe(D, K).state_dict(), folder / "probe.pt")
     _save_stego_head(folder / "head.pt", D, D, K)
+    (folder / "memory").mkdir()
+    np.save(folder / "memory" / "prototypes.npy", F.normalize(torch.randn(30, D), dim=1).numpy())
+    np.save(folder / "memory" / "labels.npy", torch.randint(0, K, (30,)).numpy())
     return {"kmeans": {"kind": "kmeans", "path": str(folder / "centroids.npy")},
+            "retrieval": {"kind": "retrieval", "path": str(folder / "memory"), "n_classes": K, "grid": [2, 3],
+                          "iters": 5, "k": 3, "vote": "majority", "pool_to": list(GRID)},
             "own": {"kind": "own", "path": str(folder / "head.pt")},
             "linear": {"kind": "linear", "path": str(folder / "probe.pt"), "n_classes": K}}
 
@@ -103,7 +108,7 @@ def test_bands_are_the_one_interpolation_up_to_rounding():
                 assert torch.equal(got, full)
 
 
-@pytest.mark.parametrize("kind", ["kmeans", "own", "linear"])
+@pytest.mark.parametrize("kind", ["kmeans", "own", "linear", "retrieval"])
 @pytest.mark.parametrize("crf", [False, True])
 def test_band_predictions_equal_the_full_size_path(predictors, kind, crf):
     torch.manual_seed(2)
@@ -134,7 +139,7 @@ def _reference_grid_crf(pred: dict, codes: torch.Tensor, image: np.ndarray, grid
     return F.interpolate(q, size=image.shape[:2], mode="bilinear", align_corners=False)[0].argmax(0).numpy()
 
 
-@pytest.mark.parametrize("kind", ["kmeans", "own", "linear"])
+@pytest.mark.parametrize("kind", ["kmeans", "own", "linear", "retrieval"])
 def test_crf_of_a_big_image_runs_on_the_capped_grid(predictors, kind):
     image, pred = _blobs(SIZE, seed=4), predictors[kind]
     codes = torch.randn(1, D, *GRID, generator=torch.Generator().manual_seed(5))
