@@ -2,9 +2,10 @@
 
 Two halves: the band-by-band predictions equal today's full-size path (a reference copy of it lives here:
 upsample the codes in one piece, logits, argmax, the dense CRF on the whole float64 log-softmax) for every
-predictor kind, CRF on and off; and a big image's peak memory stays within a ratio of a small image's, both
-measured in subprocesses making the per-image calls of `evaluate_shard` and `segment_images` (labels band
-by band, confusion counts, kept examples, label / colour / overlay PNGs).
+predictor kind (segment retrieval included), CRF on and off, and past the CRF's pixel budget the capped
+grid equals its one-piece recipe; and a big image's peak memory, CRF on, stays within a ratio of a small
+image's, both measured in subprocesses making the per-image calls of `evaluate_shard` and
+`segment_images` (labels band by band, confusion counts, kept examples, label / colour / overlay PNGs).
 """
 from __future__ import annotations
 
@@ -191,7 +192,7 @@ _WORK = textwrap.dedent("""
     from tasks.evaluate import confusion, predict_labels
     from usseg_core.viz import colorize, overlay, save_png, thumbnail
 
-    h, w, head = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    h, w, head, crf = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4] == "crf"
     torch.set_num_threads(1)
     yy, xx = np.arange(h)[:, None], np.arange(w)[None, :]  # broadcast: no (H, W) int64 grids
     image = np.empty((h, w, 3), np.uint8)
@@ -201,8 +202,10 @@ _WORK = textwrap.dedent("""
     grid = (h * 128 // max(h, w), w * 128 // max(h, w))  # the feature grid of the view capped at 1024 px
     from tasks.heads import load_head
     codes = load_head(head).codes(torch.randn(1, 472, *grid))  # (1, 70, h, w): a STEGO head's codes
-    # evaluation: the head's own clusterer, counted against the label
-    pred = predict_labels({"kind": "own", "path": head}, codes, (h, w))["no"]
+    # evaluation: the head's own clusterer (with the dense CRF: its capped grid past 1 MP), counted
+    from usseg_core.crf import CRFParams
+    outs = predict_labels({"kind": "own", "path": head}, codes, (h, w), image=image, crf=CRFParams() if crf else None)
+    pred = outs["yes" if crf else "no"]
     counted = confusion(pred, label, 5, 5).sum()
     kept = thumbnail(pred)
     # segmentation: the same labels written as PNGs and an overlay
@@ -214,8 +217,8 @@ _WORK = textwrap.dedent("""
 """)
 
 
-def _peak_kb(h: int, w: int, head: str) -> int:
-    done = subprocess.run([sys.executable, "-c", _WORK, str(h), str(w), head], cwd=REPO,
+def _peak_kb(h: int, w: int, head: str, crf: bool = False) -> int:
+    done = subprocess.run([sys.executable, "-c", _WORK, str(h), str(w), head, "crf" if crf else "no"], cwd=REPO,
                           capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(REPO), "PATH": ""})
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
@@ -223,10 +226,14 @@ def _peak_kb(h: int, w: int, head: str) -> int:
     return out["peak_kb"]
 
 
-def test_big_image_peak_memory_within_twice_a_small_ones(tmp_path):
+def test_big_image_peak_memory_within_twice_a_small_ones(tmp_path, crf=True):
+    """With the CRF on: the same call also makes the CRF-free labels, so one run of each size covers both
+    (the small image's CRF adds some 40 MB: it does not hide the no-CRF path's growth)."""
     torch.manual_seed(0)
     _save_stego_head(tmp_path / "head.pt", 472, 70, 5)
-    small, big = _peak_kb(300, 400, str(tmp_path / "head.pt")), _peak_kb(3000, 4000, str(tmp_path / "head.pt"))
-    # before the bands, the head's 70 channels upsampled to 3000 x 4000 in float32 took 3.4 GB
-    print(f"peak RSS {small / 1024:.0f} MB (400x300), {big / 1024:.0f} MB (4000x3000)")
+    head = str(tmp_path / "head.pt")
+    small, big = _peak_kb(300, 400, head, crf), _peak_kb(3000, 4000, head, crf)
+    # before the bands, the head's 70 channels upsampled to 3000 x 4000 in float32 took 3.4 GB; before the
+    # capped grid, pydensecrf took about 300 bytes a pixel at K = 5 (3.6 GB)
+    print(f"peak RSS {small / 1024:.0f} MB (400x300), {big / 1024:.0f} MB (4000x3000), crf={crf}")
     assert big < 2 * small, f"peak RSS {big / 1024:.0f} MB on 4000x3000 vs {small / 1024:.0f} MB on 400x300"
