@@ -71,7 +71,7 @@ def ensure_segment_memory(storage: str, head: HeadRef | None, feats: FeaturesRef
 
         def items():
             for i, id_ in enumerate(ids):
-                label = prepare_label(ds.load_label(id_), vs)
+                label = prepare_label(ds.load_label(id_), vs).astype(np.int16)  # class ids < 2**15; -1 = ignore
                 # feature-resolution codes: build_memory upsamples them to the label band by band
                 yield image_codes(head_path, fstore, None, i, tuple(pool_to)), torch.from_numpy(label)
 
