@@ -18,8 +18,9 @@ size); what differs is the image the labels, predictions and pictures are comput
 
 Each command runs in its own process; its peak is ``ru_maxrss`` from ``os.wait4`` (the largest process
 of its tree) and the peak of the summed RSS of the tree polled every 0.1 s (psutil). Without ``--crf``
-both commands run with ``--no-crf``: the dense CRF needs its K-channel unary and pydensecrf's own
-K x H x W buffers at full size (docs/results.md "Memory for big images"). Target: big / small < 2.
+both commands run with ``--no-crf``; with it, the big image's dense CRF runs on the grid capped at
+``$USSEG_CRF_MAX_PIXELS`` (1024 x 1024 by default: usseg_core/crf.py), the small ones' at their own size
+(docs/results.md "Memory for big images"). Target: big / small < 2.
 """
 from __future__ import annotations
 
