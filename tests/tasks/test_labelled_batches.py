@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 import tasks.cluster as cluster
 from usseg_core.heads import RawHead
@@ -37,5 +38,5 @@ def test_mixed_label_sizes_are_batched_by_shape(monkeypatch):
     assert [tuple(lab.shape) for _, lab in batches] == [(2, 8, 12), (1, 10, 6), (2, 8, 12), (1, 8, 12)]
     seen = np.concatenate([codes[:, 0, 0, 0].numpy() for codes, _ in batches])
     assert seen.tolist() == [0, 1, 2, 3, 4, 5]
-    for codes, lab in batches:
-        assert codes.shape[-2:] == lab.shape[-2:]
+    for codes, lab in batches:  # codes stay at feature resolution (the probe upsamples its K-channel logits)
+        assert tuple(codes.shape[-2:]) == (4, 4) and lab.dtype == torch.int16
