@@ -247,7 +247,7 @@ def test_set_knn_reaches_ensure_knn_and_its_artifact(tmp_path, monkeypatch):
     for head, routed in route_overrides(["stego", "omh", "picie"], overrides).items():
         assert RunSpec(head=head, dataset="synthetic", overrides=routed).knn_config() == expected
     spec = RunSpec(head="stego", dataset="synthetic", overrides=overrides, storage=str(tmp_path / "s"),
-                   data_root=str(ensure_synthetic(tmp_path / "data", n_train=2, n_val=1, height=32, width=32)))
+                   data_root=str(ensure_synthetic(tmp_path / "data", n_train=7, n_val=1, height=32, width=32)))  # 35 five-crops > k=30
     assert "knn.method" not in spec.head_overrides()
     calls = {}
     monkeypatch.setattr(input_stages, "ensure_features", lambda *a, **kw: {"key": "features", "path": "-"})
