@@ -137,7 +137,7 @@ def test_views_and_oversegment_feed_a_head_and_invalidate_separately(segtoy_head
 
 @pytest.mark.parametrize("bad, says", [
     ("overseg.foo", r"overseg\.foo.*valid: overseg\.detector, overseg\.max_regions, overseg\.t0, overseg\.weights"),
-    ("overseg.t0", r"overseg\.t0 must be a number"),
+    ("overseg.t0", r"--set overseg\.t0=high: expected a number"),
     ("overseg.detector", r"unknown edge detector.*classical"),
 ])
 def test_bad_overseg_settings_fail_before_any_artifact(bad, says, segtoy_head, synthetic_root, tmp_path):
