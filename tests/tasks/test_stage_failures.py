@@ -10,7 +10,8 @@ import shutil
 import numpy as np
 import pytest
 
-from tasks.stage import ArtifactRef, Stage, array_bytes, run_stage
+from tasks.failures import array_bytes
+from tasks.stage import ArtifactRef, Stage, run_stage
 from usseg_core.errors import DiskFull, InputError
 from usseg_core.store import MARKER, ArtifactStore, artifact_key
 
