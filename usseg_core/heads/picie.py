@@ -139,8 +139,8 @@ PICIE_PRESETS: dict[str, dict] = {
     "cityscapes27": {"lr": 1e-3, "balance": "frequency", **REFERENCE},
     # no PiCIE script: the paper's defaults, the code's centroids, k-means and views (REFERENCE)
     "potsdam3": {**REFERENCE},
-    # ours: on CamVid it beat REFERENCE on every seed measured (own centroids 35.47 / 35.46 mIoU against
-    # 34.04 / 34.56, seeds 0 / 1, no CRF;
+    # ours: the higher mean on CamVid (own centroids 35.04 mIoU against REFERENCE's 34.42, three seeds, no CRF;
+    # less than the seed spread of 1.29: a choice of default);
     # docs/results.md, "PiCIE: the reference's centroids, k-means and views (P1–P3) against usseg's first version")
     "camvid11": {},
     "directory": {},
