@@ -22,6 +22,23 @@ def first_set(*values: str | os.PathLike | None) -> str | None:
     return None
 
 
+def positive_int_env(name: str, default: int, unit: str) -> int:
+    """The positive integer in environment variable ``name``, or ``default`` when it is unset or blank; any
+    other value is a ConfigError naming the variable (``unit`` says what it counts)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        from usseg_core.errors import ConfigError
+
+        raise ConfigError(f"{name}={raw!r}: must be a positive integer ({unit})")
+    return value
+
+
 def parse_set_options(items: list[str] | None) -> dict[str, object]:
     """``key=value`` pairs from ``--set`` into a dict; values parsed as JSON when they parse."""
     import json

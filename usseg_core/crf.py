@@ -15,12 +15,11 @@ so a capped grid is closer to the reference than a full-resolution CRF on a phot
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from usseg_core.errors import ConfigError
+from usseg_core.config import positive_int_env
 
 
 @dataclass(frozen=True)
@@ -50,16 +49,7 @@ CRF_MAX_PIXELS_ENV = "USSEG_CRF_MAX_PIXELS"
 
 def crf_max_pixels() -> int:
     """The CRF's pixel budget in force: ``$USSEG_CRF_MAX_PIXELS`` if set, else :data:`CRF_MAX_PIXELS`."""
-    raw = os.environ.get(CRF_MAX_PIXELS_ENV, "").strip()
-    if not raw:
-        return CRF_MAX_PIXELS
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise ConfigError(f"{CRF_MAX_PIXELS_ENV}={raw!r}: must be a positive integer (pixels)")
-    return value
+    return positive_int_env(CRF_MAX_PIXELS_ENV, CRF_MAX_PIXELS, "pixels")
 
 
 def crf_grid(height: int, width: int, max_pixels: int = CRF_MAX_PIXELS) -> tuple[int, int]:

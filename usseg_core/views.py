@@ -27,13 +27,13 @@ Policies (docs/methods/protocol.md §5 S2, S4, S8):
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from usseg_core.config import positive_int_env
 from usseg_core.crops import center_crop_box, five_crop_boxes, short_side_resize_size
 from usseg_core.errors import ConfigError
 
@@ -112,16 +112,7 @@ FULL_MAX_LONG_SIDE_ENV = "USSEG_FULL_MAX_SIDE"
 
 def full_max_long_side() -> int:
     """The long-side cap in force: ``$USSEG_FULL_MAX_SIDE`` if set, else :data:`FULL_MAX_LONG_SIDE`."""
-    raw = os.environ.get(FULL_MAX_LONG_SIDE_ENV, "").strip()
-    if not raw:
-        return FULL_MAX_LONG_SIDE
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise ConfigError(f"{FULL_MAX_LONG_SIDE_ENV}={raw!r}: must be a positive integer (pixels)")
-    return value
+    return positive_int_env(FULL_MAX_LONG_SIDE_ENV, FULL_MAX_LONG_SIDE, "pixels")
 
 
 def resolve_full_size(view: ViewSpec, image_hw: tuple[int, int], multiple: int,
