@@ -28,6 +28,15 @@ def usseg(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.Comple
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+def long_extract(tmp_path: Path, resolution: int) -> tuple[list[str], dict]:
+    """The command line and environment of an ``usseg extract`` of 24 images that runs as a flow run (a
+    temporary server, no look-up pass): long enough to be interrupted or killed while it works."""
+    data = _images(tmp_path / "data", 24)
+    cmd = [sys.executable, "-m", "commands.cli", "extract", "--dataset", "directory", "--data-root", str(data),
+           "--random-weights", "--resolution", str(resolution), "--storage", str(tmp_path / "storage")]
+    return cmd, {**_env(tmp_path), "USSEG_FLOW_RUN": "always"}
+
+
 def _images(folder: Path, n: int) -> Path:
     from PIL import Image
 
@@ -214,10 +223,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_temporary_server_dies_when_the_cli_is_killed(tmp_path):
-    data = _images(tmp_path / "data", 24)
-    cmd = [sys.executable, "-m", "commands.cli", "extract", "--dataset", "directory", "--data-root", str(data),
-           "--random-weights", "--resolution", "64", "--storage", str(tmp_path / "storage")]
-    env = {**_env(tmp_path), "USSEG_FLOW_RUN": "always"}
+    cmd, env = long_extract(tmp_path, resolution=64)
     cli = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     server = None
     try:

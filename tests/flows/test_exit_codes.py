@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.flows.test_cli_errors import REPO, _env, _images, usseg
+from tests.flows.test_cli_errors import REPO, _env, _images, long_extract, usseg
 
 
 def _docs_exit_table() -> dict[int, str]:
@@ -72,10 +72,7 @@ def test_exit_1_is_a_bug_with_its_traceback_in_the_log(tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals")
 def test_exit_130_ctrl_c_is_one_line(tmp_path):
-    data = _images(tmp_path / "data", 24)
-    cmd = [sys.executable, "-m", "commands.cli", "extract", "--dataset", "directory", "--data-root", str(data),
-           "--random-weights", "--resolution", "224", "--storage", str(tmp_path / "storage")]
-    env = {**_env(tmp_path), "USSEG_FLOW_RUN": "always"}
+    cmd, env = long_extract(tmp_path, resolution=224)
     cli = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            stdin=subprocess.DEVNULL)
     try:
