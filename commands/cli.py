@@ -158,7 +158,8 @@ def _register_optional() -> None:
     """Commands of other areas register themselves here (one app, one help)."""
     import importlib
 
-    for module in ("commands.edges", "commands.run", "commands.compare", "commands.ops", "commands.importing"):
+    for module in ("commands.edges", "commands.run", "commands.compare", "commands.ops", "commands.importing",
+                   "commands.data"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

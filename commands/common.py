@@ -319,14 +319,43 @@ def fail(exc: BaseException) -> None:
 # --- what run and compare check before any work, and say after it -----------------------------------
 
 def check_data_fits(spec) -> None:
-    """Refuse, before any server or work, a run or comparison its data cannot feed: a KNN table needs more
-    training items than ``knn.k`` (``tasks.heads.check_knn_rows``, on the listed images)."""
+    """Refuse, before any server or work, a run or comparison its data cannot feed: the data check of
+    ``usseg data check`` on its splits (:func:`check_data_layout`), and a KNN table needs more training items
+    than ``knn.k`` (``tasks.heads.check_knn_rows``, on the listed images)."""
     from orchestration.refs import resolved
     from tasks.heads import check_knn_rows
 
     spec = resolved(spec)
+    check_data_layout(spec)
     for run in spec.runs() if hasattr(spec, "runs") else [spec]:
         check_knn_rows(run)
+
+
+def say_data_problems(lines: list[str]) -> None:
+    """Lines of a data check (``DataCheck.lines()``: warnings, then errors) on stderr."""
+    for line in lines:
+        print(line, file=sys.stderr, flush=True)
+
+
+def check_data_layout(spec) -> None:
+    """``usseg data check`` on the splits of a resolved run or comparison, sampling labels (seconds): its
+    warnings are printed, its errors too and the last one is raised (exit 4). The splits that need labels are
+    the evaluation split and the linear probe's (the first other training split, flows/train.py
+    ``evaluation_plan``); under ``--on-error skip`` a file's own problem is a warning (the run leaves it out)."""
+    from usseg_core.datasets.check import check_data, needs_check
+    from usseg_core.errors import InputError
+
+    if not needs_check(spec.dataset):  # the synthetic scenes usseg renders itself
+        return
+    splits = list(dict.fromkeys([*spec.train_split, *([spec.eval_split] if spec.eval_split else [])]))
+    probe = [s for s in spec.train_split if s != spec.eval_split][:1]
+    labelled = [spec.eval_split, *probe] if spec.eval_split else []
+    report = check_data(spec.dataset, spec.data_root, splits, options=spec.dataset_options, labelled=labelled,
+                        skip_invalid=spec.on_error == "skip")
+    errors = report.errors
+    say_data_problems(report.lines()[:-1] if errors else report.lines())
+    if errors:  # the last line, printed by the command's error handling (the last error: lines() ends with it)
+        raise InputError(errors[-1].path, errors[-1].problem)
 
 
 def skipped_lines(spec) -> list[str]:
