@@ -38,7 +38,10 @@ def train_inputs(run: RunSpec) -> dict:
     check_knn_rows(run)  # a deployment's run gets the CLI's early refusal too (before any extraction)
     datas = [data_ref(run, s) for s in run.splits]
     ds = datas[0].dataset()
-    n_classes = ds.n_classes
+    n_classes = ds.n_classes or run.n_clusters  # an unlabelled folder: as many classes as clusters asked for
+    if not n_classes:
+        raise ConfigError(f"{run.dataset}/{datas[0].split} has no labels and no class list: pass --set "
+                          "n_clusters=K, the number of kinds of region to find")
     ctx = InputContext(run, run.storage, backbone_ref(run), datas, ds)
     cluster_on = ensure_inputs(ctx, spec.needs)  # the input-stage table, in its order
     inputs = ctx.inputs
@@ -121,15 +124,35 @@ def publish_results(result: dict, title: str) -> None:
         f"at `{result['path']}` (results.csv, results.parquet, confusion.png, overlays.png)"))
 
 
+def gallery_stage(trained: dict, run: RunSpec):
+    """The cluster gallery of the run's main clusterer (tasks/gallery.py) over the images it looks at (the
+    evaluation split, else the first training split) at the dataset's evaluation view."""
+    from tasks.gallery import ensure_gallery, main_predictor
+
+    data = data_ref(run, run.eval_split or run.splits[0])
+    view = data.dataset().protocol.eval_view(run.eval_resolution)
+    feats = ensure_features(run.storage, data, backbone_ref(run), view)
+    predictor = main_predictor(get_head(run.head), n_classes=trained["n_classes"], head_ref=trained["head"],
+                               kmeans=trained["kmeans"], k=trained["k"])
+    return ensure_gallery(run.storage, predictor, trained["head"], feats, data, device=run.device)
+
+
 def run(spec: RunSpec) -> dict:
-    """The one pipeline body: resolve paths, train (cache look-ups when trained), evaluate if asked."""
+    """The one pipeline body: resolve paths, train (cache look-ups when trained), evaluate if asked (and
+    labelled); on the user's own images (a dataset with no standard folder), the cluster gallery."""
     spec = resolved(spec)
     trained = train_stages(spec)
-    out = {"trained": trained}
-    if spec.eval_split:
+    out = {"trained": trained, "notes": []}
+    eval_ds = data_ref(spec, spec.eval_split).dataset() if spec.eval_split else None
+    if eval_ds is not None and not eval_ds.has_labels:
+        out["notes"].append(f"{spec.dataset}/{spec.eval_split} has no labels: accuracy, mIoU, linear-probe and "
+                            "retrieval rows skipped (they need labels); the cluster gallery shows the clusters")
+    elif eval_ds is not None:
         result = evaluate_stages(trained, spec)
         publish_results(result, f"{spec.head} on {spec.dataset}/{spec.eval_split} ({spec.backbone})")
         out["evaluation"] = result
+    if (eval_ds or data_ref(spec, spec.splits[0]).dataset()).protocol.folder is None:
+        out["gallery"] = gallery_stage(trained, spec)
     publish_run(spec.storage, f"{'evaluate' if spec.eval_split else 'train'}-{spec.head}", out)
     return out
 
