@@ -1,4 +1,4 @@
-"""``usseg run``, ``usseg oversegment`` and ``usseg segment``."""
+"""``usseg run``, ``usseg oversegment`` and ``usseg segment`` (flow ``segment``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,6 +15,7 @@ from commands.common import (BackboneOpt, CrfOpt, DataRootOpt, DatasetOpt, Devic
 from orchestration.settings import storage_root
 from usseg_core.config import parse_set_options
 from usseg_core.head_names import BUILTIN_HEADS
+from usseg_core.segment_spec import SegmentSpec
 from usseg_core.spec import OversegmentSpec, RunSettings, RunSpec
 
 console = Console()
@@ -37,14 +38,14 @@ def write_results_csv(rows: list[dict], path: Path) -> None:
     pd.DataFrame(rows).to_csv(path, index=False)
 
 
-def run_pipeline(spec: RunSpec) -> dict:
-    """Flow ``pipeline`` on a validated spec (the cheapest way: see commands.launch)."""
+def run_pipeline(fields: dict) -> tuple[RunSpec | None, dict]:
+    """``(spec, result)`` of flow ``pipeline`` on ``RunSpec(**fields)``, the cheapest way (commands.launch:
+    answered from its record, the spec then None; else after the data check)."""
     from commands.common import check_data_fits
-    from commands.launch import run_flow
-    from flows.train import pipeline
+    from commands.launch import run_command
 
-    check_data_fits(spec)
-    return run_flow(pipeline, spec, say=lambda line: print(line, flush=True))
+    return run_command("flows.train:pipeline", RunSpec, fields, say=lambda line: print(line, flush=True),
+                       check=check_data_fits)
 
 
 def _run_help() -> str:
@@ -88,23 +89,27 @@ def register(app: typer.Typer) -> None:
         task_runner: str = RunnerOpt,
         storage: Optional[Path] = StorageOpt,
     ) -> None:
-        from usseg_core.spec import build
-
-        spec = build(RunSpec, head=head, dataset=dataset, data_root=path_or_none(data_root),
-                     train_split=train_split, eval_split=eval_split, backbone=backbone,
-                     weights=path_or_none(weights), random_weights=random_weights, resolution=resolution,
-                     eval_resolution=eval_resolution, run_crf=run_crf, retrieval=retrieval,
-                     retrieval_k=retrieval_k, retrieval_vote=retrieval_vote, retrieval_labels=retrieval_labels,
-                     on_error=on_error,
-                     overcluster=overcluster, overrides=parse_set_options(overrides), seed=seed, device=device,
-                     task_runner=task_runner, storage=str(storage_root(storage)))
-        out = run_pipeline(spec)
-        ev = out["evaluation"]
-        print_results(ev["rows"], f"{head} on {dataset}/{eval_split}")
-        console.print(f"evaluation artifact: {ev['path']}", markup=False, soft_wrap=True)
-        if results:
+        fields = dict(head=head, dataset=dataset, data_root=path_or_none(data_root),
+                      train_split=train_split, eval_split=eval_split, backbone=backbone,
+                      weights=path_or_none(weights), random_weights=random_weights, resolution=resolution,
+                      eval_resolution=eval_resolution, run_crf=run_crf, retrieval=retrieval,
+                      retrieval_k=retrieval_k, retrieval_vote=retrieval_vote, retrieval_labels=retrieval_labels,
+                      on_error=on_error,
+                      overcluster=overcluster, overrides=parse_set_options(overrides), seed=seed, device=device,
+                      task_runner=task_runner, storage=str(storage_root(storage)))
+        spec, out = run_pipeline(fields)
+        ev = out.get("evaluation")
+        if ev is not None:
+            print_results(ev["rows"], f"{head} on {dataset}/{eval_split}")
+            console.print(f"evaluation artifact: {ev['path']}", markup=False, soft_wrap=True)
+        if results and ev is not None:
             write_results_csv(ev["rows"], results)
             console.print(f"results written to {results}", markup=False, soft_wrap=True)
+        for line in out.get("notes", []):  # an unlabelled evaluation split: which rows were skipped
+            print(line, flush=True)
+        if out.get("gallery") is not None:
+            console.print(f"cluster gallery: {out['gallery']['path']}  (name the clusters in a copy of its "
+                          "names.yaml)", markup=False, soft_wrap=True)
         console.print(f"head artifact: {out['trained']['head']['key']}  (use with `usseg segment --model`)",
                       markup=False, soft_wrap=True)
         for line in skipped_lines(spec):
@@ -125,34 +130,64 @@ def register(app: typer.Typer) -> None:
         storage: Optional[Path] = StorageOpt,
     ) -> None:
         """Edges + OWT-UCM + HSG threshold schedule for every image of a split (flow `oversegment`)."""
-        from usseg_core.spec import build
+        from commands.launch import run_command  # Prefect: only once the spec is valid and not answered
 
-        spec = build(OversegmentSpec, dataset=dataset, data_root=path_or_none(data_root), split=split,
-                     detector=detector, weights=path_or_none(weights), t0=t0, max_regions=max_regions,
-                     on_error=on_error, task_runner=task_runner, storage=str(storage_root(storage)))
-        from commands.launch import run_flow  # Prefect: only once the spec is valid
-        from flows.oversegment import oversegment_flow
-
-        out = run_flow(oversegment_flow, spec, say=lambda line: print(line, flush=True))
+        fields = dict(dataset=dataset, data_root=path_or_none(data_root), split=split,
+                      detector=detector, weights=path_or_none(weights), t0=t0, max_regions=max_regions,
+                      on_error=on_error, task_runner=task_runner, storage=str(storage_root(storage)))
+        _, out = run_command("flows.oversegment:oversegment_flow", OversegmentSpec, fields,
+                             say=lambda line: print(line, flush=True))
         state = "cache hit" if out["cache_hit"] else "computed"
         console.print(f"{state}: oversegment/{out['key']} -> {out['path']} (edges/, ucm2/, segments/)")
 
     @app.command()
     def segment(
-        images: List[Path] = typer.Argument(..., help="Images to segment."),
+        images: Optional[List[Path]] = typer.Argument(None, help="Image files to segment (or --data-root)."),
         model: str = typer.Option(..., "--model", help="Head artifact key (see `usseg storage ls --stage head`)."),
-        out: Path = typer.Option(..., "--out", help="Output folder."),
-        clusterer: str = typer.Option("own", help="own (the head's: STEGO cluster probe, PiCIE centroids; k-means for HSG) | kmeans"),
+        data_root: Optional[Path] = typer.Option(None, "--data-root", help="A folder of images to segment (or "
+                                                 "the root of --dataset)."),
+        dataset: str = typer.Option(spec_default(SegmentSpec, "dataset"), help="Dataset registry name of "
+                                    "--data-root (directory: a folder of your own)."),
+        split: str = typer.Option(spec_default(SegmentSpec, "split"), help="Split to segment (directory: all)."),
+        names: Optional[Path] = typer.Option(None, "--names", help="names.yaml: cluster id -> name (the cluster "
+                                             "gallery of `usseg run` writes one to copy)."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Also copy the pictures, areas.parquet and "
+                                           "index.html here (default: they stay in the store)."),
+        clusterer: str = typer.Option(spec_default(SegmentSpec, "clusterer"),
+                                      callback=choice_of("--clusterer", SegmentSpec, "clusterer"),
+                                      help="own (the head's: STEGO cluster probe, PiCIE centroids; k-means for "
+                                           "HSG) | kmeans"),
         k: Optional[int] = typer.Option(None, "--k", help="K of the k-means clusterer (--clusterer kmeans; "
                                                           "default: the number of classes of the head's dataset)."),
-        crf: bool = typer.Option(True, "--crf/--no-crf"),
-        long_side: int = typer.Option(480, help="Images are resized to this long side for the backbone."),
+        run_crf: bool = typer.Option(spec_default(SegmentSpec, "run_crf"), "--crf/--no-crf",
+                                     help="Dense CRF refinement of the labels."),
+        long_side: int = typer.Option(spec_default(SegmentSpec, "long_side"),
+                                      help="Images are resized to this long side for the backbone."),
+        shard_size: int = typer.Option(spec_default(SegmentSpec, "shard_size"), help="Images per task (fan-out)."),
+        on_error: str = OnErrorOpt,
+        device: str = DeviceOpt,
+        task_runner: str = RunnerOpt,
         storage: Optional[Path] = StorageOpt,
     ) -> None:
-        """Label PNGs and colour overlays for new images with a trained head (+ clusterer, + CRF); HSG heads
-        also write their hierarchy (one PNG per level, coarse to fine, and a strip)."""
-        from tasks.segment import segment_images
+        """Label PNGs, colour maps, overlays, class areas (areas.parquet) and an index page (index.html) for a
+        folder of images or image files, with a trained head (+ clusterer, + CRF); HSG heads also write their
+        hierarchy (one PNG per level, coarse to fine, and a strip). Flow `segment`: cached, resumable per image."""
+        from usseg_core.spec import build
 
-        written = segment_images(images, model, out, clusterer=clusterer, crf=crf, long_side=long_side,
-                                 storage=str(storage_root(storage)), k=k)
-        console.print(f"wrote {len(written)} label maps and overlays to {out}", markup=False, soft_wrap=True)
+        spec = build(SegmentSpec, images=[str(p) for p in images or []], model=model,
+                     data_root=path_or_none(data_root), dataset=dataset, split=split, names=path_or_none(names),
+                     out=path_or_none(out), clusterer=clusterer, k=k, run_crf=run_crf, long_side=long_side,
+                     shard_size=shard_size, on_error=on_error, device=device, task_runner=task_runner,
+                     storage=str(storage_root(storage)))
+        from commands.launch import run_flow  # Prefect: only once the spec is valid
+        from flows.segment import segment as segment_flow
+
+        result = run_flow(segment_flow, spec, say=lambda line: print(line, flush=True))
+        seg, report = result["segmentation"], result["report"]
+        done = len(seg["ids"])
+        state = "cache hit" if seg["cache_hit"] else f"{seg['written']} segmented, {done - seg['written']} already done"
+        console.print(f"{done} images ({state}): segment/{seg['key']}", markup=False, soft_wrap=True)
+        console.print(f"index: {report['path']}", markup=False, soft_wrap=True)
+        console.print(f"class areas: {report['areas']}", markup=False, soft_wrap=True)
+        if result.get("exported"):
+            console.print(f"copied to {out} (index: {result['exported']})", markup=False, soft_wrap=True)

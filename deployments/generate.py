@@ -6,7 +6,7 @@
 Everything above the ``deployments:`` line (comments, pool, schedules, triggers, shared parameters) is
 hand-written and kept as it is. Below it: ``train-<head>/<dataset>`` and ``evaluate-<head>/<dataset>``
 for every registered head and every dataset with a folder (``usseg_core.datasets.dataset_folders``), then
-``compare/<dataset>``, ``extract-features/<dataset>`` and ``watch-backbones/default``. A test checks that the shipped file is
+``compare/<dataset>``, ``extract-features/<dataset>``, ``segment/<dataset>`` and ``watch-backbones/default``. A test checks that the shipped file is
 exactly this output, so a new head or dataset cannot miss its deployments.
 
 Every flow but the watcher takes one parameter, ``spec`` (usseg_core/spec.py: RunSpec, CompareSpec,
@@ -112,6 +112,21 @@ def _extract(dataset: str, folder: str) -> str:
 """
 
 
+def _segment(dataset: str, folder: str) -> str:
+    return f"""  - name: {folder}
+    entrypoint: flows.segment.segment
+    description: "segment on {dataset}: a trained head's label maps, colour maps, overlays, class areas and index.html for the val split (cached, resumable per image)"
+    tags: [usseg, segment, {folder}]
+    parameters:
+      spec:                # a run passes the whole spec, with "model": "<head key>" (usseg storage ls --stage head)
+        <<: [*common]
+        dataset: {dataset}
+        split: val
+        run_crf: true
+    work_pool: *pool
+"""
+
+
 WATCH = """  # --- watch-backbones ------------------------------------------------------------------------
   - name: default
     entrypoint: flows.watch.watch_backbones
@@ -146,6 +161,8 @@ def render(header: str) -> str:
     parts += [_compare(ds, folder) for ds, folder in dataset_folders().items()]
     parts.append(_rule("extract-features"))
     parts += [_extract(ds, folder) for ds, folder in dataset_folders().items()]
+    parts.append(_rule("segment"))
+    parts += [_segment(ds, folder) for ds, folder in dataset_folders().items()]
     parts.append(WATCH)
     return "".join(parts)
 

@@ -12,8 +12,6 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import numpy as np
-
 from tasks.manifest import DataRef, load_manifest
 from tasks.predictors import Predictor, predictors_for
 from tasks.stage import ArtifactRef, FeaturesRef, Work, declare, logger, run_stage, stage_task
@@ -83,9 +81,9 @@ def _write(folder, rows: list, ids: list[str], data: DataRef, view: dict, grid_h
         clusters.append({"id": c, "name": f"cluster_{c}", "colour": colours[c], "patches": pics})
         grid_rows.append([pictures[cell] for cell in row])
     save_png(folder / "gallery.png", gallery_grid(grid_rows, colours, [str(c) for c in range(n)]))
-    note = (f"Each row is one cluster; its patches are the image cells (outlined) whose codes lie closest to "
-            f"the cluster, one per image first, labelled with the image id and the cell (row, column). Name "
-            f"the clusters in a copy of names.yaml (beside this page) and pass it to usseg segment --names.")
+    note = ("Each row is one cluster; its patches are the image cells (outlined) whose codes lie closest to "
+            "the cluster, one per image first, labelled with the image id and the cell (row, column). Name "
+            "the clusters in a copy of names.yaml (beside this page) and pass it to usseg segment --names.")
     (folder / "gallery.html").write_text(gallery_html(title, note, clusters, "gallery.png"), encoding="utf-8")
     (folder / "names.yaml").write_text(names_template(n), encoding="utf-8")
     (folder / "cells.json").write_text(json.dumps(table, indent=1), encoding="utf-8")
