@@ -283,10 +283,11 @@ def ensure_segmentation(storage: str, model: SegmentModel, images: ImageSet, *, 
                              long_side=long_side, device=device, crf_max_pixels=max_pixels) for items in shards]
         for f in futures:  # every shard ends (its images done) before a failed one stops the stage
             f.wait()
-        counted.append(sum(f.result()["written"] for f in futures))
+        results = [f.result() for f in futures]
+        counted.append(sum(r["written"] for r in results))
         _pixels_table(work.art.path, images.ids).to_parquet(work.art.file("pixels.parquet"), index=False)
         return {"n_images": len(images.items), "ids": images.ids, "n_clusters": model.n_clusters,
-                "method": model.method}
+                "method": model.method, "workers": sorted({r["worker"] for r in results if r["written"]})}
 
     def ref(art, hit: bool) -> SegmentRef:
         return SegmentRef.of(art, str(art.path), hit, ids=list(art.meta["ids"]), n_clusters=int(art.meta["n_clusters"]),
