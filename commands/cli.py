@@ -72,17 +72,15 @@ def extract(
     storage: Optional[Path] = StorageOpt,
 ) -> None:
     """Extract dense features of a dataset split into the Zarr feature store (cached)."""
-    from usseg_core.spec import build
+    from commands.launch import run_command  # Prefect (and torch): only once the spec is valid and not answered
 
-    spec = build(ExtractSpec, dataset=dataset, data_root=path_or_none(data_root), split=split, backbone=backbone,
-                 weights=path_or_none(weights), random_weights=random_weights, policy=policy,
-                 resolution=resolution, flip=flip, storage=str(storage_root(storage)), batch_size=batch_size,
-                 shard_size=shard_size, on_error=on_error, precision=precision, device=device,
-                 task_runner=task_runner)
-    from flows.extract import extract_features  # Prefect: only once the spec is valid
-    from commands.launch import run_flow
-
-    result = run_flow(extract_features, spec, say=lambda line: print(line, flush=True))
+    fields = dict(dataset=dataset, data_root=path_or_none(data_root), split=split, backbone=backbone,
+                  weights=path_or_none(weights), random_weights=random_weights, policy=policy,
+                  resolution=resolution, flip=flip, storage=str(storage_root(storage)), batch_size=batch_size,
+                  shard_size=shard_size, on_error=on_error, precision=precision, device=device,
+                  task_runner=task_runner)
+    _, result = run_command("flows.extract:extract_features", ExtractSpec, fields,
+                            say=lambda line: print(line, flush=True))
     if result["cache_hit"]:
         console.print(f"[green]cache hit[/]: features/{escape(result['key'])} ({result['n']} items) - "
                       "no backbone work done")

@@ -361,7 +361,7 @@ def check_data_layout(spec) -> None:
 def skipped_lines(spec) -> list[str]:
     """Under ``--on-error skip``: one line per split whose manifest left invalid files out, as ``extract``
     says it (``<split>: N files skipped (invalid; listed in <manifest.json>)``); found by look-ups only."""
-    if spec.on_error != "skip":
+    if spec is None or spec.on_error != "skip":  # None: answered from its record (never under skip)
         return []
     from orchestration.refs import data_ref, resolved
     from tasks.manifest import ensure_manifest

@@ -47,14 +47,14 @@ def print_summary(result: dict, title: str) -> None:
     console.print(table)
 
 
-def run_compare(spec: CompareSpec) -> dict:
-    """Flow ``compare`` on a validated spec (the cheapest way: see commands.launch)."""
+def run_compare(fields: dict) -> tuple[CompareSpec | None, dict]:
+    """``(spec, result)`` of flow ``compare`` on ``CompareSpec(**fields)``, the cheapest way
+    (commands.launch: answered from its record, the spec then None; else after the data check)."""
     from commands.common import check_data_fits
-    from commands.launch import run_flow
-    from flows.compare import compare
+    from commands.launch import run_command
 
-    check_data_fits(spec)
-    return run_flow(compare, spec, say=lambda line: print(line, flush=True))
+    return run_command("flows.compare:compare", CompareSpec, fields, say=lambda line: print(line, flush=True),
+                       check=check_data_fits)
 
 
 def _report_lines(result: dict) -> None:
@@ -102,16 +102,14 @@ def register(app: typer.Typer) -> None:
         """Every head x seed on one cached feature set, under one protocol: mean ± std table, per-class IoU
         bars, side-by-side overlays and an HTML report (cached runs are reused; new seeds/heads train only
         themselves)."""
-        from usseg_core.spec import build
-
-        spec = build(CompareSpec, dataset=dataset, data_root=path_or_none(data_root),
-                     heads=_csv_list(heads, "--heads"), seeds=_csv_list(seeds, "--seeds", int),
-                     train_split=train_split, eval_split=eval_split, backbone=backbone,
-                     weights=path_or_none(weights), random_weights=random_weights, resolution=resolution,
-                     eval_resolution=eval_resolution, run_crf=run_crf, retrieval=retrieval, on_error=on_error,
-                     overcluster=overcluster, overrides=parse_set_options(overrides), device=device,
-                     task_runner=task_runner, storage=str(storage_root(storage)))
-        result = run_compare(spec)
+        fields = dict(dataset=dataset, data_root=path_or_none(data_root),
+                      heads=_csv_list(heads, "--heads"), seeds=_csv_list(seeds, "--seeds", int),
+                      train_split=train_split, eval_split=eval_split, backbone=backbone,
+                      weights=path_or_none(weights), random_weights=random_weights, resolution=resolution,
+                      eval_resolution=eval_resolution, run_crf=run_crf, retrieval=retrieval, on_error=on_error,
+                      overcluster=overcluster, overrides=parse_set_options(overrides), device=device,
+                      task_runner=task_runner, storage=str(storage_root(storage)))
+        spec, result = run_compare(fields)
         print_summary(result, f"usseg compare: {dataset}/{eval_split}, mean ± std over seeds {seeds}")
         _report_lines(result)
         for line in skipped_lines(spec):
@@ -128,17 +126,20 @@ def register(app: typer.Typer) -> None:
         """The main job on the embedded default: synthetic scenes -> every head x 2 seeds vs raw-feature k-means
         (`usseg compare` with short training)."""
         from usseg_core.datasets.synthetic import DEMO_RESOLUTION, ensure_synthetic
-        from usseg_core.heads import demo_overrides, list_heads
-        from usseg_core.spec import build
-
+        from usseg_core.head_names import BUILTIN_HEAD_CARDS
         root = storage_root(storage)
-        names = _csv_list(heads, "--heads") or list_heads()
-        spec = build(CompareSpec, dataset="synthetic", heads=names, seeds=_csv_list(seeds, "--seeds", int),
-                     overrides=demo_overrides(names), resolution=DEMO_RESOLUTION, storage=str(root))
+        names = _csv_list(heads, "--heads") or list(BUILTIN_HEAD_CARDS)
+        unknown = [n for n in names if n not in BUILTIN_HEAD_CARDS]
+        if unknown:
+            raise typer.BadParameter(f"unknown head(s) {', '.join(unknown)}; the demo runs built-in heads: "
+                                     + ", ".join(BUILTIN_HEAD_CARDS), param_hint="--heads")
+        demo = {k: v for n in names for k, v in BUILTIN_HEAD_CARDS[n].demo.items()}  # torch-free: no registry
         data_root = ensure_synthetic(root / "data" / f"synthetic-{n_train}-{n_val}", n_train=n_train,
                                      n_val=n_val)
         console.print(f"synthetic dataset: {data_root}", markup=False)
-        result = run_compare(spec.changed(data_root=str(data_root)))
+        _, result = run_compare(dict(dataset="synthetic", heads=names, seeds=_csv_list(seeds, "--seeds", int),
+                                     overrides=demo, resolution=DEMO_RESOLUTION, storage=str(root),
+                                     data_root=str(data_root)))
         print_summary(result, "usseg demo: every head vs raw-feature k-means on synthetic/val (mean ± std)")
         console.print(DEMO_MEANING, soft_wrap=True, markup=False)
         _report_lines(result)

@@ -170,19 +170,21 @@ def evaluate_command(
     """Evaluate an existing head artifact (flow `evaluate-model`): its own clusterer, its linear probe and
     k-means when the store has them, CRF on/off, under the dataset's evaluation protocol and with the head's
     own backbone. Nothing is trained."""
+    from commands.launch import run_command
     from commands.run import print_results, write_results_csv
-    from flows.evaluate_model import check_model, evaluate_model
-    from commands.launch import run_flow
-    from usseg_core.spec import build
+
+    def check(spec: EvaluateModelSpec) -> None:
+        from flows.evaluate_model import check_model  # Prefect: only when the command is not answered
+
+        for note in check_model(spec)["notes"]:
+            typer.echo(note)
 
     try:  # a bad key or a class-count mismatch: one line, before any flow run or server starts
-        spec = build(EvaluateModelSpec, model=model, dataset=dataset, data_root=path_or_none(data_root),
-                     eval_split=eval_split, storage=str(storage_root(storage)), run_crf=run_crf,
-                     eval_resolution=eval_resolution, device=device, task_runner=task_runner)
-        plan = check_model(spec)
-        for note in plan["notes"]:
-            typer.echo(note)
-        out = run_flow(evaluate_model, spec, say=lambda line: print(line, flush=True))
+        fields = dict(model=model, dataset=dataset, data_root=path_or_none(data_root),
+                      eval_split=eval_split, storage=str(storage_root(storage)), run_crf=run_crf,
+                      eval_resolution=eval_resolution, device=device, task_runner=task_runner)
+        _, out = run_command("flows.evaluate_model:evaluate_model", EvaluateModelSpec, fields,
+                             say=lambda line: print(line, flush=True), check=check)
     except UssegError as exc:
         fail(exc)
     ev = out["evaluation"]

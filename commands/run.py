@@ -172,17 +172,15 @@ def register(app: typer.Typer) -> None:
         """Label PNGs, colour maps, overlays, class areas (areas.parquet) and an index page (index.html) for a
         folder of images or image files, with a trained head (+ clusterer, + CRF); HSG heads also write their
         hierarchy (one PNG per level, coarse to fine, and a strip). Flow `segment`: cached, resumable per image."""
-        from usseg_core.spec import build
+        from commands.launch import run_command  # Prefect: only once the spec is valid and not answered
 
-        spec = build(SegmentSpec, images=[str(p) for p in images or []], model=model,
-                     data_root=path_or_none(data_root), dataset=dataset, split=split, names=path_or_none(names),
-                     out=path_or_none(out), clusterer=clusterer, k=k, run_crf=run_crf, long_side=long_side,
-                     shard_size=shard_size, on_error=on_error, device=device, task_runner=task_runner,
-                     storage=str(storage_root(storage)))
-        from commands.launch import run_flow  # Prefect: only once the spec is valid
-        from flows.segment import segment as segment_flow
-
-        result = run_flow(segment_flow, spec, say=lambda line: print(line, flush=True))
+        fields = dict(images=[str(p) for p in images or []], model=model,
+                      data_root=path_or_none(data_root), dataset=dataset, split=split, names=path_or_none(names),
+                      out=path_or_none(out), clusterer=clusterer, k=k, run_crf=run_crf, long_side=long_side,
+                      shard_size=shard_size, on_error=on_error, device=device, task_runner=task_runner,
+                      storage=str(storage_root(storage)))
+        _, result = run_command("flows.segment:segment", SegmentSpec, fields,
+                                say=lambda line: print(line, flush=True))
         seg, report = result["segmentation"], result["report"]
         done = len(seg["ids"])
         state = "cache hit" if seg["cache_hit"] else f"{seg['written']} segmented, {done - seg['written']} already done"

@@ -3,6 +3,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,20 @@ def _walk(obj: Any) -> Iterator[dict]:
             yield from _walk(value)
 
 
+_RECORDING = contextvars.ContextVar("usseg_run_record", default=True)
+
+
+@contextlib.contextmanager
+def no_run_record() -> Iterator[None]:
+    """Inside: :func:`publish_run` writes no run record (the CLI's second look-up pass after a flow run,
+    which only reads what that run already recorded: commands/launch.py)."""
+    token = _RECORDING.set(False)
+    try:
+        yield
+    finally:
+        _RECORDING.reset(token)
+
+
 def runs_folder(storage: str | Path) -> Path:
     return Path(storage) / RUNS_FOLDER
 
@@ -62,6 +78,8 @@ def publish_run(storage: str, flow_name: str, result: Any) -> list[dict]:
     from prefect.context import FlowRunContext
 
     items = produced(result)
+    if not _RECORDING.get():
+        return items
     ctx = FlowRunContext.get()
     run_id = str(ctx.flow_run.id) if ctx is not None and ctx.flow_run is not None else now_iso()
     atomic_write_json(runs_folder(storage) / f"{run_id}.json",

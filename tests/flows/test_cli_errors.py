@@ -80,7 +80,7 @@ def test_on_error_reaches_the_manifests_of_run_and_compare():
 
     assert data_ref(run, "val").on_error == "skip"
     src = inspect.getsource(train)
-    assert src.count("data_ref(run, ") == 3 and "DataRef(" not in src  # train, eval and probe splits
+    assert src.count("data_ref(run, ") == 4 and "DataRef(" not in src  # train, eval, probe and gallery splits
     assert "on_error=on_error" in inspect.getsource(cli_run) and "on_error=on_error" in inspect.getsource(cli_compare)
 
 

@@ -13,7 +13,6 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
-from tqdm.auto import tqdm
 
 from usseg_core.datasets.base import Dataset
 from usseg_core.errors import ConfigError, InputError, printable
@@ -195,6 +194,8 @@ def build_manifest(
         raise ConfigError(f"build_manifest: on_error must be 'raise' or 'skip', got {on_error!r}")
     entries: list[ManifestEntry] = []
     skipped: list[dict] = []
+    from tqdm.auto import tqdm  # here: a cached command never builds a manifest
+
     for id in tqdm(dataset.ids(), desc=f"manifest {dataset.name}/{dataset.split}", disable=not progress):
         try:
             entries.append(_entry_for(dataset, id, validate))
@@ -208,3 +209,49 @@ def build_manifest(
     if not entries:
         raise InputError(dataset.root, f"no valid images in {dataset.name} split {dataset.split!r} ({len(skipped)} skipped)")
     return Manifest(dataset.name, dataset.split, str(dataset.root), entries, skipped)
+
+
+VERIFY_CONTENT_ENV = "USSEG_VERIFY_CONTENT"
+
+
+def verify_content() -> bool:
+    """True when ``USSEG_VERIFY_CONTENT`` is set to 1/true/yes: manifests are keyed by file contents."""
+    return os.environ.get(VERIFY_CONTENT_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def listing_signature(ds, *, content: bool = False) -> str:
+    """Identity of a split's files: decides whether a manifest (and everything keyed by it) is reused.
+
+    The rule: by default it covers every file's relative path, byte size and mtime (ns) — a stat() per
+    file. A file whose bytes change while its size and mtime stay the same (a tool restoring the mtime,
+    ``os.utime``) is therefore *not* noticed and the old manifest and features are reused. With
+    ``content=True`` (``USSEG_VERIFY_CONTENT=1``) it covers each file's sha256 instead, so changing any
+    byte changes the manifest hash and every downstream key, at the cost of reading every file.
+
+    A file that the index names but that does not exist (an image without its label) enters the
+    signature as missing instead of raising: :func:`build_manifest` then reports it as an InputError
+    naming the file, or lists it in ``skipped`` under ``on_error="skip"``.
+    """
+    h = hashlib.sha256()
+
+    def add(line: str) -> None:  # a name that is not valid UTF-8 keeps its bytes (os.fsencode's surrogates)
+        h.update(line.encode("utf-8", "surrogateescape"))
+
+    if content:  # the default keeps the signature (and manifest keys) of earlier versions
+        h.update(b"content\n")
+    for id_ in ds.ids():
+        for rel in (ds.image_relpath(id_), ds.label_relpath(id_)):
+            if rel is None:
+                continue
+            path = Path(ds.root) / rel
+            try:
+                if content:
+                    size, sha = file_sha256(path)
+                    add(f"{rel}\0{size}\0{sha}\n")
+                else:
+                    st = os.stat(path)
+                    add(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n")
+            except (OSError, InputError) as err:
+                problem = err.problem if isinstance(err, InputError) else (err.strerror or str(err))
+                add(f"{rel}\0missing\0{problem}\n")
+    return h.hexdigest()

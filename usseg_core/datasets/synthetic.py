@@ -20,7 +20,6 @@ import json
 import os
 from pathlib import Path
 
-import cv2
 import numpy as np
 from PIL import Image
 
@@ -45,6 +44,8 @@ def _noise(rng: np.random.Generator, h: int, w: int, sigma: float | tuple[float,
 
     Large blurs are done at reduced resolution and upsampled (same look, a fraction of the cost).
     """
+    import cv2  # here: rendering only (a cached command reads the folder and never imports OpenCV)
+
     if h <= 0 or w <= 0:
         return np.zeros((max(h, 0), max(w, 0)), np.float32)
     sy, sx = (sigma, sigma) if np.isscalar(sigma) else sigma
