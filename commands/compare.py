@@ -69,6 +69,24 @@ def _report_lines(result: dict) -> None:
                   f"`usseg storage lineage {result['key']}` lists every run behind it", soft_wrap=True, markup=False)
 
 
+def next_steps(result: dict, root: Path) -> list[str]:
+    """What a new user should look at after the demo: the report, one hierarchy picture, and the commands that
+    train on and segment their own photos (with a head the demo trained)."""
+    runs = result.get("runs") or []
+    lines = ["", "next:", f"  1. open the report: {result['path']}/report.html"]
+    hierarchy = next((Path(r["evaluation_path"]) / "hierarchy.png" for r in runs if r.get("head") == "hsg"
+                      and (Path(r["evaluation_path"]) / "hierarchy.png").exists()), None)
+    if hierarchy is not None:
+        lines.append(f"  2. HSG's hierarchy of segments, coarse to fine: {hierarchy}")
+    model = next((r["head_key"] for r in runs if r.get("head") == "stego"), runs[0]["head_key"] if runs else None)
+    if model is not None:
+        lines.append(f"  3. segment your own photos with a head trained here: usseg segment --model {model} "
+                     f"--data-root PHOTOS --storage {root}")
+    lines.append("  4. train on your own photos and name the clusters in its gallery: usseg run stego --dataset "
+                 "directory --data-root PHOTOS --set n_clusters=8  (docs/own-images.md)")
+    return lines
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def compare(
@@ -121,12 +139,13 @@ def register(app: typer.Typer) -> None:
         seeds: str = typer.Option("0,1", help="Seeds of every head."),
         heads: Optional[str] = typer.Option(None, help="Heads (default: every registered head)."),
         n_train: int = typer.Option(40, help="Synthetic training images."),
-        n_val: int = typer.Option(12, help="Synthetic validation images."),
+        n_val: int = typer.Option(8, help="Synthetic validation images."),
     ) -> None:
         """The main job on the embedded default: synthetic scenes -> every head x 2 seeds vs raw-feature k-means
         (`usseg compare` with short training)."""
-        from usseg_core.datasets.synthetic import DEMO_RESOLUTION, ensure_synthetic
+        from usseg_core.datasets.synthetic import DEMO_RESOLUTION, DEMO_SIZE, ensure_synthetic
         from usseg_core.head_names import BUILTIN_HEAD_CARDS
+
         root = storage_root(storage)
         names = _csv_list(heads, "--heads") or list(BUILTIN_HEAD_CARDS)
         unknown = [n for n in names if n not in BUILTIN_HEAD_CARDS]
@@ -134,8 +153,9 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"unknown head(s) {', '.join(unknown)}; the demo runs built-in heads: "
                                      + ", ".join(BUILTIN_HEAD_CARDS), param_hint="--heads")
         demo = {k: v for n in names for k, v in BUILTIN_HEAD_CARDS[n].demo.items()}  # torch-free: no registry
-        data_root = ensure_synthetic(root / "data" / f"synthetic-{n_train}-{n_val}", n_train=n_train,
-                                     n_val=n_val)
+        height, width = DEMO_SIZE
+        data_root = ensure_synthetic(root / "data" / f"synthetic-{n_train}-{n_val}-{height}x{width}",
+                                     n_train=n_train, n_val=n_val, height=height, width=width)
         console.print(f"synthetic dataset: {data_root}", markup=False)
         _, result = run_compare(dict(dataset="synthetic", heads=names, seeds=_csv_list(seeds, "--seeds", int),
                                      overrides=demo, resolution=DEMO_RESOLUTION, storage=str(root),
@@ -144,3 +164,5 @@ def register(app: typer.Typer) -> None:
         console.print(DEMO_MEANING, soft_wrap=True, markup=False)
         _report_lines(result)
         console.print(f"all artifacts under {root} (try `usseg storage ls --storage {root}`)", markup=False)
+        for line in next_steps(result, root):
+            console.print(line, markup=False, soft_wrap=True)

@@ -31,9 +31,9 @@ class HeadCard:
 
 BUILTIN_HEAD_CARDS: dict[str, HeadCard] = {
     "stego": HeadCard("STEGO: correspondence distillation on five-crops + KNN (Hamilton et al. 2022)",
-                      {"stego.steps": 200}),
+                      {"stego.steps": 100, "stego.batch_size": 8}),
     "omh": HeadCard("OMH: STEGO + optimally matched cluster hierarchy (Sinkhorn between levels)",
-                    {"stego.steps": 200}),
+                    {"stego.steps": 100, "stego.batch_size": 8}),
     "picie": HeadCard("PiCIE: clustering with photometric invariance and geometric equivariance (Cho et al. 2021)",
                       {"picie.epochs": 4}),
     "hsg": HeadCard("HSG: multiview segment grouping with clustering transformers on UCM segments (Ke et al. 2022)",

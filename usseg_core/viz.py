@@ -8,6 +8,11 @@ from typing import Sequence
 import numpy as np
 
 
+# zlib level of the picture grids (overlays, hierarchies): photographs compress little, and PIL's default
+# (6) spent most of an evaluation's picture time encoding them; level 1 is ~3x faster, files ~15 % larger.
+GRID_PNG = {"compress_level": 1}
+
+
 def palette(n: int) -> np.ndarray:
     """``(n, 3)`` uint8 distinct colours (golden-ratio hues, fixed lightness); deterministic."""
     import colorsys
@@ -77,7 +82,7 @@ def overlay_grid(path: str | Path, rows: Sequence[dict], n_classes: int,
             if r == 0:
                 ax.set_title(name)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, pil_kwargs=GRID_PNG)
     plt.close(fig)
 
 
@@ -158,7 +163,7 @@ def hierarchy_grid(path: str | Path, rows: Sequence[dict], title: str = "") -> N
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, pil_kwargs=GRID_PNG)
     plt.close(fig)
 
 

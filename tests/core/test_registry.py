@@ -84,9 +84,10 @@ def test_heads_declare_their_demo_and_capabilities():
     from usseg_core.heads.hsg import HsgTrained
     from usseg_core.heads.picie import PicieTrained
 
-    # the demo's lengths, as `usseg demo` has always used them (each head's HeadSpec.demo)
-    assert demo_overrides(list(BUILTIN_HEAD_CARDS)) == {"stego.steps": 200, "picie.epochs": 4, "hsg.epochs": 4}
-    assert dict(get_head("omh").demo) == {"stego.steps": 200}  # OMH's primary section is STEGO's
+    # the demo's lengths (each head's HeadSpec.demo): sized for a 3-minute demo on 2 cores (bench/demo.py)
+    assert demo_overrides(list(BUILTIN_HEAD_CARDS)) == {"stego.steps": 100, "stego.batch_size": 8, "picie.epochs": 4,
+                                                         "hsg.epochs": 4}
+    assert dict(get_head("omh").demo) == {"stego.steps": 100, "stego.batch_size": 8}  # OMH's primary section is STEGO's
     for name, trained in {"stego": StegoTrained, "omh": StegoTrained, "picie": PicieTrained, "hsg": HsgTrained}.items():
         spec = get_head(name)
         assert dict(spec.demo) == dict(BUILTIN_HEAD_CARDS[name].demo)

@@ -35,6 +35,9 @@ PALETTE: tuple[tuple[int, int, int], ...] = ((70, 130, 180), (160, 80, 60), (60,
 MARKER = ".complete"
 CLASSES_FILE = "classes.json"
 DEMO_RESOLUTION = 128  # the scenes' training size in `usseg demo` and the synthetic deployments
+# The demo's scenes (height, width): small enough that every head x 2 seeds, evaluated with the dense CRF,
+# answers in about three minutes on 2 CPU cores (bench/demo.py); the renderer's default is 192 x 256.
+DEMO_SIZE = (144, 192)
 GENERATOR_VERSION = 1  # bump when the rendering changes: a complete folder of another version is refused
 
 
