@@ -9,7 +9,8 @@ is unchanged:
 
 - the id: sha256 of the command, its fields as given (the spec is validated from them when it runs, so
   the same fields validate the same way; a relative path adds the working folder), usseg's code version, the ``USSEG_*`` environment
-  variables, and the size and mtime of every existing file the spec names (``--weights``, ``--names``);
+  variables, the size and mtime of every existing file the fields name (``--weights``, ``--names``), and the
+  machine's CUDA devices as seen without torch (:func:`device_probe`: what ``auto`` devices resolve by);
 - each data split the answer read: its listing signature (every file's path, size and mtime, or its
   sha256 under ``USSEG_VERIFY_CONTENT=1``) is computed again, exactly as the manifest stage does, and must
   equal the one its manifest was keyed by;
@@ -46,6 +47,16 @@ UNKEYED_ENV = frozenset({"USSEG_FLOW_RUN", "USSEG_STATE", "USSEG_STORAGE"})
 
 def _env() -> dict[str, str]:
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith("USSEG_") and k not in UNKEYED_ENV}
+
+
+def device_probe() -> dict[str, Any]:
+    """What decides ``--device auto`` / ``--precision auto`` (bf16 features on CUDA), read without torch: the
+    visible CUDA devices (``CUDA_VISIBLE_DEVICES``) and the NVIDIA device files of this machine. A machine that
+    gains or loses a GPU gets other answer ids (its ``auto`` may resolve otherwise, and so may its keys)."""
+    import glob
+
+    return {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "nvidia": sorted(os.path.basename(p) for p in glob.glob("/dev/nvidia[0-9]*"))}
 
 
 def _files_named(obj: Any) -> Iterator[str]:
@@ -88,7 +99,7 @@ def answer_id(command: str, fields: Mapping[str, Any]) -> str:
         files[str(Path(name).resolve())] = [st.st_size, st.st_mtime_ns]
     payload = canonical_json({"format": ANSWER_FORMAT, "command": command, "fields": dict(fields),
                               "cwd": os.getcwd() if _relative_paths(fields) else None,
-                              "code": code_version(), "env": _env(), "files": files})
+                              "code": code_version(), "env": _env(), "files": files, "devices": device_probe()})
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 

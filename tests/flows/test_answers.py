@@ -120,6 +120,10 @@ def test_an_answer_id_covers_the_fields_the_files_they_name_and_the_environment(
     assert second != first
     monkeypatch.setenv("USSEG_FULL_MAX_SIDE", "640")
     assert answers.answer_id("flows.extract:extract_features", fields) != second
+    before = answers.answer_id("flows.extract:extract_features", fields)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU visible: `--device auto` may resolve otherwise
+    assert answers.answer_id("flows.extract:extract_features", fields) != before
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     monkeypatch.setenv("USSEG_FLOW_RUN", "never")  # how a command runs, not what it computes
     monkeypatch.delenv("USSEG_FULL_MAX_SIDE")
     assert answers.answer_id("flows.extract:extract_features", fields) == second
