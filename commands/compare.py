@@ -148,11 +148,12 @@ def register(app: typer.Typer) -> None:
 
         root = storage_root(storage)
         names = _csv_list(heads, "--heads") or list(BUILTIN_HEAD_CARDS)
-        unknown = [n for n in names if n not in BUILTIN_HEAD_CARDS]
-        if unknown:
-            raise typer.BadParameter(f"unknown head(s) {', '.join(unknown)}; the demo runs built-in heads: "
-                                     + ", ".join(BUILTIN_HEAD_CARDS), param_hint="--heads")
-        demo = {k: v for n in names for k, v in BUILTIN_HEAD_CARDS[n].demo.items()}  # torch-free: no registry
+        if all(n in BUILTIN_HEAD_CARDS for n in names):  # the built-in heads' cards: no registry, no torch
+            demo = {k: v for n in names for k, v in BUILTIN_HEAD_CARDS[n].demo.items()}
+        else:  # a registered head of the user's (its module imported): the registry knows its demo
+            from usseg_core.heads import demo_overrides
+
+            demo = demo_overrides(names)
         height, width = DEMO_SIZE
         data_root = ensure_synthetic(root / "data" / f"synthetic-{n_train}-{n_val}-{height}x{width}",
                                      n_train=n_train, n_val=n_val, height=height, width=width)
