@@ -154,10 +154,10 @@ def _outside(result: Any, storage: Path) -> list[str]:
         elif isinstance(obj, list):
             for value in obj:
                 walk(value)
-        elif isinstance(obj, str) and obj.startswith("/") and len(obj) < 4096:
-            path = Path(obj)
-            if not path.is_relative_to(storage) and os.path.exists(path):
-                found.append(obj)
+        elif isinstance(obj, str) and 0 < len(obj) < 4096 and "\0" not in obj:
+            path = Path(obj).resolve() if os.path.sep in obj else None  # a relative --out counts too
+            if path is not None and not path.is_relative_to(storage) and path.exists():
+                found.append(str(path))
 
     walk(result)
     return sorted(set(found))

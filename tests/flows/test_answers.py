@@ -167,3 +167,16 @@ def test_answers_stay_off_when_a_prefect_api_is_configured(tmp_path, monkeypatch
     assert launch.answers_enabled()
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
     assert not launch.answers_enabled()
+
+
+def test_a_copy_made_outside_the_storage_must_still_exist(tmp_path, monkeypatch):
+    """``usseg segment --out DIR`` copies its pictures out of the storage: gone, the answer is a miss (the
+    command copies them again), whether DIR was given absolute or relative."""
+    storage, fields = tmp_path / "storage", {"storage": str(tmp_path / "storage"), "out": "out"}
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "index.html").write_text("<html></html>")
+    answers.save_answer(storage, "flows.segment:segment", fields, {"exported": "out/index.html"}, flow="segment")
+    assert answers.load_answer(storage, "flows.segment:segment", fields)["result"]["exported"] == "out/index.html"
+    (tmp_path / "out" / "index.html").unlink()
+    assert answers.load_answer(storage, "flows.segment:segment", fields) is None
