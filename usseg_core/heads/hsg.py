@@ -203,7 +203,8 @@ class HsgConfig:
 # n0 (``test_grid``) is the dataset's own declaration (``DatasetProtocol.hsg_test_grid``, HSG [001] §1.3).
 # The paper's datasets take [code:HSG]'s choices (REFERENCE); COCO's kNN rule there is top-k inside every
 # view (``per_view``: graph/common.py:95-119 with the view as segment label). CamVid, synthetic and
-# directory keep usseg's first version until the two are measured against each other.
+# directory keep usseg's first version: on CamVid, REFERENCE scored lower on every predictor and seed measured
+# (docs/results.md, "HSG: the reference's H1–H6 against usseg's first version").
 _COCO_ROW = {"lr": 0.003, "weight_decay": 5e-4, "knn_k": 2, "knn_mode": "per_view", **REFERENCE}
 HSG_PRESETS: dict[str, dict] = {
     "cocostuff27": _COCO_ROW,
