@@ -5,45 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from usseg_core.runs import produced, runs_folder
 from usseg_core.store import atomic_write_json, now_iso
 
-RUNS_FOLDER = "_runs"
 PICTURES = ("confusion.png", "overlays.png")
-
-
-def produced(result: Any) -> list[dict]:
-    """Every artifact a flow result names: ``[{"stage", "key", "path", "cache_hit"}]``, first seen first.
-
-    A result names an artifact with a reference (:class:`tasks.stage.ArtifactRef`, what stage tasks
-    return, its upstream references inside it included) or a dict holding ``key`` and ``path``; the stage
-    is the folder above the key in the path.
-    """
-    seen: dict[str, dict] = {}
-    for item in _walk(result):
-        key, path = item["key"], Path(item["path"])
-        if key in seen or key not in path.parts:
-            continue
-        stage = path.parts[path.parts.index(key) - 1]
-        seen[key] = {"stage": stage, "key": key, "path": str(path),
-                     "cache_hit": item.get("cache_hit")}
-    return list(seen.values())
-
-
-def _walk(obj: Any) -> Iterator[dict]:
-    if isinstance(obj, Mapping):  # a dict, or an ArtifactRef (a read-only mapping over its fields)
-        if isinstance(obj.get("key"), str) and isinstance(obj.get("path"), str):
-            yield obj
-        for value in obj.values():
-            yield from _walk(value)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            yield from _walk(value)
-
-
 _RECORDING = contextvars.ContextVar("usseg_run_record", default=True)
 
 
@@ -56,10 +25,6 @@ def no_run_record() -> Iterator[None]:
         yield
     finally:
         _RECORDING.reset(token)
-
-
-def runs_folder(storage: str | Path) -> Path:
-    return Path(storage) / RUNS_FOLDER
 
 
 def in_flow_run() -> bool:

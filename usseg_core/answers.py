@@ -35,11 +35,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from usseg_core.runs import produced, runs_folder
 from usseg_core.store import (MARKER, META, Artifact, atomic_write_json, canonical_json, check_files, code_version,
                               now_iso)
 
 ANSWERS_FOLDER = "_answers"
-RUNS_FOLDER = "_runs"  # orchestration/publish.py writes flow runs' records there too
 ANSWER_FORMAT = 1
 # Environment variables that are about how a command runs, not what it computes: left out of the id.
 UNKEYED_ENV = frozenset({"USSEG_FLOW_RUN", "USSEG_STATE", "USSEG_STORAGE"})
@@ -59,46 +59,28 @@ def device_probe() -> dict[str, Any]:
             "nvidia": sorted(os.path.basename(p) for p in glob.glob("/dev/nvidia[0-9]*"))}
 
 
-def _files_named(obj: Any) -> Iterator[str]:
-    """Strings in ``obj`` that name an existing file (weights, names.yaml)."""
+def _path_strings(obj: Any) -> Iterator[str]:
+    """Every string (or path) in the nested mappings and lists of ``obj`` that could name a file."""
     if isinstance(obj, Mapping):
         for value in obj.values():
-            yield from _files_named(value)
+            yield from _path_strings(value)
     elif isinstance(obj, (list, tuple)):
         for value in obj:
-            yield from _files_named(value)
-    elif isinstance(obj, Path):
-        yield from _files_named(str(obj))
-    elif isinstance(obj, str) and obj and len(obj) < 4096:
-        try:
-            if os.path.isfile(obj):
-                yield obj
-        except (OSError, ValueError):
-            return
-
-
-def _relative_paths(obj: Any) -> bool:
-    """Whether ``obj`` holds a relative path that exists (then the working folder is part of the id)."""
-    if isinstance(obj, Mapping):
-        return any(_relative_paths(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return any(_relative_paths(v) for v in obj)
-    if isinstance(obj, (str, Path)) and str(obj) and len(str(obj)) < 4096:
-        try:
-            return not os.path.isabs(obj) and os.path.exists(obj)
-        except (OSError, ValueError):
-            return False
-    return False
+            yield from _path_strings(value)
+    elif isinstance(obj, (str, Path)) and 0 < len(str(obj)) < 4096 and "\0" not in str(obj):
+        yield str(obj)
 
 
 def answer_id(command: str, fields: Mapping[str, Any]) -> str:
     """The id of a command's answer: its fields as given (before validation), see the module docstring."""
     files = {}
-    for name in sorted(set(_files_named(fields))):
+    for name in sorted({p for p in _path_strings(fields) if os.path.isfile(p)}):  # weights, names.yaml
         st = os.stat(name)
         files[str(Path(name).resolve())] = [st.st_size, st.st_mtime_ns]
+    # a relative path that exists: the working folder is part of the id
+    relative = any(not os.path.isabs(p) and os.path.exists(p) for p in _path_strings(fields))
     payload = canonical_json({"format": ANSWER_FORMAT, "command": command, "fields": dict(fields),
-                              "cwd": os.getcwd() if _relative_paths(fields) else None,
+                              "cwd": os.getcwd() if relative else None,
                               "code": code_version(), "env": _env(), "files": files, "devices": device_probe()})
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
@@ -121,46 +103,20 @@ def plain(obj: Any) -> Any:
 
 
 def _artifacts(result: Any) -> list[dict]:
-    """``[{"stage", "key", "path"}]`` of every artifact a result names (a dict holding ``key`` and
-    ``path``, the stage being the folder above the key): orchestration/publish.py ``produced``'s rule."""
-    seen: dict[str, dict] = {}
+    """``[{"stage", "key", "path"}]`` of every artifact a result names (:func:`usseg_core.runs.produced`),
+    ``path`` being the artifact's folder."""
+    def folder(path: str, key: str) -> str:  # a file the result names inside its artifact -> the artifact
+        parts = Path(path).parts
+        return str(Path(*parts[:parts.index(key) + 1]))
 
-    def walk(obj: Any) -> None:
-        if isinstance(obj, Mapping):
-            key, path = obj.get("key"), obj.get("path")
-            if isinstance(key, str) and isinstance(path, str):
-                parts = Path(path).parts
-                if key not in seen and key in parts:
-                    seen[key] = {"stage": parts[parts.index(key) - 1], "key": key,
-                                 "path": str(Path(*parts[:parts.index(key) + 1]))}
-            for value in obj.values():
-                walk(value)
-        elif isinstance(obj, list):
-            for value in obj:
-                walk(value)
-
-    walk(result)
-    return list(seen.values())
+    return [{"stage": a["stage"], "key": a["key"], "path": folder(a["path"], a["key"])} for a in produced(result)]
 
 
 def _outside(result: Any, storage: Path) -> list[str]:
-    """Existing absolute paths a result names outside the storage (``usseg segment --out``'s copy)."""
-    found: list[str] = []
-
-    def walk(obj: Any) -> None:
-        if isinstance(obj, Mapping):
-            for value in obj.values():
-                walk(value)
-        elif isinstance(obj, list):
-            for value in obj:
-                walk(value)
-        elif isinstance(obj, str) and 0 < len(obj) < 4096 and "\0" not in obj:
-            path = Path(obj).resolve() if os.path.sep in obj else None  # a relative --out counts too
-            if path is not None and not path.is_relative_to(storage) and path.exists():
-                found.append(str(path))
-
-    walk(result)
-    return sorted(set(found))
+    """Existing paths a result names outside the storage (``usseg segment --out``'s copy, absolute or
+    relative)."""
+    found = {Path(p).resolve() for p in _path_strings(result) if os.path.sep in p}
+    return sorted(str(p) for p in found if not p.is_relative_to(storage) and p.exists())
 
 
 def _digest(body: Mapping[str, Any]) -> str:
@@ -228,7 +184,7 @@ def load_answer(storage: str | Path, command: str, fields: Mapping[str, Any]) ->
 def write_run_record(storage: str | Path, record: Mapping[str, Any]) -> Path:
     """The run record of an answered command, beside the flow runs' (``usseg storage gc`` keeps its keys)."""
     run_id = f"{now_iso()}-answer-{secrets.token_hex(3)}"
-    path = Path(storage) / RUNS_FOLDER / f"{run_id}.json"
+    path = runs_folder(storage) / f"{run_id}.json"
     atomic_write_json(path, {"flow": record["flow"], "flow_run_id": None, "answered_from": record["command"],
                              "created": now_iso(), "storage": str(storage),
                              "keys": [a["key"] for a in record["artifacts"]]})
