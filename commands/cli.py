@@ -69,7 +69,7 @@ def extract(
     device: str = typer.Option(spec_default(ExtractSpec, "device"), help="auto | cpu | cuda[:i]: where the "
                                                                          "backbone runs."),
     task_runner: str = RunnerOpt,
-    storage: Optional[Path] = StorageOpt,
+    storage: Optional[str] = StorageOpt,
 ) -> None:
     """Extract dense features of a dataset split into the Zarr feature store (cached)."""
     from commands.launch import run_command  # Prefect (and torch): only once the spec is valid and not answered
@@ -96,13 +96,13 @@ def storage_ls(
     stage: Optional[str] = typer.Option(None, help="Only this stage."),
     dataset: Optional[str] = typer.Option(None, help="Only artifacts of this dataset."),
     backbone: Optional[str] = typer.Option(None, help="Only artifacts of this backbone."),
-    storage: Optional[Path] = StorageOpt,
+    storage: Optional[str] = StorageOpt,
 ) -> None:
     """List artifacts: stage, key, dataset, backbone, size, created, complete or not."""
-    from usseg_core.store import ArtifactStore, folder_size
+    from usseg_core.store import ArtifactStore
 
     store = ArtifactStore(existing_storage(storage))
-    table = Table(title=f"artifacts in {store.root}")
+    table = Table(title=f"artifacts in {store.url}")
     for col in ("stage", "key", "dataset", "backbone", "size", "created", "complete"):
         table.add_column(col, no_wrap=col == "key", overflow="fold")  # keys are printed whole
     rows = []
@@ -112,7 +112,7 @@ def storage_ls(
             continue
         if backbone and meta.get("backbone") != backbone:
             continue
-        size = meta.get("size_bytes") if art.complete else folder_size(art.path)
+        size = store.size_of(art)
         rows.append((art.stage, art.key, str(meta.get("dataset", "")), str(meta.get("backbone", "")),
                      human(size or 0), str(meta.get("created", "")), "yes" if art.complete else "no"))
     if not sys.stdout.isatty():  # piped: tab-separated, whole keys, no colours
@@ -128,15 +128,16 @@ def storage_ls(
 
 @storage_app.command("show")
 def storage_show(key: str = typer.Argument(..., help="Artifact key (a unique prefix is enough)."),
-                 storage: Optional[Path] = StorageOpt) -> None:
+                 storage: Optional[str] = StorageOpt) -> None:
     """Print an artifact's metadata (params, upstream keys, code version, created, files)."""
     from usseg_core.store import ArtifactStore
 
-    art = ArtifactStore(existing_storage(storage)).find(key)
+    store = ArtifactStore(existing_storage(storage))
+    art = store.find(key)
     meta = dict(art.meta)
     meta["complete"] = art.complete
     meta["path"] = str(art.path)
-    meta["files"] = sorted(p.name for p in art.path.iterdir() if not p.name.startswith("."))
+    meta["files"] = store.file_names(art)
     console.print_json(json.dumps(meta, default=str))
     from usseg_core.viewbank import DRAW_COLUMNS, DRAWS_FILE, draw_rows, load_draws
 

@@ -115,7 +115,7 @@ def register(app: typer.Typer) -> None:
                                 "all; n_clusters and dataset_options set the comparison's fields."),
         device: str = DeviceOpt,
         task_runner: str = RunnerOpt,
-        storage: Optional[Path] = StorageOpt,
+        storage: Optional[str] = StorageOpt,
     ) -> None:
         """Every head x seed on one cached feature set, under one protocol: mean ± std table, per-class IoU
         bars, side-by-side overlays and an HTML report (cached runs are reused; new seeds/heads train only
@@ -135,7 +135,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def demo(
-        storage: Optional[Path] = StorageOpt,
+        storage: Optional[str] = StorageOpt,
         seeds: str = typer.Option("0,1", help="Seeds of every head."),
         heads: Optional[str] = typer.Option(None, help="Heads (default: every registered head)."),
         n_train: int = typer.Option(40, help="Synthetic training images."),

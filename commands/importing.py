@@ -137,7 +137,7 @@ def stego_command(
     ckpt: Path = typer.Argument(..., help="STEGO PyTorch-Lightning checkpoint (.ckpt), e.g. "
                                           "cocostuff27_vit_base_5.ckpt."),
     name: Optional[str] = typer.Option(None, "--name", help="A name recorded in the metadata (default: file stem)."),
-    storage: Optional[Path] = StorageOpt,
+    storage: Optional[str] = StorageOpt,
 ) -> None:
     """Write the checkpoint's DINO ViT as a --weights file and its head + probes as store artifacts."""
     try:
@@ -165,7 +165,7 @@ def evaluate_command(
                                help="auto | cpu | cuda[:i]: where the backbone and head run."),
     results: Optional[Path] = typer.Option(None, help="Write the results table as CSV here."),
     task_runner: str = RunnerOpt,
-    storage: Optional[Path] = StorageOpt,
+    storage: Optional[str] = StorageOpt,
 ) -> None:
     """Evaluate an existing head artifact (flow `evaluate-model`): its own clusterer, its linear probe and
     k-means when the store has them, CRF on/off, under the dataset's evaluation protocol and with the head's

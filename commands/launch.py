@@ -139,7 +139,7 @@ def _record_answer(flow, spec, result: Any | None, fields: dict) -> None:
     if result is None:
         with no_run_record():
             result = cached_result(flow, spec)
-    if result is not None:
+    if result is not None and "://" not in str(spec.storage):
         save_answer(spec.storage, _command(flow), fields, result, flow=flow.name)
 
 
@@ -164,7 +164,8 @@ def run_command(flow, spec_cls, fields: dict, *, say: Callable[[str], None] = pr
     pass (the skipped files' lines come from the manifests)."""
     from usseg_core.spec import build
 
-    if answers_enabled() and fields.get("on_error") != "skip":
+    local = "://" not in str(fields["storage"])  # an object store's commits are looked up on the bucket
+    if local and answers_enabled() and fields.get("on_error") != "skip":
         result = answered(flow, fields, str(fields["storage"]), say=say)
         if result is not None:
             return None, result

@@ -54,7 +54,7 @@ def register_service(app: typer.Typer) -> None:
                                                 "artifacts: keep 1 unless they touch different data)."),
         prefect_file: Optional[Path] = typer.Option(None, "--prefect-file", help="Deployments file "
                                                     "(default deployments/prefect.yaml)."),
-        storage: Optional[Path] = StorageOpt,
+        storage: Optional[str] = StorageOpt,
     ) -> None:
         """Start a Prefect server, the work pool, every deployment and a worker (idempotent)."""
         from orchestration import service
@@ -70,7 +70,7 @@ def register_service(app: typer.Typer) -> None:
                       "`prefect deployment run train-stego/synthetic --watch`")
 
     @app.command()
-    def down(storage: Optional[Path] = StorageOpt) -> None:
+    def down(storage: Optional[str] = StorageOpt) -> None:
         """Stop the worker (and its runs), then the server."""
         from orchestration import service
 
@@ -78,7 +78,7 @@ def register_service(app: typer.Typer) -> None:
         console.print("stopped: " + ", ".join(stopped) if stopped else "nothing was running", markup=False)
 
     @app.command()
-    def status(storage: Optional[Path] = StorageOpt) -> None:
+    def status(storage: Optional[str] = StorageOpt) -> None:
         """Say what runs: server, worker, API health, deployments, flow runs by state."""
         from orchestration import service
 
@@ -93,7 +93,7 @@ def register_service(app: typer.Typer) -> None:
 def register_storage(storage_app: typer.Typer) -> None:
     @storage_app.command("lineage")
     def lineage(key: str = typer.Argument(..., help="Artifact key (a unique prefix is enough)."),
-                storage: Optional[Path] = StorageOpt) -> None:
+                storage: Optional[str] = StorageOpt) -> None:
         """The tree of upstream artifacts of KEY (external inputs such as backbone fingerprints as leaves)."""
         from usseg_core.catalog import lineage as build
         from usseg_core.store import ArtifactStore
@@ -104,13 +104,13 @@ def register_storage(storage_app: typer.Typer) -> None:
         console.print(tree)
 
     @storage_app.command("du")
-    def du(storage: Optional[Path] = StorageOpt) -> None:
+    def du(storage: Optional[str] = StorageOpt) -> None:
         """Size per stage."""
         from usseg_core.catalog import usage
         from usseg_core.store import ArtifactStore
 
         store = ArtifactStore(existing_storage(storage))
-        table = Table(title=f"disk use of {escape(str(store.root))}")
+        table = Table(title=f"disk use of {escape(store.url)}")
         for col in ("stage", "complete", "incomplete", "size"):
             table.add_column(col, justify="left" if col == "stage" else "right")
         total = 0
@@ -127,7 +127,7 @@ def register_storage(storage_app: typer.Typer) -> None:
         min_age_hours: float = typer.Option(1.0, "--min-age-hours", help="Keep incomplete artifacts touched "
                                             "more recently (a running flow may be writing them)."),
         delete: bool = typer.Option(False, "--delete", help="Really delete (default: dry run, list only)."),
-        storage: Optional[Path] = StorageOpt,
+        storage: Optional[str] = StorageOpt,
     ) -> None:
         """Remove incomplete artifacts (and, with --unreferenced, unreferenced ones). Dry run by default."""
         from usseg_core.catalog import gc_plan, remove
@@ -151,7 +151,7 @@ def register_verify(storage_app: typer.Typer) -> None:
     @storage_app.command("verify")
     def verify(key: Optional[str] = typer.Argument(None, help="Artifact key (a unique prefix); default every "
                                                    "artifact."),
-               storage: Optional[Path] = StorageOpt) -> None:
+               storage: Optional[str] = StorageOpt) -> None:
         """Check whole artifacts: recorded file digests, every Zarr chunk's checksum and presence, finite
         values, done marks, loadable .pt/.npy/.json files. One line per artifact; exit 4 if any is damaged."""
         import time

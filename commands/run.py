@@ -87,7 +87,7 @@ def register(app: typer.Typer) -> None:
         overrides: Optional[List[str]] = SetOpt,
         device: str = DeviceOpt,
         task_runner: str = RunnerOpt,
-        storage: Optional[Path] = StorageOpt,
+        storage: Optional[str] = StorageOpt,
     ) -> None:
         fields = dict(head=head, dataset=dataset, data_root=path_or_none(data_root),
                       train_split=train_split, eval_split=eval_split, backbone=backbone,
@@ -127,7 +127,7 @@ def register(app: typer.Typer) -> None:
         max_regions: Optional[int] = typer.Option(None, help="Region cap (default: dataset schedule)."),
         on_error: str = OnErrorOpt,
         task_runner: str = RunnerOpt,
-        storage: Optional[Path] = StorageOpt,
+        storage: Optional[str] = StorageOpt,
     ) -> None:
         """Edges + OWT-UCM + HSG threshold schedule for every image of a split (flow `oversegment`)."""
         from commands.launch import run_command  # Prefect: only once the spec is valid and not answered
@@ -167,7 +167,7 @@ def register(app: typer.Typer) -> None:
         on_error: str = OnErrorOpt,
         device: str = DeviceOpt,
         task_runner: str = RunnerOpt,
-        storage: Optional[Path] = StorageOpt,
+        storage: Optional[str] = StorageOpt,
     ) -> None:
         """Label PNGs, colour maps, overlays, class areas (areas.parquet) and an index page (index.html) for a
         folder of images or image files, with a trained head (+ clusterer, + CRF); HSG heads also write their

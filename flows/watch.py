@@ -21,7 +21,7 @@ from orchestration.settings import storage_root
 from tasks.backbone import BackboneRef, backbone_fingerprint
 from tasks.stage import logger
 from usseg_core.spec import DEFAULT_BACKBONE
-from usseg_core.store import atomic_write_json, now_iso
+from usseg_core.store import atomic_write_json, local_root, now_iso
 
 EVENT = "usseg.backbone.changed"
 RECORD = "_backbones.json"
@@ -81,7 +81,7 @@ def watch_backbones(backbones: list[dict] | None = None, storage: str | None = N
     one event per changed fingerprint. Returns ``[{"name", "weights", "old", "new", "changed"}]``."""
     storage = str(storage_root(storage))
     backbones = backbones if backbones is not None else configured_backbones()
-    record_path = Path(storage) / RECORD
+    record_path = local_root(storage) / RECORD
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     report = []
     for bb in backbones:

@@ -22,6 +22,9 @@ from pathlib import Path
 from usseg_core.config import DATA_ROOT_ENV, DEFAULT_STORAGE, STORAGE_ENV, first_set
 from usseg_core.errors import ConfigError
 
+if False:  # typing only
+    from usseg_core.remote import RemoteRoot  # noqa: F401
+
 STORAGE_VARIABLE = "usseg_storage"
 DATA_ROOT_VARIABLE = "usseg_data_root"
 
@@ -58,14 +61,17 @@ def resolve(flag: str | os.PathLike | None, env: str, variable: str, default: st
     return value
 
 
-def storage_root(flag: str | os.PathLike | None = None) -> Path:
-    """The artifact root (absolute). ``file://`` URLs are accepted; other URLs need a shared mount."""
+def storage_root(flag: str | os.PathLike | None = None) -> "Path | RemoteRoot":
+    """The artifact root: an absolute folder (``file://`` URLs accepted), or an object store's URL
+    (``s3://bucket/prefix``; usseg_core/remote.py) as a :class:`RemoteRoot`, whose ``str`` is the URL and
+    whose ``/`` is a path in its local mirror."""
     value = resolve(flag, STORAGE_ENV, STORAGE_VARIABLE, DEFAULT_STORAGE)
     if value.startswith("file://"):
         value = value.removeprefix("file://")
     elif "://" in value:
-        raise ConfigError(f"storage root {value!r}: only local paths and file:// URLs are supported; mount "
-                          "the shared storage on every worker and pass its path (see storage/README.md)")
+        from usseg_core.remote import RemoteRoot
+
+        return RemoteRoot(value)
     return Path(value).expanduser().resolve()
 
 

@@ -8,7 +8,7 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from usseg_core.store import atomic_write_json
+from usseg_core.store import atomic_write_json, local_root
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def backbone_fingerprint(ref: BackboneRef, storage: str) -> str:
     A cache hit therefore costs a stat() and no backbone work; a replaced weights file (new size or
     mtime) is hashed again.
     """
-    path = Path(storage) / "_fingerprints.json"
+    path = local_root(storage) / "_fingerprints.json"
     identity = ref.identity()
     with _lock:
         known = json.loads(path.read_text()) if path.exists() else {}

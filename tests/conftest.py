@@ -55,3 +55,28 @@ def storage(tmp_path) -> Path:
     root = tmp_path / "storage"
     root.mkdir()
     return root
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS on 127.0.0.1, tests/s3server.py), started once per session."""
+    from tests.s3server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def s3(s3_server, tmp_path, monkeypatch, request):
+    """The S3 server's variables set, a fresh ``$USSEG_CACHE_DIR`` and a storage URL of this test's own
+    (``s3.url``), as a user points usseg at a bucket."""
+    import re
+    import types
+
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("USSEG_CACHE_DIR", str(tmp_path / "cache"))
+    prefix = re.sub(r"[^A-Za-z0-9]+", "-", request.node.name)[:60].strip("-")
+    return types.SimpleNamespace(server=s3_server, url=s3_server.url(prefix), env=dict(s3_server.env),
+                                 cache=tmp_path / "cache")

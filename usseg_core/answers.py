@@ -86,7 +86,9 @@ def answer_id(command: str, fields: Mapping[str, Any]) -> str:
 
 
 def answers_folder(storage: str | Path) -> Path:
-    return Path(storage) / ANSWERS_FOLDER
+    from usseg_core.store import local_root
+
+    return local_root(storage) / ANSWERS_FOLDER
 
 
 def plain(obj: Any) -> Any:

@@ -6,12 +6,10 @@ artifact's key or an external identity (a backbone weight fingerprint, ``"raw"``
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from usseg_core.store import Artifact, ArtifactStore, folder_size
+from usseg_core.store import Artifact, ArtifactStore
 
 
 def index(store: ArtifactStore) -> dict[str, Artifact]:
@@ -80,23 +78,10 @@ def usage(store: ArtifactStore) -> list[StageUsage]:
         row = out.setdefault(art.stage, StageUsage(art.stage))
         if art.complete:
             row.n_complete += 1
-            row.bytes += int(art.meta.get("size_bytes") or folder_size(art.path))
         else:
             row.n_incomplete += 1
-            row.bytes += folder_size(art.path)
+        row.bytes += store.size_of(art)
     return [out[s] for s in sorted(out)]
-
-
-def last_modified(path: Path) -> float:
-    """Newest mtime (seconds since the epoch) of ``path`` and anything below it."""
-    newest = path.stat().st_mtime
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            try:
-                newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
-            except OSError:
-                pass
-    return newest
 
 
 @dataclass
@@ -124,10 +109,10 @@ def gc_plan(store: ArtifactStore, referenced: set[str], *, unreferenced: bool = 
     plan: list[GcItem] = []
     for art in arts.values():
         if not art.complete:
-            if now - last_modified(art.path) >= min_age_s:
-                plan.append(GcItem(art, "incomplete", folder_size(art.path)))
+            if now - store.modified(art) >= min_age_s:
+                plan.append(GcItem(art, "incomplete", store.size_of(art)))
         elif unreferenced and art.key not in referenced and not users.get(art.key):
-            plan.append(GcItem(art, "unreferenced", int(art.meta.get("size_bytes") or folder_size(art.path))))
+            plan.append(GcItem(art, "unreferenced", store.size_of(art)))
     return plan
 
 

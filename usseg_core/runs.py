@@ -14,7 +14,9 @@ RUNS_FOLDER = "_runs"
 
 
 def runs_folder(storage: str | Path) -> Path:
-    return Path(storage) / RUNS_FOLDER
+    from usseg_core.store import local_root
+
+    return local_root(storage) / RUNS_FOLDER
 
 
 def produced(result: Any) -> list[dict]:

@@ -24,11 +24,13 @@ import os
 import shutil
 import subprocess
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from usseg_core.errors import ConfigError, DamagedArtifact, InputError, UssegError
+from usseg_core.remote import is_url, written
 
 KEY_LENGTH = 16
 MARKER = "_COMPLETE"
@@ -82,6 +84,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    written(path)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -205,9 +208,13 @@ class Artifact:
     key: str
     path: Path
     meta: dict = field(default_factory=dict)
+    committed: bool | None = None  # a remote store's listing: committed on the bucket (None: look locally)
+    listed: tuple[int, int, float] | None = None  # ... and (objects, bytes, newest mtime) of its attempt(s)
 
     @property
     def complete(self) -> bool:
+        if self.committed is not None:
+            return self.committed
         return (self.path / MARKER).exists()
 
     def file(self, name: str) -> Path:
@@ -242,14 +249,19 @@ class ArtifactStore:
 
     def __init__(self, root: str | Path) -> None:
         root_str = str(root)
-        if "://" in root_str and not root_str.startswith("file://"):
-            raise ConfigError(
-                f"storage root {root_str!r}: only local paths (or a shared mount) are supported by "
-                "this store; mount the shared storage and pass its path")
-        self.root = Path(root_str.removeprefix("file://")).expanduser().resolve()
+        self.remote = None  # usseg_core.remote.RemoteStore of an object-store root
+        if is_url(root_str):
+            from usseg_core.remote import RemoteStore, mirror_dir
+
+            self.url = root_str.rstrip("/")
+            self.remote = RemoteStore(self.url)
+            self.root = mirror_dir(self.url)  # the local mirror: artifacts are computed and read here
+        else:
+            self.root = Path(root_str.removeprefix("file://")).expanduser().resolve()
+            self.url = str(self.root)
 
     def __repr__(self) -> str:
-        return f"ArtifactStore({self.root})"
+        return f"ArtifactStore({self.url})"
 
     def path(self, stage: str, key: str) -> Path:
         if not stage.replace("-", "").replace("_", "").isalnum() or not key.isalnum():
@@ -260,8 +272,11 @@ class ArtifactStore:
         """The complete artifact, or None when it does not exist or is incomplete.
 
         Its recorded files are checked (:func:`check_files`): a damaged one raises :class:`DamagedArtifact`,
-        never a silent cache hit."""
+        never a silent cache hit. On an object store the committed attempt is fetched into the mirror first
+        (once: a mirror copy of the same attempt is reused)."""
         path = self.path(stage, key)
+        if self.remote is not None and not self._fetch(stage, key):
+            return None
         if not (path / MARKER).exists():
             return None
         try:
@@ -270,6 +285,34 @@ class ArtifactStore:
             raise DamagedArtifact(path, f"{META}: {exc.problem}") from exc
         check_files(art)
         return art
+
+    def _fetch(self, stage: str, key: str) -> bool:
+        """Make the mirror hold the committed attempt of ``stage/key`` (False: nothing committed)."""
+        from usseg_core.remote import ATTEMPT_FILE, evict, touch_used
+
+        record = self.remote.commit_record(stage, key)
+        if record is None:
+            return False
+        path, attempt = self.path(stage, key), record["attempt"]
+        mine = path / ATTEMPT_FILE
+        if (path / MARKER).exists() and mine.exists() and mine.read_text().strip() == attempt:
+            touch_used(path)
+            return True
+        tmp = path.parent / f".fetch-{attempt}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        try:
+            self.remote.download_attempt(stage, key, attempt, tmp)
+            (tmp / ATTEMPT_FILE).write_text(attempt)
+            (tmp / MARKER).write_text(str(record.get("completed", "")))
+            if path.exists():  # an older mirror copy, or a staging folder another writer beat: set aside
+                aside = path.parent / f".old-{uuid.uuid4().hex[:8]}"
+                os.rename(path, aside)
+                shutil.rmtree(aside, ignore_errors=True)
+            os.rename(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        touch_used(path)
+        evict(self.root, keep=path)
+        return True
 
     def open(self, stage: str, key: str) -> Artifact:
         """The artifact whether complete or not (None-safe counterpart of get)."""
@@ -286,6 +329,7 @@ class ArtifactStore:
         if lookups_only_active():
             raise NotCached(stage, key)
         path = self.path(stage, key)
+        attempt = self._stage_remote(stage, key) if self.remote is not None else None
         path.mkdir(parents=True, exist_ok=True)
         art = Artifact(stage, key, path, _read_meta(path) if (path / META).exists() else {})
         if not art.meta:
@@ -293,7 +337,31 @@ class ArtifactStore:
                         "upstream": dict(upstream or {}), "code_version": code_version(),
                         "created": now_iso(), **info}
             atomic_write_json(path / META, art.meta)
+        elif attempt is not None:
+            self.remote.upload(path / META, f"{stage}/{key}/{attempt}/{META}")
         return art
+
+    def _stage_remote(self, stage: str, key: str) -> str:
+        """The attempt this process writes ``stage/key`` under; a crashed attempt's uploaded files (meta.json,
+        checkpoints) seed the mirror folder when this machine has none (resume on another machine)."""
+        from usseg_core.remote import ATTEMPT_FILE, new_attempt, register_staging
+
+        path = self.path(stage, key)
+        mine = path / ATTEMPT_FILE
+        if mine.exists() and not (path / MARKER).exists():
+            attempt = mine.read_text().strip()
+        else:
+            if (path / MARKER).exists():  # a mirror copy of a commit that is gone from the bucket
+                shutil.rmtree(path, ignore_errors=True)
+            if not path.exists():
+                crashed = self.remote.latest_attempt(stage, key)
+                if crashed is not None:
+                    self.remote.download_attempt(stage, key, crashed, path)
+            attempt = new_attempt()
+            path.mkdir(parents=True, exist_ok=True)
+            mine.write_text(attempt)
+        register_staging(path, self.url, stage, key, attempt)
+        return attempt
 
     def finish(self, art: Artifact, **fields: Any) -> Artifact:
         """Record final metadata, then write the completion marker last (atomic rename)."""
@@ -302,14 +370,77 @@ class ArtifactStore:
         art.meta["completed"] = now_iso()
         art.meta["size_bytes"] = folder_size(art.path)
         atomic_write_json(art.path / META, art.meta)
+        if self.remote is not None:
+            return self._commit(art)
         atomic_write_bytes(art.path / MARKER, art.meta["completed"].encode())
         return art
 
+    def _commit(self, art: Artifact) -> Artifact:
+        """Upload the attempt, then commit it with a conditional PUT of ``_COMPLETE`` (the bucket's
+        all-or-nothing step: no rename). A writer that loses the race drops its attempt and reads the
+        winner's."""
+        from usseg_core.remote import ATTEMPT_FILE, COMMIT, unregister_staging
+
+        attempt = (art.path / ATTEMPT_FILE).read_text().strip()
+        base = f"{art.stage}/{art.key}"
+        self.remote.upload_folder(art.path, art.stage, art.key, attempt, skip=(MARKER,))
+        record = {"attempt": attempt, "completed": art.meta["completed"], "size_bytes": art.meta["size_bytes"]}
+        won = self.remote.put(f"{base}/{COMMIT}", json.dumps(record).encode(), create=True)
+        unregister_staging(art.path)
+        if won:
+            atomic_write_bytes(art.path / MARKER, art.meta["completed"].encode())
+            for other in self.remote.attempts(art.stage, art.key):  # crashed attempts this one resumed
+                if other != attempt:
+                    self.remote.delete_prefix(f"{base}/{other}")
+            return art
+        self.remote.delete_prefix(f"{base}/{attempt}")
+        winner = self.get(art.stage, art.key)
+        if winner is None:
+            raise DamagedArtifact(art.path, "another writer committed this artifact but it cannot be read")
+        return winner
+
     def discard(self, stage: str, key: str) -> None:
+        """Remove the artifact: its folder, and on an object store its objects (the commit first)."""
         shutil.rmtree(self.path(stage, key), ignore_errors=True)
+        if self.remote is not None:
+            from usseg_core.remote import COMMIT
+
+            self.remote.delete([f"{stage}/{key}/{COMMIT}"])
+            self.remote.delete_prefix(f"{stage}/{key}")
+
+    def size_of(self, art: Artifact) -> int:
+        """Bytes of an artifact (its recorded size when complete)."""
+        if art.listed is not None:
+            return art.listed[1]
+        return int(art.meta.get("size_bytes") or folder_size(art.path)) if art.complete else folder_size(art.path)
+
+    def modified(self, art: Artifact) -> float:
+        """Newest modification time of anything in the artifact (seconds since the epoch)."""
+        if art.listed is not None:
+            return art.listed[2]
+        newest = art.path.stat().st_mtime
+        for dirpath, _, files in os.walk(art.path):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
+        return newest
+
+    def file_names(self, art: Artifact) -> list[str]:
+        """The top-level file and folder names of an artifact (not dot-files)."""
+        if art.path.is_dir():
+            return sorted(p.name for p in art.path.iterdir() if not p.name.startswith("."))
+        if self.remote is None:
+            return []
+        base = f"{art.stage}/{art.key}/"
+        names = {o.path[len(base):].split("/")[1] for o in self.remote.list(base.rstrip("/"))
+                 if o.path[len(base):].count("/") >= 1}
+        return sorted(n for n in names if not n.startswith("."))
 
     def iter_artifacts(self, stage: str | None = None) -> Iterator[Artifact]:
         """Every artifact folder (complete or not), stage by stage, oldest first within a stage."""
+        if self.remote is not None:
+            yield from self._iter_remote(stage)
+            return
         if not self.root.exists():
             return
         stages = [stage] if stage else sorted(p.name for p in self.root.iterdir() if p.is_dir())
@@ -328,7 +459,42 @@ class ArtifactStore:
             raise ConfigError(f"no artifact with key {key!r} under {self.root}")
         if len(hits) > 1:
             raise ConfigError(f"key {key!r} is ambiguous: " + ", ".join(f"{a.stage}/{a.key}" for a in hits))
+        if self.remote is not None and hits[0].complete:
+            return self.get(hits[0].stage, hits[0].key) or hits[0]
         return hits[0]
+
+    def _iter_remote(self, stage: str | None) -> Iterator[Artifact]:
+        """Every artifact on the bucket: its committed attempt's meta.json, else the newest attempt's."""
+        for st in [stage] if stage else self.remote.list_dirs(""):
+            if st.startswith(("_", ".")) or not st.replace("-", "").replace("_", "").isalnum():
+                continue
+            for key in self.remote.list_dirs(st):
+                if not key.isalnum():
+                    continue
+                record = self.remote.commit_record(st, key)
+                attempt = record["attempt"] if record else self.remote.latest_attempt(st, key)
+                if attempt is None:
+                    continue
+                raw = self.remote.get(f"{st}/{key}/{attempt}/{META}")
+                try:
+                    meta = json.loads(raw) if raw else {}
+                except json.JSONDecodeError:
+                    meta = {}
+                listed = self.remote.list(f"{st}/{key}")
+                yield Artifact(st, key, self.path(st, key), meta, committed=record is not None,
+                               listed=(len(listed), sum(o.size for o in listed),
+                                       max((o.modified for o in listed), default=0.0)))
+
+
+def local_root(storage: str | Path) -> Path:
+    """The local folder of a storage root: itself, or an object store's mirror (run records, answers,
+    rendered data and the service's files live there)."""
+    text = str(storage)
+    if is_url(text):
+        from usseg_core.remote import mirror_dir
+
+        return mirror_dir(text)
+    return Path(text.removeprefix("file://")).expanduser()
 
 
 def _read_meta(path: Path) -> dict:

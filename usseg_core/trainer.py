@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from usseg_core.device import host_batch
 from usseg_core.errors import InputError
 from usseg_core.features import read_items
+from usseg_core.remote import written
 
 CHECKPOINT_VERSION = 2
 # Fields that may change between an interrupted run and its resumption without changing its result.
@@ -194,6 +195,7 @@ def save_atomic(obj: dict, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+    written(path)  # an object store's artifact: PUT the checkpoint too (usseg_core/remote.py)
 
 
 def load_checkpoint(path: Path | None, config: dict, *, method: str,

@@ -23,8 +23,12 @@ def test_storage_root_order_flag_env_default(monkeypatch, tmp_path):
     assert settings.storage_root(f"file://{tmp_path}/url") == tmp_path / "url"
     monkeypatch.delenv("USSEG_STORAGE")
     assert settings.storage_root() == Path("./storage").resolve()
-    with pytest.raises(ConfigError, match="mount"):
-        settings.storage_root("s3://bucket/usseg")
+    monkeypatch.setenv("USSEG_CACHE_DIR", str(tmp_path / "cache"))
+    remote = settings.storage_root("s3://bucket/usseg/")
+    assert str(remote) == "s3://bucket/usseg" and remote / "_runs" == tmp_path / "cache/s3/bucket/usseg/_runs"
+    for bad in ("ftp://bucket/x", "s3://bucket/a/../b", "s3://bucket//x"):
+        with pytest.raises(ConfigError, match="storage"):
+            settings.storage_root(bad)
 
 
 def test_prefect_variable_sits_between_env_and_default(monkeypatch):
