@@ -165,7 +165,7 @@ def register_verify(storage_app: typer.Typer) -> None:
         damaged = []
         t0 = time.perf_counter()
         for n, art in enumerate(arts, 1):
-            v = verify_artifact(art)
+            v = verify_artifact(_fetched(store, art))
             counts[v.status] = counts.get(v.status, 0) + 1
             what = "; ".join(v.problems) if v.problems else "; ".join(v.notes)
             console.print(f"[{n}/{len(arts)}] {art.stage}/{art.key}: {v.status}" + (f" ({what})" if what else ""),
@@ -180,6 +180,19 @@ def register_verify(storage_app: typer.Typer) -> None:
             sys.stderr.write(f"error: {len(damaged)} damaged artifact{'s' * many}: delete "
                              + " ".join(str(a.path) for a in damaged) + f" to recompute {'them' if many else 'it'}\n")
             raise typer.Exit(code=EXIT_INPUT)
+
+
+def _fetched(store, art):
+    """``art`` itself, or on an object store its committed attempt fetched into the mirror (a damaged fetch
+    is verified as it lies in the mirror, which names what is wrong)."""
+    from usseg_core.errors import DamagedArtifact
+
+    if store.remote is None or not art.complete:
+        return art
+    try:
+        return store.get(art.stage, art.key) or art
+    except DamagedArtifact:
+        return store.open(art.stage, art.key)
 
 
 def _label(node) -> str:

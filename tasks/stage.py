@@ -402,7 +402,43 @@ class StageTask(Task):
 def stage_task(name: str, **options):
     """``@stage_task("kmeans")``: the :class:`StageTask` of an ``ensure_*`` function (never Prefect-cached:
     the artifact store is the cache)."""
-    return lambda fn: StageTask(fn=fn, name=name, cache_policy=NO_CACHE, **options)
+    return lambda fn: StageTask(fn=_with_inputs_fetched(fn), name=name, cache_policy=NO_CACHE, **options)
+
+
+def _refs(obj, depth: int = 0) -> Iterator[ArtifactRef]:
+    """The artifact references in a task's argument (nested in lists, tuples, dicts and dataclasses)."""
+    if depth > 4:
+        return
+    if isinstance(obj, ArtifactRef):
+        yield obj
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        for item in obj:
+            yield from _refs(item, depth + 1)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _refs(item, depth + 1)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in fields(obj):
+            yield from _refs(getattr(obj, f.name), depth + 1)
+
+
+def _with_inputs_fetched(fn):
+    """``fn`` that first makes every artifact its arguments reference present in this machine's mirror of an
+    object-store root (a Dask worker on another machine fetches its inputs from the bucket; on a local root,
+    or when the mirror already holds the commit, this costs nothing or one small GET each)."""
+    import functools
+
+    @functools.wraps(fn)
+    def inner(*args, **kwargs):
+        storage = kwargs.get("storage", args[0] if args else None)
+        if isinstance(storage, str) and "://" in storage and not storage.startswith("file://"):
+            store = ArtifactStore(storage)
+            for stage, key in {(r.stage, r.key) for r in _refs((args, kwargs))}:
+                if stage and key and key.isalnum():
+                    store.get(stage, key)
+        return fn(*args, **kwargs)
+
+    return inner
 
 
 def worker_id() -> str:

@@ -127,11 +127,9 @@ class RemoteRoot:
         return self.is_dir()
 
     def is_dir(self) -> bool:
-        """Whether the bucket answers (a listing of the prefix succeeds)."""
-        try:
-            RemoteStore(self.url).list_dirs("")
-        except RemoteError:
-            return False
+        """True when the bucket answers a listing of the prefix (an empty prefix is an empty store); a
+        refused or unreachable bucket raises :class:`RemoteError` with the library's reason."""
+        RemoteStore(self.url).list_dirs("")
         return True
 
 

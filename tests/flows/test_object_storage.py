@@ -82,13 +82,22 @@ def test_a_run_on_a_bucket_and_a_second_machine_that_finds_every_artifact(s3, sy
     fetched = {p.parent.parent.name + "/" + p.parent.name for p in (tmp_path / "machine2").rglob("_COMPLETE")}
     assert any(k.startswith("evaluation/") for k in fetched) and fetched <= set(committed)
 
+    # a stage task on a third machine (a Dask worker without the run's mirror) fetches what it is given
+    from tasks.stage import ArtifactRef, _with_inputs_fetched
+
+    monkeypatch.setenv("USSEG_CACHE_DIR", str(tmp_path / "worker"))
+    head_key = next(k for k in committed if k.startswith("head/")).split("/")[1]
+    mirror_head = tmp_path / "worker" / "s3" / "usseg" / s3.url.split("/", 3)[3] / "head" / head_key
+    ref = ArtifactRef(stage="head", key=head_key, path=str(mirror_head / "head.pt"))
+    seen = _with_inputs_fetched(lambda storage, inputs: Path(inputs["head"].path).is_file())
+    assert not mirror_head.exists() and seen(s3.url, {"head": ref}) is True
+
     # the storage commands read the bucket
     _, ls = _cli("storage", "ls", "--storage", s3.url)
     for key in committed:
         assert key.split("/")[1] in ls
     _, du = _cli("storage", "du", "--storage", s3.url)
     assert "features" in du and "total" in du
-    head_key = next(k for k in committed if k.startswith("head/")).split("/")[1]
     _, show = _cli("storage", "show", head_key[:8], "--storage", s3.url)
     shown = json.loads(show[show.index("{"):])
     assert shown["complete"] is True and shown["key"] == head_key and "meta.json" in shown["files"]
@@ -176,6 +185,8 @@ def test_a_killed_training_resumes_on_another_machine_from_its_checkpoint_on_the
     assert killed, "the training finished before a checkpoint reached the bucket"
     (key,) = remote.list_dirs("head")
     assert remote.commit_record("head", key) is None  # a killed run commits nothing
+    _, gc = _cli("storage", "gc", "--min-age-hours", "0", "--storage", s3.url)  # a dry run lists it
+    assert f"would remove head/{key} (incomplete" in gc
     env_b = {**env, "USSEG_CACHE_DIR": str(tmp_path / "b"), "PREFECT_LOGGING_LEVEL": "INFO"}
     resumed = subprocess.run([*base, "--storage", s3.url], env=env_b, cwd=REPO, capture_output=True, text=True,
                              timeout=600)
