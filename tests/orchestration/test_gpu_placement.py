@@ -13,10 +13,11 @@ import time
 
 import pytest
 import torch
-from prefect import flow, task
+from prefect import flow
 
 from orchestration.runner import SettingTaskRunner, plan_workers
 from tests.conftest import REPO
+from tests.orchestration.gpu_probes import cpu_probe, env_probe, gpu_probe
 from usseg_core.device import GPU_TAG, device_label, gpu_ids
 from usseg_core.errors import ConfigError
 
@@ -35,6 +36,12 @@ def test_n_workers_map_onto_g_gpus(n, gpus, expected):
     for w in plan:
         assert w.resources == ({"GPU": 1} if w.gpu is not None else {})
         assert w.env == {"CUDA_VISIBLE_DEVICES": w.gpu or ""}  # a CPU worker sees no GPU at all
+
+
+def test_probes_carry_the_gpu_tag():
+    from tests.orchestration import gpu_probes
+
+    assert gpu_probes.GPU_TAG == GPU_TAG and GPU_TAG in gpu_probe.tags and GPU_TAG not in cpu_probe.tags
 
 
 def test_a_runner_of_no_workers_is_refused():
@@ -81,40 +88,8 @@ def test_device_label_names_the_pinning(monkeypatch):
 
 # --- placement on real Dask clusters ---------------------------------------------------------------
 
-def _where(hold: float) -> dict:
-    """The Dask worker running this task: its name, CUDA_VISIBLE_DEVICES and resources."""
-    from distributed import get_worker
-
-    worker = get_worker()
-    time.sleep(hold)  # keeps the worker busy, so that other tasks go elsewhere when they may
-    return {"name": worker.name, "cvd": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "resources": dict(worker.state.total_resources)}
-
-
-@task(name="probe-gpu", tags=[GPU_TAG])
-def gpu_probe(i: int, hold: float = 0.0) -> dict:
-    return _where(hold)
-
-
-@task(name="probe-cpu")
-def cpu_probe(i: int, hold: float = 0.0) -> dict:
-    return _where(hold)
-
-
-@task(name="probe-env")
-def env_probe() -> dict:
-    """Every worker's name -> its CUDA_VISIBLE_DEVICES (asked from a task: the flow has no Dask client)."""
-    from distributed import get_client
-
-    return dict(get_client().run(_name_and_cvd).values())
-
-
-def _name_and_cvd(dask_worker) -> tuple:
-    return dask_worker.name, os.environ.get("CUDA_VISIBLE_DEVICES")
-
-
 @flow(name="test-gpu-placement", task_runner=SettingTaskRunner(parameter="task_runner"))
-def _placement(task_runner: str, n_gpu: int = 6, storage: str | None = None, data_root: str | None = None) -> dict:
+def _placement(task_runner: str, n_gpu: int = 4, storage: str | None = None, data_root: str | None = None) -> dict:
     """GPU probes while CPU probes wait behind two long GPU tasks; with ``storage``, an extraction too."""
     busy = [gpu_probe.submit(-1 - i, hold=2.0) for i in range(2)]  # the GPU workers are busy for a while
     cpu = [cpu_probe.submit(i, hold=0.2) for i in range(3)]  # ... so CPU work goes where it may: elsewhere
@@ -142,7 +117,7 @@ def test_local_cluster_pins_one_worker_per_gpu_and_places_gpu_work_there(prefect
     from usseg_core.datasets.synthetic import ensure_synthetic
 
     monkeypatch.setenv("USSEG_GPUS", "0,1")
-    root = ensure_synthetic(tmp_path / "synthetic", n_train=4, n_val=1, height=48, width=64)
+    root = ensure_synthetic(tmp_path / "synthetic", n_train=2, n_val=1, height=48, width=64)
     out = _placement("dask:3", storage=str(tmp_path / "storage"), data_root=str(root))
 
     assert out["env"] == {"gpu-0": "0", "gpu-1": "1", "cpu-0": ""}  # each worker's CUDA_VISIBLE_DEVICES
@@ -156,7 +131,7 @@ def test_local_cluster_pins_one_worker_per_gpu_and_places_gpu_work_there(prefect
 
     feats = out["features"]
     meta = json.loads((Path(feats["path"]).parent / "meta.json").read_text())
-    # four shards, written only by the two pinned workers; each names the device it computed on
+    # two shards, written only by the pinned workers; each names the device it computed on
     assert meta["workers"] and len(meta["workers"]) <= 2
     assert all(w.endswith(("cpu (CUDA_VISIBLE_DEVICES=0)", "cpu (CUDA_VISIBLE_DEVICES=1)")) for w in meta["workers"])
 
@@ -185,7 +160,7 @@ def test_existing_cluster_with_gpu_resource_workers_gets_the_same_placement(pref
             procs.append(_start([*common, "--name", "cpu-a"], env, log))
             address = json.loads(scheduler_file.read_text())["address"]
             _wait_for_workers(address, 2, deadline)
-            out = _placement(address, n_gpu=4)
+            out = _placement(address)
         finally:
             for p in procs:
                 p.terminate()
