@@ -177,3 +177,14 @@ def _wait_for_workers(address: str, n: int, deadline: float) -> None:
     with Client(address, timeout=max(1.0, deadline - time.monotonic())) as client:
         client.wait_for_workers(n, timeout=max(1.0, deadline - time.monotonic()))
 
+
+
+def test_an_indexed_cuda_device_on_a_pinned_worker_says_why_it_is_refused(monkeypatch):
+    from usseg_core.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # a worker pinned to GPU 3 sees one device
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(ConfigError, match=r"sees 1 CUDA device\(s\) \(CUDA_VISIBLE_DEVICES=3: .*use 'cuda' or 'auto'"):
+        resolve_device("cuda:1")
