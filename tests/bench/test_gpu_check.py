@@ -43,7 +43,7 @@ def test_gpu_check_sh_two_worker_section_skips_with_one_line_below_two_gpus(tmp_
     assert not {"extraction", "knn", "pipeline", "equal"} & set(result)
 
 
-@pytest.mark.slow  # about 60 s on 2 cores (two local Dask clusters, two extractions each)
+@pytest.mark.slow  # 2 to 4 minutes on 2 cores (two local Dask clusters, two extractions each)
 def test_gpu_check_two_worker_section_runs_on_two_named_gpus_on_cpu(tmp_path):
     """With two GPUs named (``$USSEG_GPUS=0,1``) the section runs its real code at toy size: two workers
     pinned one per GPU both wrote features, which equal one worker's."""
