@@ -12,8 +12,14 @@ code at toy sizes on whatever device there is (the test suite runs it on CPU). S
 4. equal: the same inputs on CUDA and on CPU: backbone features (fp32), head codes, exact KNN ids,
    k-means centroids from one init, cluster-probe / k-means labels, linear-probe logits, each against a
    stated tolerance; a failure exits 1.
+5. two-workers (needs 2 GPUs; skipped with one line otherwise): the same five-crop extraction on a local
+   Dask cluster of one worker (``--runner dask:1``) and of two workers pinned one per GPU (``dask:2``),
+   after a warm-up extraction that starts the workers and builds the backbone in each: img/s of each and
+   the speed-up, the devices the features' metadata names (two different GPUs, or it exits 1), and the
+   two runs' features against each other.
 
     bash bench/gpu_check.sh            # = python bench/gpu_check.py --out gpu_check.json
+    bash bench/gpu_check.sh out.json --sections two-workers   # one section
     python bench/gpu_check.py --smoke  # toy sizes, any device
 """
 from __future__ import annotations
@@ -31,6 +37,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import quiet_prefect, write_json  # noqa: E402
+from orchestration.runner import SettingTaskRunner  # noqa: E402
+from prefect import flow  # noqa: E402
 
 VIT8 = "vit_small_patch8_224.dino"
 # name -> (check, tolerance): relative L2 error unless the name says agreement (a fraction, >= tolerance)
@@ -43,6 +51,8 @@ TOLERANCES = {
     "k-means label agreement": 0.999,
     "linear-probe logits rel L2": 1e-4,
 }
+SECTIONS = ("extraction", "knn", "pipeline", "equal", "two-workers")
+TWO_WORKERS_TOLERANCE = 1e-3  # rel L2 of one worker's features against two workers': same GPU model, same batches
 
 
 def _rel(a, b) -> float:
@@ -175,16 +185,82 @@ def equal(device, storage: Path, head_keys: dict) -> dict:
     return out
 
 
+@flow(name="gpu-check-two-workers", task_runner=SettingTaskRunner(parameter="task_runner"))
+def timed_extraction(task_runner: str, storage: str, root: str, backbone: str, side: int, shard_size: int,
+                     batch_size: int) -> dict:
+    """A warm-up extraction (starts the workers, builds the backbone in each), then the timed five-crop
+    extraction of the same images on the same cluster."""
+    from tasks.backbone import BackboneRef
+    from tasks.extract import ensure_features
+    from tasks.manifest import DataRef
+    from usseg_core.views import ViewSpec
+
+    data, ref = DataRef("synthetic", root, "train"), BackboneRef(backbone, random_weights=True)
+    ensure_features(storage, data, ref, ViewSpec("center_crop", side // 2), shard_size=shard_size,
+                    batch_size=batch_size)
+    start = time.perf_counter()
+    feats = ensure_features(storage, data, ref, ViewSpec("five_crop", side), shard_size=shard_size,
+                            batch_size=batch_size)
+    return {"seconds": time.perf_counter() - start, "n": feats.n, "path": feats.path, "workers": list(feats.workers)}
+
+
+def two_workers(storage: Path, data: Path, smoke: bool) -> dict:
+    """One worker against two pinned one per GPU, on the same extraction (section 5 of the docstring)."""
+    import zarr
+
+    from usseg_core.datasets.synthetic import ensure_synthetic
+    from usseg_core.device import gpu_ids
+
+    gpus = gpu_ids()
+    if len(gpus) < 2:
+        return {"skipped": f"needs 2 GPUs, this machine has {len(gpus)}"}
+    n_images, shard = (8, 4) if smoke else (256, 64)  # shard = batch, in items: 2 / 4 warm-up shards, 10 / 20 timed
+    backbone, side = ("vit_small_patch16_224.dino", 64) if smoke else (VIT8, 224)
+    root = ensure_synthetic(data / "two-workers", n_train=n_images, n_val=1)
+    runs = {n: timed_extraction(f"dask:{n}", str(storage / f"dask{n}"), str(root), backbone, side, shard, shard)
+            for n in (1, 2)}
+    out = {"gpus": gpus, "backbone": backbone, "side": side, "items": runs[1]["n"]}
+    for n, run in runs.items():
+        out[f"dask:{n} img/s"] = round(run["n"] / run["seconds"], 1)
+    out["speed-up"] = round(out["dask:2 img/s"] / out["dask:1 img/s"], 2)
+    out["dask:2 workers"] = runs[2]["workers"]
+    pinned = {w.split(" ", 1)[1] for w in runs[2]["workers"]}  # "host:pid <device>": the device parts
+    out["two GPUs used"] = len(pinned) == 2
+    a, b = (zarr.open_group(runs[n]["path"], mode="r")["dense"] for n in (1, 2))
+    num = den = 0.0
+    for i in range(0, a.shape[0], 64):  # a block at a time: the full-size stores hold ~1.5 GB each
+        x, y = (np.asarray(z[i:i + 64], dtype=np.float64) for z in (a, b))
+        num, den = num + float(((x - y) ** 2).sum()), den + float((y ** 2).sum())
+    out["features rel L2"] = float(f"{(num / max(den, 1e-24)) ** 0.5:.3g}")
+    out["ok"] = out["two GPUs used"] and out["features rel L2"] <= TWO_WORKERS_TOLERANCE
+    return out
+
+
+def _two_worker_lines(row: dict) -> list[str]:
+    if "skipped" in row:
+        return [f"| two workers | skipped | {row['skipped']} |"]
+    where = f"two workers ({row['backbone']} @{row['side']}, {row['items']} five-crop items)"
+    return [f"| {where} | dask:1 img/s | {row['dask:1 img/s']} |",
+            f"| {where} | dask:2 img/s | {row['dask:2 img/s']} |",
+            f"| {where} | speed-up | {row['speed-up']} |",
+            f"| {where} | devices of dask:2 | {'; '.join(row['dask:2 workers'])} |",
+            f"| {where} | features rel L2 dask:1 vs dask:2 (tol {TWO_WORKERS_TOLERANCE}) | {row['features rel L2']} "
+            f"{'ok' if row['ok'] else 'FAIL'} |"]
+
+
 def _table(result: dict) -> str:
     lines = ["| section | measure | value |", "|---|---|---|"]
-    for k, v in result["extraction"].items():
+    for k, v in result.get("extraction", {}).items():
         lines.append(f"| extraction ViT-S/8 @{result['side']}, batch {result['batch']} | {k} | {v} |")
-    lines.append(f"| knn | N = {result['knn']['N']}, dim 384, k 30 | {result['knn']['seconds']} s |")
-    for head, row in result["pipeline"]["heads"].items():
+    if "knn" in result:
+        lines.append(f"| knn | N = {result['knn']['N']}, dim 384, k 30 | {result['knn']['seconds']} s |")
+    for head, row in result.get("pipeline", {}).get("heads", {}).items():
         lines.append(f"| pipeline ({result['pipeline']['backbone']}) | {head}: train steps/s | {row['train steps/s']} |")
         lines.append(f"| pipeline ({result['pipeline']['backbone']}) | {head}: eval img/s | {row['eval img/s']} |")
     for name, row in result.get("equal", {}).items():
         lines.append(f"| {result['device']} = cpu | {name} (tol {row['tolerance']}) | {row['value']} {'ok' if row['ok'] else 'FAIL'} |")
+    if "two_workers" in result:
+        lines += _two_worker_lines(result["two_workers"])
     return "\n".join(lines)
 
 
@@ -193,7 +269,13 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="toy sizes on any device (tests)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)} "
+                    "(equal needs pipeline)")
     args = ap.parse_args()
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown or ("equal" in sections and "pipeline" not in sections):
+        ap.error(f"--sections {args.sections}: " + (f"unknown {unknown[0]!r}" if unknown else "equal needs pipeline"))
     quiet_prefect()
     import torch
 
@@ -206,17 +288,25 @@ def main() -> None:
     result = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "torch": torch.__version__, "batch": batch, "side": side}
     t0 = time.perf_counter()
-    result["extraction"] = extraction(device, 2 if args.smoke else 8, batch, side)
-    result["knn"] = knn(device, 3000 if args.smoke else 250_000)
-    result["pipeline"] = pipeline(device, tmp / "storage", tmp / "data", args.smoke)
-    if device.type == "cuda" or args.smoke:  # smoke on CPU: CPU against CPU, the code path only
+    if "extraction" in sections:
+        result["extraction"] = extraction(device, 2 if args.smoke else 8, batch, side)
+    if "knn" in sections:
+        result["knn"] = knn(device, 3000 if args.smoke else 250_000)
+    if "pipeline" in sections:
+        result["pipeline"] = pipeline(device, tmp / "storage", tmp / "data", args.smoke)
+    if "equal" in sections and (device.type == "cuda" or args.smoke):  # smoke on CPU: CPU against CPU
         result["equal"] = equal(device, tmp / "storage", result["pipeline"]["head_keys"])
-    if device.type != "cuda":
+    if "equal" in sections and device.type != "cuda":
         result["equal_note"] = "no CUDA device: the CUDA = CPU checks compared CPU with CPU"
+    if "two-workers" in sections:
+        result["two_workers"] = two_workers(tmp / "two-workers", tmp / "data", args.smoke)
+        if "skipped" in result["two_workers"]:
+            print(f"two workers: skipped: {result['two_workers']['skipped']}", flush=True)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     print(_table(result))
     write_json(args.out, result)
-    if any(not row["ok"] for row in result.get("equal", {}).values()):
+    if any(not row["ok"] for row in result.get("equal", {}).values()) or not result.get("two_workers", {}).get(
+            "ok", True):
         sys.exit(1)
 
 

@@ -7,9 +7,9 @@ import numpy as np
 import torch
 
 from tasks.manifest import DataRef, load_manifest
-from tasks.stage import ArtifactRef, FeaturesRef, Work, declare, logger, run_stage, stage_task
+from tasks.stage import ArtifactRef, FeaturesRef, Work, declare, logger, run_stage, stage_task, worker_id
 from tasks.heads import load_head, open_features
-from usseg_core.device import resolve_device, to_device
+from usseg_core.device import GPU_TAG, resolve_device, to_device
 from usseg_core.views import ViewSpec, prepare_label
 
 CPU = torch.device("cpu")
@@ -34,7 +34,7 @@ def _pixels(codes: torch.Tensor) -> torch.Tensor:
     return codes.permute(0, 2, 3, 1).reshape(-1, codes.shape[1])  # (B*h*w, D), on the codes' device
 
 
-@stage_task("kmeans")
+@stage_task("kmeans", tags=[GPU_TAG])
 def ensure_kmeans(storage: str, head: ArtifactRef | None, feature_infos: list[FeaturesRef], k: int,
                   seed: int = 0, n_epochs: int = 2, device: str = "auto") -> ArtifactRef:
     """Cosine mini-batch k-means over the codes of the training set, streamed from the store.
@@ -58,7 +58,7 @@ def ensure_kmeans(storage: str, head: ArtifactRef | None, feature_infos: list[Fe
                               k=k, n_epochs=n_epochs, seed=seed, device=str(dev))
         np.save(work.art.file("centroids.npy"), centroids.astype(np.float32))
         logger().info("k-means/%s: K=%d over %d items", work.art.key, k, len(feats))
-        return {"k": k}
+        return {"k": k, "worker": worker_id(str(dev))}
 
     return run_stage(storage, KMEANS, params, upstream, body,
                      lambda art, hit: ArtifactRef.of(art, str(art.file("centroids.npy")), hit),
@@ -97,7 +97,7 @@ def labelled_code_batches(head_path: str | None, feature_info: dict, data: DataR
         yield emit(idx, labels)
 
 
-@stage_task("linear-probe")
+@stage_task("linear-probe", tags=[GPU_TAG])
 def ensure_linear_probe(storage: str, head: ArtifactRef | None, feature_info: FeaturesRef, data: DataRef,
                         view: dict, n_classes: int, epochs: int = 3, seed: int = 0,
                         device: str = "auto") -> ArtifactRef:
@@ -111,13 +111,14 @@ def ensure_linear_probe(storage: str, head: ArtifactRef | None, feature_info: Fe
     params = {"epochs": epochs, "seed": seed, "n_classes": n_classes, "lr": 5e-3}
     upstream = {"features": feature_info["key"], "head": head["key"] if head else "raw"}
 
-    def body(work: Work) -> None:
+    def body(work: Work) -> dict:
         vs, dev = ViewSpec.from_params(view), resolve_device(device)
         probe = work.core(
             train_linear_probe,
             lambda: labelled_code_batches(head["path"] if head else None, feature_info, data, vs, device=dev),
             n_classes=n_classes, epochs=epochs, lr=params["lr"], seed=seed, device=dev)
         torch.save({k: v.cpu() for k, v in probe.state_dict().items()}, work.art.file("probe.pt"))
+        return {"worker": worker_id(str(dev))}
 
     return run_stage(storage, PROBE, params, upstream, body,
                      lambda art, hit: ArtifactRef.of(art, str(art.file("probe.pt")), hit),

@@ -26,12 +26,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.manifest import DataRef
-from tasks.stage import EvaluationRef, FeaturesRef, ManifestRef, Work, declare, run_stage
+from tasks.stage import EvaluationRef, FeaturesRef, ManifestRef, Work, declare, run_stage, worker_id
 from tasks.heads import image_codes, load_head
 from tasks.retrieval import load_memory
 from usseg_core.bands import BAND_BYTES, band_rows, upsampled_bands  # noqa: F401 - band_rows: re-exported
 from usseg_core.crf import CRF_MAX_PIXELS, CRFParams, crf_grid, crf_image, crf_labels, crf_max_pixels, dense_crf
-from usseg_core.device import resolve_device, to_device
+from usseg_core.device import GPU_TAG, resolve_device, to_device
 from usseg_core.features import FeatureStore
 from usseg_core.metrics import OVERCLUSTER_MODES, ConfusionMatrix, hungarian_scores, identity_scores
 from usseg_core.spec import DEFAULT_OVERCLUSTER
@@ -220,7 +220,7 @@ def image_hierarchy(head_path: str, feats: FeatureStore, i: int, size: tuple[int
     return hierarchy_maps(head, to_device(feats[i].astype(np.float32)[None], device), size)
 
 
-@task(name="evaluate-shard", cache_policy=NO_CACHE)
+@task(name="evaluate-shard", cache_policy=NO_CACHE, tags=[GPU_TAG])
 def evaluate_shard(data: DataRef, manifest_path: str, feats_path: str, flips_path: str | None, *, view: dict,
                    groups: list[dict], n_classes: int, start: int, stop: int, run_crf: bool,
                    crf: dict, examples: list[int], device: str = "auto",
@@ -259,7 +259,7 @@ def evaluate_shard(data: DataRef, manifest_path: str, feats_path: str, flips_pat
                     cms[name] = cms.get(name, 0) + confusion(p, label, pred["n_pred"], n_classes)
                     if i in kept:
                         kept[i]["pred"][name] = thumbnail(p.astype(np.int16))
-    return {"cms": cms, "examples": kept}
+    return {"cms": cms, "examples": kept, "worker": worker_id(str(dev))}
 
 
 def confusion(pred: np.ndarray, label: np.ndarray, n_pred: int, n_classes: int,
@@ -317,8 +317,10 @@ def run_evaluation(storage: str, data: DataRef, manifest: ManifestRef, view: Vie
                    for a in range(0, n, shard_size)]
         cms: dict[str, np.ndarray] = {}
         kept: dict[int, dict] = {}
+        workers: set[str] = set()
         for f in futures:
             res = f.result()
+            workers.add(res["worker"])
             for name, m in res["cms"].items():
                 cms[name] = cms.get(name, 0) + m
             kept.update(res["examples"])
@@ -327,7 +329,7 @@ def run_evaluation(storage: str, data: DataRef, manifest: ManifestRef, view: Vie
                        overcluster)
         seconds = time.perf_counter() - started
         return {"rows": rows, "columns": list(rows[0]) if rows else [], "n_images": n,
-                "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 3)}
+                "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 3), "workers": sorted(workers)}
 
     def ref(art, hit: bool) -> EvaluationRef:
         return EvaluationRef.of(art, str(art.path), hit, rows=evaluation_rows(art) if hit else rows)

@@ -12,7 +12,7 @@ from tasks.backbone import BackboneRef, backbone_fingerprint, input_multiple, lo
 from tasks.manifest import DataRef, ensure_manifest, load_manifest
 from tasks.stage import (IMAGE_SHARD_UNKEYED, FeaturesRef, ManifestRef, Work, declare, logger, run_stage,
                          worker_id)
-from usseg_core.device import PRECISIONS, resolve_precision
+from usseg_core.device import GPU_TAG, PRECISIONS, resolve_precision
 from usseg_core.errors import InputError
 from usseg_core.features import FeatureStore, NonFiniteFeatures, extract_into
 from usseg_core.store import ArtifactStore
@@ -31,14 +31,14 @@ def feature_params(data: DataRef, view: ViewSpec, precision: str) -> dict:
             "precision": precision}
 
 
-@task(name="extract-shard", cache_policy=NO_CACHE, retries=1)
+@task(name="extract-shard", cache_policy=NO_CACHE, retries=1, tags=[GPU_TAG])
 def extract_shard(storage: str, key: str, data: DataRef, manifest_path: str, *, view: dict,
                   backbone: BackboneRef, start: int, stop: int, batch_size: int, precision: str) -> dict:
     """Embed the missing items of one shard ``[start, stop)`` and write them (one writer per shard)."""
     art = ArtifactStore(storage).open("features", key)
     fstore = FeatureStore(art.file("features.zarr"), mode="r+")
     todo = fstore.missing(start, stop)
-    worker = worker_id()
+    worker = worker_id(backbone.device)
     if not todo:
         return {"start": start, "written": 0, "worker": worker}
     from usseg_core.datasets.manifest import Manifest

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from tasks.manifest import DataRef, load_manifest
 from tasks.predictors import Predictor, predictors_for
-from tasks.stage import ArtifactRef, FeaturesRef, Work, declare, logger, run_stage, stage_task
+from tasks.stage import ArtifactRef, FeaturesRef, Work, declare, logger, run_stage, stage_task, worker_id
+from usseg_core.device import GPU_TAG
 from usseg_core.gallery import (CONTEXT, PATCH_SIDE, PER_CLUSTER, cell_box, gallery_grid, gallery_html,
                                 names_template, nearest_cells, patch)
 from usseg_core.viz import palette, save_png
@@ -90,7 +91,7 @@ def _write(folder, rows: list, ids: list[str], data: DataRef, view: dict, grid_h
     return {"n_patches": len(table)}
 
 
-@stage_task("gallery")
+@stage_task("gallery", tags=[GPU_TAG])
 def ensure_gallery(storage: str, predictor: Predictor, head: ArtifactRef, feats: FeaturesRef, data: DataRef, *,
                    per_cluster: int = PER_CLUSTER, device: str = "auto") -> GalleryRef:
     """The gallery of ``predictor`` (over ``head``'s codes) on the images of ``feats`` (read from ``data``)."""
@@ -109,7 +110,7 @@ def ensure_gallery(storage: str, predictor: Predictor, head: ArtifactRef, feats:
                  f"{data.name}/{data.split}")
         done = _write(work.art.path, rows, ids, data, feats["view"], grid_hw, title)
         logger().info("gallery/%s: %d clusters, %d patches", work.art.key, len(rows), done["n_patches"])
-        return {"n_clusters": len(rows), **done}
+        return {"n_clusters": len(rows), **done, "worker": worker_id(device)}
 
     def ref(art, hit: bool) -> GalleryRef:
         return GalleryRef.of(art, str(art.file("gallery.html")), hit, picture=str(art.file("gallery.png")),

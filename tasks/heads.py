@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from tasks.stage import ArtifactRef, FeaturesRef, HeadRef, Work, declare, logger, run_stage, stage_task, worker_id
-from usseg_core.device import to_device
+from usseg_core.device import GPU_TAG, to_device
 from usseg_core.errors import ConfigError
 from usseg_core.features import ConcatFeatures, FeatureStore
 from usseg_core.knn import KnnSettings
@@ -212,7 +212,7 @@ def _shorter_run(store: ArtifactStore, params: dict, upstream: dict, primary: st
     return best
 
 
-@stage_task("train-head")
+@stage_task("train-head", tags=[GPU_TAG])
 def ensure_head(storage: str, method: str, dataset: str, n_classes: int, inputs: dict,
                 overrides: dict | None = None, device: str = "auto") -> HeadRef:
     """Train (or find) a registered head on its cached inputs; resumes from its checkpoint after a crash.
@@ -247,7 +247,7 @@ def ensure_head(storage: str, method: str, dataset: str, n_classes: int, inputs:
                                 device=device, progress=True)
         save_head(art.file("head.pt"), method, n_classes, config, trained.payload)
         return {**trained.meta, "history": trained.history[-20:], "steps": trained.steps_done,
-                "seconds_per_step": trained.seconds_per_step, "worker": worker_id(), "continued_from": continued}
+                "seconds_per_step": trained.seconds_per_step, "worker": worker_id(device), "continued_from": continued}
 
     def ref(art, hit: bool) -> HeadRef:
         return HeadRef.of(art, str(art.file("head.pt")), hit, method=method)

@@ -28,6 +28,7 @@ from tasks.heads import load_head
 from tasks.manifest import DataRef
 from tasks.stage import ArtifactRef, Work, declare, logger, run_stage, stage_task, worker_id
 from usseg_core.crf import CRF_MAX_PIXELS, CRFParams, crf_max_pixels
+from usseg_core.device import GPU_TAG
 from usseg_core.errors import ConfigError
 from usseg_core.features import embed
 from usseg_core.heads import get_head
@@ -211,7 +212,7 @@ def _read(images: ImageSet, item: tuple[str, str]) -> np.ndarray:
     return images.data.dataset().load_image(item[0]) if images.data is not None else read_rgb(item[1])
 
 
-@task(name="segment-shard", cache_policy=NO_CACHE, retries=1)
+@task(name="segment-shard", cache_policy=NO_CACHE, retries=1, tags=[GPU_TAG])
 def segment_shard(storage: str, key: str, model: SegmentModel, data: DataRef | None, items: list, *, crf: bool,
                   long_side: int, device: str, crf_max_pixels: int) -> dict:
     """Segment the images of ``items`` not done yet into artifact ``segment/<key>`` (``<stem>_pixels.json``
@@ -233,7 +234,7 @@ def segment_shard(storage: str, key: str, model: SegmentModel, data: DataRef | N
                   "pixels": pixel_counts(labels, model.n_clusters)}
         atomic_write_bytes(folder / f"{stem}_pixels.json", json.dumps(counts).encode())
         written += 1
-    return {"written": written, "worker": worker_id()}
+    return {"written": written, "worker": worker_id(dev)}
 
 
 @dataclass(frozen=True, kw_only=True)

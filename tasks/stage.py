@@ -441,8 +441,15 @@ def _with_inputs_fetched(fn):
     return inner
 
 
-def worker_id() -> str:
-    """``host:pid`` of the process running a task (recorded by shards and trainings: where work ran)."""
+def worker_id(device: str | None = None) -> str:
+    """``host:pid`` of the process running a task (recorded by shards and trainings: where work ran),
+    followed by the device ``device`` resolves to there (``usseg_core.device.device_label``) when given:
+    ``host:1234 cuda:0 = GPU 3 (NVIDIA H100 80GB HBM3)`` on a Dask worker pinned to GPU 3."""
     import socket
 
-    return f"{socket.gethostname()}:{os.getpid()}"
+    where = f"{socket.gethostname()}:{os.getpid()}"
+    if device is None:
+        return where
+    from usseg_core.device import device_label, resolve_device
+
+    return f"{where} {device_label(resolve_device(device))}"

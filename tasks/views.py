@@ -13,9 +13,9 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.backbone import BackboneRef, backbone_fingerprint, load_backbone
 from tasks.manifest import DataRef, ensure_manifest, load_manifest
-from tasks.stage import IMAGE_SHARD_UNKEYED, ManifestRef, ViewsRef, Work, declare, logger, run_stage
+from tasks.stage import IMAGE_SHARD_UNKEYED, ManifestRef, ViewsRef, Work, declare, logger, run_stage, worker_id
 from tasks.extract import feature_params, naming_images, resolve_view
-from usseg_core.device import resolve_precision
+from usseg_core.device import GPU_TAG, resolve_precision
 from usseg_core.errors import ConfigError
 from usseg_core.features import FeatureStore, extract_into
 from usseg_core.store import ArtifactStore
@@ -27,17 +27,14 @@ VIEWS_VERSION = 2  # 2: crc32c in every chunk, every chunk written (as features 
 STORES = ((PLAIN, False), (WARPED, True))  # (file, geometric): plain = P(base(x)), warped = G(P(base(x)))
 
 
-@task(name="views-shard", cache_policy=NO_CACHE, retries=1)
+@task(name="views-shard", cache_policy=NO_CACHE, retries=1, tags=[GPU_TAG])
 def views_shard(storage: str, key: str, data: DataRef, manifest_path: str, *, view: dict,
                 backbone: BackboneRef, start: int, stop: int, batch_size: int, precision: str) -> dict:
     """Embed the missing plain and warped items of one shard ``[start, stop)`` (one writer per shard)."""
-    import os
-    import socket
-
     art = ArtifactStore(storage).open("views", key)
     stores = {name: FeatureStore(art.file(name), mode="r+") for name, _ in STORES}
     todo = {name: s.missing(start, stop) for name, s in stores.items()}
-    worker = f"{socket.gethostname()}:{os.getpid()}"
+    worker = worker_id(backbone.device)
     if not any(todo.values()):
         return {"start": start, "written": 0, "worker": worker}
     from usseg_core.datasets.manifest import Manifest
