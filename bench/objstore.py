@@ -93,7 +93,7 @@ def _head_meta(storage: str, seed: int) -> dict:
     from usseg_core.store import ArtifactStore
 
     (head,) = [a for a in ArtifactStore(storage).iter_artifacts("head")
-               if a.complete and a.meta.get("params", {}).get("seed", a.meta.get("seed")) == seed]
+               if a.complete and a.meta["params"]["config"]["stego"]["seed"] == seed]
     return head.meta
 
 
