@@ -465,6 +465,18 @@ def extract_into(store: FeatureStore, backbone: torch.nn.Module, load_item: Call
     return written
 
 
+def _contiguous_runs(indices: Sequence[int], shard_size: int, batch_size: int) -> Iterable[list[int]]:
+    """``indices`` sorted, in runs of consecutive items inside one shard, at most ``batch_size`` long."""
+    run: list[int] = []
+    for i in sorted(indices):
+        if run and (i != run[-1] + 1 or i // shard_size != run[0] // shard_size or len(run) == batch_size):
+            yield run
+            run = []
+        run.append(i)
+    if run:
+        yield run
+
+
 class ConcatFeatures:
     """Several feature stores seen as one indexable training set (e.g. train + val splits)."""
 
