@@ -98,7 +98,8 @@ def measure(root: str, size: int, n: int, dim: int, side: int, batch: int, repea
 
     read_items = len(batches) * batch
     out = {"layout": "chunk files" if size == 1 else f"shards of {size}", "size": size,
-           "objects_dense": _objects(store.group["dense"]) - 1,  # less its zarr.json "objects_total": _objects(store.group),
+           "objects_dense": _objects(store.group["dense"]) - 1,  # less its zarr.json
+           "objects_total": _objects(store.group),
            "write_items_s": n / t_write, "write_mb_s": n * item_mb / t_write}
     for name, fn, items in (("random_direct", random_direct, read_items), ("random_zarr", random_zarr, read_items),
                             ("sequential", sequential, n)):
@@ -130,6 +131,8 @@ def main() -> None:
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     base = rows[0]
     cols = ("write", "random_direct", "random_zarr", "sequential")
     print(f"{args.items} items of {args.dim}x{args.side}x{args.side} float16 "
@@ -145,8 +148,6 @@ def main() -> None:
                          f"{v:.0f} ({r[f'{c}_mb_s']:.0f}) {v / base[f'{c}_items_s']:.2f}x"
                          if base[f"{c}_items_s"] else f"{v:.0f} ({r[f'{c}_mb_s']:.0f})")
         print(f"| {r['layout']} | {r['objects_dense']} | {r['objects_total']} | " + " | ".join(cells) + " |")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -32,23 +32,21 @@ import logging
 import os
 import queue
 import re
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-import numcodecs.blosc
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.sync import sync as zarr_sync
 
+from usseg_core.chunk_reads import direct_reader
 from usseg_core.device import autocast_for, resolve_precision  # noqa: F401  (the one precision policy)
 from usseg_core.errors import ConfigError, UssegError
-from usseg_core.integrity import (EMPTY, checked_read, chunk_codecs, chunk_damage, chunk_key, in_complete_artifact,
-                                  index_bytes, inner_chunks, item_step, n_nonfinite, payload, shard_index)
+from usseg_core.integrity import checked_read, chunk_damage, chunk_key, in_complete_artifact, n_nonfinite
 
 DENSE, POOLED, DONE = "dense", "pooled", "done"
 MEMORY_ENV = "USSEG_FEATURE_MEMORY"  # bytes of dense features training may hold in RAM: "8G", "512M", "0"
@@ -91,103 +89,6 @@ def memory_budget() -> int:
     return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
 
 
-class _ChunkFiles:
-    """Direct reads of a dense array's stored objects, when they are what :meth:`FeatureStore.create`
-    writes: a local store, one item per chunk, little-endian bytes, one Blosc codec, then crc32c, nothing
-    else; the chunks in shards (each shard's index checked, then each item's bytes read at its offset) or
-    one file each (stores written before shards). Each chunk's crc32c is checked before it is decoded, and
-    its values for nan / inf after.
-
-    A background reader next to a Python training loop must hold the GIL as little as possible. Zarr 3's
-    read path runs per chunk in Python (asyncio tasks, indexers, buffers: ~1.7 ms of one core per
-    384x28x28 float16 chunk, and it slows a concurrent op-by-op torch loop by 1.6x on 2 cores); a file
-    read plus ``numcodecs.blosc.decompress`` into the batch (both without the GIL) costs ~0.8 ms and
-    slows it by 1.15x (measured, see bench/scale.py). Any other layout reads through Zarr.
-    """
-
-    def __init__(self, dense: zarr.Array, root: Path, missing: Callable[[int, int], None]) -> None:
-        self.dense, self.root, self.missing = dense, root, missing
-        self.inner = inner_chunks(dense)  # items per shard, None: one file per item
-
-    @classmethod
-    def of(cls, dense: zarr.Array, root: Path, missing: Callable[[int, int], None]) -> "_ChunkFiles | None":
-        from zarr.storage import LocalStore
-
-        codecs = chunk_codecs(dense)
-        plain = (len(codecs) == 3 and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], BloscCodec)
-                 and isinstance(codecs[2], Crc32cCodec)
-                 and (codecs[0].endian is None or codecs[0].endian.value == sys.byteorder))
-        if (not plain or not isinstance(dense.store, LocalStore) or dense.chunks != (1, *dense.shape[1:])
-                or np.dtype(dense.dtype) != np.float16):
-            return None
-        return cls(dense, root, missing)
-
-    def read_into(self, items: np.ndarray, out: np.ndarray, inverse: np.ndarray) -> None:
-        """``out[j] = dense[items[inverse[j]]]``: each distinct chunk read and decoded once (``items`` sorted)."""
-        first = np.full(len(items), -1)  # position in ``out`` of a distinct item's first copy
-        for j, k in enumerate(inverse):
-            if first[k] < 0:
-                first[k] = j
-        step = item_step(self.dense)
-        objects = items // step
-        for o in np.unique(objects):
-            ks = np.flatnonzero(objects == o)
-            if self.inner:
-                self._read_shard(int(o) * step, items[ks], out, first[ks])
-            else:
-                for k in ks:
-                    self._read_file(int(items[k]), out, int(first[k]))
-        for j, k in enumerate(inverse):
-            if first[k] != j:
-                out[j] = out[first[k]]
-
-    def _decode(self, data: bytes, obj: Path, i: int, out: np.ndarray, j: int) -> None:
-        body = payload(data)
-        if body is None:
-            raise chunk_damage(obj, (i, i + 1), "checksum mismatch")
-        item = np.empty(self.dense.shape[1:], dtype=np.float16)
-        numcodecs.blosc.decompress(body, item)
-        if n_nonfinite(item):
-            raise chunk_damage(obj, (i, i + 1), f"{n_nonfinite(item)} non-finite values (nan/inf)")
-        out[j] = item
-
-    def _read_file(self, i: int, out: np.ndarray, j: int) -> None:
-        chunk = self.root / chunk_key(self.dense, i)
-        try:
-            data = chunk.read_bytes()
-        except FileNotFoundError:  # damage, unless the item was never written: then the fill value
-            self.missing(i, i + 1)
-            out[j] = self.dense.fill_value
-            return
-        self._decode(data, chunk, i, out, j)
-
-    def _read_shard(self, a: int, items: np.ndarray, out: np.ndarray, at: np.ndarray) -> None:
-        """Items ``items`` (all in the shard starting at item ``a``) into ``out[at]``: the index, then each
-        item's bytes at its offset (``os.pread``: no Python-level file object, no GIL while reading)."""
-        shard = self.root / chunk_key(self.dense, a)
-        try:
-            fd = os.open(shard, os.O_RDONLY)
-        except FileNotFoundError:  # as for a chunk file: damage, unless none of its items was written
-            self.missing(a, min(a + self.inner, int(self.dense.shape[0])))
-            out[at] = self.dense.fill_value
-            return
-        try:
-            size, need = os.fstat(fd).st_size, index_bytes(self.inner)
-            index = shard_index(os.pread(fd, need, max(0, size - need)), self.inner)
-            if index is None:
-                raise chunk_damage(shard, (a, min(a + self.inner, int(self.dense.shape[0]))),
-                                   "shard index checksum mismatch")
-            for i, j in zip(items, at):
-                off, nbytes = index[int(i) - a]
-                if off == EMPTY:
-                    self.missing(int(i), int(i) + 1)
-                    out[j] = self.dense.fill_value
-                    continue
-                self._decode(os.pread(fd, int(nbytes), int(off)), shard, int(i), out, int(j))
-        finally:
-            os.close(fd)
-
-
 def _read_chunks(dense: zarr.Array, items: np.ndarray) -> list[np.ndarray]:
     """Items ``dense[i]`` for i in ``items`` through Zarr, in one call (any layout, any store).
 
@@ -219,7 +120,7 @@ class FeatureStore:
             self.dense, self.pooled, self.done = (a.with_config(WRITE_ALL) for a in (self.dense, self.pooled,
                                                                                      self.done))
         self._cache: np.ndarray | None = None
-        self._files = _ChunkFiles.of(self.dense, self.path / DENSE, functools.partial(self._missing, DENSE))
+        self._files = direct_reader(self.dense, self.path / DENSE, functools.partial(self._missing, DENSE))
 
     @classmethod
     def create(cls, path: str | Path, n: int, dim: int, h: int, w: int, shard_size: int = SHARD_SIZE,
@@ -339,8 +240,8 @@ class FeatureStore:
     def read_batch(self, indices: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
         """``store[i]`` for every i in ``indices`` (any order, repeats allowed): ``(B, C, h, w)``.
 
-        Streamed, each distinct chunk is read and decoded once (its file directly, see :class:`_ChunkFiles`,
-        or through Zarr for another layout); in memory, a copy out of the cache. ``out`` (shape ``(B, C, h, w)``, any float dtype, e.g. float32 or a pinned
+        Streamed, each distinct chunk is read and decoded once (its bytes directly, see
+        usseg_core/chunk_reads.py, or through Zarr for another layout); in memory, a copy out of the cache. ``out`` (shape ``(B, C, h, w)``, any float dtype, e.g. float32 or a pinned
         buffer's view) receives the values (cast once); default a new float16 array. Same values either way.
         """
         idx = _check_indices(indices, len(self))

@@ -97,9 +97,19 @@ def _message(folder: Path, problem: str) -> str:
 
 
 def _readers(path: Path):
-    """Every way training reads dense features: direct chunk files, through Zarr, into memory, one item."""
+    """Every way training reads dense features: direct chunk files, byte ranges through the Zarr store
+    (object stores), through Zarr, into memory, one item."""
     def fast(items):
         return FeatureStore(path).read_batch(items)
+
+    def ranges(items):
+        from usseg_core.chunk_reads import StoreChunkReads, direct_reader
+
+        store = FeatureStore(path)
+        store._files = direct_reader(store.dense, path / "dense", lambda a, b: store._missing("dense", a, b),
+                                     local=False)
+        assert isinstance(store._files, StoreChunkReads)
+        return store.read_batch(items)
 
     def via_zarr(items):
         store = FeatureStore(path)
@@ -114,7 +124,7 @@ def _readers(path: Path):
     def item(items):
         return np.stack([FeatureStore(path)[i] for i in items])
 
-    return {"fast": fast, "zarr": via_zarr, "memory": memory, "item": item}
+    return {"fast": fast, "ranges": ranges, "zarr": via_zarr, "memory": memory, "item": item}
 
 
 def _verify(storage: Path, *key: str):

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from usseg_core.chunk_reads import direct_reader
 from usseg_core.features import FeatureStore, extract_into
 
 REPO = Path(__file__).resolve().parents[2]
@@ -87,7 +88,9 @@ def test_an_array_of_n_items_is_n_over_s_objects_and_reads_the_same(tmp_path):
     want = Pool()(want).detach().numpy().astype(np.float16)
     via_zarr = FeatureStore(tmp_path / "s.zarr")
     via_zarr._files = None
-    for store in (sharded, chunked, via_zarr):  # direct shard reads, chunk files, Zarr: the same bits
+    ranges = FeatureStore(tmp_path / "s.zarr")  # byte ranges through the Zarr store, as from an object store
+    ranges._files = direct_reader(ranges.dense, tmp_path / "s.zarr/dense", lambda a, b: None, local=False)
+    for store in (sharded, chunked, via_zarr, ranges):  # shard files, chunk files, Zarr, ranges: the same bits
         assert np.array_equal(store.read_batch(idx).view(np.uint16), want.view(np.uint16))
     assert np.array_equal(sharded.pooled_all(), chunked.pooled_all())
 
@@ -116,7 +119,8 @@ def test_extraction_writes_each_shard_once(tmp_path, monkeypatch):
 KILLER = textwrap.dedent("""
     import os, signal, sys
     from tests.core.test_sharding import Pool, load_item
-    from usseg_core.features import FeatureStore, extract_into
+    from usseg_core.chunk_reads import direct_reader
+from usseg_core.features import FeatureStore, extract_into
 
     path, kill_after, flush = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 
