@@ -6,12 +6,14 @@ default) into feature stores of each layout (``1``: one chunk file per item, the
 
 - **write**: ``FeatureStore.write`` as the extraction calls it, once per shard (``extract_into`` holds a
   shard's items and writes them at once); the chunk-file layout likewise once per 64 items;
-- **random**: batches of ``--batch`` random items (streamed training), through the direct path
-  (``_ChunkFiles``: local files, no Zarr in the loop) and through Zarr (any other store: an object store);
+- **random**: batches of ``--batch`` random items (streamed training), three ways: ``direct``, the local
+  files read with ``os.pread`` (``LocalChunkReads``, what a local store uses); ``ranges``, byte ranges through
+  the Zarr store's API (``StoreChunkReads``, what any other store uses: an object store); ``zarr``, Zarr's
+  own read path (the fallback for any other layout);
 - **sequential**: every item once in order (``load_all``: in-memory training, k-means and codes passes).
 
-Each figure is the best of ``--repeats`` (the run least slowed by other work on the machine), with its
-ratio to the chunk-file layout measured in the same run. Object counts are the keys Zarr lists under the
+Each figure is the best of ``--repeats`` (the run least slowed by other work on the machine; the layouts
+take turns within each repeat), with its ratio to the chunk-file layout measured in the same run. Object counts are the keys Zarr lists under the
 store (every object, metadata included).
 
     PYTHONPATH=. python bench/shards.py --items 1024 --sizes 1 32 64 128 256
@@ -50,65 +52,80 @@ def _objects(node) -> int:
     return sync(count())
 
 
-def _best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+class Layout:
+    """One store of layout ``size`` (1 = chunk files) under ``root``, and its timed operations."""
 
+    def __init__(self, root: str, size: int, n: int, dim: int, side: int, batch: int) -> None:
+        self.path, self.size, self.n, self.dim, self.side = f"{root.rstrip('/')}/s{size}.zarr", size, n, dim, side
+        self.maps = _maps(n, dim, side)
+        rng = np.random.default_rng(1)
+        self.batches = [rng.integers(0, n, batch) for _ in range(max(1, n // batch))]
 
-def measure(root: str, size: int, n: int, dim: int, side: int, batch: int, repeats: int) -> dict:
-    """Write then read one store of layout ``size`` (1 = chunk files) under ``root``; figures per second."""
-    from usseg_core.features import FeatureStore
+    def write(self) -> None:
+        """The extraction's writes: one per shard (the chunk-file layout: per 64 items, its pooled chunks)."""
+        from usseg_core.features import FeatureStore
 
-    path = f"{root.rstrip('/')}/s{size}.zarr"
-    maps = _maps(n, dim, side)
-    unit = 64 if size == 1 else size  # the chunk-file layout's shards (pooled / done) were 64 items
-
-    def write() -> FeatureStore:
-        if "://" not in path:
-            shutil.rmtree(path, ignore_errors=True)
-        store = FeatureStore.create(path, n, dim, side, side, shard_size=unit, sharded=size > 1)
+        if "://" not in self.path:
+            shutil.rmtree(self.path, ignore_errors=True)
+        store = FeatureStore.create(self.path, self.n, self.dim, self.side, self.side,
+                                    shard_size=64 if self.size == 1 else self.size, sharded=self.size > 1)
         for a, b in store.shards():
-            dense = maps(a, b)
+            dense = self.maps(a, b)
             store.write(list(range(a, b)), dense, dense.astype(np.float32).mean((2, 3)))
+
+    def reader(self, how: str):
+        from usseg_core.chunk_reads import direct_reader
+        from usseg_core.features import FeatureStore
+
+        store = FeatureStore(self.path)
+        if how == "zarr":
+            store._files = None
+        elif how == "ranges":
+            store._files = direct_reader(store.dense, Path(self.path) / "dense", store._missing, local=False)
         return store
 
-    item_mb = dim * side * side * 2 / 1e6
-    t_write = _best(write, repeats)
-    store = FeatureStore(path)
-    rng = np.random.default_rng(1)
-    batches = [rng.integers(0, n, batch) for _ in range(max(1, n // batch))]
-
-    def random_direct() -> None:
-        for idx in batches:
+    def random(self, how: str) -> None:
+        store = self.reader(how)
+        for idx in self.batches:
             store.read_batch(idx)
 
-    via_zarr = FeatureStore(path)
-    via_zarr._files = None
+    def sequential(self) -> None:
+        self.reader("direct").load_all(max_bytes=1 << 62)
 
-    def random_zarr() -> None:
-        for idx in batches:
-            via_zarr.read_batch(idx)
 
-    def sequential() -> None:
-        FeatureStore(path).load_all(max_bytes=1 << 62)
+OPS = ("write", "random_direct", "random_ranges", "random_zarr", "sequential")
 
-    read_items = len(batches) * batch
-    out = {"layout": "chunk files" if size == 1 else f"shards of {size}", "size": size,
-           "objects_dense": _objects(store.group["dense"]) - 1,  # less its zarr.json
-           "objects_total": _objects(store.group),
-           "write_items_s": n / t_write, "write_mb_s": n * item_mb / t_write}
-    for name, fn, items in (("random_direct", random_direct, read_items), ("random_zarr", random_zarr, read_items),
-                            ("sequential", sequential, n)):
-        if name == "random_direct" and store._files is None:
-            out[f"{name}_items_s"] = out[f"{name}_mb_s"] = None  # not a local store: Zarr only
-            continue
-        t = _best(fn, repeats)
-        out[f"{name}_items_s"], out[f"{name}_mb_s"] = items / t, items * item_mb / t
-    return out
+
+def measure(layouts: list[Layout], repeats: int) -> list[dict]:
+    """Best time of each operation on each layout; the layouts take turns within each repeat (so that each
+    sees the same load of the machine), writes first."""
+    best = {(lay.size, op): float("inf") for lay in layouts for op in OPS}
+    for op in OPS:
+        for _ in range(repeats):
+            for lay in layouts:
+                if op == "random_direct" and "://" in lay.path:
+                    continue  # not a local store: no direct file reads
+                fn = {"write": lay.write, "sequential": lay.sequential}.get(op) or (
+                    lambda lay=lay, how=op.split("_")[1]: lay.random(how))
+                t0 = time.perf_counter()
+                fn()
+                best[lay.size, op] = min(best[lay.size, op], time.perf_counter() - t0)
+    rows = []
+    for lay in layouts:
+        from usseg_core.features import FeatureStore
+
+        store = FeatureStore(lay.path)
+        item_mb = lay.dim * lay.side ** 2 * 2 / 1e6
+        row = {"layout": "chunk files" if lay.size == 1 else f"shards of {lay.size}", "size": lay.size,
+               "objects_dense": _objects(store.group["dense"]) - 1,  # less its zarr.json
+               "objects_total": _objects(store.group)}
+        for op in OPS:
+            items = lay.n if op in ("write", "sequential") else len(lay.batches) * len(lay.batches[0])
+            t = best[lay.size, op]
+            row[f"{op}_items_s"] = None if t == float("inf") else items / t
+            row[f"{op}_mb_s"] = None if t == float("inf") else items * item_mb / t
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
@@ -127,14 +144,14 @@ def main() -> None:
     tmp = None if args.storage else tempfile.mkdtemp(prefix="usseg-shards-")
     root = args.storage or tmp
     try:
-        rows = [measure(root, s, args.items, args.dim, args.side, args.batch, args.repeats) for s in sizes]
+        rows = measure([Layout(root, s, args.items, args.dim, args.side, args.batch) for s in sizes], args.repeats)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     base = rows[0]
-    cols = ("write", "random_direct", "random_zarr", "sequential")
+    cols = OPS
     print(f"{args.items} items of {args.dim}x{args.side}x{args.side} float16 "
           f"({args.dim * args.side ** 2 * 2 / 1e6:.2f} MB), store {args.storage or 'a local temporary folder'}; "
           "items/s (MB/s) and x the chunk-file layout")
@@ -144,9 +161,8 @@ def main() -> None:
         cells = []
         for c in cols:
             v = r[f"{c}_items_s"]
-            cells.append("-" if v is None else
-                         f"{v:.0f} ({r[f'{c}_mb_s']:.0f}) {v / base[f'{c}_items_s']:.2f}x"
-                         if base[f"{c}_items_s"] else f"{v:.0f} ({r[f'{c}_mb_s']:.0f})")
+            ratio = f" {v / base[f'{c}_items_s']:.2f}x" if v and base[f"{c}_items_s"] else ""
+            cells.append("-" if v is None else f"{v:.0f} ({r[f'{c}_mb_s']:.0f}){ratio}")
         print(f"| {r['layout']} | {r['objects_dense']} | {r['objects_total']} | " + " | ".join(cells) + " |")
 
 

@@ -186,3 +186,10 @@ def test_dask_workers_filling_disjoint_shards_give_the_single_process_arrays(tmp
     for name in want:
         assert np.array_equal(got[name], want[name]), name
     assert single.is_complete() and len(_files(tmp_path / "dask.zarr" / "dense")) == 6 + 1
+
+
+def test_the_command_line_default_is_the_store_s_shard_size():
+    from usseg_core.features import SHARD_SIZE
+    from usseg_core.spec import ExtractSpec
+
+    assert ExtractSpec.model_fields["shard_size"].default == SHARD_SIZE == 128
