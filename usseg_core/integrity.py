@@ -98,7 +98,7 @@ def inner_chunks(arr) -> int | None:
     (one item per inner chunk, the index at the end with a crc32c), else None (not sharded)."""
     from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
 
-    codecs = arr.metadata.codecs
+    codecs = getattr(arr.metadata, "codecs", ())  # a Zarr v2 array has none: not sharded
     if not (len(codecs) == 1 and isinstance(codecs[0], ShardingCodec)):
         return None
     sharding = codecs[0]
@@ -113,7 +113,7 @@ def inner_chunks(arr) -> int | None:
 
 def chunk_codecs(arr) -> tuple:
     """The codecs of each chunk holding values: the inner chunks' of a sharded array, else the array's."""
-    codecs = arr.metadata.codecs
+    codecs = getattr(arr.metadata, "codecs", ())
     return tuple(codecs[0].codecs) if inner_chunks(arr) else tuple(codecs)
 
 

@@ -119,8 +119,7 @@ def test_extraction_writes_each_shard_once(tmp_path, monkeypatch):
 KILLER = textwrap.dedent("""
     import os, signal, sys
     from tests.core.test_sharding import Pool, load_item
-    from usseg_core.chunk_reads import direct_reader
-from usseg_core.features import FeatureStore, extract_into
+    from usseg_core.features import FeatureStore, extract_into
 
     path, kill_after, flush = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 
@@ -164,6 +163,36 @@ def test_a_killed_extraction_resumes_item_by_item_to_the_same_arrays(tmp_path, w
         assert np.array_equal(got[name], want[name]), (where, name)
     assert clean.is_complete()
     assert not [f for f in _files(path) if f.endswith(".partial")]  # no temporary object left behind
+
+
+def test_a_shard_write_that_fails_half_way_leaves_the_shard_as_it_was(tmp_path, monkeypatch):
+    """A write into a shard replaces the object at once (zarr's LocalStore: a temporary file, then a rename):
+    a write that dies half way (a full disk, a kill) keeps the items written before, and marks nothing done."""
+    from zarr.storage import _local
+
+    fill_path = tmp_path / "f.zarr"
+    store = create(fill_path, 12, 16)
+    extract_into(store, Pool(), load_item, range(8), batch_size=4)
+    before = (fill_path / "dense/c/0/0/0/0").read_bytes()
+
+    def half(path, value, exclusive=False):  # half the bytes reach the temporary file, then the write fails
+        with _local._atomic_write(path, "wb", exclusive=exclusive) as f:
+            f.write(value.as_buffer_like()[: len(value) // 2])
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_local, "_put", half)
+    with pytest.raises(OSError, match="No space"):
+        extract_into(store, Pool(), load_item, range(8, 12), batch_size=4)
+    monkeypatch.undo()
+    assert (fill_path / "dense/c/0/0/0/0").read_bytes() == before
+    store = FeatureStore(fill_path, mode="r+")
+    assert store.missing() == [8, 9, 10, 11]
+    extract_into(store, Pool(), load_item, store.missing(), batch_size=4)
+    fill(tmp_path / "clean.zarr", 12, 16)
+    got, want = _arrays(fill_path), _arrays(tmp_path / "clean.zarr")
+    for name in want:
+        assert np.array_equal(got[name], want[name]), name
+    assert not [f for f in _files(fill_path) if f.endswith(".partial")]
 
 
 # --- one writer per shard: Dask workers (a real local cluster) fill disjoint shards --------------------------
