@@ -10,7 +10,8 @@ default) into feature stores of each layout (``1``: one chunk file per item, the
   files read with ``os.pread`` (``LocalChunkReads``, what a local store uses); ``ranges``, byte ranges through
   the Zarr store's API (``StoreChunkReads``, what any other store uses: an object store); ``zarr``, Zarr's
   own read path (the fallback for any other layout);
-- **sequential**: every item once in order (``load_all``: in-memory training, k-means and codes passes).
+- **sequential**: every item once in order (``load_all``: in-memory training), shard by shard through the
+  direct reader (what ``load_all`` does) or in one read through Zarr (what it did before shards).
 
 Each figure is the best of ``--repeats`` (the run least slowed by other work on the machine; the layouts
 take turns within each repeat), with its ratio to the chunk-file layout measured in the same run. Object counts are the keys Zarr lists under the
@@ -89,11 +90,11 @@ class Layout:
         for idx in self.batches:
             store.read_batch(idx)
 
-    def sequential(self) -> None:
-        self.reader("direct").load_all(max_bytes=1 << 62)
+    def sequential(self, how: str) -> None:
+        self.reader(how).load_all(max_bytes=1 << 62)
 
 
-OPS = ("write", "random_direct", "random_ranges", "random_zarr", "sequential")
+OPS = ("write", "random_direct", "random_ranges", "random_zarr", "sequential_direct", "sequential_zarr")
 
 
 def measure(layouts: list[Layout], repeats: int) -> list[dict]:
@@ -103,10 +104,11 @@ def measure(layouts: list[Layout], repeats: int) -> list[dict]:
     for op in OPS:
         for _ in range(repeats):
             for lay in layouts:
-                if op == "random_direct" and "://" in lay.path:
+                if op.endswith("_direct") and "://" in lay.path:
                     continue  # not a local store: no direct file reads
-                fn = {"write": lay.write, "sequential": lay.sequential}.get(op) or (
-                    lambda lay=lay, how=op.split("_")[1]: lay.random(how))
+                kind, _, how = op.partition("_")
+                fn = lay.write if op == "write" else (
+                    lambda lay=lay, kind=kind, how=how: getattr(lay, kind)(how))
                 t0 = time.perf_counter()
                 fn()
                 best[lay.size, op] = min(best[lay.size, op], time.perf_counter() - t0)
@@ -120,7 +122,7 @@ def measure(layouts: list[Layout], repeats: int) -> list[dict]:
                "objects_dense": _objects(store.group["dense"]) - 1,  # less its zarr.json
                "objects_total": _objects(store.group)}
         for op in OPS:
-            items = lay.n if op in ("write", "sequential") else len(lay.batches) * len(lay.batches[0])
+            items = len(lay.batches) * len(lay.batches[0]) if op.startswith("random") else lay.n
             t = best[lay.size, op]
             row[f"{op}_items_s"] = None if t == float("inf") else items / t
             row[f"{op}_mb_s"] = None if t == float("inf") else items * item_mb / t

@@ -220,7 +220,12 @@ class FeatureStore:
         """Keep every dense map in memory when they fit in ``max_bytes`` (default :func:`memory_budget`)."""
         if self.nbytes > (memory_budget() if max_bytes is None else max_bytes):
             return False
-        if self._cache is None:
+        if self._cache is None and self._files is not None:  # shard by shard, each item's bytes read directly
+            cache = np.empty(self.shape, dtype=np.float16)
+            for a, b in self.shards():
+                self._files.read_into(np.arange(a, b), cache[a:b], np.arange(b - a))
+            self._cache = cache
+        elif self._cache is None:
             self._cache = self._zarr_read(DENSE, np.arange(len(self)), lambda: np.asarray(self.dense[:]))
         return True
 
