@@ -14,13 +14,14 @@ from tasks.stage import (IMAGE_SHARD_UNKEYED, FeaturesRef, ManifestRef, Work, de
                          worker_id)
 from usseg_core.device import GPU_TAG, PRECISIONS, resolve_precision
 from usseg_core.errors import InputError
-from usseg_core.features import FeatureStore, NonFiniteFeatures, extract_into
+from usseg_core.features import SHARD_SIZE, FeatureStore, NonFiniteFeatures, extract_into
 from usseg_core.store import ArtifactStore
 from usseg_core.views import ViewSpec, prepare_item, resolve_full_size
 
 # 2: every chunk carries a crc32c and is written even when it equals the fill value (caches that detect
 #    their own damage, docs/architecture.md "Integrity"); version-1 stores cannot be checked
-FEATURES_VERSION = 2
+# 3: dense maps in shards of ``shard_size`` items (zarr's sharding codec): N / shard_size objects, not N
+FEATURES_VERSION = 3
 
 
 def feature_params(data: DataRef, view: ViewSpec, precision: str) -> dict:
@@ -134,12 +135,13 @@ FEATURES = declare("features", FEATURES_VERSION, "tasks.extract.extract_shard", 
 
 
 def ensure_features(storage: str, data: DataRef, backbone: BackboneRef, view: ViewSpec, *,
-                    batch_size: int = 8, precision: str = "auto", shard_size: int = 64,
+                    batch_size: int = 8, precision: str = "auto", shard_size: int = SHARD_SIZE,
                     manifest: ManifestRef | None = None) -> FeaturesRef:
     """The feature artifact of (data, backbone, view): a cache hit costs key look-ups only.
 
-    Runs inside a flow: shards are mapped as Prefect tasks onto the flow's task runner and write disjoint
-    chunks; a killed extraction resumes with the items it had not written.
+    Runs inside a flow: shards of ``shard_size`` items are mapped as Prefect tasks onto the flow's task
+    runner, one task per stored shard, so two workers never write into one object; a killed extraction
+    resumes with the items it had not written.
     """
     log = logger()
     manifest = manifest or ensure_manifest(data, storage)

@@ -17,13 +17,13 @@ from tasks.stage import IMAGE_SHARD_UNKEYED, ManifestRef, ViewsRef, Work, declar
 from tasks.extract import feature_params, naming_images, resolve_view
 from usseg_core.device import GPU_TAG, resolve_precision
 from usseg_core.errors import ConfigError
-from usseg_core.features import FeatureStore, extract_into
+from usseg_core.features import SHARD_SIZE, FeatureStore, extract_into
 from usseg_core.store import ArtifactStore
 from usseg_core.viewbank import (DRAWS_FILE, PLAIN, WARPED, ViewBankConfig, check_base_view, draw_views,
                                  load_draws, render_view, save_draws, summarize_draws)
 from usseg_core.views import ViewSpec
 
-VIEWS_VERSION = 2  # 2: crc32c in every chunk, every chunk written (as features version 2)
+VIEWS_VERSION = 3  # 2: crc32c in every chunk, every chunk written; 3: sharded (as features versions 2, 3)
 STORES = ((PLAIN, False), (WARPED, True))  # (file, geometric): plain = P(base(x)), warped = G(P(base(x)))
 
 
@@ -72,11 +72,12 @@ VIEWS = declare("views", VIEWS_VERSION, "tasks.views.views_shard", unkeyed=IMAGE
 
 def ensure_views(storage: str, data: DataRef, backbone: BackboneRef, base_view: ViewSpec,
                  config: ViewBankConfig, *, batch_size: int = 8, precision: str = "auto",
-                 shard_size: int = 64, manifest: ManifestRef | None = None) -> ViewsRef:
+                 shard_size: int = SHARD_SIZE, manifest: ManifestRef | None = None) -> ViewsRef:
     """The view bank of (data, backbone, base view, draws config): a cache hit costs key look-ups only.
 
     Runs inside a flow: shards (``shard_size`` items, rounded up to whole images) are mapped as Prefect
-    tasks onto the flow's task runner and write disjoint chunks of both stores; the draws are recorded at
+    tasks onto the flow's task runner, one task per stored shard of both stores (never two writers in one
+    object); the draws are recorded at
     begin, so an interrupted bank resumes with the same draws.
     """
     log = logger()

@@ -55,7 +55,7 @@ class DamagedArtifact(InputError):
 
     Attributes:
         folder: the artifact folder (``<storage>/<stage>/<key>``), or the damaged store outside one.
-        problem: what is damaged, e.g. ``item 17 (features.zarr/dense/c/17/0/0/0): checksum mismatch``.
+        problem: what is damaged, e.g. ``item 17 (features.zarr/dense/c/0/0/0/0): checksum mismatch``.
     """
 
     def __init__(self, folder: str | Path, problem: str) -> None:

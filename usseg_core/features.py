@@ -2,17 +2,21 @@
 
 Layout of one feature artifact (docs/architecture.md, "Feature store"): a Zarr v3 group with
 
-- ``dense``  ``(N, C, h, w)`` float16, one chunk per item, zstd (Blosc) compressed;
+- ``dense``  ``(N, C, h, w)`` float16, one chunk per item, zstd (Blosc) compressed, the chunks of
+  ``shard_size`` consecutive items stored as one object (zarr's sharding codec): ``N / shard_size``
+  objects, not N;
 - ``pooled`` ``(N, C)`` float32: global average of the dense map (computed in fp32 before the cast);
 - ``done``   ``(N,)`` bool: an item is marked done only after its dense and pooled rows are written.
 
-Every chunk ends with a crc32c and every chunk is written, even one equal to the fill value: a damaged
-chunk, a missing chunk of an item marked done, or a non-finite value read raises
-:class:`~usseg_core.errors.DamagedArtifact` naming the item (usseg_core/integrity.py); non-finite values are
-refused on write (:class:`NonFiniteFeatures`).
+Every chunk (every inner chunk of a shard, and each shard's index) ends with a crc32c and every chunk is
+written, even one equal to the fill value: a damaged chunk, a missing chunk of an item marked done, or a
+non-finite value read raises :class:`~usseg_core.errors.DamagedArtifact` naming the item
+(usseg_core/integrity.py); non-finite values are refused on write (:class:`NonFiniteFeatures`).
 
-``pooled`` and ``done`` are chunked by *shard* (``shard_size`` items): a shard is written by exactly one
-worker, so workers never touch each other's chunks, and a killed run resumes item by item from ``done``.
+``pooled`` and ``done`` are chunked by *shard* too: a shard is written by exactly one worker, so workers
+never touch each other's objects. The extraction holds a shard's items in memory and writes the shard once
+(a write into a shard rewrites the whole object); ``done`` is per item, so a killed run resumes item by
+item: it loses only the items embedded but not yet written (:func:`extract_into`).
 
 Training reads batches of dense maps (:meth:`FeatureStore.read_batch`) in one of two modes, chosen once by
 :func:`choose_read_mode`: **in-memory** (every map decoded once into RAM) when the features fit the memory
@@ -28,27 +32,28 @@ import logging
 import os
 import queue
 import re
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-import numcodecs.blosc
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.sync import sync as zarr_sync
 
+from usseg_core.chunk_reads import direct_reader
 from usseg_core.device import autocast_for, resolve_precision  # noqa: F401  (the one precision policy)
 from usseg_core.errors import ConfigError, UssegError
-from usseg_core.integrity import checked_read, chunk_damage, chunk_key, in_complete_artifact, n_nonfinite, payload
+from usseg_core.integrity import checked_read, chunk_damage, chunk_key, in_complete_artifact, n_nonfinite
 
 DENSE, POOLED, DONE = "dense", "pooled", "done"
 MEMORY_ENV = "USSEG_FEATURE_MEMORY"  # bytes of dense features training may hold in RAM: "8G", "512M", "0"
 DEFAULT_MEMORY_BUDGET = 8 << 30
 IN_MEMORY, STREAMED = "in-memory", "streamed"
+SHARD_SIZE = 128  # items per shard (and per extraction task): measured, docs/results.md "Sharded feature stores"
+FLUSH_BYTES = 256 << 20  # dense bytes an extraction holds before it writes them into their shard
 _log = logging.getLogger("usseg")
 
 
@@ -84,60 +89,6 @@ def memory_budget() -> int:
     return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
 
 
-class _ChunkFiles:
-    """Direct reads of a dense array's chunk files, when they are what :meth:`FeatureStore.create` writes:
-    a local store, one item per chunk, little-endian bytes, one Blosc codec, then crc32c, nothing else.
-    Each file's crc32c is checked before it is decoded, and its values for nan / inf after.
-
-    A background reader next to a Python training loop must hold the GIL as little as possible. Zarr 3's
-    read path runs per chunk in Python (asyncio tasks, indexers, buffers: ~1.7 ms of one core per
-    384x28x28 float16 chunk, and it slows a concurrent op-by-op torch loop by 1.6x on 2 cores); a file
-    read plus ``numcodecs.blosc.decompress`` into the batch (both without the GIL) costs ~0.8 ms and
-    slows it by 1.15x (measured, see bench/scale.py). Any other layout reads through Zarr.
-    """
-
-    def __init__(self, dense: zarr.Array, root: Path, missing: Callable[[int, int], None]) -> None:
-        self.dense, self.root, self.missing = dense, root, missing
-
-    @classmethod
-    def of(cls, dense: zarr.Array, root: Path, missing: Callable[[int, int], None]) -> "_ChunkFiles | None":
-        from zarr.storage import LocalStore
-
-        codecs = getattr(dense.metadata, "codecs", ())
-        plain = (len(codecs) == 3 and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], BloscCodec)
-                 and isinstance(codecs[2], Crc32cCodec)
-                 and (codecs[0].endian is None or codecs[0].endian.value == sys.byteorder))
-        if (not plain or not isinstance(dense.store, LocalStore) or dense.chunks != (1, *dense.shape[1:])
-                or np.dtype(dense.dtype) != np.float16):
-            return None
-        return cls(dense, root, missing)
-
-    def read_into(self, items: np.ndarray, out: np.ndarray, inverse: np.ndarray) -> None:
-        """``out[j] = dense[items[inverse[j]]]``: each distinct chunk read and decoded once."""
-        item = np.empty(self.dense.shape[1:], dtype=np.float16)
-        first = {}  # position in ``out`` of a distinct item's first copy
-        for j, k in enumerate(inverse):
-            if k in first:
-                out[j] = out[first[k]]
-                continue
-            first[k] = j
-            i = int(items[k])
-            chunk = self.root / chunk_key(self.dense, i)
-            try:
-                data = chunk.read_bytes()
-            except FileNotFoundError:  # damage, unless the item was never written: then the fill value
-                self.missing(i, i + 1)
-                out[j] = self.dense.fill_value
-                continue
-            body = payload(data)
-            if body is None:
-                raise chunk_damage(chunk, (i, i + 1), "checksum mismatch")
-            numcodecs.blosc.decompress(body, item)
-            if n_nonfinite(item):
-                raise chunk_damage(chunk, (i, i + 1), f"{n_nonfinite(item)} non-finite values (nan/inf)")
-            out[j] = item
-
-
 def _read_chunks(dense: zarr.Array, items: np.ndarray) -> list[np.ndarray]:
     """Items ``dense[i]`` for i in ``items`` through Zarr, in one call (any layout, any store).
 
@@ -169,23 +120,33 @@ class FeatureStore:
             self.dense, self.pooled, self.done = (a.with_config(WRITE_ALL) for a in (self.dense, self.pooled,
                                                                                      self.done))
         self._cache: np.ndarray | None = None
-        self._files = _ChunkFiles.of(self.dense, self.path / DENSE, functools.partial(self._missing, DENSE))
+        self._files = direct_reader(self.dense, self.path / DENSE, functools.partial(self._missing, DENSE))
 
     @classmethod
-    def create(cls, path: str | Path, n: int, dim: int, h: int, w: int,
-               shard_size: int = 64) -> "FeatureStore":
-        """Create the arrays, or reopen them if a previous (crashed) run made them with this shape."""
+    def create(cls, path: str | Path, n: int, dim: int, h: int, w: int, shard_size: int = SHARD_SIZE,
+               sharded: bool = True) -> "FeatureStore":
+        """Create the arrays, or reopen them if a previous (crashed) run made them with this shape.
+
+        ``shard_size`` items share one stored object of each array. ``sharded=False`` writes the layout
+        of stores made before shards (one ``dense`` chunk file per item), kept for bench/shards.py's
+        comparison and for tests that stores of that layout still read and verify."""
         path = Path(path)
         if (path / "zarr.json").exists():
             store = cls(path, mode="r+")
-            if store.dense.shape == (n, dim, h, w) and store.done.chunks == (shard_size,):
+            if store.dense.shape == (n, dim, h, w) and store.done.chunks == (shard_size,) and (
+                    store.dense.shards == ((shard_size, dim, h, w) if sharded else None)):
                 return store
-            raise ConfigError(f"{path}: existing feature store has shape {store.dense.shape}, "
-                              f"expected {(n, dim, h, w)}; remove the incomplete artifact")
+            raise ConfigError(f"{path}: existing feature store has shape {store.dense.shape} in shards of "
+                              f"{store.shard_size} items, expected {(n, dim, h, w)} in shards of {shard_size}; "
+                              "remove the incomplete artifact")
+        if int(shard_size) != shard_size or shard_size < 1:
+            raise ConfigError(f"shard_size must be a positive integer, got {shard_size!r}")
         group = zarr.open_group(str(path), mode="w")
         codecs = dict(compressors=(_compressor(), Crc32cCodec()), config=WRITE_ALL)  # crc32c of each chunk
+        # sharded: each inner chunk (one item) keeps its crc32c; the shard index gets its own (zarr's default)
+        shards = dict(shards=(shard_size, dim, h, w)) if sharded else {}
         group.create_array(DENSE, shape=(n, dim, h, w), chunks=(1, dim, h, w), dtype="float16", fill_value=0,
-                           **codecs)
+                           **shards, **codecs)
         group.create_array(POOLED, shape=(n, dim), chunks=(shard_size, dim), dtype="float32", fill_value=0,
                            **codecs)
         group.create_array(DONE, shape=(n,), chunks=(shard_size,), dtype="bool", fill_value=False, **codecs)
@@ -229,7 +190,10 @@ class FeatureStore:
         return [start + int(i) for i in np.flatnonzero(~done)]
 
     def write(self, indices: Sequence[int], dense: np.ndarray, pooled: np.ndarray) -> None:
-        """Write items; ``indices`` must be contiguous and inside one shard (one writer per chunk).
+        """Write items; ``indices`` must be contiguous and inside one shard (one writer per shard). Each
+        array's shard is written once, whole (a store's write replaces an object at once: zarr's LocalStore
+        writes a temporary file and renames it, an object store's PUT is all or nothing), so the items of
+        the shard written before are kept, whatever happens during this write.
 
         Non-finite values (after the cast to float16: a value above 65504 becomes inf) raise
         :class:`NonFiniteFeatures` naming the first such item, and nothing is written."""
@@ -256,7 +220,12 @@ class FeatureStore:
         """Keep every dense map in memory when they fit in ``max_bytes`` (default :func:`memory_budget`)."""
         if self.nbytes > (memory_budget() if max_bytes is None else max_bytes):
             return False
-        if self._cache is None:
+        if self._cache is None and self._files is not None:  # shard by shard, each item's bytes read directly
+            cache = np.empty(self.shape, dtype=np.float16)
+            for a, b in self.shards():
+                self._files.read_into(np.arange(a, b), cache[a:b], np.arange(b - a))
+            self._cache = cache
+        elif self._cache is None:
             self._cache = self._zarr_read(DENSE, np.arange(len(self)), lambda: np.asarray(self.dense[:]))
         return True
 
@@ -276,8 +245,8 @@ class FeatureStore:
     def read_batch(self, indices: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
         """``store[i]`` for every i in ``indices`` (any order, repeats allowed): ``(B, C, h, w)``.
 
-        Streamed, each distinct chunk is read and decoded once (its file directly, see :class:`_ChunkFiles`,
-        or through Zarr for another layout); in memory, a copy out of the cache. ``out`` (shape ``(B, C, h, w)``, any float dtype, e.g. float32 or a pinned
+        Streamed, each distinct chunk is read and decoded once (its bytes directly, see
+        usseg_core/chunk_reads.py, or through Zarr for another layout); in memory, a copy out of the cache. ``out`` (shape ``(B, C, h, w)``, any float dtype, e.g. float32 or a pinned
         buffer's view) receives the values (cast once); default a new float16 array. Same values either way.
         """
         idx = _check_indices(indices, len(self))
@@ -360,27 +329,50 @@ def embed(backbone: torch.nn.Module, images: torch.Tensor, precision: str = "aut
 
 def extract_into(store: FeatureStore, backbone: torch.nn.Module, load_item: Callable[[int], torch.Tensor],
                  indices: Sequence[int], *, batch_size: int = 8, precision: str = "auto",
-                 progress: Callable[[int], None] | None = None) -> int:
-    """Embed the items ``indices`` (contiguous runs within shards) and write them; returns the count.
+                 progress: Callable[[int], None] | None = None, flush_bytes: int = FLUSH_BYTES) -> int:
+    """Embed the items ``indices`` and write them; returns the count.
 
-    ``load_item(i)`` gives item i as (3, H, W) float in [0, 1]. Batches never straddle a shard, so a
-    shard's chunks have one writer.
+    ``load_item(i)`` gives item i as (3, H, W) float in [0, 1]. Batches never straddle a shard. Embedded
+    items are held until their shard's last item in ``indices`` is embedded, or until ``flush_bytes`` of
+    dense maps are held, then written in one write per contiguous run: a write into a shard rewrites the
+    whole object, so a shard is written once, not once per batch. Resume is per item: a kill loses the
+    items held, never one written (``done`` is set after each write).
     """
     def batches() -> Iterable[tuple[list[int], torch.Tensor]]:
         for run in _contiguous_runs(indices, store.shard_size, batch_size):
             yield run, torch.stack([load_item(i) for i in run])
 
+    held: list[tuple[list[int], np.ndarray, np.ndarray]] = []  # (items, dense float16, pooled float32)
+
+    def flush() -> None:
+        if held:
+            items = [i for run, _, _ in held for i in run]
+            dense = np.concatenate([d for _, d, _ in held])
+            pooled = np.concatenate([p for _, _, p in held])
+            at = 0
+            for run in _contiguous_runs(items, store.shard_size, len(items)):
+                store.write(run, dense[at:at + len(run)], pooled[at:at + len(run)])
+                at += len(run)
+            held.clear()
+
     written = 0
     for run, images in prefetch_iter(batches()):
+        if held and run[0] // store.shard_size != held[0][0][0] // store.shard_size:
+            flush()  # the previous shard is complete
         dense, pooled = embed(backbone, images, precision)
-        store.write(run, dense, pooled)
+        with np.errstate(over="ignore"):  # held as stored; an overflow becomes inf, refused by write()
+            held.append((run, dense.astype(np.float16), pooled))
+        if sum(d.nbytes for _, d, _ in held) >= flush_bytes:
+            flush()
         written += len(run)
         if progress:
             progress(len(run))
+    flush()
     return written
 
 
 def _contiguous_runs(indices: Sequence[int], shard_size: int, batch_size: int) -> Iterable[list[int]]:
+    """``indices`` sorted, in runs of consecutive items inside one shard, at most ``batch_size`` long."""
     run: list[int] = []
     for i in sorted(indices):
         if run and (i != run[-1] + 1 or i // shard_size != run[0] // shard_size or len(run) == batch_size):

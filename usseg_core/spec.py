@@ -177,7 +177,9 @@ class ExtractSpec(DataSpec):
                                                                          "at their own size).")
     flip: bool = Field(False, description="Horizontally flipped images.")
     batch_size: int = Field(8, ge=1, description="Images per backbone batch.")
-    shard_size: int = Field(64, ge=1, description="Images per task (fan-out unit).")
+    shard_size: int = Field(128, ge=1, description="Items per task and per stored shard (fan-out unit; "
+                                                  "usseg_core.features.SHARD_SIZE, docs/results.md "
+                                                  "\"Sharded feature stores\").")
     precision: Precision = Field("auto", description="auto (bf16 on CUDA) | fp32 | bf16.")
 
 

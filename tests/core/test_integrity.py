@@ -2,7 +2,8 @@
 
 A flipped byte or a deleted chunk of a feature store, a non-finite value, a truncated ``head.pt``: each is
 one error naming the artifact, the item or file, and the folder to delete; ``usseg storage verify`` finds
-each of them and exits 4, and exits 0 on a healthy store.
+each of them and exits 4, and exits 0 on a healthy store. Dense features are sharded (8 items per shard
+here): the tests find an item's bytes in its shard with their own reading of the shard index.
 """
 from __future__ import annotations
 
@@ -35,22 +36,58 @@ def _crc32c(data: bytes) -> int:
     return crc ^ 0xFFFFFFFF
 
 
+EMPTY = 2**64 - 1
+
+
+def _index(shard: Path, n_inner: int = 8) -> np.ndarray:
+    """(n_inner, 2) (offset, nbytes) of a shard's inner chunks: the last 16 n + 4 bytes, crc32c checked."""
+    data = shard.read_bytes()
+    tail = data[-(16 * n_inner + 4):]
+    assert int.from_bytes(tail[-4:], "little") == _crc32c(tail[:-4])
+    return np.frombuffer(tail[:-4], "<u8").reshape(n_inner, 2)
+
+
+def _item_bytes(shard: Path, j: int) -> tuple[int, int]:
+    """(offset, nbytes) of inner chunk j of a shard."""
+    off, size = _index(shard)[j]
+    return int(off), int(size)
+
+
+def _flip(shard: Path, j: int, at: slice = slice(40, 56)) -> None:
+    """Flip bytes ``at`` (relative) of inner chunk j of a shard (or of a chunk file: j None)."""
+    data = bytearray(shard.read_bytes())
+    off = 0 if j is None else _item_bytes(shard, j)[0]
+    lo, hi = off + at.start, off + at.stop
+    data[lo:hi] = bytes(b ^ 0xFF for b in data[lo:hi])
+    shard.write_bytes(bytes(data))
+
+
+def _forget(shard: Path, j: int, n_inner: int = 8) -> None:
+    """Mark inner chunk j of a shard never written (an index entry of all ones, the index's crc32c valid)."""
+    data = bytearray(shard.read_bytes())
+    index = np.frombuffer(bytes(data[-(16 * n_inner + 4):-4]), "<u8").reshape(n_inner, 2).copy()
+    index[j] = EMPTY
+    body = index.astype("<u8").tobytes()
+    data[-(16 * n_inner + 4):] = body + _crc32c(body).to_bytes(4, "little")
+    shard.write_bytes(bytes(data))
+
+
 def _values(n: int = N, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, C, H, H)).astype(np.float16)
 
 
-def _fill(path: Path, dense: np.ndarray, shard: int = 8) -> FeatureStore:
-    store = FeatureStore.create(path, len(dense), C, H, H, shard_size=shard)
+def _fill(path: Path, dense: np.ndarray, shard: int = 8, sharded: bool = True) -> FeatureStore:
+    store = FeatureStore.create(path, len(dense), C, H, H, shard_size=shard, sharded=sharded)
     for a, b in store.shards():
         store.write(list(range(a, b)), dense[a:b], dense[a:b].astype(np.float32).mean((2, 3)))
     return store
 
 
-def _features(storage: Path, dense: np.ndarray | None = None):
+def _features(storage: Path, dense: np.ndarray | None = None, sharded: bool = True):
     """A complete features artifact holding a real store, as the features stage leaves it."""
     store = ArtifactStore(storage)
-    art = store.begin("features", KEY, version=2, params={})
-    _fill(art.file("features.zarr"), _values() if dense is None else dense)
+    art = store.begin("features", KEY, version=3, params={})
+    _fill(art.file("features.zarr"), _values() if dense is None else dense, sharded=sharded)
     store.finish(art, n_items=N)
     return art
 
@@ -60,9 +97,19 @@ def _message(folder: Path, problem: str) -> str:
 
 
 def _readers(path: Path):
-    """Every way training reads dense features: direct chunk files, through Zarr, into memory, one item."""
+    """Every way training reads dense features: direct chunk files, byte ranges through the Zarr store
+    (object stores), through Zarr, into memory, one item."""
     def fast(items):
         return FeatureStore(path).read_batch(items)
+
+    def ranges(items):
+        from usseg_core.chunk_reads import StoreChunkReads, direct_reader
+
+        store = FeatureStore(path)
+        store._files = direct_reader(store.dense, path / "dense", lambda a, b: store._missing("dense", a, b),
+                                     local=False)
+        assert isinstance(store._files, StoreChunkReads)
+        return store.read_batch(items)
 
     def via_zarr(items):
         store = FeatureStore(path)
@@ -77,7 +124,7 @@ def _readers(path: Path):
     def item(items):
         return np.stack([FeatureStore(path)[i] for i in items])
 
-    return {"fast": fast, "zarr": via_zarr, "memory": memory, "item": item}
+    return {"fast": fast, "ranges": ranges, "zarr": via_zarr, "memory": memory, "item": item}
 
 
 def _verify(storage: Path, *key: str):
@@ -89,15 +136,24 @@ def _verify(storage: Path, *key: str):
 # --- what is written --------------------------------------------------------------------------------
 
 def test_every_chunk_is_written_with_a_crc32c_of_its_bytes(tmp_path):
-    from zarr.codecs import Crc32cCodec
+    from zarr.codecs import Crc32cCodec, ShardingCodec
 
     store = _fill(tmp_path / "f.zarr", np.zeros((N, C, H, H), np.float16))  # all equal to the fill value
-    for name in ("dense", "pooled", "done"):
+    for name in ("pooled", "done"):
         assert isinstance(store.group[name].metadata.codecs[-1], Crc32cCodec)
-    assert sorted(int(p.name) for p in (tmp_path / "f.zarr/dense/c").iterdir()) == list(range(N))
+    (sharding,) = store.group["dense"].metadata.codecs
+    assert isinstance(sharding, ShardingCodec) and isinstance(sharding.codecs[-1], Crc32cCodec)
+    assert sorted(int(p.name) for p in (tmp_path / "f.zarr/dense/c").iterdir()) == [0, 1, 2]  # 20 items / 8
     assert sorted(int(p.name) for p in (tmp_path / "f.zarr/pooled/c").iterdir()) == [0, 1, 2]
     data = (tmp_path / "f.zarr/done/c/1").read_bytes()
     assert int.from_bytes(data[-4:], "little") == _crc32c(data[:-4])
+    shard = tmp_path / "f.zarr/dense/c/2/0/0/0"  # items 16-19: four inner chunks, four never written
+    index = _index(shard)
+    assert (index[:4, 0] != EMPTY).all() and (index[4:] == EMPTY).all()
+    raw = shard.read_bytes()
+    for off, size in index[:4]:
+        chunk = raw[int(off):int(off) + int(size)]
+        assert int.from_bytes(chunk[-4:], "little") == _crc32c(chunk[:-4])
     # reopened for writing (a shard task): still every chunk, still checked
     again = FeatureStore(tmp_path / "f.zarr", mode="r+")
     assert again.dense.config.write_empty_chunks and again._files is not None
@@ -105,14 +161,13 @@ def test_every_chunk_is_written_with_a_crc32c_of_its_bytes(tmp_path):
 
 # --- damaged chunks ---------------------------------------------------------------------------------
 
-def test_flipped_bytes_in_a_feature_chunk_are_refused_by_every_reader_and_found_by_verify(tmp_path):
+@pytest.mark.parametrize("sharded", [True, False], ids=["shards", "chunk-files"])
+def test_flipped_bytes_in_a_feature_chunk_are_refused_by_every_reader_and_found_by_verify(tmp_path, sharded):
     storage, dense = tmp_path / "storage", _values()
-    art = _features(storage, dense)
-    chunk = art.path / "features.zarr/dense/c/5/0/0/0"
-    data = bytearray(chunk.read_bytes())
-    data[40:56] = bytes(b ^ 0xFF for b in data[40:56])  # 16 flipped bytes, as the user measured
-    chunk.write_bytes(bytes(data))
-    want = _message(art.path, "item 5 (features.zarr/dense/c/5/0/0/0): checksum mismatch")
+    art = _features(storage, dense, sharded=sharded)
+    where = "features.zarr/dense/c/0/0/0/0" if sharded else "features.zarr/dense/c/5/0/0/0"
+    _flip(art.path / where, 5 if sharded else None)  # 16 flipped bytes, as the user measured
+    want = _message(art.path, f"item 5 ({where}): checksum mismatch")
     for name, read in _readers(art.path / "features.zarr").items():
         with pytest.raises(DamagedArtifact) as err:
             read([3, 5])
@@ -121,31 +176,60 @@ def test_flipped_bytes_in_a_feature_chunk_are_refused_by_every_reader_and_found_
             assert np.array_equal(read([3, 6]), dense[[3, 6]]), name  # the rest still reads
     res = _verify(storage)
     assert res.exit_code == 4, res.output
-    assert f"features/{KEY}: damaged (item 5 (features.zarr/dense/c/5/0/0/0): checksum mismatch)" in res.output
+    assert f"features/{KEY}: damaged (item 5 ({where}): checksum mismatch)" in res.output
+
+
+def test_a_damaged_shard_index_is_refused_naming_the_shard_s_items(tmp_path):
+    storage = tmp_path / "storage"
+    art = _features(storage)
+    shard = art.path / "features.zarr/dense/c/1/0/0/0"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF  # inside the index
+    shard.write_bytes(bytes(data))
+    want = _message(art.path, "items 8-15 (features.zarr/dense/c/1/0/0/0): shard index checksum mismatch")
+    for name, read in _readers(art.path / "features.zarr").items():
+        with pytest.raises(DamagedArtifact) as err:
+            read([2, 9])
+        assert str(err.value) == want, name
+    res = _verify(storage)
+    assert res.exit_code == 4 and "items 8-15 (features.zarr/dense/c/1/0/0/0): shard index checksum" in res.output
 
 
 def test_a_deleted_chunk_of_a_done_item_is_damage_not_zeros(tmp_path):
     storage = tmp_path / "storage"
     art = _features(storage)
-    (art.path / "features.zarr/dense/c/7/0/0/0").unlink()
-    want = _message(art.path, "item 7 (features.zarr/dense/c/7/0/0/0): missing")
+    _forget(art.path / "features.zarr/dense/c/0/0/0/0", 7)  # item 7's inner chunk gone from its shard
+    want = _message(art.path, "item 7 (features.zarr/dense/c/0/0/0/0): missing")
     for name, read in _readers(art.path / "features.zarr").items():
         with pytest.raises(DamagedArtifact) as err:
             read([7])
         assert str(err.value) == want, name
     res = _verify(storage, KEY[:6])
     assert res.exit_code == 4
-    assert "item 7 (features.zarr/dense/c/7/0/0/0): missing" in res.output
+    assert "item 7 (features.zarr/dense/c/0/0/0/0): missing" in res.output
+    (art.path / "features.zarr/dense/c/1/0/0/0").unlink()  # a whole shard (in memory: item 7 comes first)
+    for name, read in _readers(art.path / "features.zarr").items():
+        if name == "memory":
+            continue
+        with pytest.raises(DamagedArtifact) as err:
+            read([9])
+        assert str(err.value) == _message(art.path, "items 8-15 (features.zarr/dense/c/1/0/0/0): missing"), name
+    res = _verify(storage)
+    assert "items 8-15 (features.zarr/dense/c/1/0/0/0): missing" in res.output
 
 
 def test_an_item_never_written_still_reads_as_the_fill_value_outside_a_complete_artifact(tmp_path):
-    store = FeatureStore.create(tmp_path / "partial.zarr", 16, C, H, H, shard_size=8)
+    store = FeatureStore.create(tmp_path / "partial.zarr", 24, C, H, H, shard_size=8)
     store.write(list(range(8)), np.ones((8, C, H, H), np.float16), np.ones((8, C), np.float32))
+    store.write([8, 9, 10], np.ones((3, C, H, H), np.float16), np.ones((3, C), np.float32))  # a part of a shard
     for name, read in _readers(tmp_path / "partial.zarr").items():
-        got = read([3, 12])
-        assert (got[0] == 1).all() and (got[1] == 0).all(), name
-    (tmp_path / "partial.zarr/dense/c/3/0/0/0").unlink()  # but item 3 is done: its chunk must be there
-    with pytest.raises(DamagedArtifact, match=r"item 3 \(partial.zarr/dense/c/3/0/0/0\): missing"):
+        got = read([3, 9, 12, 20])  # 12: its shard is there, its chunk never written; 20: no shard
+        assert (got[0] == 1).all() and (got[1] == 1).all() and (got[2:] == 0).all(), name
+    _forget(tmp_path / "partial.zarr/dense/c/1/0/0/0", 1)  # but item 9 is done: its chunk must be there
+    with pytest.raises(DamagedArtifact, match=r"item 9 \(partial.zarr/dense/c/1/0/0/0\): missing"):
+        FeatureStore(tmp_path / "partial.zarr").read_batch([9])
+    (tmp_path / "partial.zarr/dense/c/0/0/0/0").unlink()  # item 3 is done: its shard must be there
+    with pytest.raises(DamagedArtifact, match=r"items 0-7 \(partial.zarr/dense/c/0/0/0/0\): missing"):
         FeatureStore(tmp_path / "partial.zarr").read_batch([3])
 
 
@@ -167,11 +251,14 @@ def test_a_view_bank_names_its_store_and_item(tmp_path):
     store = ArtifactStore(tmp_path / "storage")
     bank = _bank(store.path("views", KEY))  # plain.zarr, warped.zarr, draws.json, meta.json
     art = store.finish(store.open("views", KEY))
-    chunk = art.path / "warped.zarr/dense/c/4/0/0/0"
-    chunk.write_bytes(chunk.read_bytes()[:-4] + b"\x00\x00\x00\x00")
+    shard = art.path / "warped.zarr/dense/c/0/0/0/0"
+    off, size = _item_bytes(shard, 4)
+    data = bytearray(shard.read_bytes())
+    data[off + size - 4:off + size] = b"\x00\x00\x00\x00"  # item 4's crc32c
+    shard.write_bytes(bytes(data))
     with pytest.raises(DamagedArtifact) as err:
         bank.read_batch("warped", [1], 1)  # image 1, view 1 of 3: item 4
-    assert str(err.value) == _message(art.path, "item 4 (warped.zarr/dense/c/4/0/0/0): checksum mismatch")
+    assert str(err.value) == _message(art.path, "item 4 (warped.zarr/dense/c/0/0/0/0): checksum mismatch")
 
 
 # --- non-finite values ------------------------------------------------------------------------------
@@ -197,13 +284,13 @@ def test_non_finite_values_on_disk_are_refused_on_read_and_found_by_verify(tmp_p
     bad = raw.dense[9]
     bad[0, 0, 0] = np.inf
     raw.dense[9] = bad  # a valid crc over an inf: written before the check, or by another tool
-    want = _message(art.path, "item 9 (features.zarr/dense/c/9/0/0/0): 1 non-finite values (nan/inf)")
+    want = _message(art.path, "item 9 (features.zarr/dense/c/1/0/0/0): 1 non-finite values (nan/inf)")
     for name, read in _readers(art.path / "features.zarr").items():
         with pytest.raises(DamagedArtifact) as err:
             read([2, 9])
         assert str(err.value) == want, name
     res = _verify(storage)
-    assert res.exit_code == 4 and "item 9 (features.zarr/dense/c/9/0/0/0): 1 non-finite values" in res.output
+    assert res.exit_code == 4 and "item 9 (features.zarr/dense/c/1/0/0/0): 1 non-finite values" in res.output
 
 
 # --- files outside Zarr: digests in meta.json, checked on every cache hit ------------------------------

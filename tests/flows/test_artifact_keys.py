@@ -41,44 +41,45 @@ MANIFEST_HASHES = {
 # command -> artifact label (stage/what, see `label`) -> key; only the artifacts that command added.
 # Pinned from commit 4e45b9c, before the redesign of flows/ and the command line; re-pinned when the
 # features and views stages went to version 2 (crc32c in every Zarr chunk, every chunk written: the
-# on-disk format changed, and version-1 stores cannot be checked), which moves every key below them.
+# on-disk format changed, and version-1 stores cannot be checked), which moves every key below them; and
+# again at version 3 (dense maps in shards of S items: another on-disk layout).
 PINNED = {
     "compare": {
-        "features/train/five_crop@64": "e3ac7995ec6c197c",
-        "features/train/full@64x64": "327aed4a71153d5d",
-        "features/train/full@96x128": "c0b2463ba6732e71",
-        "features/val/full+flip@96x128": "7a8a262e86758d8f",
-        "features/val/full@96x128": "4ea25fd2c6327015",
-        "views/train/full@64x64": "2eb7e8b040005843",
+        "features/train/five_crop@64": "b967294761a665ba",
+        "features/train/full@64x64": "cda3b8126f6c4445",
+        "features/train/full@96x128": "92bb279472e9d316",
+        "features/val/full+flip@96x128": "85445f6f3515bc96",
+        "features/val/full@96x128": "af8a774819143b73",
+        "views/train/full@64x64": "2c97e8446d6f1f3d",
         "oversegment/train": "eab98f1188b5bb9e",
-        "knn/train/five_crop@64": "7d21cfe7680cd1b8",
-        "head/hsg": "67aefeee1a9f5f89",
-        "head/picie": "2d06bed437e6d6f5",
-        "head/stego": "ca016c89e6ff2bb8",
-        "kmeans/hsg/train/full@64x64": "262d78cc052d4f70",
-        "kmeans/picie/train/full@64x64": "b4d980685f8de889",
-        "kmeans/raw/train/five_crop@64": "18af4300752d9490",
-        "kmeans/raw/train/full@64x64": "42c461ff9c03ba19",
-        "kmeans/stego/train/five_crop@64": "87a772273ed619ed",
-        "linear-probe/hsg/train/full@96x128": "f7b74bf1ef5545fc",
-        "linear-probe/picie/train/full@96x128": "6c489f2b481a5db9",
-        "linear-probe/stego/train/full@96x128": "a441bf5fa9a09b75",
-        "segment-memory/hsg/train/full@96x128": "0e8e7dbef6d25748",
-        "segment-memory/picie/train/full@96x128": "b666a8428a135d50",
-        "segment-memory/raw/train/full@96x128": "d8f71e64d30bc6ae",
-        "segment-memory/stego/train/full@96x128": "8b56351699ee3a1a",
-        "evaluation/hsg": "554f478e1fe5bcca",
-        "evaluation/picie": "155c35777e87d4b7",
-        "evaluation/stego": "433bd0f568873cef",
-        "compare/stego,picie,hsg": "e1393f485e68c484",
+        "knn/train/five_crop@64": "f5d22e9168a5d54d",
+        "head/hsg": "40f88cec44abdfd2",
+        "head/picie": "d30828d106956570",
+        "head/stego": "e62c83f7ca9bb9de",
+        "kmeans/hsg/train/full@64x64": "ac0883f024a3a5d1",
+        "kmeans/picie/train/full@64x64": "68cd049fdfaf53df",
+        "kmeans/raw/train/five_crop@64": "0309525b6ddece6c",
+        "kmeans/raw/train/full@64x64": "c34255da024186d7",
+        "kmeans/stego/train/five_crop@64": "2bdeb1eb7112b4b7",
+        "linear-probe/hsg/train/full@96x128": "d42923c017af6c6e",
+        "linear-probe/picie/train/full@96x128": "56bf7af300b80b1a",
+        "linear-probe/stego/train/full@96x128": "a075e8ca68880d70",
+        "segment-memory/hsg/train/full@96x128": "b0590ece014cd3ad",
+        "segment-memory/picie/train/full@96x128": "932ffc47825ced8f",
+        "segment-memory/raw/train/full@96x128": "1f31cd458b129a34",
+        "segment-memory/stego/train/full@96x128": "e5b1035109eb0fd1",
+        "evaluation/hsg": "b81e9170451ed190",
+        "evaluation/picie": "2df5773912f996df",
+        "evaluation/stego": "dbd266ac3b1f3c06",
+        "compare/stego,picie,hsg": "cd80d46819a870a9",
     },
     # the same head (`steps=4` is `stego.steps=4`, seed 0 is the default) and k-means: only the evaluation
     # is new (no retrieval rows)
     "run stego": {
-        "evaluation/stego": "2ae9346a649ed2eb",
+        "evaluation/stego": "b61dd9d1be8d11ea",
     },
     "extract": {
-        "features/val/center_crop@64": "12a5c87d847a76c5",
+        "features/val/center_crop@64": "d30813ed85880dc8",
     },
 }
 

@@ -34,6 +34,7 @@ def test_two_dask_workers_share_shards_and_match_threads_bit_for_bit(prefect_har
     assert fanned["key"] == single["key"]  # the runner is not part of the key
     assert len(fanned["workers"]) == 2, fanned["workers"]  # 8 shards over 2 processes
     a, b = zarr.open_group(single["path"], mode="r"), zarr.open_group(fanned["path"], mode="r")
+    assert b["dense"].shards == (5, *b["dense"].shape[1:])  # a task per stored shard: one writer per object
     assert np.array_equal(a["dense"][:], b["dense"][:])
     assert np.array_equal(a["pooled"][:], b["pooled"][:])
     assert a["done"][:].all() and b["done"][:].all()
