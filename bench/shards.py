@@ -130,6 +130,46 @@ def measure(layouts: list[Layout], repeats: int) -> list[dict]:
     return rows
 
 
+def transfers(layouts: list[Layout], repeats: int) -> list[dict]:
+    """Upload and download of each layout's whole store through the test S3 server (SeaweedFS on 127.0.0.1),
+    the way a remote store publishes an artifact at finish and a cache hit fetches it into the mirror
+    (usseg_core/remote.py: 16 transfer threads). Best of ``repeats``; the layouts take turns."""
+    from tests.s3server import S3Server
+    from usseg_core.remote import RemoteStore, new_attempt
+
+    work = Path(tempfile.mkdtemp(prefix="usseg-shards-s3-"))
+    server = S3Server(work / "s3").start()
+    try:
+        import os
+
+        os.environ.update(server.env)
+        remote = RemoteStore(server.url("bench-shards"))
+        best = {}
+        for rep in range(repeats):
+            for lay in layouts:
+                attempt = new_attempt()
+                t0 = time.perf_counter()
+                n_up, nbytes = remote.upload_folder(Path(lay.path), "features", f"s{lay.size}", attempt)
+                up = time.perf_counter() - t0
+                target = work / f"down-{lay.size}-{rep}"
+                t0 = time.perf_counter()
+                n_down, _ = remote.download_attempt("features", f"s{lay.size}", attempt, target)
+                down = time.perf_counter() - t0
+                shutil.rmtree(target, ignore_errors=True)
+                remote.delete_prefix(f"features/s{lay.size}/{attempt}")
+                old = best.get(lay.size, {"upload_s": float("inf"), "download_s": float("inf")})
+                best[lay.size] = {"objects": n_up, "bytes": nbytes, "upload_s": min(old["upload_s"], up),
+                                  "download_s": min(old["download_s"], down)}
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    base = best[layouts[0].size]
+    return [{"layout": "chunk files" if size == 1 else f"shards of {size}", **row,
+             "upload_mb_s": row["bytes"] / row["upload_s"] / 1e6, "download_mb_s": row["bytes"] / row["download_s"] / 1e6,
+             "upload_x": base["upload_s"] / row["upload_s"], "download_x": base["download_s"] / row["download_s"]}
+            for size, row in best.items()]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--items", type=int, default=1024, help="items per store (N)")
@@ -141,17 +181,23 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--storage", default=None, help="folder or store URL to write under (default: a temporary folder)")
     ap.add_argument("--out", default=None, help="write the figures as JSON here too")
+    ap.add_argument("--s3", action="store_true", help="also time publishing and fetching each store through a "
+                    "real S3 server (SeaweedFS from the dev extra, started on 127.0.0.1)")
     args = ap.parse_args()
     sizes = [1] + [s for s in args.sizes if s != 1]
     tmp = None if args.storage else tempfile.mkdtemp(prefix="usseg-shards-")
     root = args.storage or tmp
+    s3_rows = None
     try:
-        rows = measure([Layout(root, s, args.items, args.dim, args.side, args.batch) for s in sizes], args.repeats)
+        layouts = [Layout(root, s, args.items, args.dim, args.side, args.batch) for s in sizes]
+        rows = measure(layouts, args.repeats)
+        if args.s3:
+            s3_rows = transfers(layouts, args.repeats)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows, "s3": s3_rows}, indent=1))
     base = rows[0]
     cols = OPS
     print(f"{args.items} items of {args.dim}x{args.side}x{args.side} float16 "
@@ -166,7 +212,19 @@ def main() -> None:
             ratio = f" {v / base[f'{c}_items_s']:.2f}x" if v and base[f"{c}_items_s"] else ""
             cells.append("-" if v is None else f"{v:.0f} ({r[f'{c}_mb_s']:.0f}){ratio}")
         print(f"| {r['layout']} | {r['objects_dense']} | {r['objects_total']} | " + " | ".join(cells) + " |")
+    if s3_rows:
+        _print_s3(s3_rows)
+
+
+def _print_s3(rows: list[dict]) -> None:
+    print("\nthrough the S3 server: objects, upload and download MB/s (x the chunk-file layout)")
+    print("| layout | objects | upload | download |")
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['layout']} | {r['objects']} | {r['upload_mb_s']:.1f} ({r['upload_x']:.2f}x) | "
+              f"{r['download_mb_s']:.1f} ({r['download_x']:.2f}x) |")
 
 
 if __name__ == "__main__":
     main()
+
