@@ -298,10 +298,6 @@ class RemoteStore:
             sizes = list(pool.map(one, objects))
         return len(objects), sum(sizes)
 
-    def artifact_size(self, stage: str, key: str, attempt: str | None = None) -> tuple[int, int]:
-        base = self.base(stage, key) + (f"/{attempt}" if attempt else "")
-        listed = self.list(base)
-        return len(listed), sum(o.size for o in listed)
 
 
 def new_attempt() -> str:
@@ -354,19 +350,30 @@ def touch_used(folder: Path) -> None:
         pass
 
 
-def _mirror_artifacts(root: Path) -> Iterator[tuple[float, Path, int]]:
-    from usseg_core.store import MARKER, folder_size
+def tree_size(folder: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
 
+
+def _mirror_artifacts(root: Path) -> Iterator[tuple[float, Path, int]]:
+    """(last used, folder, bytes) of every complete artifact in a mirror (its ``_COMPLETE`` is the local
+    marker of usseg_core/store.py, the same name as the bucket's commit)."""
     if not root.is_dir():
         return
     for stage in root.iterdir():
         if not stage.is_dir() or stage.name.startswith(("_", ".")):
             continue
         for folder in stage.iterdir():
-            if (folder / MARKER).exists():
+            if (folder / COMMIT).exists():
                 used = folder / USED
-                stamp = used.stat().st_mtime if used.exists() else (folder / MARKER).stat().st_mtime
-                yield stamp, folder, folder_size(folder)
+                stamp = used.stat().st_mtime if used.exists() else (folder / COMMIT).stat().st_mtime
+                yield stamp, folder, tree_size(folder)
 
 
 def evict(root: Path, keep: Path | None = None, limit: int | None = None) -> list[Path]:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from usseg_core.errors import ConfigError, DamagedArtifact, InputError, UssegError
-from usseg_core.remote import is_url, written
+from usseg_core.remote import is_url, tree_size, written
 
 KEY_LENGTH = 16
 MARKER = "_COMPLETE"
@@ -114,14 +114,7 @@ def code_version() -> str:
 
 def folder_size(path: Path) -> int:
     """Bytes of every file below ``path``."""
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                pass
-    return total
+    return tree_size(path)
 
 
 def _recorded_paths(folder: Path) -> Iterator[Path]:

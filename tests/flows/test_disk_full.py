@@ -44,7 +44,7 @@ def test_a_full_disk_is_exit_5_naming_the_artifact_and_a_rerun_resumes(tmp_path)
     storage = tmp_path / "storage"
     storage.mkdir()
     args = ["extract", "--dataset", "directory", "--data-root", str(data), "--random-weights", "--resolution",
-            "224", "--batch-size", "1", "--storage", str(storage)]
+            "224", "--batch-size", "1", "--shard-size", "1", "--storage", str(storage)]  # a shard per image
     done = subprocess.run([sys.executable, "-c", LIMITED, str(LIMIT), *args], cwd=REPO, env=_env(tmp_path),
                           capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert done.returncode == 5, done.stdout + done.stderr

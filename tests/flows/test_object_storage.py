@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 import zarr
 from typer.testing import CliRunner
 
@@ -195,8 +194,9 @@ def test_a_killed_training_resumes_on_another_machine_from_its_checkpoint_on_the
     record = remote.commit_record("head", key)
     assert remote.attempts("head", key) == [record["attempt"]]  # the crashed attempt is cleaned up
     # the resumed head equals an uninterrupted run's, bit for bit
-    local = tmp_path / "local"
-    _cli(*args, "--storage", str(local))
+    local = tmp_path / "local"  # in a process of its own too: torch's thread count is the same on both sides
+    subprocess.run([*base, "--storage", str(local)], env=env, cwd=REPO, check=True, capture_output=True,
+                   timeout=600)
     import torch
 
     ours = torch.load(next((tmp_path / "b").glob(f"**/head/{key}/head.pt")), weights_only=True)
