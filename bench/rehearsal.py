@@ -2,7 +2,7 @@
 with each stage's wall time, peak memory, and the bytes and objects it wrote; growth exponents between the
 two largest N; and what a warm (all cached) run costs beyond its imports.
 
-    PYTHONPATH=. python bench/rehearsal.py --sizes 500 2000 8000 [--s3] [--out rehearsal.json]
+    PYTHONPATH=. python bench/rehearsal.py --sizes 200 800 3200 [--s3 | --s3-sizes 200 800] [--out FILE.json]
 
 For each N a synthetic set is rendered (``usseg_core.datasets.synthetic``: ``train`` = N street scenes of
 ``--height`` x ``--width`` px, ``val`` = a fixed ``--val`` scenes), and the pipeline of ``usseg run stego
@@ -176,58 +176,88 @@ def _rss_mib() -> float:
 
 # --- the fork server: imports once, one forked process per stage -------------------------------------------
 
-def fork_server() -> None:
-    """Import the pipeline, then for each request line on stdin (JSON: stage, fields, env, out, log) fork a
-    process that runs the stage as a flow run and writes its result to ``out``; reply on stdout with its
-    exit code, wall time and ``ru_maxrss``."""
-    t0 = time.perf_counter()
-    import threading
-
+def _stage_flow():
+    """The flow every stage runs as (made in the process that imports the pipeline)."""
     from prefect import flow
 
     from orchestration.runner import SettingTaskRunner
     from usseg_core.spec import RunSpec, build
 
-    import flows.train  # noqa: F401 - what every stage imports
-    import psutil  # noqa: F401
-    import tasks.evaluate  # noqa: F401
-    import tasks.inputs  # noqa: F401
-
     @flow(name="rehearsal-stage", task_runner=SettingTaskRunner())
     def rehearsal_stage(fields: dict, stage: str) -> dict:
         return stage_body(build(RunSpec, **fields), stage)
 
-    print(REPLY + json.dumps({"import_s": time.perf_counter() - t0, "rss_mib": _rss_mib(),
-                              "threads": threading.active_count()}), flush=True)
+    return rehearsal_stage
+
+
+def _import_pipeline() -> float:
+    """Import what every stage imports; the seconds it took."""
+    t0 = time.perf_counter()
+    import flows.train  # noqa: F401
+    import psutil  # noqa: F401
+    import tasks.evaluate  # noqa: F401
+    import tasks.inputs  # noqa: F401
+
+    return time.perf_counter() - t0
+
+
+def stage_process(req: dict, flow=None) -> None:
+    """Run one request's stage as a flow run (its output to the request's log); exits the process."""
+    code = 1
+    try:
+        fd = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.environ.update(req["env"])
+        if flow is None:  # a fresh interpreter (--spawn)
+            imports = _import_pipeline()
+            flow = _stage_flow()
+        else:
+            imports = 0.0
+        result = flow(req["fields"], req["stage"])
+        Path(req["out"]).write_text(json.dumps({**result, "import_s": imports}))
+        code = 0
+    except BaseException:  # noqa: BLE001 - reported through the log and the exit code
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def fork_server() -> None:
+    """Import the pipeline, then for each request line on stdin (JSON: stage, fields, env, out, log) fork a
+    process that runs the stage as a flow run and writes its result to ``out``; reply on stdout with its
+    exit code, wall time and ``ru_maxrss``. The server itself never runs torch work: a process forked after
+    its parent used OpenMP threads can hang."""
+    import threading
+
+    imports = _import_pipeline()
+    flow = _stage_flow()
+    print(REPLY + json.dumps({"import_s": imports, "rss_mib": _rss_mib(), "threads": threading.active_count()}),
+          flush=True)
     for line in sys.stdin:
         req = json.loads(line)
         started = time.perf_counter()
         pid = os.fork()
-        if pid == 0:  # the stage's process
-            code = 1
-            try:
-                fd = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-                os.dup2(fd, 1)
-                os.dup2(fd, 2)
-                os.environ.update(req["env"])
-                result = rehearsal_stage(req["fields"], req["stage"])
-                Path(req["out"]).write_text(json.dumps(result))
-                code = 0
-            except BaseException:  # noqa: BLE001 - reported through the log and the exit code
-                import traceback
-
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
+        if pid == 0:
+            stage_process(req, flow)
         _, status, usage = os.wait4(pid, 0)
         print(REPLY + json.dumps({"rc": os.waitstatus_to_exitcode(status), "wall_s": time.perf_counter() - started,
                                   "maxrss_mib": usage.ru_maxrss / 1024}), flush=True)
 
 
 class ForkServer:
-    def __init__(self, env: dict, log: Path) -> None:
+    """Runs stages in processes forked from one that imported the pipeline (or, ``spawn``, each in a fresh
+    interpreter that imports it: slower, and the import time is reported per stage)."""
+
+    def __init__(self, env: dict, log: Path, spawn: bool = False) -> None:
+        self.env, self.spawn = env, spawn
+        if spawn:
+            self.proc, self.ready = None, {"import_s": None, "rss_mib": None, "threads": None}
+            return
         self.proc = subprocess.Popen([sys.executable, __file__, "--fork-server"], cwd=REPO, env=env, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(log, "ab"))
         self.ready = self._reply()
@@ -241,18 +271,28 @@ class ForkServer:
     def run(self, stage: str, fields: dict, env: dict, work: Path) -> dict:
         out, log = work / f"{stage}.json", work / f"{stage}.log"
         out.unlink(missing_ok=True)
-        self.proc.stdin.write(json.dumps({"stage": stage, "fields": fields, "env": env, "out": str(out),
-                                          "log": str(log)}) + "\n")
-        self.proc.stdin.flush()
-        reply = self._reply()
+        req = {"stage": stage, "fields": fields, "env": env, "out": str(out), "log": str(log)}
+        if self.spawn:
+            started = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, __file__, "--stage-process", json.dumps(req)], cwd=REPO,
+                                    env=self.env, stdin=subprocess.DEVNULL)
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            reply = {"rc": proc.returncode, "wall_s": time.perf_counter() - started,
+                     "maxrss_mib": usage.ru_maxrss / 1024}
+        else:
+            self.proc.stdin.write(json.dumps(req) + "\n")
+            self.proc.stdin.flush()
+            reply = self._reply()
         if reply["rc"] != 0:
             raise RuntimeError(f"stage {stage} failed ({reply['rc']}); the end of {log}:\n"
                                + log.read_text(errors="replace")[-3000:])
         return {**reply, **json.loads(out.read_text())}
 
     def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(60)
+        if self.proc is not None:
+            self.proc.stdin.close()
+            self.proc.wait(60)
 
 
 # --- Prefect server, artifacts on disk and on the bucket -------------------------------------------------
@@ -435,8 +475,10 @@ def rehearse(args, root: Path, say=print) -> dict:
             from tests.s3server import S3Server
 
             s3 = S3Server(root / "s3").start()
-        fork = ForkServer({**env, "PREFECT_HOME": str(home), "PREFECT_API_URL": api}, root / "fork-server.log")
-        say(f"fork server: imports {fork.ready['import_s']:.1f} s, {fork.ready['rss_mib']:.0f} MiB")
+        fork = ForkServer({**env, "PREFECT_HOME": str(home), "PREFECT_API_URL": api}, root / "fork-server.log",
+                          spawn=args.spawn)
+        if not args.spawn:
+            say(f"fork server: imports {fork.ready['import_s']:.1f} s, {fork.ready['rss_mib']:.0f} MiB")
         warm: list[dict] = []
         for n in args.sizes:
             t0 = time.perf_counter()
@@ -444,6 +486,8 @@ def rehearse(args, root: Path, say=print) -> dict:
                                     width=args.width)
             say(f"N={n}: rendered {n} + {args.val} scenes in {time.perf_counter() - t0:.0f} s")
             for backend in backends:
+                if backend == "s3" and args.s3_sizes and n not in args.s3_sizes:
+                    continue
                 work = root / f"{backend}-{n}"
                 work.mkdir(exist_ok=True)
                 stage_env = {"USSEG_CACHE_DIR": str(work / "cache")}
@@ -454,7 +498,7 @@ def rehearse(args, root: Path, say=print) -> dict:
                     storage = str(work / "storage")
                 fields = run_fields(args, data, storage)
                 seen = committed(storage)
-                for stage in STAGES:
+                for stage in STAGES[:STAGES.index(args.until) + 1]:
                     r = fork.run(stage, fields, stage_env, work)
                     now = committed(storage)
                     new = sorted(set(now) - set(seen))
@@ -462,7 +506,7 @@ def rehearse(args, root: Path, say=print) -> dict:
                     seen = now
                     rows.append({"backend": backend, "n": n, "stage": stage, "seconds": r["seconds"],
                                  "process_s": r["wall_s"], "peak_rss_mib": r["maxrss_mib"],
-                                 "rss_before_mib": r["rss_before_mib"],
+                                 "rss_before_mib": r["rss_before_mib"], "import_s": r["import_s"],
                                  "rss_above_mib": max(0.0, r["maxrss_mib"] - r["rss_before_mib"]),
                                  "artifacts": new, "objects": sum(o for o, _ in sizes.values()),
                                  "bytes": sum(b for _, b in sizes.values()), "load_average": os.getloadavg()[0]})
@@ -470,7 +514,8 @@ def rehearse(args, root: Path, say=print) -> dict:
                     say(f"  {backend:>5} N={n:>6} {stage:>13}: {x['seconds']:8.2f} s  peak {x['peak_rss_mib']:6.0f} MiB "
                         f"(+{x['rss_above_mib']:.0f})  {x['objects']:>7} objects  {_size(x['bytes']):>9}  "
                         f"load {x['load_average']:.1f}")
-                if n == args.sizes[-1] and args.repeats:
+                last = (args.s3_sizes or args.sizes)[-1] if backend == "s3" else args.sizes[-1]
+                if n == last and args.repeats and args.until == STAGES[-1]:
                     wenv = {**env, **stage_env, "PREFECT_HOME": str(work / "warm-prefect-home")}
                     warm += warm_runs(fields, wenv, backend, n, args.repeats)
                     for w in warm[-2:]:
@@ -489,30 +534,47 @@ def rehearse(args, root: Path, say=print) -> dict:
     return {"rows": rows, "summary": growth(rows), "warm": warm, "fork_server": fork.ready if fork else None}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[500, 2000, 8000], help="training images N")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[200, 800, 3200], help="training images N")
     ap.add_argument("--val", type=int, default=64, help="the fixed evaluation sample (images)")
     ap.add_argument("--height", type=int, default=48)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--backbone", default="tf_efficientnet_lite0", help="random weights (timing only)")
     ap.add_argument("--resolution", type=int, default=32, help="five-crop resolution")
-    ap.add_argument("--steps", type=int, default=50, help="training steps (fixed in N)")
+    ap.add_argument("--steps", type=int, default=20, help="training steps (fixed in N)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--crf", action="store_true", help="evaluate with the dense CRF too")
     ap.add_argument("--s3", action="store_true", help="run on a SeaweedFS S3 server on 127.0.0.1 as well")
+    ap.add_argument("--s3-sizes", type=int, nargs="+", default=None,
+                    help="the N of the S3 runs (a subset of --sizes; default: all)")
+    ap.add_argument("--until", choices=STAGES, default=STAGES[-1], help="the last stage to run")
     ap.add_argument("--repeats", type=int, default=2, help="warm runs (and import measurements) at the largest N")
     ap.add_argument("--prefect-api", default=None, help="use this Prefect API rather than starting a server")
     ap.add_argument("--dir", default=None, help="where data and storages go (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the data and storages")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    ap.add_argument("--spawn", action="store_true",
+                    help="run each stage in a fresh interpreter rather than a process forked after the imports")
     ap.add_argument("--fork-server", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    ap.add_argument("--stage-process", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if sorted(args.sizes) != args.sizes or len(set(args.sizes)) != len(args.sizes):
+        ap.error("--sizes must be increasing")
+    if args.s3_sizes and not set(args.s3_sizes) <= set(args.sizes):
+        ap.error("--s3-sizes must be a subset of --sizes")
+    if args.s3_sizes:
+        args.s3 = True
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.fork_server:
         fork_server()
         return
-    if sorted(args.sizes) != args.sizes or len(set(args.sizes)) != len(args.sizes):
-        ap.error("--sizes must be increasing")
+    if args.stage_process:
+        stage_process(json.loads(args.stage_process))
     root = Path(tempfile.mkdtemp(prefix="usseg-rehearsal-", dir=args.dir))
     started, load0 = time.time(), os.getloadavg()
     try:
