@@ -418,6 +418,34 @@ def table(rows: list[dict], summary: list[dict], warm: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def wide_table(rows: list[dict], summary: list[dict]) -> str:
+    """Per backend, one line per stage: wall time at every N, the exponent, peak RSS (and above the imports)
+    at the two largest N, objects and bytes at the largest."""
+    out = []
+    for backend in dict.fromkeys(r["backend"] for r in rows):
+        mine = [r for r in rows if r["backend"] == backend]
+        sizes = sorted({r["n"] for r in mine})
+        big = sizes[-2:]
+        cells = {(r["stage"], r["n"]): r for r in mine}
+        fits = {s["stage"]: s for s in summary if s["backend"] == backend}
+        out += [f"{backend}: wall s at N = {', '.join(map(str, sizes))}; a between {' and '.join(map(str, big))}; "
+                f"peak RSS MiB (above the imports) at {' and '.join(map(str, big))}; objects, bytes at {sizes[-1]}",
+                "| stage | " + " | ".join(f"s @ {n}" for n in sizes) + " | a | peak RSS MiB | objects | bytes |",
+                "|---|" + "---:|" * len(sizes) + "---:|---:|---:|---:|"]
+        for stage in STAGES:
+            if (stage, sizes[-1]) not in cells:
+                continue
+            times = " | ".join(f"{cells[stage, n]['seconds']:.1f}" if (stage, n) in cells else "–" for n in sizes)
+            fit = fits.get(stage)
+            a = f"{fit['a']:.2f}{'' if fit['time_met'] else ' ✗'}" if fit else "–"
+            rss = " → ".join(f"{cells[stage, n]['peak_rss_mib']:.0f} (+{cells[stage, n]['rss_above_mib']:.0f})"
+                             for n in big if (stage, n) in cells)
+            last = cells[stage, sizes[-1]]
+            out.append(f"| {stage} | {times} | {a} | {rss} | {last['objects']} | {_size(last['bytes'])} |")
+        out.append("")
+    return "\n".join(out)
+
+
 # --- the warm command ---------------------------------------------------------------------------------
 
 def _timed(cmd: list[str], env: dict) -> tuple[float, str]:
@@ -475,6 +503,7 @@ def rehearse(args, root: Path, say=print) -> dict:
             from tests.s3server import S3Server
 
             s3 = S3Server(root / "s3").start()
+            os.environ.update(s3.env)  # this process lists the bucket (its children get the variables per stage)
         fork = ForkServer({**env, "PREFECT_HOME": str(home), "PREFECT_API_URL": api}, root / "fork-server.log",
                           spawn=args.spawn)
         if not args.spawn:
@@ -530,6 +559,8 @@ def rehearse(args, root: Path, say=print) -> dict:
             fork.close()
         if s3 is not None:
             s3.stop()
+            for name in s3.env:
+                os.environ.pop(name, None)
         stop(server)
     return {"rows": rows, "summary": growth(rows), "warm": warm, "fork_server": fork.ready if fork else None}
 
@@ -586,6 +617,7 @@ def main() -> None:
         "out": str(args.out) if args.out else None}, load_average_start=load0, load_average_end=os.getloadavg(),
         cores=os.cpu_count(), minutes=(time.time() - started) / 60)
     print("\n" + table(result["rows"], result["summary"], result["warm"]))
+    print("\n" + wide_table(result["rows"], result["summary"]))
     print(f"\nload average {load0[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores; "
           f"{result['minutes']:.1f} min")
     if args.out:
