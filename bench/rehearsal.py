@@ -2,7 +2,7 @@
 with each stage's wall time, peak memory, and the bytes and objects it wrote; growth exponents between the
 two largest N; and what a warm (all cached) run costs beyond its imports.
 
-    PYTHONPATH=. python bench/rehearsal.py --sizes 200 800 3200 [--s3 | --s3-sizes 200 800] [--out FILE.json]
+    PYTHONPATH=. python bench/rehearsal.py --sizes 125 500 2000 [--s3 | --s3-sizes 125 500] [--out FILE.json]
 
 For each N a synthetic set is rendered (``usseg_core.datasets.synthetic``: ``train`` = N street scenes of
 ``--height`` x ``--width`` px, ``val`` = a fixed ``--val`` scenes), and the pipeline of ``usseg run stego
@@ -511,7 +511,8 @@ def rehearse(args, root: Path, say=print) -> dict:
         warm: list[dict] = []
         for n in args.sizes:
             t0 = time.perf_counter()
-            data = ensure_synthetic(root / f"data-{n}", n_train=n, n_val=args.val, height=args.height,
+            data = ensure_synthetic(Path(args.data_dir or root) / f"synthetic-{n}-{args.val}-{args.height}x{args.width}",
+                                    n_train=n, n_val=args.val, height=args.height,
                                     width=args.width)
             say(f"N={n}: rendered {n} + {args.val} scenes in {time.perf_counter() - t0:.0f} s")
             for backend in backends:
@@ -567,7 +568,7 @@ def rehearse(args, root: Path, say=print) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[200, 800, 3200], help="training images N")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[125, 500, 2000], help="training images N")
     ap.add_argument("--val", type=int, default=64, help="the fixed evaluation sample (images)")
     ap.add_argument("--height", type=int, default=48)
     ap.add_argument("--width", type=int, default=64)
@@ -583,6 +584,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=2, help="warm runs (and import measurements) at the largest N")
     ap.add_argument("--prefect-api", default=None, help="use this Prefect API rather than starting a server")
     ap.add_argument("--dir", default=None, help="where data and storages go (default: a temporary folder)")
+    ap.add_argument("--data-dir", default=None,
+                    help="where the synthetic sets are rendered, reused when complete (default: under --dir)")
     ap.add_argument("--keep", action="store_true", help="keep the data and storages")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     ap.add_argument("--spawn", action="store_true",
