@@ -58,6 +58,7 @@ sys.path.insert(0, str(REPO))
 STAGES = ("manifest", "features", "five-crops", "knn", "train", "k-means", "eval-features", "linear-probe",
           "evaluation")
 IN_MEMORY = {"knn": "holds the 5N x C pooled features (N-proportional by design)"}
+COCO_IMAGES = 49_629  # COCO-Stuff's curated training images (248,145 five-crops)
 LINEAR_MAX, KNN_MAX, RSS_MAX, WARM_MAX_S = 1.1, 1.2, 1.2, 2.0
 REPLY = "REHEARSAL "  # the prefix of the fork server's replies on its stdout
 QUIET = {"PREFECT_LOGGING_LEVEL": "WARNING", "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -446,6 +447,25 @@ def wide_table(rows: list[dict], summary: list[dict]) -> str:
     return "\n".join(out)
 
 
+FIXED = ("train", "eval-features", "evaluation")  # work fixed by design: steps, the evaluation sample
+
+
+def extrapolate(rows: list[dict], summary: list[dict], n: int, backend: str = "local") -> dict[str, float]:
+    """Seconds of each stage at ``n`` training images, from the largest measured N: ``t * (n / N)^max(a, 1)``
+    for the stages whose work grows with N (an upper bound where the fitted a < 1 reflects fixed costs), ``t``
+    for the fixed ones. Only this machine's pipeline work at this bench's item size: no backbone or byte
+    scaling (docs/results.md "Paper-scale rehearsal" adds those)."""
+    fits = {s["stage"]: s for s in summary if s["backend"] == backend}
+    out = {}
+    for stage in STAGES:
+        mine = sorted((r for r in rows if r["backend"] == backend and r["stage"] == stage), key=lambda r: r["n"])
+        if not mine or stage not in fits:
+            continue
+        last = mine[-1]
+        out[stage] = last["seconds"] if stage in FIXED else last["seconds"] * (n / last["n"]) ** max(fits[stage]["a"], 1.0)
+    return out
+
+
 # --- the warm command ---------------------------------------------------------------------------------
 
 def _timed(cmd: list[str], env: dict) -> tuple[float, str]:
@@ -621,6 +641,9 @@ def main() -> None:
         cores=os.cpu_count(), minutes=(time.time() - started) / 60)
     print("\n" + table(result["rows"], result["summary"], result["warm"]))
     print("\n" + wide_table(result["rows"], result["summary"]))
+    result["coco_scaled_s"] = extrapolate(result["rows"], result["summary"], COCO_IMAGES)
+    print(f"scaled to N = {COCO_IMAGES} (this machine, this item size; see extrapolate()): "
+          + ", ".join(f"{k} {v:.0f} s" for k, v in result["coco_scaled_s"].items()))
     print(f"\nload average {load0[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores; "
           f"{result['minutes']:.1f} min")
     if args.out:

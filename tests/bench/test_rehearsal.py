@@ -88,3 +88,15 @@ def test_a_tiny_real_rehearsal_of_the_first_stages(tmp_path, prefect_harness):
     f4, f8 = feats
     assert by["features"]["a"] == pytest.approx(math.log(f8["seconds"] / f4["seconds"]) / math.log(2))
     assert result["warm"] == [] and any("features" in line for line in lines)
+
+
+def test_extrapolation_is_at_least_linear_and_keeps_fixed_work():
+    from bench.rehearsal import extrapolate
+
+    rows = [_row("five-crops", 500, 10.0, 500), _row("five-crops", 2000, 20.0, 500),  # a = 0.5: scaled as 1
+            _row("knn", 500, 1.0, 400), _row("knn", 2000, 4 ** 1.2, 400),  # a = 1.2
+            _row("train", 500, 30.0, 600), _row("train", 2000, 31.0, 600)]  # fixed steps: kept
+    out = extrapolate(rows, growth(rows), 20000)
+    assert out["five-crops"] == pytest.approx(200.0)
+    assert out["knn"] == pytest.approx(4 ** 1.2 * 10 ** 1.2)
+    assert out["train"] == pytest.approx(31.0)
