@@ -430,7 +430,7 @@ def wide_table(rows: list[dict], summary: list[dict]) -> str:
         cells = {(r["stage"], r["n"]): r for r in mine}
         fits = {s["stage"]: s for s in summary if s["backend"] == backend}
         out += [f"{backend}: wall s at N = {', '.join(map(str, sizes))}; a between {' and '.join(map(str, big))}; "
-                f"peak RSS MiB (above the imports) at {' and '.join(map(str, big))}; objects, bytes at {sizes[-1]}",
+                f"peak RSS MiB (above the imports) at {' and '.join(map(str, big))}; objects, bytes at {sizes[-1]}:", "",
                 "| stage | " + " | ".join(f"s @ {n}" for n in sizes) + " | a | peak RSS MiB | objects | bytes |",
                 "|---|" + "---:|" * len(sizes) + "---:|---:|---:|---:|"]
         for stage in STAGES:
