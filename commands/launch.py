@@ -188,8 +188,8 @@ def run_flow(flow, spec, *, say: Callable[[str], None] = print,
 
     configured = api_configured()
     api = None if configured else service_api(spec.storage)
-    prepare_flow_process(temporary_server=not (configured or api))
     if configured:
+        prepare_flow_process(temporary_server=False)
         return flow(spec)
     with using_api(api) if api else nullcontext():
         if os.environ.get(FLOW_RUN_ENV) != "always":
@@ -198,6 +198,8 @@ def run_flow(flow, spec, *, say: Callable[[str], None] = print,
                 say("every artifact was already in the store: answered by look-ups, no flow run started")
                 _record_answer(flow, spec, result, fields)
                 return result
+        # only now, on a miss: importing Prefect's server module alone takes seconds (bench/rehearsal.py)
+        prepare_flow_process(temporary_server=not api)
         if api:
             say(f"flow run on the running usseg service at {api} (usseg up)")
         result = flow(spec)
