@@ -311,7 +311,8 @@ except RuntimeError as exc:
 """
 
 
-@pytest.mark.parametrize("debug", [False, True])
+# --debug on a Dask worker: slow-marked to keep the default suite near 15 min (the plain case stays fast)
+@pytest.mark.parametrize("debug", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_a_task_failing_on_a_dask_worker_keeps_its_traceback_off_the_terminal(tmp_path, debug):
     """A task that fails on a local Dask worker is logged by Prefect in the worker process, whose console is the
     terminal: the worker preload (orchestration/dask_worker.py) filters it as the CLI's own process does, and

@@ -71,6 +71,8 @@ def test_second_call_is_a_cache_hit(tmp_path, prefect_harness):
                                np.asarray(group["dense"][:]).astype(np.float32).mean((2, 3)), atol=2e-3)
 
 
+@pytest.mark.slow  # the default suite kills and resumes shards in tests/core/test_sharding.py and a training
+# on a bucket in tests/flows/test_object_storage.py; this whole-CLI kill costs ~45 s
 def test_killed_extraction_resumes_to_identical_result(tmp_path):
     """A real SIGKILL of `usseg extract` after its first shard (3 shards of 8 items): the resumed store equals
     a clean run's (tests/core/test_sharding.py kills at set points, inside a shard and between shards)."""
