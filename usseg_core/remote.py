@@ -281,6 +281,11 @@ class RemoteStore:
             list(pool.map(lambda p: self.upload(p, f"{base}/{p.relative_to(folder).as_posix()}"), files))
         return len(files), sum(p.stat().st_size for p in files)
 
+    def artifact_size(self, stage: str, key: str, attempt: str | None = None) -> tuple[int, int]:
+        """(objects, bytes) of an artifact on the bucket (one attempt, or every attempt and the commit)."""
+        listed = self.list(self.base(stage, key) + (f"/{attempt}" if attempt else ""))
+        return len(listed), sum(o.size for o in listed)
+
     def download_attempt(self, stage: str, key: str, attempt: str, target: Path) -> tuple[int, int]:
         """Download every object of an attempt into ``target`` (a new folder): (files, bytes)."""
         base = f"{self.base(stage, key)}/{attempt}"
