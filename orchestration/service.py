@@ -376,7 +376,7 @@ def up(storage: str | os.PathLike | None = None, data_root: str | os.PathLike | 
         port = DEFAULT_PORT if port is None else port
         if port == 0:
             port = free_port()
-        elif not _port_free(port):
+        elif not port_free(port):
             raise ConfigError(f"port {port} is in use; pass --port N (or --port 0 for any free port)")
         data = data_root if data_root is not None else os.environ.get(DATA_ROOT_ENV)
         state = {"api_url": f"http://127.0.0.1:{port}/api", "ui_url": f"http://127.0.0.1:{port}",
@@ -399,7 +399,8 @@ def up(storage: str | os.PathLike | None = None, data_root: str | os.PathLike | 
     return state
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
+    """Whether ``port`` on 127.0.0.1 can be bound now."""
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", port))

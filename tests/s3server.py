@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestration.service import port_free
+
 GRPC_OFFSET = 10000  # weed listens on port + 10000 for each service's gRPC
 ACCESS_KEY, SECRET_KEY, REGION = "usseg-test", "usseg-test-secret", "us-east-1"
 
@@ -25,15 +27,6 @@ def weed_binary() -> str | None:
     return found
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def free_ports(n: int) -> list[int]:
     """``n`` ports p, each with p + GRPC_OFFSET free too."""
     ports: list[int] = []
@@ -41,11 +34,11 @@ def free_ports(n: int) -> list[int]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             p = s.getsockname()[1]
-        if p + GRPC_OFFSET < 65535 and p not in ports and _free(p + GRPC_OFFSET):
+        if p + GRPC_OFFSET < 65535 and p not in ports and port_free(p + GRPC_OFFSET):
             ports.append(p)
         elif p > 65535 - GRPC_OFFSET:  # ephemeral range too high: pick from a lower band
             for q in range(20000 + 37 * len(ports), 40000, 97):
-                if q not in ports and _free(q) and _free(q + GRPC_OFFSET):
+                if q not in ports and port_free(q) and port_free(q + GRPC_OFFSET):
                     ports.append(q)
                     break
     return ports

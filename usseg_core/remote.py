@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from usseg_core.errors import ConfigError, UssegError
+from usseg_core.errors import ConfigError, DamagedArtifact, UssegError
 
 SCHEMES = ("s3", "gs", "az", "abfs", "memory")
 CACHE_ENV = "USSEG_CACHE_DIR"
@@ -129,7 +129,7 @@ class RemoteRoot:
     def is_dir(self) -> bool:
         """True when the bucket answers a listing of the prefix (an empty prefix is an empty store); a
         refused or unreachable bucket raises :class:`RemoteError` with the library's reason."""
-        RemoteStore(self.url).list_dirs("")
+        remote_for(self.url).list_dirs("")
         return True
 
 
@@ -249,8 +249,6 @@ class RemoteStore:
         except json.JSONDecodeError:
             record = {}
         if not _ATTEMPT.match(str(record.get("attempt", ""))):
-            from usseg_core.errors import DamagedArtifact
-
             raise DamagedArtifact(Path(f"{self.url}/{self.base(stage, key)}"), f"{COMMIT} names no attempt")
         return record
 
@@ -333,17 +331,20 @@ def written(path: Path) -> None:
             rel = path.relative_to(folder).as_posix()
             if rel == COMMIT or any(part.startswith(".") for part in rel.split("/")):
                 return
-            _remote_for(url).upload(path, f"{stage}/{key}/{attempt}/{rel}")
+            remote_for(url).upload(path, f"{stage}/{key}/{attempt}/{rel}")
             return
 
 
-_REMOTES: dict[str, RemoteStore] = {}
+_REMOTES: dict[tuple[str, int], RemoteStore] = {}
 
 
-def _remote_for(url: str) -> RemoteStore:
-    if url not in _REMOTES:
-        _REMOTES[url] = RemoteStore(url)
-    return _REMOTES[url]
+def remote_for(url: str) -> RemoteStore:
+    """The process's one client of ``url`` (its connection pool is reused by every store of that URL; a
+    forked child makes its own, since a client's runtime does not survive a fork)."""
+    key = (url, os.getpid())
+    if key not in _REMOTES:
+        _REMOTES[key] = RemoteStore(url)
+    return _REMOTES[key]
 
 
 # --- the mirror as a bounded read-through cache ------------------------------------------------------

@@ -244,10 +244,10 @@ class ArtifactStore:
         root_str = str(root)
         self.remote = None  # usseg_core.remote.RemoteStore of an object-store root
         if is_url(root_str):
-            from usseg_core.remote import RemoteStore, mirror_dir
+            from usseg_core.remote import mirror_dir, remote_for
 
             self.url = root_str.rstrip("/")
-            self.remote = RemoteStore(self.url)
+            self.remote = remote_for(self.url)
             self.root = mirror_dir(self.url)  # the local mirror: artifacts are computed and read here
         else:
             self.root = Path(root_str.removeprefix("file://")).expanduser().resolve()
