@@ -17,7 +17,7 @@ import numpy as np
 from tasks.heads import head_inputs_upstream, open_features, training_slot
 from tasks.manifest import DataRef, load_manifest
 from tasks.stage import ArtifactRef, FeaturesRef, Work, declare, logger, run_stage, stage_task, worker_id
-from usseg_core.heads.cause import ClusterbookConfig, concept_usage, feature_cell_box, nearest_tokens
+from usseg_core.heads.cause import ClusterbookConfig, concept_cells, feature_cell_box
 
 CLUSTERBOOK_VERSION = 1
 CLUSTERBOOK = declare("clusterbook", CLUSTERBOOK_VERSION, "usseg_core.heads.cause_train.fit_clusterbook",
@@ -40,13 +40,13 @@ class ClusterbookRef(ArtifactRef):
 
 def _picture(folder, book: np.ndarray, features, feature_infos: list[FeaturesRef], datas: list[DataRef],
              n_concepts: int) -> list[int]:
-    """concepts.png: the ``n_concepts`` most used concepts, a row each of their nearest training patches."""
+    """concepts.png: the ``n_concepts`` most used concepts (on 200 items spread over the features), a row
+    each of their nearest training patches, labelled ``concept (tokens nearest it in the sample)``."""
     from usseg_core.gallery import gallery_grid, patch
     from usseg_core.viz import palette, save_png
 
-    usage = concept_usage(book, features)
-    shown = [int(c) for c in np.argsort(-usage, kind="stable")[:n_concepts] if usage[c] > 0]
-    cells = nearest_tokens(book, features, shown, PER_CONCEPT)
+    usage, cells = concept_cells(book, features, n_concepts, PER_CONCEPT)
+    shown = list(cells)
     starts = np.cumsum([0] + [int(r["n"]) for r in feature_infos])
     colours = palette(max(len(shown), 1))
     grid_hw = tuple(np.asarray(features[0]).shape[-2:])

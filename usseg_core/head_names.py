@@ -38,16 +38,15 @@ BUILTIN_HEAD_CARDS: dict[str, HeadCard] = {
                       {"picie.epochs": 4}),
     "hsg": HeadCard("HSG: multiview segment grouping with clustering transformers on UCM segments (Ke et al. 2022)",
                     {"hsg.epochs": 4}),
-    # CAUSE's demo: 8 concepts fitted in 2 epochs, 6 front-door epochs and 2 probe epochs of 40 demo images
-    # (batch 8: 5 steps an epoch), a 256-d projection: a few seconds of training each.
+    # CAUSE's demo: 32 concepts fitted in 1 epoch, 2 front-door epochs and 1 probe epoch of the 200 demo
+    # five-crops (batch 8: 25 steps an epoch), a 128-d projection (and feed-forward for TR).
     "cause-mlp": HeadCard("CAUSE-MLP: concept clusterbook + front-door concept-wise contrast, MLP head (Kim et al. 2024)",
-                          {"clusterbook.concepts": 64, "clusterbook.epochs": 2, "clusterbook.batch_size": 8,
-                           "cause.epochs": 6, "cause.probe_epochs": 2, "cause.batch_size": 8,
-                           "cause.projection_dim": 256}),
+                          {"clusterbook.concepts": 32, "clusterbook.batch_size": 8, "cause.epochs": 2,
+                           "cause.probe_epochs": 1, "cause.batch_size": 8, "cause.projection_dim": 128}),
     "cause-tr": HeadCard("CAUSE-TR: concept clusterbook + front-door concept-wise contrast, transformer head (Kim et al. 2024)",
-                         {"clusterbook.concepts": 64, "clusterbook.epochs": 2, "clusterbook.batch_size": 8,
-                          "cause.epochs": 6, "cause.probe_epochs": 2, "cause.batch_size": 8,
-                          "cause.projection_dim": 256, "cause.tr_hidden": 256}),
+                         {"clusterbook.concepts": 32, "clusterbook.batch_size": 8, "cause.epochs": 2,
+                          "cause.probe_epochs": 1, "cause.batch_size": 8, "cause.projection_dim": 128,
+                          "cause.tr_hidden": 128}),
 }
 
 # The derived view the CLI's help reads (no second table): name -> summary.

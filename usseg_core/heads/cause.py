@@ -16,7 +16,7 @@ Three parts, all trained on cached frozen features (no backbone in the loop):
 
 ``[code:CAUSE]`` = ``ByungKwanLee/Causal-Unsupervised-Segmentation`` at ``ee0aa84`` (``modules/segment_module.py``,
 ``modules/segment.py`` and the scripts above). Deliberate differences from that code (each an option where
-it can move numbers; docs/methods/cause.md §5):
+it can move numbers; docs/methods/cause.md, "Deviations from the reference code"):
 
 * one device, batch 16, learning rates 1e-3: the reference runs 4 GPUs of 16 images with ``lr = 1e-3 * 4``
   (each GPU its own loss and bank, gradients averaged); we keep its per-loss batch and scale the rate back
@@ -492,17 +492,6 @@ def check_grid(hw: tuple[int, int], k: int, what: str) -> None:
                           f"{hw[0]}x{hw[1]}; set {what}.grid=1")
 
 
-def concept_usage(book: np.ndarray, features, batch: int = 64) -> np.ndarray:
-    """How many training tokens each concept is nearest to: (K,) int64."""
-    bt = torch.from_numpy(np.asarray(book, dtype=np.float32))
-    counts = torch.zeros(len(bt), dtype=torch.long)
-    for i0 in range(0, len(features), batch):
-        idx = np.arange(i0, min(i0 + batch, len(features)))
-        x = torch.from_numpy(np.stack([np.asarray(features[i], dtype=np.float32) for i in idx]))
-        counts += torch.bincount(concept_index(tokens(x), bt).reshape(-1), minlength=len(bt))
-    return counts.numpy()
-
-
 def feature_cell_box(view: dict, image_hw: tuple[int, int], grid_hw: tuple[int, int], crop: int, y: int, x: int
                      ) -> tuple[float, float, float, float]:
     """``(top, left, height, width)`` in the original image of feature cell (y, x) of crop ``crop`` of a
@@ -520,24 +509,34 @@ def feature_cell_box(view: dict, image_hw: tuple[int, int], grid_hw: tuple[int, 
     return top + inner[0], left + inner[1], inner[2], inner[3]
 
 
-def nearest_tokens(book: np.ndarray, features, concepts: Sequence[int], per_concept: int,
-                   batch: int = 64) -> dict[int, list[tuple[float, int, int, int]]]:
-    """For each concept in ``concepts``, its ``per_concept`` closest training tokens among those assigned
-    to it, one per item first: {concept: [(cosine, item, y, x), ...]} best first."""
+def concept_cells(book: np.ndarray, features, n_concepts: int, per_concept: int, max_items: int = 200,
+                  batch: int = 32) -> tuple[np.ndarray, dict[int, list[tuple[float, int, int, int]]]]:
+    """The most used concepts and, for each, its closest tokens, on at most ``max_items`` items spread evenly
+    over ``features`` (a picture, not a statistic of every item: one pass, a bounded cost).
+
+    Returns:
+        (usage (K,) tokens nearest each concept in the sample, {concept: [(cosine, item, y, x), ...]} for the
+        ``n_concepts`` most used ones, best first, one token per item first).
+    """
     bt = F.normalize(torch.from_numpy(np.asarray(book, dtype=np.float32)), dim=1)
-    wanted = torch.tensor(list(concepts), dtype=torch.long)
-    best: dict[int, list] = {int(c): [] for c in concepts}
-    for i0 in range(0, len(features), batch):
-        idx = np.arange(i0, min(i0 + batch, len(features)))
+    items = np.unique(np.linspace(0, len(features) - 1, min(max_items, len(features))).round().astype(int))
+    assign, score = [], []
+    for i0 in range(0, len(items), batch):
+        idx = items[i0:i0 + batch]
         x = torch.from_numpy(np.stack([np.asarray(features[i], dtype=np.float32) for i in idx]))
-        h, w = x.shape[-2:]
         sim = F.normalize(tokens(x), dim=2) @ bt.t()  # (B, P, K)
-        assign = sim.argmax(dim=2)  # (B, P)
-        for c in wanted.tolist():
-            s = torch.where(assign == c, sim[:, :, c], torch.full_like(assign, -2, dtype=sim.dtype))
-            val, pos = s.max(dim=1)  # each item's best token of the concept
-            for j in torch.nonzero(val > -2).flatten().tolist():
-                p = int(pos[j])
-                best[c].append((float(val[j]), int(idx[j]), p // w, p % w))
-            best[c] = sorted(best[c], reverse=True)[:per_concept]
-    return best
+        s, a = sim.max(dim=2)
+        assign.append(a)
+        score.append(s)
+    hw = tuple(np.asarray(features[int(items[0])]).shape[-2:])
+    a, s = torch.cat(assign), torch.cat(score)  # (n, P)
+    usage = torch.bincount(a.reshape(-1), minlength=len(bt)).numpy()
+    shown = [int(c) for c in np.argsort(-usage, kind="stable")[:n_concepts] if usage[c] > 0]
+    cells: dict[int, list] = {}
+    for c in shown:
+        masked = torch.where(a == c, s, torch.full_like(s, -2.0))
+        val, pos = masked.max(dim=1)  # each item's best token of the concept
+        found = [(float(val[j]), int(items[j]), int(pos[j]) // hw[1], int(pos[j]) % hw[1])
+                 for j in torch.nonzero(val > -2).flatten().tolist()]
+        cells[c] = sorted(found, reverse=True)[:per_concept]
+    return usage, cells
