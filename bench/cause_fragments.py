@@ -12,7 +12,8 @@ for training), with labels sampled at each feature cell's centre:
 * per pair kind (tokens of one image, of two random images): the base rate of same-class pairs, the
   fraction of pairs chosen as positive / negative, and the same-class rate among each;
 * with ``--heads KEY ...``: the ROC-AUC of the cosine for "same class" on random token pairs, of the raw
-  features and of each head's codes (did training make codes more class-consistent than the features?).
+  features and of each head's codes (did training make codes more class-consistent than the features?),
+  and the share of tokens each of the head's own clusters takes (largest first: a collapse shows here).
 
     python bench/cause_fragments.py --storage STORAGE --dataset camvid11 --data-root ../shared/data/camvid \
         --eval-split val --clusterbook KEY --out fragments.json
@@ -128,7 +129,14 @@ def main() -> None:
         head = load_head(head_art.path)
         with torch.no_grad():
             codes = torch.cat([head.codes(feats[a:a + 16]) for a in range(0, len(feats), 16)])
-        report["auc_cosine_same_class"][f"{head_art.meta['params']['method']} {key}"] = code_auc(codes, labels, args.seed)
+        name = f"{head_art.meta['params']['method']} {key}"
+        report["auc_cosine_same_class"][name] = code_auc(codes, labels, args.seed)
+        if head.clusterer is not None:  # how many of its own clusters the head's probe uses, and how evenly
+            with torch.no_grad():
+                assign = torch.cat([head.assign(codes[a:a + 64]) for a in range(0, len(codes), 64)])
+            share = torch.bincount(assign.reshape(-1), minlength=head.n_classes).float() / assign.numel()
+            report.setdefault("own_cluster_shares", {})[name] = [round(float(v), 4) for v in
+                                                                  share.sort(descending=True).values]
     write_json(args.out, report)
 
 
