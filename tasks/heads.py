@@ -147,6 +147,8 @@ def open_head_inputs(inputs: dict, n_classes: int):
         from usseg_core.viewbank import ViewBank
 
         out.views = [ViewBank(ref["path"]) for ref in inputs["views"]]
+    if "clusterbook" in inputs:
+        out.clusterbook = np.load(inputs["clusterbook"]["path"])
     dense = ([out.features] if out.features is not None else []) + list(out.views or [])
     if dense:
         logger().info("head inputs: features %s", choose_read_mode(dense))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from tasks.backbone import BackboneRef
+from tasks.clusterbook import ensure_clusterbook
 from tasks.manifest import DataRef
 from tasks.extract import ensure_features
 from tasks.heads import ensure_knn
@@ -67,11 +68,19 @@ def _views(ctx: InputContext):
             for d, b in zip(ctx.datas, frames)], frames  # k-means is fitted on the plain frames
 
 
+def _clusterbook(ctx: InputContext):
+    from usseg_core.heads import get_head
+
+    settings = get_head(ctx.run.head).config(ctx.run.dataset, ctx.run.head_settings())["clusterbook"]
+    return ensure_clusterbook(ctx.storage, ctx.inputs["features"], ctx.datas, settings), None
+
+
 INPUT_STAGES: tuple[InputStage, ...] = (
     InputStage("five_crop", "features", _five_crop),
     InputStage("knn", "knn", _knn, requires=("five_crop",)),
     InputStage("oversegment", "oversegment", _oversegment),  # before the views: a bad detector fails early
     InputStage("views", "views", _views),
+    InputStage("clusterbook", "clusterbook", _clusterbook, requires=("five_crop",)),  # CAUSE's mediator
 )
 
 

@@ -85,10 +85,16 @@ def test_heads_declare_their_demo_and_capabilities():
     from usseg_core.heads.picie import PicieTrained
 
     # the demo's lengths (each head's HeadSpec.demo): sized for a 3-minute demo on 2 cores (bench/demo.py)
+    cause = {"clusterbook.concepts": 32, "clusterbook.batch_size": 8, "cause.front_steps": 10, "cause.probe_steps": 10,
+             "cause.batch_size": 8, "cause.projection_dim": 128, "cause.tr_hidden": 128}
     assert demo_overrides(list(BUILTIN_HEAD_CARDS)) == {"stego.steps": 100, "stego.batch_size": 8, "picie.epochs": 4,
-                                                         "hsg.epochs": 4}
+                                                         "hsg.epochs": 4, **cause}
+    assert dict(get_head("cause-mlp").demo) == dict(get_head("cause-tr").demo) == cause
     assert dict(get_head("omh").demo) == {"stego.steps": 100, "stego.batch_size": 8}  # OMH's primary section is STEGO's
-    for name, trained in {"stego": StegoTrained, "omh": StegoTrained, "picie": PicieTrained, "hsg": HsgTrained}.items():
+    from usseg_core.heads.cause import CauseTrained
+
+    for name, trained in {"stego": StegoTrained, "omh": StegoTrained, "picie": PicieTrained, "hsg": HsgTrained,
+                          "cause-mlp": CauseTrained, "cause-tr": CauseTrained}.items():
         spec = get_head(name)
         assert dict(spec.demo) == dict(BUILTIN_HEAD_CARDS[name].demo)
         assert spec.hierarchy == hasattr(trained, "levels"), name

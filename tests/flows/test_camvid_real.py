@@ -169,6 +169,7 @@ def test_camvid_compare_every_head_over_the_seeds(camvid_storage, results_dir, p
     root = shared_path("data", "camvid")
     args = ["compare", "--dataset", "camvid11", "--data-root", str(root), "--train-split", "train,val",
             "--eval-split", "val", "--storage", str(camvid_storage), "--seeds", ",".join(map(str, SEEDS)),
+            "--heads", "stego,omh,picie,hsg",  # CAUSE's CamVid comparison is tests/flows/test_cause_camvid.py
             "--set", f"stego.steps={STEPS}", "--set", f"picie.epochs={PICIE_EPOCHS}",
             "--set", f"hsg.epochs={HSG_EPOCHS}"]
     res = CliRunner().invoke(app, args, env={"COLUMNS": "200"})

@@ -112,7 +112,10 @@ def test_synthetic_deployments_train_as_long_as_the_demo():
         for section in ("picie", "hsg"):
             if section in cfg:
                 assert cfg[section].epochs == DEMO_OVERRIDES[f"{section}.epochs"]
-    assert seen == 4 * 2 + 1  # train + evaluate per head, and compare
+        if "cause" in cfg:
+            assert cfg["cause"].front_steps == DEMO_OVERRIDES["cause.front_steps"]
+            assert cfg["clusterbook"].concepts == DEMO_OVERRIDES["clusterbook.concepts"]
+    assert seen == len(list_heads()) * 2 + 1  # train + evaluate per head, and compare
     others = [d["parameters"]["spec"] for d in spec["deployments"]
               if d["parameters"].get("spec", {}).get("dataset") == "camvid11" and "overrides" in d["parameters"]["spec"]]
     assert others and all(p["overrides"] == {} for p in others)

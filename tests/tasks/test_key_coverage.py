@@ -17,7 +17,8 @@ from tasks.stage import CALLED, CHECKED, STAGES
 
 # Stages off the comparison's path (your own photos: the cluster gallery of `usseg run` on a folder, and flow
 # `segment`): tests/flows/test_own_photos.py checks their core calls the same way after its runs.
-ELSEWHERE = {"gallery", "segment", "segment-report"}
+# CAUSE's clusterbook: tests/flows/test_cause_pipeline.py checks its core call after its runs.
+ELSEWHERE = {"gallery", "segment", "segment-report", "clusterbook"}
 SETS = ("stego.steps=2", "stego.batch_size=4", "picie.epochs=1", "picie.batch_size=4", "hsg.epochs=1",
         "hsg.batch_size=4", "hsg.anchors_per_view=16", "views.n_views=2")
 

@@ -1,16 +1,24 @@
-"""Registration of the built-in heads: STEGO, OMH (STEGO + hierarchy loss), PiCIE and HSG.
+"""Registration of the built-in heads: STEGO, OMH (STEGO + hierarchy loss), PiCIE, HSG and CAUSE.
+
+CAUSE is two registered heads, ``cause-mlp`` and ``cause-tr``, not one head with a variant field: the
+variants are two architectures with their own reference lengths and clips, two rows in every results
+table, and two deployments; they share their config sections (``cause``, ``clusterbook``), so one
+``--set cause.epochs=...`` sets both, and their clusterbook (same features, same ``clusterbook.*``) is
+one cached artifact.
 
 Training modules import lazily (:func:`_lazy`): ``usseg_core.heads.stego_train`` imports this package (for the
 probes), and a registry lookup must stay cheap.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 
 import torch
 
 from usseg_core.head_names import BUILTIN_HEAD_CARDS as CARDS
+from usseg_core.heads.cause import CauseConfig, CauseTrained, ClusterbookConfig, cause_presets
 from usseg_core.heads.hsg import HsgConfig, HsgTrained, hsg_presets
 from usseg_core.heads.omh import OMHConfig
 from usseg_core.heads.picie import PicieConfig, PicieTrained, picie_presets
@@ -97,3 +105,10 @@ register_head(HeadSpec(
     sections=(("hsg", HsgConfig),), presets=hsg_presets, needs=frozenset({"views", "oversegment"}),
     train=_lazy("usseg_core.heads.hsg_train", "train_hsg_head"),
     load=HsgTrained.from_checkpoint, clusterer=None, retrieval=True, hierarchy=True))
+for _variant in ("mlp", "tr"):
+    register_head(HeadSpec(
+        name=f"cause-{_variant}", summary=CARDS[f"cause-{_variant}"].summary, demo=CARDS[f"cause-{_variant}"].demo,
+        sections=(("cause", CauseConfig), ("clusterbook", ClusterbookConfig)), presets=functools.partial(cause_presets, variant=_variant),
+        needs=frozenset({"five_crop", "clusterbook"}),
+        train=_lazy("usseg_core.heads.cause_train", f"train_cause_{_variant}"),
+        load=CauseTrained.from_checkpoint, clusterer="cluster-probe"))

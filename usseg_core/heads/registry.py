@@ -5,7 +5,7 @@ An entry (:class:`HeadSpec`) declares everything the rest of usseg needs to know
 - its configuration *sections* (dataclasses whose defaults are the paper's values, each field citing
   its source) and per-dataset presets;
 - which cached inputs it trains on (:data:`INPUTS`): five-crop features, the KNN table, the view bank,
-  oversegmentations. The pipeline computes exactly those;
+  oversegmentations, CAUSE's concept clusterbook. The pipeline computes exactly those;
 - how to train it (a function of :class:`HeadInputs` and the resolved config, built on the shared
   resumable loop in ``usseg_core.trainer``);
 - how its checkpoint payload loads into a :class:`TrainedHead`, a module with ``codes(features)`` and,
@@ -37,7 +37,7 @@ from usseg_core.errors import ConfigError, InputError
 from usseg_core.registry import Registry
 
 # Cached inputs a head may declare (each is an upstream stage of the pipeline).
-INPUTS = ("five_crop", "knn", "views", "oversegment")
+INPUTS = ("five_crop", "knn", "views", "oversegment", "clusterbook")
 HEAD_FORMAT = 2  # version of head.pt written by usseg_core.heads.save_head
 
 
@@ -54,6 +54,8 @@ class HeadInputs:
         segments: oversegmentations ("oversegment"): one sequence per training split, aligned with ``views``
             (``len(segments[s]) == views[s].n_images``); ``segments[s][i]`` is image i's (H, W) int32 region
             map at the original image size (``usseg_core.overseg.SegmentFolder``).
+        clusterbook: (K, C) float32 concept vectors fitted on ``features`` ("clusterbook", CAUSE's mediator:
+            ``tasks/clusterbook.py``).
     """
 
     n_classes: int
@@ -62,6 +64,7 @@ class HeadInputs:
     views: Any = None
     base: Sequence | None = None
     segments: Any = None
+    clusterbook: np.ndarray | None = None
 
 
 @dataclass
