@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -172,6 +173,17 @@ def _register_optional() -> None:
 _register_optional()
 
 
+# The Ctrl-Cs this process received. Python drops a KeyboardInterrupt raised inside a finalizer or a
+# weakref callback ("Exception ignored in ..."), and the run would then go on to exit 0: the recorded
+# interrupt still ends the command with its line and exit 130.
+_INTERRUPTS: list[int] = []
+
+
+def _record_interrupt(signum, frame) -> None:
+    _INTERRUPTS.append(signum)
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Console entry point: a usseg error prints one plain line on stderr (last), with its exit code."""
     # Nothing of Prefect is imported here (2.5 s for prefect, 4 s more for its server on a 2-core machine;
@@ -180,14 +192,17 @@ def main() -> None:
     from commands import common
 
     common.OWNS_SERVER = True
+    signal.signal(signal.SIGINT, _record_interrupt)
     try:
         app()
     except SystemExit as exc:  # typer turns Ctrl-C into exit 130, silently: say it (error_exit)
-        if exc.code == EXIT_INTERRUPTED and interrupted(exc):
-            error_exit(exc)
+        if (exc.code == EXIT_INTERRUPTED and interrupted(exc)) or _INTERRUPTS:
+            error_exit(KeyboardInterrupt() if _INTERRUPTS else exc)
         raise
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every failure ends in one line and a code
         error_exit(exc)
+    if _INTERRUPTS:
+        error_exit(KeyboardInterrupt())
 
 
 if __name__ == "__main__":

@@ -71,6 +71,28 @@ def test_exit_1_is_a_bug_with_its_traceback_in_the_log(tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals")
+def test_a_ctrl_c_that_python_drops_in_a_finalizer_still_exits_130(tmp_path):
+    """A Ctrl-C arriving while a weakref finalizer runs raises there, and Python only prints "Exception
+    ignored in ..." and carries on: the command must still end in the interrupted line and exit 130."""
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    code = ("import os, signal, sys, weakref, typer, commands.cli as cli\n"
+            "class Thing: pass\n"
+            "@cli.storage_app.command('drop')\n"
+            "def drop(storage: str = typer.Option(None, '--storage')):\n"
+            "    t = Thing()\n"
+            "    weakref.finalize(t, lambda: os.kill(os.getpid(), signal.SIGINT))\n"
+            "    del t\n"
+            "    print('finished')\n"
+            f"sys.argv = ['usseg', 'storage', 'drop', '--storage', {str(storage)!r}]\ncli.main()\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(tmp_path), capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert "Exception ignored" in done.stderr and "finished" in done.stdout  # the interrupt was dropped
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.splitlines()[-1] == "interrupted; finished artifacts are kept, rerun the command to resume"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals")
 def test_exit_130_ctrl_c_is_one_line(tmp_path):
     cmd, env = long_extract(tmp_path, resolution=224)
     cli = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
