@@ -50,6 +50,15 @@ def prefect_harness():
         yield
 
 
+@pytest.fixture(scope="session")
+def prefect_api(prefect_harness) -> str:
+    """The URL of the session's Prefect API: a command run as a subprocess with ``PREFECT_API_URL`` set to it
+    uses it as a user's configured API, and starts no temporary server of its own (~10 s each)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
 @pytest.fixture()
 def storage(tmp_path) -> Path:
     root = tmp_path / "storage"

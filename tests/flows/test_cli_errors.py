@@ -17,14 +17,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _env(tmp_path: Path) -> dict:
+def _env(tmp_path: Path, api: str | None = None) -> dict:
+    """A user's environment: no Prefect API configured (a flow run starts a temporary server), or ``api``
+    configured as ``PREFECT_API_URL`` where the server plays no part in what a test checks."""
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "USSEG_STORAGE", "USSEG_STATE")}
     env.update(PYTHONPATH=str(REPO), PREFECT_HOME=str(tmp_path / "prefect-home"), COLUMNS="80")
+    if api:
+        env["PREFECT_API_URL"] = api
     return env
 
 
-def usseg(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "commands.cli", *args], cwd=REPO, env=_env(tmp_path),
+def usseg(tmp_path: Path, *args: str, timeout: float = 300, api: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "commands.cli", *args], cwd=REPO, env=_env(tmp_path, api),
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
@@ -149,13 +153,13 @@ def test_storage_ls_piped_prints_whole_keys(tmp_path):
     assert rows[1][:3] == ["features", key, "[weird]-dataset"] and rows[1][-1] == "yes"
 
 
-def test_invalid_image_with_brackets_is_one_literal_line_exit_4(tmp_path):
+def test_invalid_image_with_brackets_is_one_literal_line_exit_4(tmp_path, prefect_api):
     data = _images(tmp_path / "data", 2)
     (data / "[bad].jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
     storage = tmp_path / "storage"
     storage.mkdir()
     done = usseg(tmp_path, "extract", "--dataset", "directory", "--data-root", str(data), "--random-weights",
-                 "--resolution", "64", "--storage", str(storage))
+                 "--resolution", "64", "--storage", str(storage), api=prefect_api)
     assert done.returncode == 4, done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
     log = storage / "logs" / "usseg-errors.log"
@@ -326,7 +330,7 @@ def test_a_task_failing_on_a_dask_worker_keeps_its_traceback_off_the_terminal(tm
     assert ("Traceback" in done.stdout + done.stderr) == debug, done.stderr
 
 
-def test_extract_accepts_a_file_name_that_is_not_utf8_and_skips_a_broken_one(tmp_path):
+def test_extract_accepts_a_file_name_that_is_not_utf8_and_skips_a_broken_one(tmp_path, prefect_api):
     """A folder copied from an old system: ``caf\\xe9.png`` (Latin-1) is extracted under an escaped id; a broken
     ``bad\\xe9.png`` is one escaped line under --on-error fail (exit 4) and listed escaped under skip."""
     data = _images(tmp_path / "data", 2)
@@ -338,10 +342,10 @@ def test_extract_accepts_a_file_name_that_is_not_utf8_and_skips_a_broken_one(tmp
     storage.mkdir()
     args = ("extract", "--dataset", "directory", "--data-root", str(data), "--random-weights", "--resolution", "64",
             "--storage", str(storage))
-    done = usseg(tmp_path, *args)
+    done = usseg(tmp_path, *args, api=prefect_api)
     assert done.returncode == 4, done.stdout + done.stderr
     assert done.stderr.splitlines()[-1].startswith(f"error: {data}/bad\\xe9.png: is not an image file Pillow can")
-    done = usseg(tmp_path, *args, "--on-error", "skip")
+    done = usseg(tmp_path, *args, "--on-error", "skip", api=prefect_api)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "(3 items)" in done.stdout
     last = done.stdout.splitlines()[-1]

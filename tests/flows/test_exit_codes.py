@@ -40,7 +40,7 @@ def test_exit_0_ok_and_2_usage(tmp_path):
     assert done.returncode == 2 and "No such option" in done.stderr
 
 
-def test_exit_3_config_and_4_input(tmp_path):
+def test_exit_3_config_and_4_input(tmp_path, prefect_api):
     storage = tmp_path / "storage"
     done = usseg(tmp_path, "run", "stego", "--dataset", "synthetic", "--set", "steps=abc", "--storage", str(storage))
     assert (done.returncode, done.stderr) == (3, "error: --set steps=abc: expected an integer (field 'steps' of "
@@ -49,7 +49,7 @@ def test_exit_3_config_and_4_input(tmp_path):
     (data / "bad.png").write_bytes(b"\x89PNG not really")
     storage.mkdir()
     done = usseg(tmp_path, "extract", "--dataset", "directory", "--data-root", str(data), "--random-weights",
-                 "--resolution", "64", "--storage", str(storage))
+                 "--resolution", "64", "--storage", str(storage), api=prefect_api)
     assert done.returncode == 4 and done.stderr.splitlines()[-1].startswith(
         f"error: {data / 'bad.png'}: is not an image file Pillow can identify"), done.stderr
     assert not any((storage / "manifest").iterdir())  # the refused manifest left no empty folder
