@@ -113,13 +113,14 @@ def test_settings_objects_are_compared_as_their_key_form():
 
 
 def test_every_stage_is_declared_once_with_reasons():
+    import tasks.clusterbook  # noqa: F401  (CAUSE's input stage)
     import tasks.gallery  # noqa: F401  (the own-photo stages: declared when their modules are imported)
     import tasks.segment  # noqa: F401
     import tasks.segment_report  # noqa: F401
 
     assert set(STAGES) == {"manifest", "features", "knn", "head", "kmeans", "linear-probe", "views",
                            "oversegment", "evaluation", "segment-memory", "compare", "gallery", "segment",
-                           "segment-report"}
+                           "segment-report", "clusterbook"}
     for stage in STAGES.values():
         assert all(reason.strip() for reason in stage.unkeyed.values()), stage.name
 
