@@ -317,11 +317,11 @@ except RuntimeError as exc:
 
 # --debug on a Dask worker: slow-marked to keep the default suite near 15 min (the plain case stays fast)
 @pytest.mark.parametrize("debug", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_a_task_failing_on_a_dask_worker_keeps_its_traceback_off_the_terminal(tmp_path, debug):
+def test_a_task_failing_on_a_dask_worker_keeps_its_traceback_off_the_terminal(tmp_path, debug, prefect_api):
     """A task that fails on a local Dask worker is logged by Prefect in the worker process, whose console is the
     terminal: the worker preload (orchestration/dask_worker.py) filters it as the CLI's own process does, and
     ``--debug`` ($USSEG_DEBUG=1, inherited by the workers) shows it again."""
-    env = _env(tmp_path)
+    env = _env(tmp_path, prefect_api)  # the workers report to a configured API (no temporary server to start)
     if debug:
         env["USSEG_DEBUG"] = "1"
     done = subprocess.run([sys.executable, "-c", _FAILING_ON_A_WORKER, *(["debug"] if debug else [])], cwd=REPO,

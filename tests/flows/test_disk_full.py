@@ -12,14 +12,11 @@ import pytest
 
 from tests.flows.test_cli_errors import REPO, _env, usseg
 
-# The CLI in-process, its temporary Prefect server started first (before the limit: its database must grow).
+# The CLI in-process under a file-size limit. Its Prefect API is the session's (PREFECT_API_URL, another
+# process): a temporary server of its own would have its database under the limit too.
 LIMITED = """
 import os, resource, signal, sys
-from prefect.server.api.server import SubprocessASGIServer
 
-server = SubprocessASGIServer()
-server.start()
-os.environ["PREFECT_API_URL"] = server.api_url
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails with EFBIG instead of killing us
 resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))
 sys.argv = ["usseg", *sys.argv[2:]]
@@ -32,7 +29,7 @@ LIMIT = 580_000
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE and SIGXFSZ")
-def test_a_full_disk_is_exit_5_naming_the_artifact_and_a_rerun_resumes(tmp_path):
+def test_a_full_disk_is_exit_5_naming_the_artifact_and_a_rerun_resumes(tmp_path, prefect_api):
     from PIL import Image
 
     from usseg_core.features import FeatureStore
@@ -45,8 +42,9 @@ def test_a_full_disk_is_exit_5_naming_the_artifact_and_a_rerun_resumes(tmp_path)
     storage.mkdir()
     args = ["extract", "--dataset", "directory", "--data-root", str(data), "--random-weights", "--resolution",
             "224", "--batch-size", "1", "--shard-size", "1", "--storage", str(storage)]  # a shard per image
-    done = subprocess.run([sys.executable, "-c", LIMITED, str(LIMIT), *args], cwd=REPO, env=_env(tmp_path),
-                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    done = subprocess.run([sys.executable, "-c", LIMITED, str(LIMIT), *args], cwd=REPO,
+                          env=_env(tmp_path, prefect_api), capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
     assert done.returncode == 5, done.stdout + done.stderr
     (folder,) = (storage / "features").iterdir()
     line = done.stderr.splitlines()[-1]
@@ -60,7 +58,7 @@ def test_a_full_disk_is_exit_5_naming_the_artifact_and_a_rerun_resumes(tmp_path)
     chunk_a = folder / "features.zarr" / "dense" / "c" / "0" / "0" / "0" / "0"
     written_a = chunk_a.stat().st_mtime_ns
 
-    again = usseg(tmp_path, *args)
+    again = usseg(tmp_path, *args, api=prefect_api)
     assert again.returncode == 0, again.stdout + again.stderr
     assert chunk_a.stat().st_mtime_ns == written_a  # resumed: only the item that did not fit was computed
     assert (folder / "_COMPLETE").exists() and FeatureStore(folder / "features.zarr").missing(0, 2) == []
