@@ -158,13 +158,14 @@ CAUSE_PRESETS: dict[str, dict] = {
 # Per dataset and variant, on top of CAUSE_PRESETS.
 CAUSE_VARIANT_PRESETS: dict[str, dict[str, dict]] = {
     # Ours: CamVid is not in the reference. Its 468 training images give 2340 five-crops, 146 steps an
-    # epoch. Chosen from a bench on 2 CPU cores shared with other work (load average ~8): a CAUSE-MLP
-    # front-door step took 2-4 s and grows with the bank, a probe step ~1 s, so the reference's 2
-    # front-door epochs (292 steps) looked like ~20-30 min: 120 front-door steps and the reference's 1
-    # probe epoch, to keep a run under ~15 min. Measured afterwards in the comparison (docs/results.md,
-    # "CAUSE on CamVid"): 266 steps in 256 s and 484 s. A CAUSE-TR step took ~30 s (its decoder over 784
-    # tokens of 472 channels, student and teacher): 24 + 24 steps, a token training, not the reference's.
-    "camvid11": {"mlp": {"front_steps": 120}, "tr": {"front_steps": 24, "probe_steps": 24}},
+    # epoch. CAUSE-MLP trains the reference's lengths (2 front-door epochs, 292 steps, and 1 probe epoch):
+    # 438 steps in 3 min 6 s on 2 idle CPU cores (docs/results.md, "CAUSE on CamVid"); its first preset,
+    # 120 front-door steps, came from a bench under load average ~8 (2-4 s a step) and scored below it on
+    # k-means over codes. A CAUSE-TR front-door step takes 3-8 s (its decoder over 784 tokens of 472
+    # channels, student and teacher), so the reference's 2 + 5 epochs (1022 steps) would be 1-2 hours
+    # here: 24 + 24 steps, a token training, not the reference's (`--set cause.front_steps=null
+    # --set cause.probe_steps=null` trains them).
+    "camvid11": {"mlp": {}, "tr": {"front_steps": 24, "probe_steps": 24}},
 }
 CLUSTERBOOK_PRESETS: dict[str, dict] = {
     "cocostuff27": {}, "cityscapes27": {}, "potsdam3": {}, "camvid11": {}, "directory": {}, "synthetic": {},
