@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import cached_artifacts, write_json  # noqa: E402
+from bench._common import cached_artifacts, cached_storage_arguments, write_json  # noqa: E402
 from bench.pair_separability import cell_labels, roc_auc  # noqa: E402
 
 
@@ -68,10 +68,7 @@ def fragment_stats(concepts, labels, book, pos_thresh: float, neg_thresh: float,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--storage", required=True)
-    ap.add_argument("--dataset", default="camvid11")
-    ap.add_argument("--data-root", required=True)
-    ap.add_argument("--eval-split", default="val")
+    cached_storage_arguments(ap)
     ap.add_argument("--clusterbook", required=True, help="clusterbook artifact key")
     ap.add_argument("--pos-thresh", type=float, default=0.3)
     ap.add_argument("--neg-thresh", type=float, default=0.1)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import write_json  # noqa: E402
+from bench._common import cached_storage_arguments, write_json  # noqa: E402
 
 def roc_auc(score, positive) -> float:
     """Mann-Whitney ROC-AUC of ``score`` for boolean ``positive`` (ties broken by order: fine for floats)."""
@@ -98,10 +98,7 @@ def pair_stats(maps, labels, pairs, shifts, *, points: int = 121, seed: int = 0)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--storage", required=True)
-    ap.add_argument("--dataset", default="camvid11")
-    ap.add_argument("--data-root", required=True)
-    ap.add_argument("--eval-split", default="val")
+    cached_storage_arguments(ap)
     ap.add_argument("--view", choices=("five_crop", "eval"), default="five_crop")
     ap.add_argument("--heads", nargs="*", default=[], help="head artifact keys to compare with the features")
     ap.add_argument("--shifts", default=None, help="self,knn,random shifts (default: the first head's)")

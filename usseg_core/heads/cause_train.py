@@ -45,7 +45,30 @@ def _item_shape(features: Sequence, what: str) -> tuple[int, int, int]:
 
 # --- the clusterbook ---------------------------------------------------------------------------------
 
-class BookMethod(TrainingMethod):
+class _EpochBatches(TrainingMethod):
+    """Shuffled epochs of ``config.batch_size`` cached items (the clusterbook fit and the head's training):
+    the plan is the epoch order, checkpointed with its generator."""
+
+    features: Sequence
+    item_shape: tuple[int, int, int]
+    device: torch.device
+    epochs: EpochOrder
+
+    def plan_state(self) -> dict:
+        return {"numpy_rng": self.epochs.rng.bit_generator.state, **self.epochs.state()}
+
+    def load_plan_state(self, state: dict) -> None:
+        self.epochs.rng.bit_generator.state = state["numpy_rng"]
+        self.epochs.load_state(state)
+
+    def plan(self, step: int) -> Plan:
+        return Plan(step, self.epochs.next_batch(self.config.batch_size))
+
+    def read(self, plan: Plan) -> torch.Tensor:
+        return read_host_batch(self.features, plan.idx, self.item_shape, self.device)
+
+
+class BookMethod(_EpochBatches):
     """Modularity maximisation of the concept clusterbook over the features ([code:CAUSE] train_mediator)."""
 
     name = "clusterbook"
@@ -73,19 +96,6 @@ class BookMethod(TrainingMethod):
 
     def load_state(self, state: dict) -> None:
         self.sampler.set_state(state["sampler"])
-
-    def plan_state(self) -> dict:
-        return {"numpy_rng": self.epochs.rng.bit_generator.state, **self.epochs.state()}
-
-    def load_plan_state(self, state: dict) -> None:
-        self.epochs.rng.bit_generator.state = state["numpy_rng"]
-        self.epochs.load_state(state)
-
-    def plan(self, step: int) -> Plan:
-        return Plan(step, self.epochs.next_batch(self.config.batch_size))
-
-    def read(self, plan: Plan) -> torch.Tensor:
-        return read_host_batch(self.features, plan.idx, self.item_shape, self.device)
 
     def step(self, plan: Plan, batch: torch.Tensor) -> dict:
         x = to_device(batch, self.device)  # (B, C, h, w)
@@ -134,7 +144,7 @@ def fit_clusterbook(features: Sequence, *, settings: ClusterbookConfig, checkpoi
 
 # --- the head ----------------------------------------------------------------------------------------
 
-class CauseMethod(TrainingMethod):
+class CauseMethod(_EpochBatches):
     """Front-door training then cluster-probe fine-tuning of CAUSE-MLP / CAUSE-TR."""
 
     def __init__(self, variant: str, features: Sequence, book: np.ndarray, n_classes: int, config: CauseConfig,
@@ -179,19 +189,6 @@ class CauseMethod(TrainingMethod):
     def load_state(self, state: dict) -> None:
         self.sampler.set_state(state["sampler"])
         self.bank.load_state(state, self.device)
-
-    def plan_state(self) -> dict:
-        return {"numpy_rng": self.epochs.rng.bit_generator.state, **self.epochs.state()}
-
-    def load_plan_state(self, state: dict) -> None:
-        self.epochs.rng.bit_generator.state = state["numpy_rng"]
-        self.epochs.load_state(state)
-
-    def plan(self, step: int) -> Plan:
-        return Plan(step, self.epochs.next_batch(self.config.batch_size))
-
-    def read(self, plan: Plan) -> torch.Tensor:
-        return read_host_batch(self.features, plan.idx, self.item_shape, self.device)
 
     def step(self, plan: Plan, batch: torch.Tensor) -> dict:
         x = tokens(to_device(batch, self.device))  # (B, P, C)
