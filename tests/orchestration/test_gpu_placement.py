@@ -169,12 +169,12 @@ def test_existing_cluster_with_gpu_resource_workers_gets_the_same_placement(pref
 
 
 def _stop_all(procs) -> None:
-    """SIGTERM each process; one that has not exited 15 s later (a worker without a nanny can hang in its
-    shutdown while its scheduler goes away) is killed, so teardown never fails the test."""
+    """SIGTERM each process; one that has not exited 5 s later (a worker without a nanny can hang in its
+    shutdown) is killed, so teardown never fails the test nor holds it up."""
     procs = list(procs)
     for p in procs:
         p.terminate()
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 5
     for p in procs:
         try:
             p.wait(timeout=max(0.1, deadline - time.monotonic()))
