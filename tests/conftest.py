@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,21 @@ def s3(s3_server, tmp_path, monkeypatch, request):
     prefix = re.sub(r"[^A-Za-z0-9]+", "-", request.node.name)[:60].strip("-")
     return types.SimpleNamespace(server=s3_server, url=s3_server.url(prefix), env=dict(s3_server.env),
                                  cache=tmp_path / "cache")
+
+
+def kill_when(proc, ready, *, timeout: float, interval: float) -> bool:
+    """A crash at a chosen moment: poll ``ready()`` every ``interval`` s while ``proc`` (started with
+    ``start_new_session=True``) runs, and SIGKILL its whole process group the first time it is true.
+    Returns whether that happened within ``timeout``; the group is killed and reaped in any case."""
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(interval)
+            if ready():
+                os.killpg(proc.pid, signal.SIGKILL)
+                return True
+        return False
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

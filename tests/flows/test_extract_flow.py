@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,7 @@ import pytest
 import zarr
 from PIL import Image
 
-from tests.conftest import REPO
+from tests.conftest import REPO, kill_when
 
 BACKBONE = "vit_small_patch16_224.dino"
 
@@ -84,27 +82,19 @@ def test_killed_extraction_resumes_to_identical_result(tmp_path):
            "--storage", str(storage), "--batch-size", "2"]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    done_path = None
-    deadline = time.time() + 300
-    killed_at = 0
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-            feats = storage / "features"
-            if done_path is None and feats.exists():
-                dirs = [p for p in feats.iterdir() if (p / "features.zarr" / "done").exists()]
-                done_path = dirs[0] / "features.zarr" if dirs else None
-            if done_path is not None:
-                n_done = int(np.asarray(zarr.open_group(str(done_path), mode="r")["done"][:]).sum())
-                if 8 <= n_done < 24:  # a shard written (8 items, one write), the next being embedded
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    killed_at = n_done
-                    break
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    if not killed_at:
+    seen: dict = {"done": None}
+
+    def first_shard_written() -> bool:
+        feats = storage / "features"
+        if seen["done"] is None and feats.exists():
+            dirs = [p for p in feats.iterdir() if (p / "features.zarr" / "done").exists()]
+            seen["done"] = dirs[0] / "features.zarr" if dirs else None
+        if seen["done"] is None:
+            return False
+        n_done = int(np.asarray(zarr.open_group(str(seen["done"]), mode="r")["done"][:]).sum())
+        return 8 <= n_done < 24  # a shard written (8 items, one write), the next being embedded
+
+    if not kill_when(proc, first_shard_written, timeout=300, interval=0.2):
         pytest.skip("extraction finished before it could be killed (machine too fast for this check)")
     (feat,) = _feature_dirs(storage)
     assert not (feat / "_COMPLETE").exists()  # an interrupted artifact is never complete

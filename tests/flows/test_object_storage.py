@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ import pandas as pd
 import zarr
 from typer.testing import CliRunner
 
-from tests.conftest import REPO
+from tests.conftest import REPO, kill_when
 
 BACKBONE = "vit_small_patch16_224.dino"
 
@@ -131,18 +129,12 @@ def _images(root: Path, n: int) -> Path:
     return root / "imgs"
 
 
-def _api() -> dict:
-    """The session's Prefect API for subprocesses (no temporary server of their own)."""
-    from prefect.settings import PREFECT_API_URL
-
-    return {"PREFECT_API_URL": PREFECT_API_URL.value()}
-
-
-def test_two_concurrent_writers_commit_one_artifact(s3, tmp_path, prefect_harness):
+def test_two_concurrent_writers_commit_one_artifact(s3, tmp_path, prefect_api):
     data = _images(tmp_path, 12)
     procs = []
     for machine in ("a", "b"):
-        env = {**os.environ, **_api(), "USSEG_CACHE_DIR": str(tmp_path / machine), "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "PREFECT_API_URL": prefect_api, "USSEG_CACHE_DIR": str(tmp_path / machine),
+               "PYTHONPATH": str(REPO)}
         procs.append(subprocess.Popen(_extract_cmd(s3.url, data), env=env, cwd=REPO, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=600)[0] for p in procs]
@@ -161,26 +153,21 @@ def test_two_concurrent_writers_commit_one_artifact(s3, tmp_path, prefect_harnes
 
 
 def test_a_killed_training_resumes_on_another_machine_from_its_checkpoint_on_the_bucket(s3, synthetic_small,
-                                                                                        tmp_path, prefect_harness):
+                                                                                        tmp_path, prefect_api):
     args = ["run", "stego", "--dataset", "synthetic", "--data-root", str(synthetic_small), "--train-split", "train",
             "--resolution", "64", "--set", "steps=30", "--set", "batch_size=4", "--set", "checkpoint_every=3"]
     base = [sys.executable, "-m", "commands.cli", *args]
-    env = {**os.environ, **_api(), "PYTHONPATH": str(REPO), "USSEG_CACHE_DIR": str(tmp_path / "a")}
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONPATH": str(REPO),
+           "USSEG_CACHE_DIR": str(tmp_path / "a")}
     proc = subprocess.Popen([*base, "--storage", s3.url], env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
-    remote, killed, deadline = _remote(s3.url), False, time.time() + 400
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(0.3)
-            heads = remote.list_dirs("head") if "head" in remote.list_dirs("") else []
-            if heads and any(o.path.endswith("/checkpoint.pt") for o in remote.list(f"head/{heads[0]}")):
-                os.killpg(proc.pid, signal.SIGKILL)
-                killed = True
-                break
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    remote = _remote(s3.url)
+
+    def checkpoint_on_the_bucket() -> bool:
+        heads = remote.list_dirs("head") if "head" in remote.list_dirs("") else []
+        return bool(heads) and any(o.path.endswith("/checkpoint.pt") for o in remote.list(f"head/{heads[0]}"))
+
+    killed = kill_when(proc, checkpoint_on_the_bucket, timeout=400, interval=0.3)
     assert killed, "the training finished before a checkpoint reached the bucket"
     (key,) = remote.list_dirs("head")
     assert remote.commit_record("head", key) is None  # a killed run commits nothing
