@@ -201,8 +201,6 @@ def main() -> None:
         raise
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every failure ends in one line and a code
         error_exit(exc)
-    if _INTERRUPTS:
-        error_exit(KeyboardInterrupt())
 
 
 if __name__ == "__main__":
