@@ -14,7 +14,7 @@ from commands.common import (BackboneOpt, CrfOpt, DataRootOpt, DatasetOpt, Devic
                                StorageOpt, TrainSplitOpt, WeightsOpt, path_or_none, skipped_lines, spec_default)
 from orchestration.settings import storage_root
 from usseg_core.config import parse_set_options
-from usseg_core.head_names import BUILTIN_HEADS
+from usseg_core.head_names import BUILTIN_HEADS, DEFAULT_DEMO_HEADS
 from usseg_core.spec import CompareSpec
 
 console = Console()
@@ -69,7 +69,7 @@ def _report_lines(result: dict) -> None:
                   f"`usseg storage lineage {result['key']}` lists every run behind it", soft_wrap=True, markup=False)
 
 
-def next_steps(result: dict, root: Path) -> list[str]:
+def next_steps(result: dict, root: Path, left_out: tuple[str, ...] = ()) -> list[str]:
     """What a new user should look at after the demo: the report, one hierarchy picture, and the commands that
     train on and segment their own photos (with a head the demo trained)."""
     runs = result.get("runs") or []
@@ -84,6 +84,9 @@ def next_steps(result: dict, root: Path) -> list[str]:
                      f"--data-root PHOTOS --storage {root}")
     lines.append("  4. train on your own photos and name the clusters in its gallery: usseg run stego --dataset "
                  "directory --data-root PHOTOS --set n_clusters=8  (docs/own-images.md)")
+    if left_out:
+        lines.append(f"  5. the heads a plain demo leaves out for time: usseg demo --heads {','.join(left_out)} "
+                     f"--storage {root}")
     return lines
 
 
@@ -137,17 +140,18 @@ def register(app: typer.Typer) -> None:
     def demo(
         storage: Optional[str] = StorageOpt,
         seeds: str = typer.Option("0,1", help="Seeds of every head."),
-        heads: Optional[str] = typer.Option(None, help="Heads (default: every registered head)."),
+        heads: Optional[str] = typer.Option(None, help="Heads (default: every built-in head that fits the demo's "
+                                                       "3 minutes: " + ",".join(DEFAULT_DEMO_HEADS) + ")."),
         n_train: int = typer.Option(40, help="Synthetic training images."),
         n_val: int = typer.Option(8, help="Synthetic validation images."),
     ) -> None:
-        """The main job on the embedded default: synthetic scenes -> every head x 2 seeds vs raw-feature k-means
-        (`usseg compare` with short training)."""
+        """The main job on the embedded default: synthetic scenes -> every head (CAUSE-TR only with --heads) x 2
+        seeds vs raw-feature k-means (`usseg compare` with short training)."""
         from usseg_core.datasets.synthetic import DEMO_RESOLUTION, DEMO_SIZE, ensure_synthetic
         from usseg_core.head_names import BUILTIN_HEAD_CARDS
 
         root = storage_root(storage)
-        names = _csv_list(heads, "--heads") or list(BUILTIN_HEAD_CARDS)
+        names = _csv_list(heads, "--heads") or list(DEFAULT_DEMO_HEADS)
         if all(n in BUILTIN_HEAD_CARDS for n in names):  # the built-in heads' cards: no registry, no torch
             demo = {k: v for n in names for k, v in BUILTIN_HEAD_CARDS[n].demo.items()}
         else:  # a registered head of the user's (its module imported): the registry knows its demo
@@ -165,5 +169,6 @@ def register(app: typer.Typer) -> None:
         console.print(DEMO_MEANING, soft_wrap=True, markup=False)
         _report_lines(result)
         console.print(f"all artifacts under {root} (try `usseg storage ls --storage {root}`)", markup=False)
-        for line in next_steps(result, root):
+        left_out = () if heads else tuple(n for n in BUILTIN_HEAD_CARDS if n not in DEFAULT_DEMO_HEADS)
+        for line in next_steps(result, root, left_out):
             console.print(line, markup=False, soft_wrap=True)

@@ -188,3 +188,32 @@ def test_a_picie_head_saved_before_the_reference_options_loads_with_their_defaul
               {"in_dim": 8, "code_dim": 4, "head": head.state_dict(), "centroids": mu})
     raw = load_head(tmp_path / "raw.pt")
     assert raw.kind == "raw" and torch.equal(raw.centroids, mu)
+
+
+def test_a_plain_demo_runs_every_builtin_head_but_cause_tr_and_says_how_to_run_it(tmp_path, monkeypatch):
+    """The demo's 3-minute budget (docs/results.md, The demo): the cards say which heads a plain `usseg demo`
+    runs; the left-out head is one `--heads` away, and the demo's last lines say so."""
+    from typer.testing import CliRunner
+
+    import commands.compare as cli_compare
+    from commands.cli import app
+    from usseg_core.head_names import BUILTIN_HEAD_CARDS, DEFAULT_DEMO_HEADS
+
+    assert DEFAULT_DEMO_HEADS == ("stego", "omh", "picie", "hsg", "cause-mlp")
+    assert [n for n, c in BUILTIN_HEAD_CARDS.items() if not c.in_default_demo] == ["cause-tr"]
+    seen = []
+
+    def fake_compare(fields):  # what the demo asks the comparison for; stops before any work
+        seen.append(fields)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli_compare, "run_compare", fake_compare)
+    base = ["demo", "--storage", str(tmp_path / "s"), "--n-train", "2", "--n-val", "1"]
+    assert CliRunner().invoke(app, base).exit_code == 0
+    assert CliRunner().invoke(app, [*base, "--heads", "cause-tr"]).exit_code == 0
+    assert seen[0]["heads"] == list(DEFAULT_DEMO_HEADS) and "cause.front_steps" in seen[0]["overrides"]
+    assert seen[1]["heads"] == ["cause-tr"] and seen[1]["overrides"]["cause.front_steps"] == 10
+    result = {"path": str(tmp_path / "c"), "runs": [{"head": "stego", "head_key": "k", "evaluation_path": "e"}]}
+    lines = cli_compare.next_steps(result, tmp_path, ("cause-tr",))
+    assert lines[-1] == f"  5. the heads a plain demo leaves out for time: usseg demo --heads cause-tr --storage {tmp_path}"
+    assert not any("leaves out" in line for line in cli_compare.next_steps(result, tmp_path))
