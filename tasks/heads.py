@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from tasks.stage import ArtifactRef, FeaturesRef, HeadRef, Work, declare, logger, run_stage, stage_task, worker_id
-from usseg_core.device import GPU_TAG, to_device
+from usseg_core.device import GPU_TAG, resolve_device, to_device
 from usseg_core.errors import ConfigError
 from usseg_core.features import ConcatFeatures, FeatureStore
 from usseg_core.knn import KnnSettings
@@ -20,8 +20,12 @@ KNN_VERSION = 2  # 2: the search method and its parameters in the key (knn.*), w
 HEAD_VERSION = 2  # 2: registry head.pt (format 2), config by section, inputs as upstream
 # One training at a time per process. Heads draw their initialisation and dropout from torch's global RNG
 # (and a linear probe's fork_rng restores it), so two trainings in threads of one process would interleave
-# their draws and neither would reproduce. Trainings run in parallel across processes (Dask workers).
-_TRAINING = threading.Lock()
+# their draws and neither would reproduce. Loading a trained head draws from it too (its modules are
+# initialised before the checkpoint overwrites them): a k-means task loading the head just trained, beside
+# the next training, would move that training's dropout masks. So a load outside a training takes the slot,
+# and a training loads its own head before it lets go (the k-means after it finds it in the cache).
+# Reentrant: a load inside a training holds it already. Trainings run in parallel across processes.
+_TRAINING = threading.RLock()
 KNN = declare("knn", KNN_VERSION, "usseg_core.knn.search_knn", keyed_as={"settings": "*"})
 HEAD = declare("head", HEAD_VERSION, "HeadSpec.train",
                unkeyed={"checkpoint_path": "where training resumes from (the artifact's own checkpoint)",
@@ -29,7 +33,7 @@ HEAD = declare("head", HEAD_VERSION, "HeadSpec.train",
                         "progress": "a progress bar"})
 
 
-def training_slot() -> threading.Lock:
+def training_slot() -> threading.RLock:
     """The process's training lock (a function, not the global itself, in the task: Dask pickles tasks by
     value, and a lock does not pickle)."""
     return _TRAINING
@@ -247,7 +251,8 @@ def ensure_head(storage: str, method: str, dataset: str, n_classes: int, inputs:
         with training_slot():
             trained = work.core(train, open_head_inputs(inputs, n_classes), config=config, checkpoint_path=ckpt,
                                 device=device, progress=True)
-        save_head(art.file("head.pt"), method, n_classes, config, trained.payload)
+            save_head(art.file("head.pt"), method, n_classes, config, trained.payload)
+            load_head(str(art.file("head.pt")), str(resolve_device(device)))  # into the cache, inside the slot
         return {**trained.meta, "history": trained.history[-20:], "steps": trained.steps_done,
                 "seconds_per_step": trained.seconds_per_step, "worker": worker_id(device), "continued_from": continued}
 
@@ -265,7 +270,10 @@ def load_head(path: str | None, device: str = "cpu"):
     from usseg_core.heads import RawHead
     from usseg_core.heads import load_head as load
 
-    return RawHead().eval() if path is None else load(path, device)
+    if path is None:
+        return RawHead().eval()
+    with training_slot():  # its modules' initialisation draws from the global RNG (see _TRAINING)
+        return load(path, device)
 
 
 @torch.no_grad()
