@@ -29,13 +29,13 @@ from typer.testing import CliRunner
 from commands.cli import app
 from tests.conftest import shared_path
 from usseg_core.head_names import BUILTIN_HEAD_CARDS
+from usseg_core.heads import get_head
 
 pytestmark = pytest.mark.slow
 
 SEEDS = [int(s) for s in os.environ.get("USSEG_CAMVID_SEEDS", "0,1").split(",")]
 HEADS = os.environ.get("USSEG_CAMVID_HEADS", ",".join(BUILTIN_HEAD_CARDS)).split(",")
 CAUSE = [h for h in HEADS if h.startswith("cause-")]
-OWN = {"picie": "centroids", "hsg": None}  # the other heads' own clusterer is a cluster probe; HSG has none
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_every_head_every_seed_every_row(one_table):
     _, folder = one_table
     rows = pd.read_csv(folder / "rows.csv")
     for head in HEADS:
-        own = OWN.get(head, "cluster-probe")
+        own = get_head(head).clusterer  # its own clusterer's row name (None: HSG has none)
         for crf in (False, True):
             for clusterer in [c for c in (own, "kmeans", "linear") if c]:
                 assert 0 < _mean(rows, head, clusterer, crf) <= 100, (head, clusterer, crf)
@@ -97,5 +97,5 @@ def test_cause_one_clusterbook_and_the_linear_margin(one_table):
 def test_cause_reaches_the_raw_kmeans_floor(one_table):
     _, folder = one_table
     rows = pd.read_csv(folder / "rows.csv")
-    best = max(_mean(rows, h, c, False) for h in CAUSE for c in ("cluster-probe", "kmeans"))
+    best = max(_mean(rows, h, c, False) for h in CAUSE for c in (get_head(h).clusterer, "kmeans"))
     assert best >= _raw_floor(rows)
